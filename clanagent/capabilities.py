@@ -1,0 +1,119 @@
+"""What this machine can do, probed once at start and reported in status.
+
+Owns: cheap, side-effect-free probes (files, PATH, /proc) that say whether a
+part of the agent can run here, and why not.  Must never: change the system
+(no test interfaces, no module loading), take more than a moment, or make the
+agent fail: a missing capability is reported, and every other part runs on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Capability", "probe_all"]
+
+CAP_NET_ADMIN = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    name: str
+    available: bool
+    reason: str  # why it is unavailable, or what provides it
+
+    def to_wire(self) -> dict:
+        return {"name": self.name, "available": self.available, "reason": self.reason}
+
+
+def _effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def has_net_admin() -> bool:
+    return bool(_effective_caps() & (1 << CAP_NET_ADMIN))
+
+
+def _net_admin() -> Capability:
+    if has_net_admin():
+        return Capability("net_admin", True, "CAP_NET_ADMIN held")
+    return Capability(
+        "net_admin",
+        False,
+        "no CAP_NET_ADMIN (run as root or under the systemd unit): WireGuard and VM taps need it",
+    )
+
+
+def _wireguard() -> Capability:
+    if not has_net_admin():
+        return Capability("wireguard", False, "needs CAP_NET_ADMIN")
+    if Path("/sys/module/wireguard").exists():
+        return Capability("wireguard", True, "kernel module (netlink)")
+    if shutil.which("wireguard-go"):
+        if not Path("/dev/net/tun").exists():
+            return Capability("wireguard", False, "wireguard-go found but /dev/net/tun is missing")
+        return Capability("wireguard", True, "userspace (wireguard-go, UAPI socket)")
+    return Capability(
+        "wireguard",
+        False,
+        "no wireguard kernel module and no wireguard-go on PATH (apt install wireguard-go)",
+    )
+
+
+def _tor() -> Capability:
+    if importlib.util.find_spec("stem") is None:
+        return Capability("tor", False, "python package stem is not installed")
+    path = shutil.which("tor")
+    if path:
+        return Capability("tor", True, f"tor at {path}")
+    return Capability("tor", False, "no tor on PATH (apt install tor)")
+
+
+def _kvm() -> Capability:
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        return Capability("kvm", False, "no /dev/kvm: VMs fall back to software emulation (TCG)")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return Capability("kvm", False, "/dev/kvm is not read/writable by this user (group kvm)")
+    return Capability("kvm", True, "/dev/kvm is accessible")
+
+
+def _qemu() -> Capability:
+    path = shutil.which("qemu-system-x86_64")
+    if path:
+        return Capability("qemu", True, f"qemu at {path}")
+    return Capability("qemu", False, "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)")
+
+
+def _mdns() -> Capability:
+    if importlib.util.find_spec("zeroconf") is None:
+        return Capability("mdns", False, "python package zeroconf is not installed")
+    iff_up, iff_loopback, iff_multicast = 0x1, 0x8, 0x1000
+    names = []
+    try:
+        for ifdir in Path("/sys/class/net").iterdir():
+            try:
+                flags = int((ifdir / "flags").read_text().strip(), 16)
+            except (OSError, ValueError):
+                continue
+            if flags & iff_up and flags & iff_multicast and not flags & iff_loopback:
+                names.append(ifdir.name)
+    except OSError:
+        pass
+    if not names:
+        return Capability("mdns", False, "no interface that is up and multicast-capable")
+    return Capability("mdns", True, "multicast on " + ",".join(sorted(names)))
+
+
+def probe_all() -> list[Capability]:
+    """All probes; each is a few file reads, safe to call from a worker thread."""
+    return [_net_admin(), _wireguard(), _tor(), _mdns(), _kvm(), _qemu()]

@@ -1,0 +1,146 @@
+"""`clanagent`: run the daemon, or do local admin work (keygen).
+
+Owns: argument parsing, config loading with flag overrides, signal handling
+and exit codes.  Must never: print a traceback for a user error (bad config,
+unwritable state dir): one line naming the problem and the fix, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from .. import __version__
+from .._log import kv, setup_logging
+from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+log = logging.getLogger("clanagent.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clanagent", description="The clan's peer-to-peer agent.")
+    p.add_argument("--version", action="version", version=f"clanagent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent in the foreground (what systemd starts)")
+    run.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    run.add_argument("--state-dir", help="where keys and records live")
+    run.add_argument("--control-socket", help="path of the control socket")
+    run.add_argument("--listen", help="HOST:PORT for peer connections (default 0.0.0.0:7946)")
+    run.add_argument(
+        "--join", action="append", metavar="HOST:PORT", help="seed peer address (repeatable)"
+    )
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    kg = sub.add_parser("keygen", help="create this node's keys (run also does it on first start)")
+    kg.add_argument("--state-dir", required=True, type=Path)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    o: dict = {}
+    if args.state_dir:
+        o["state_dir"] = str(args.state_dir)
+    if args.control_socket:
+        o["control.socket"] = args.control_socket
+    if args.log_level:
+        o["log_level"] = args.log_level
+    if args.listen is not None:
+        o["gossip.listen"] = args.listen
+    if args.join:
+        o["gossip.join"] = args.join
+    return o
+
+
+async def _run_agent(cfg) -> int:
+    from ..agent import Agent
+
+    agent = Agent(cfg)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("signal received", extra=kv(signal=signal.Signals(signum).name))
+                    agent.stop()
+                    # Bound the stop: whatever still runs after the timeout is cancelled.
+                    await trio.sleep(cfg.shutdown_timeout)
+                    log.warning("stop took too long; cancelling")
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(on_signal)
+            await agent.run()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, overrides=_overrides(args), required=args.config is not None)
+    except ConfigError as exc:
+        print(f"clanagent: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    try:
+        try:
+            return trio.run(_run_agent, cfg)
+        except BaseExceptionGroup as group:
+            # A start-up failure inside a nursery arrives wrapped; show the one cause.
+            leaves = _leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], Exception):
+                raise leaves[0] from None
+            raise
+    except PermissionError as exc:
+        print(
+            f"clanagent: permission denied: {exc.filename or exc}: run as root, or point "
+            "--state-dir and --control-socket at directories this user can write",
+            file=sys.stderr,
+        )
+        return 2
+    except RuntimeError as exc:
+        if "already listening" in str(exc):
+            print(f"clanagent: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from ..identity import IdentityError, load_or_create, wg_key_base64
+
+    try:
+        ident, created = load_or_create(args.state_dir)
+    except (IdentityError, PermissionError) as exc:
+        print(f"clanagent: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'created' if created else 'existing'} keys in {args.state_dir}")
+    print(f"node id:        {ident.node_id}")
+    print(f"short id:       {ident.short_id}")
+    print(f"signing key:    {ident.public_key.hex()}")
+    print(f"wireguard key:  {wg_key_base64(ident.wg_public)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "keygen":
+        return _cmd_keygen(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The agent's configuration: a TOML file where every key has a default.
+
+Owns: the schema of `agent.toml`, its defaults, and turning a file plus
+command-line overrides into one frozen `Config`.
+
+Must never: accept a key it does not know (a typo would silently keep a
+default), or guess a type; every error names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ControlConfig",
+    "GossipSection",
+    "DEFAULT_CONFIG_PATH",
+    "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/clanagent/agent.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    # Where clanctl finds the agent.
+    socket: str = "/run/clanagent/control.sock"
+    # Members of this group may read and change state (like root and the agent's uid).
+    group: str = ""
+    # Members of this group may only call read handlers (status, peers, ...).
+    read_group: str = ""
+    # Largest request accepted on the control socket, in bytes.
+    max_request: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class GossipSection:
+    # HOST:PORT the peer (WebSocket) listener binds; "" disables listening.
+    listen: str = "0.0.0.0:7946"
+    # Seed peers, HOST:PORT each.
+    join: list[str] = field(default_factory=list)
+    # Timing profile: "lan", "wan" or "local" (fast, for tests on loopback).
+    profile: str = "lan"
+    # Clan id (hex). Until the inventory exists, peers must share it to talk.
+    clan_id: str = ""
+    # Node public keys (hex Ed25519) admitted to the mesh; empty = only the clan id is checked.
+    admitted_keys: list[str] = field(default_factory=list)
+    # Human-friendly name announced to peers; "" = the host name.
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/clanagent"
+    runtime_dir: str = "/run/clanagent"
+    log_level: str = "info"
+    # How often the agent tells systemd it is alive when WATCHDOG_USEC is set is
+    # derived from that variable; this bounds shutdown time in seconds.
+    shutdown_timeout: float = 2.0
+    control: ControlConfig = field(default_factory=ControlConfig)
+    gossip: GossipSection = field(default_factory=GossipSection)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.control.socket)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got a boolean")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in known:
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"unknown key '{where}' (known keys here: {choices})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a table [{where}]")
+            kwargs[key] = _build(tp, value, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: '{cfg.log_level}' is not one of {', '.join(LOG_LEVELS)}")
+    if cfg.gossip.profile not in ("lan", "wan", "local"):
+        raise ConfigError(f"gossip.profile: '{cfg.gossip.profile}' is not lan, wan or local")
+    if cfg.shutdown_timeout <= 0:
+        raise ConfigError("shutdown_timeout: must be > 0")
+    if cfg.control.max_request < 1024:
+        raise ConfigError("control.max_request: must be at least 1024 bytes")
+    for i, addr in enumerate(cfg.gossip.join):
+        _split_hostport(addr, f"gossip.join[{i}]")
+    if cfg.gossip.listen:
+        _split_hostport(cfg.gossip.listen, "gossip.listen")
+    if cfg.gossip.clan_id:
+        try:
+            bytes.fromhex(cfg.gossip.clan_id)
+        except ValueError:
+            raise ConfigError("gossip.clan_id: must be hex") from None
+    for i, k in enumerate(cfg.gossip.admitted_keys):
+        try:
+            ok = len(bytes.fromhex(k)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"gossip.admitted_keys[{i}]: must be a 64-digit hex Ed25519 key")
+
+
+def _split_hostport(addr: str, where: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: '{addr}' is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+split_hostport = _split_hostport
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    required: bool = False,
+) -> Config:
+    """Read `path` (default /etc/clanagent/agent.toml), then apply `overrides`.
+
+    Overrides use dotted keys ("control.socket") and are checked like file
+    keys.  A missing default file is fine (every key has a default); a missing
+    file that was named explicitly (`required`) is an error.
+    """
+    path = path or DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    elif required:
+        raise ConfigError(f"{path}: no such config file (omit --config to use the defaults)")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        cfg = _build(Config, data, "")
+        _check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg

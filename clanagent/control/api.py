@@ -1,0 +1,116 @@
+"""The control API: a versioned table of handlers, each marked read or write.
+
+Owns: which methods exist in which API version, their access level, their
+parameter checks, and how they map onto the agent.  Only append to a
+version's table; a changed meaning gets a new version.  Must never: reach
+into the agent's internals beyond the small `AgentView` protocol below, or
+let a caller with read access run a write handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from .protocol import ControlError, ErrorCode
+
+__all__ = ["Access", "Handler", "HANDLERS", "AgentView", "lookup"]
+
+Access = Literal["read", "write"]
+
+
+class AgentView(Protocol):
+    """What the control API needs from the agent (the agent implements it)."""
+
+    def status(self) -> dict[str, Any]: ...
+    def whoami(self) -> dict[str, Any]: ...
+    def peers(self) -> list[dict[str, Any]]: ...
+    def events(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    name: str
+    access: Access
+    streaming: bool
+    params: frozenset[str]
+    doc: str
+    call: Callable[..., Any]
+
+
+def _no_params(params: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = set(params) - allowed
+    if unknown:
+        raise ControlError(ErrorCode.INVALID_PARAMS, f"unknown parameter(s): {sorted(unknown)}")
+
+
+async def _status(agent: AgentView, params: dict[str, Any]) -> Any:
+    return agent.status()
+
+
+async def _whoami(agent: AgentView, params: dict[str, Any]) -> Any:
+    return agent.whoami()
+
+
+async def _peers(agent: AgentView, params: dict[str, Any]) -> Any:
+    return agent.peers()
+
+
+def _events(agent: AgentView, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    return agent.events()
+
+
+async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
+    return [
+        {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
+        for h in HANDLERS[1].values()
+    ]
+
+
+def _h(
+    name: str,
+    access: Access,
+    call: Callable[..., Awaitable[Any] | AsyncIterator[Any]],
+    doc: str,
+    *,
+    streaming: bool = False,
+    params: tuple[str, ...] = (),
+) -> Handler:
+    return Handler(name, access, streaming, frozenset(params), doc, call)
+
+
+# The table.  Only append to a version's list.
+HANDLERS: dict[int, dict[str, Handler]] = {
+    1: {
+        h.name: h
+        for h in [
+            _h("status", "read", _status, "node id, version, uptime and capabilities"),
+            _h("whoami", "read", _whoami, "this node's identity and public keys"),
+            _h("peers", "read", _peers, "members of the clan this node knows"),
+            _h("events", "read", _events, "stream of agent events", streaming=True),
+            _h("methods", "read", _methods, "the methods of this API version"),
+        ]
+    }
+}
+
+
+def lookup(version: int, method: str) -> Handler:
+    table = HANDLERS.get(version)
+    if table is None:
+        raise ControlError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"API version {version} is not supported (this agent speaks "
+            f"{min(HANDLERS)}..{max(HANDLERS)}): upgrade clanctl or the agent",
+        )
+    handler = table.get(method)
+    if handler is None:
+        raise ControlError(
+            ErrorCode.UNKNOWN_METHOD,
+            f"unknown method '{method}' (known: {', '.join(sorted(table))})",
+        )
+    return handler
+
+
+def check_params(handler: Handler, params: dict[str, Any]) -> None:
+    _no_params(params, handler.params)

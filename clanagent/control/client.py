@@ -1,0 +1,161 @@
+"""A small blocking client of the control socket, for clanctl and tests.
+
+Owns: connecting, one request at a time, and reading replies or a stream.
+Must never: hang forever on a dead agent (every call has a timeout), or hide
+an error reply (it raises `ClientError` with the agent's code and message).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..wire import Limits, WireError, unpack
+from .protocol import API_VERSION, HEADER, encode_frame
+
+__all__ = ["ControlClient", "ClientError", "AgentNotRunning"]
+
+MAX_REPLY = 64 << 20
+
+
+class ClientError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AgentNotRunning(ClientError):
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            "not_running",
+            f"clanagent is not running ({detail} at {path}): start it with "
+            "'systemctl start clanagent' or 'clanagent run'",
+        )
+        self.path = path
+
+
+class ControlClient:
+    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._limits = Limits(max_frame=MAX_REPLY, max_array=1 << 20, max_map=1 << 16)
+
+    def __enter__(self) -> ControlClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(str(self.path))
+        except FileNotFoundError:
+            s.close()
+            raise AgentNotRunning(self.path, "no socket") from None
+        except ConnectionRefusedError:
+            s.close()
+            raise AgentNotRunning(self.path, "nobody listening on the socket") from None
+        except PermissionError:
+            s.close()
+            raise ClientError(
+                "permission_denied",
+                f"permission denied opening {self.path}: run as root, as the agent's user, "
+                "or as a member of the control group (control.group in agent.toml)",
+            ) from None
+        except OSError as exc:
+            s.close()
+            if exc.errno == errno.ENOTSOCK:
+                raise AgentNotRunning(self.path, "not a socket") from None
+            raise
+        self._sock = s
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _read_message(self, timeout: float | None) -> dict[str, Any]:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        while True:
+            if len(self._buf) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buf)
+                if length > MAX_REPLY:
+                    raise ClientError("bad_reply", f"reply of {length} bytes is too large")
+                if len(self._buf) >= HEADER.size + length:
+                    frame = bytes(self._buf[HEADER.size : HEADER.size + length])
+                    del self._buf[: HEADER.size + length]
+                    try:
+                        msg = unpack(frame, self._limits)
+                    except WireError as exc:
+                        raise ClientError("bad_reply", f"malformed reply: {exc.reason}") from None
+                    if not isinstance(msg, dict):
+                        raise ClientError("bad_reply", "reply is not a map")
+                    return msg
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise ClientError("timeout", "the agent did not answer in time") from None
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                raise ClientError("disconnected", "the agent closed the connection")
+            self._buf += data
+
+    def _send_request(self, method: str, params: dict[str, Any] | None, version: int) -> int:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        rid = next(self._ids)
+        msg = {"id": rid, "v": version, "method": method, "params": params or {}}
+        try:
+            self._sock.sendall(encode_frame(msg))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent may have refused us; its reply (if any) says why
+        return rid
+
+    @staticmethod
+    def _raise_for(msg: dict[str, Any]) -> None:
+        if msg.get("ok") is False:
+            err = msg.get("error") or {}
+            raise ClientError(str(err.get("code", "error")), str(err.get("message", "error")))
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, version: int = API_VERSION
+    ) -> Any:
+        rid = self._send_request(method, params, version)
+        while True:
+            msg = self._read_message(self.timeout)
+            self._raise_for(msg)
+            if msg.get("id") == rid and msg.get("ok") is True:
+                return msg.get("result")
+
+    def stream(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        version: int = API_VERSION,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        rid = self._send_request(method, params, version)
+        while True:
+            msg = self._read_message(timeout)
+            self._raise_for(msg)
+            if msg.get("id") != rid:
+                continue
+            if msg.get("end"):
+                return
+            if "event" in msg:
+                yield msg["event"]

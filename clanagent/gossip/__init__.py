@@ -1,0 +1,1 @@
+"""gossip: peer sessions, SWIM membership and record dissemination (see DESIGN.md)."""

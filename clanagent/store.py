@@ -1,0 +1,375 @@
+"""Durable, crash-safe store of signed records (the `store` part).
+
+Owns: the latest accepted version of every record, keyed by
+``(origin, kind, key)``, in memory and -- when opened on a directory -- on
+disk, one file per key holding the record's own signed encoding.  A write is
+acknowledged (``put`` returns True) only once it would survive ``kill -9``
+and, as far as the OS promises, a power cut: temp file, fsync, rename, fsync
+of the directory.  Opening a directory cleans what a crash left behind and
+quarantines anything unreadable into ``corrupt/``.
+
+Must never: acknowledge a write before it is durable, let an older or equal
+version replace a newer one, crash on (or silently drop) a damaged file, or
+block readers while a writer waits on fsync.  It does not check signatures on
+``put``: every record reaching it was verified when decoded or signed locally;
+signatures *are* checked on load, where they double as an integrity check.
+
+Threading: the trio agent runs writes in ``trio.to_thread.run_sync``, so every
+method is thread-safe.  One lock serialises writers (their file I/O happens in
+order, so the file on disk always matches the version in memory); a second,
+short-held lock guards the in-memory maps, so a ``get`` from the event loop
+never waits for a disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from clanagent.wire import DEFAULT_LIMITS, Limits, SignedRecord, WireError, pack
+
+__all__ = ["StoreError", "Store"]
+
+log = logging.getLogger("clanagent.store")
+
+_RECORD_SUFFIX = ".rec"
+_TEMP_SUFFIX = ".tmp"
+_CORRUPT_DIR = "corrupt"
+# Bumping this renames every file, so only do it together with a migration.
+_NAME_DOMAIN = "clanagent.store.v1"
+
+Triple = tuple[bytes, str, str]
+
+
+class StoreError(Exception):
+    """A local failure of the store: its directory is unusable or a write did not
+    become durable (disk full, I/O error).  The store has no remote error kind:
+    bad bytes on disk are quarantined and counted, never raised."""
+
+
+def file_name(origin: bytes, kind: str, key: str) -> str:
+    """The file name for a triple: hex of a hash of its canonical encoding.
+
+    Hashing (rather than escaping kind/key) keeps names short, fixed-length and
+    free of path tricks, whatever a remote origin puts in its keys.  256 bits,
+    because origins choose their own keys and could otherwise hunt for a
+    collision that overwrites another record's file.
+    """
+    digest = hashlib.blake2b(pack([_NAME_DOMAIN, origin, kind, key]), digest_size=32)
+    return digest.hexdigest() + _RECORD_SUFFIX
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """Latest version of every record by ``(origin, kind, key)``.
+
+    Use `Store.open`.  In memory (``path=None``) a record costs one dict entry
+    in its origin's map and nothing else, so a 1000-node simulation can hold a
+    store per node.
+    """
+
+    def __init__(self, path: Path | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._dir = path
+        self._limits = limits
+        # origin -> {(kind, key): record}.  Nested so that by_origin / max_version
+        # (asked for by anti-entropy on every round) do not scan every record.
+        self._by_origin: dict[bytes, dict[tuple[str, str], SignedRecord]] = {}
+        self._count = 0
+        self._lock = threading.Lock()  # the maps and stats; never held across I/O
+        self._write_lock = threading.Lock()  # orders writers, held across I/O
+        self._tmp_seq = itertools.count()
+        self.stats: dict[str, int] = {
+            "loaded": 0,
+            "corrupt": 0,
+            "refused_older": 0,  # older *or equal* version offered
+            "written": 0,
+            "deleted": 0,
+            "temp_removed": 0,
+        }
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: Path | str | None, limits: Limits = DEFAULT_LIMITS) -> Store:
+        """Open (creating, mode 0700) the store under `path`, or an in-memory one
+        for ``None``.  Raises `StoreError` if the directory cannot be used."""
+        if path is None:
+            return cls(None, limits)
+        store = cls(Path(path), limits)
+        try:
+            store._prepare_dir()
+            store._load()
+        except OSError as exc:
+            raise StoreError(f"cannot open store at {path}: {exc}") from exc
+        return store
+
+    @property
+    def path(self) -> Path | None:
+        return self._dir
+
+    def _prepare_dir(self) -> None:
+        assert self._dir is not None
+        d = self._dir
+        if not d.exists():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700)
+            # The new directory entry itself must survive a crash too.
+            _fsync_dir(d.parent)
+        st = d.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{d} is not a directory")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            log.warning("store dir %s had mode %o; setting 0700", d, stat.S_IMODE(st.st_mode))
+            d.chmod(0o700)
+
+    def _load(self) -> None:
+        assert self._dir is not None
+        quarantined = False
+        sources: dict[Triple, str] = {}  # which file each loaded triple came from
+        with os.scandir(self._dir) as it:
+            entries = sorted(it, key=lambda e: e.name)  # deterministic order for logs
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                continue  # corrupt/ and anything an operator put there
+            if entry.name.endswith(_TEMP_SUFFIX):
+                # Written but never renamed: its put() never returned True.
+                os.unlink(entry.path)
+                self.stats["temp_removed"] += 1
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                self._quarantine(entry.name, "not a regular file")
+                quarantined = True
+                continue
+            rec, why = self._read_record(Path(entry.path))
+            if rec is None:
+                self._quarantine(entry.name, why)
+                quarantined = True
+                continue
+            triple = (rec.origin, rec.kind, rec.key)
+            if file_name(*triple) != entry.name:
+                self._quarantine(entry.name, "content does not match file name")
+                quarantined = True
+                continue
+            if triple in sources:
+                # Unreachable while names are derived from content; kept so that a
+                # future layout change can never load an older version over a newer.
+                old = self._get_nolock(triple)
+                assert old is not None
+                if old.version >= rec.version:
+                    self._quarantine(entry.name, "duplicate of a higher version")
+                    quarantined = True
+                    continue
+                self._quarantine(sources[triple], "duplicate of a higher version")
+                quarantined = True
+                self.stats["loaded"] -= 1
+            sources[triple] = entry.name
+            self._set_nolock(triple, rec)
+            self.stats["loaded"] += 1
+        if quarantined or self.stats["temp_removed"]:
+            _fsync_dir(self._dir)
+
+    def _read_record(self, path: Path) -> tuple[SignedRecord | None, str]:
+        try:
+            with open(path, "rb") as f:
+                # Read one byte past the limit so an oversized file is detected
+                # without reading all of it.
+                data = f.read(self._limits.max_frame + 1)
+        except OSError as exc:
+            return None, f"unreadable: {exc}"
+        try:
+            return SignedRecord.decode(data, self._limits, verify=True), ""
+        except WireError as exc:
+            return None, f"does not decode: {exc.reason}"
+
+    def _quarantine(self, name: str, why: str) -> None:
+        assert self._dir is not None
+        corrupt = self._dir / _CORRUPT_DIR
+        self.stats["corrupt"] += 1
+        try:
+            if not corrupt.exists():
+                corrupt.mkdir(mode=0o700)
+            # Suffix so an earlier quarantined file of the same name is kept too.
+            dest = corrupt / f"{name}.{time.time_ns()}"
+            os.replace(self._dir / name, dest)
+            _fsync_dir(corrupt)
+        except OSError as exc:
+            log.error("store file %s is corrupt (%s) and could not be moved: %s", name, why, exc)
+            return
+        log.error("store file %s is corrupt (%s); moved to %s", name, why, dest)
+
+    # ------------------------------------------------------------------ reading
+
+    def _get_nolock(self, triple: Triple) -> SignedRecord | None:
+        per = self._by_origin.get(triple[0])
+        return None if per is None else per.get((triple[1], triple[2]))
+
+    def _set_nolock(self, triple: Triple, rec: SignedRecord) -> None:
+        per = self._by_origin.setdefault(triple[0], {})
+        if (triple[1], triple[2]) not in per:
+            self._count += 1
+        per[(triple[1], triple[2])] = rec
+
+    def get(self, origin: bytes, kind: str, key: str) -> SignedRecord | None:
+        with self._lock:
+            return self._get_nolock((origin, kind, key))
+
+    def records(self) -> Iterator[SignedRecord]:
+        """Every record (a snapshot, so writers may run while you iterate)."""
+        with self._lock:
+            snapshot = [r for per in self._by_origin.values() for r in per.values()]
+        return iter(snapshot)
+
+    def by_origin(self, origin: bytes) -> list[SignedRecord]:
+        """Records of one origin, lowest version first (ties by kind, key)."""
+        with self._lock:
+            recs = list(self._by_origin.get(origin, {}).values())
+        recs.sort(key=lambda r: (r.version, r.kind, r.key))
+        return recs
+
+    def origins(self) -> list[bytes]:
+        with self._lock:
+            return list(self._by_origin)
+
+    def max_version(self, origin: bytes) -> int:
+        """Highest version held from `origin`, 0 if none."""
+        with self._lock:
+            per = self._by_origin.get(origin)
+            return max((r.version for r in per.values()), default=0) if per else 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._count
+
+    def __contains__(self, triple: object) -> bool:
+        if not isinstance(triple, tuple) or len(triple) != 3:
+            return False
+        with self._lock:
+            return self._get_nolock(triple) is not None  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, rec: SignedRecord) -> bool:
+        """Store `rec` if it is newer than what is held for its triple.
+
+        Returns True once it is durable, False (and writes nothing) for an older
+        or equal version.  Raises `StoreError` if the write failed: normally the
+        store then still holds the previous version; only if the failure was the
+        final directory fsync does it hold the new one (as the disk probably does),
+        and the caller must not treat it as acknowledged."""
+        return self.put_many([rec])[0]
+
+    def put_many(self, recs: Iterable[SignedRecord]) -> list[bool]:
+        """`put` for a batch, with one directory fsync for all of it.
+
+        Within the batch, only the highest version of a triple can win; the
+        others get False, as they would one by one.  On `StoreError`, records
+        whose file was already renamed into place are kept (in memory, as on
+        disk); the rest of the batch is not applied."""
+        recs = list(recs)
+        with self._write_lock:
+            results = [False] * len(recs)
+            winners: dict[Triple, int] = {}  # triple -> index in recs
+            with self._lock:
+                for i, rec in enumerate(recs):
+                    triple = (rec.origin, rec.kind, rec.key)
+                    best = winners.get(triple)
+                    held = recs[best] if best is not None else self._get_nolock(triple)
+                    if held is not None and rec.version <= held.version:
+                        self.stats["refused_older"] += 1
+                        continue
+                    if best is not None:
+                        self.stats["refused_older"] += 1  # superseded within the batch
+                    winners[triple] = i
+            if not winners:
+                return results
+            if self._dir is None:
+                with self._lock:
+                    for triple, i in winners.items():
+                        self._set_nolock(triple, recs[i])
+                        results[i] = True
+                    self.stats["written"] += len(winners)
+                return results
+            done: list[tuple[Triple, int]] = []
+            try:
+                for triple, i in winners.items():
+                    self._write_file(file_name(*triple), recs[i].encode())
+                    done.append((triple, i))
+                _fsync_dir(self._dir)
+            except OSError as exc:
+                raise StoreError(f"write to {self._dir} failed: {exc}") from exc
+            finally:
+                # Renamed files are what a reopen would load, so memory follows
+                # them even on failure; only the return value differs.
+                with self._lock:
+                    for triple, i in done:
+                        self._set_nolock(triple, recs[i])
+                        results[i] = True
+                    self.stats["written"] += len(done)
+            return results
+
+    def _write_file(self, name: str, data: bytes) -> None:
+        assert self._dir is not None
+        final = self._dir / name
+        tmp = self._dir / f"{name}.{os.getpid()}.{next(self._tmp_seq)}{_TEMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def delete(self, origin: bytes, kind: str, key: str) -> bool:
+        """Forget a record, durably.  Returns whether there was one.
+
+        This is local housekeeping, not a tombstone: gossip may deliver the
+        same or an older version again and it will be accepted."""
+        triple = (origin, kind, key)
+        with self._write_lock:
+            with self._lock:
+                if self._get_nolock(triple) is None:
+                    return False
+            if self._dir is not None:
+                try:
+                    try:
+                        os.unlink(self._dir / file_name(*triple))
+                    except FileNotFoundError:
+                        pass
+                    _fsync_dir(self._dir)
+                except OSError as exc:
+                    raise StoreError(f"delete in {self._dir} failed: {exc}") from exc
+            with self._lock:
+                per = self._by_origin[origin]
+                del per[(kind, key)]
+                if not per:
+                    del self._by_origin[origin]
+                self._count -= 1
+                self.stats["deleted"] += 1
+            return True
+
+    def __repr__(self) -> str:
+        where = "memory" if self._dir is None else str(self._dir)
+        return f"<Store {where} records={len(self)}>"
