@@ -68,6 +68,7 @@ class Agent:
             "control_socket": str(self.cfg.control.socket),
             "records": len(self.store) if self.store is not None else 0,
             "members": self.gossip.member_counts() if self.gossip is not None else {},
+            "gossip_addr": self.gossip.addr if self.gossip is not None else "",
             "capabilities": caps,
         }
 

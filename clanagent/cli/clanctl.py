@@ -55,6 +55,8 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"uptime     {_duration(st['uptime_s'])}")
     print(f"state dir  {st['state_dir']}")
     print(f"records    {st['records']}")
+    if st.get("gossip_addr"):
+        print(f"gossip     {st['gossip_addr']}")
     if members:
         print("members    " + ", ".join(f"{v} {k}" for k, v in sorted(members.items())))
     print()

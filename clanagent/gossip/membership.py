@@ -1,0 +1,773 @@
+"""SWIM membership with Lifeguard, as a sans-IO state machine.
+
+Owns: who is in the clan and in which state (alive, suspect, dead, left)
+with which incarnation; the randomized round-robin probe cycle (ping, then
+indirect pings through `indirect_checks` peers, then suspicion); the
+Lifeguard refinements (nacks from the helpers of indirect probes, local
+health awareness that stretches our probe interval, suspicion timers that
+shrink as independent peers confirm); refutation with incarnation numbers;
+graceful leave; full-state push/pull on join and on a timer; and an RTT per
+member measured from probe round trips.  The transition rules are those of
+memberlist `state.go` (`aliveNode`, `suspectNode`, `deadNode`, `refute`,
+`probeNode`, `resetNodes`, `mergeState`); see the table below.
+
+Must never: read a clock, sleep, touch a socket, import trio, or draw
+randomness from anywhere but the injected `random.Random`.  Time comes in as
+`now` (float seconds) on every call; what to send comes out as `Send`
+actions; membership updates to gossip go to the injected `broadcast(key,
+message)` sink, never straight onto the network (the composer piggybacks
+them on pings, acks and gossip ticks and retransmits them as memberlist's
+`queue.go` does).
+
+Transition table (what a message about member X does to our view of X; the
+first matching row wins, "inc" is the message's incarnation, "ours" is what
+we hold):
+
+  Alive    X unknown                         -> alive, MemberJoined
+  Alive    X is us, inc < ours               -> ignored
+  Alive    X is us, same inc/addr/meta       -> ignored
+  Alive    X is us, otherwise                -> refute (inc = max(ours, inc) + 1)
+  Alive    other address, X not reclaimable  -> ignored (address conflict)
+  Alive    inc <= ours (and not reclaiming)  -> ignored
+  Alive    otherwise                         -> alive; Joined (was dead/left),
+                                                Alive (was suspect), Updated (meta/addr)
+  Suspect  X unknown or inc < ours           -> ignored
+  Suspect  X has a suspicion timer           -> confirm it (re-gossip if new)
+  Suspect  X not alive                       -> ignored
+  Suspect  X is us                           -> refute
+  Suspect  otherwise                         -> suspect, start timer, MemberSuspect
+  Dead     X unknown or inc < ours           -> ignored
+  Dead     X dead or left                    -> ignored
+  Dead     X is us and we did not leave      -> refute
+  Dead     from X itself                     -> left, MemberLeft
+  Dead     otherwise                         -> dead, MemberDead
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from clanagent.gossip.awareness import Awareness
+from clanagent.gossip.config import GossipConfig, push_pull_scale
+from clanagent.gossip.errors import LocalProtocolError
+from clanagent.gossip.events import (
+    MAX_ADDR_LEN,
+    MAX_INCARNATION,
+    MAX_META_LEN,
+    MAX_NODE_ID_LEN,
+    MAX_SEQ,
+    Ack,
+    Action,
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberAlive,
+    MemberDead,
+    MemberJoined,
+    MemberLeft,
+    MemberState,
+    MemberSuspect,
+    MemberUpdated,
+    Message,
+    Nack,
+    NodeStateEntry,
+    Ping,
+    PushPull,
+    Send,
+    Suspect,
+)
+from clanagent.gossip.suspicion import Suspicion
+
+__all__ = ["Membership", "MemberInfo", "MemberState", "BroadcastSink", "MAX_RELAYS"]
+
+BroadcastSink = Callable[[str, Message], None]
+
+# Indirect probes we run for others at once; more are dropped, so a flood of
+# IndirectPing requests cannot grow our memory without bound.
+MAX_RELAYS = 1024
+
+_ALIVE = MemberState.ALIVE
+_SUSPECT = MemberState.SUSPECT
+_DEAD = MemberState.DEAD
+_LEFT = MemberState.LEFT
+
+# Kinds of entries in the timer heap.
+_T_SUSPICION = 0
+_T_RELAY_NACK = 1
+_T_RELAY_EXPIRE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A snapshot of one member, for `clanctl peers` and the composer."""
+
+    node: str
+    addr: str
+    state: MemberState
+    incarnation: int
+    state_change: float
+    meta: bytes
+    rtt: float | None
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    # eq=False: members are compared by identity, which is both what we mean
+    # and much cheaper in the hot random-selection loop.
+    id: str
+    addr: str
+    meta: bytes
+    incarnation: int
+    state: MemberState
+    state_change: float
+    rtt: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Probe:
+    seq: int
+    node: _Node
+    incarnation: int
+    sent_at: float
+    timeout_at: float  # end of the direct phase
+    end_at: float  # end of the whole probe (awareness-scaled probe interval)
+    indirect: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Relay:
+    requester: str
+    requester_addr: str
+    requester_seq: int
+    want_nack: bool
+
+
+class Membership:
+    """One node's view of the clan.
+
+    Feed it `receive` (decoded messages) and `tick`, act on the actions they
+    return (`Send` and member events), and ask `next_deadline()` after every
+    call: a `receive` can move a deadline earlier (a confirmed suspicion).
+
+    `broadcast(key, message)` receives every Alive/Suspect/Dead to gossip;
+    `key` is the node id the message is about, and a newer message for a key
+    replaces the queued older one.  Without a sink the messages collect in
+    `take_broadcasts()`.  `incarnation` is where a (re)started node begins;
+    it rises past whatever the clan remembers as soon as it hears of it.
+    `regossip_push_pull_replies=False` keeps what a push/pull reply taught
+    us out of the gossip queue (see `_on_push_pull`).
+    """
+
+    def __init__(
+        self,
+        config: GossipConfig,
+        self_id: str,
+        self_addr: str,
+        rng: random.Random,
+        now: float,
+        meta: bytes | None = None,
+        *,
+        broadcast: BroadcastSink | None = None,
+        incarnation: int = 1,
+        regossip_push_pull_replies: bool = True,
+    ) -> None:
+        meta = b"" if meta is None else meta
+        if not isinstance(self_id, str) or not 0 < len(self_id) <= MAX_NODE_ID_LEN:
+            raise ValueError("self_id must be a non-empty str of bounded length")
+        if not isinstance(self_addr, str) or not 0 < len(self_addr) <= MAX_ADDR_LEN:
+            raise ValueError("self_addr must be a non-empty str of bounded length")
+        if not isinstance(meta, bytes) or len(meta) > MAX_META_LEN:
+            raise ValueError(f"meta must be bytes of at most {MAX_META_LEN}")
+        if not 0 <= incarnation < MAX_INCARNATION:
+            raise ValueError("incarnation out of range")
+        self.config = config
+        self.self_id = self_id
+        self.self_addr = self_addr
+        self._rng = rng
+        self._now = now
+        self._meta = meta
+        self._pending: dict[str, Message] = {}
+        self._broadcast: BroadcastSink = broadcast if broadcast is not None else self._queue
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._nodes: dict[str, _Node] = {}
+        self._probe_list: list[_Node] = []
+        self._probe_index = 0
+        self._seq = 0
+        self._incarnation = incarnation
+        self._left = False
+        self._alive = 0
+        self._regossip_replies = regossip_push_pull_replies
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._suspicions: dict[str, Suspicion] = {}
+        # (when, tie-breaker, kind, key, Suspicion or _Relay); see tick().
+        self._timers: list[tuple[float, int, int, Any, Any]] = []
+        self._counter = itertools.count()
+        # Random stagger, as memberlist's triggerFunc, so a clan started at
+        # once does not probe in lock step.
+        self._next_probe_at = now + rng.random() * config.probe_interval
+        if config.push_pull_interval > 0:
+            self._next_push_pull_at = now + rng.random() * config.push_pull_interval
+        else:
+            self._next_push_pull_at = math.inf
+        # Counters of things we ignored, for `clanctl status` and tests.
+        self.stats: dict[str, int] = {
+            "misdirected_ping": 0,
+            "address_conflict": 0,
+            "unknown_ack": 0,
+            "relay_overflow": 0,
+            "unrefutable": 0,
+            "refutes": 0,
+        }
+        self._handlers: dict[type, Callable[[Message, str, float, list[Action]], None]] = {
+            Ping: self._on_ping,
+            IndirectPing: self._on_indirect_ping,
+            Ack: self._on_ack,
+            Nack: self._on_nack,
+            Alive: self._on_alive_msg,
+            Suspect: self._on_suspect_msg,
+            Dead: self._on_dead_msg,
+            PushPull: self._on_push_pull,
+        }
+        me = _Node(self_id, self_addr, meta, incarnation, _ALIVE, now)
+        self._insert(me)
+        self._alive = 1
+        # Announce ourselves, as memberlist's setAlive does.
+        self._broadcast(self_id, Alive(incarnation, self_id, self_addr, meta))
+
+    # ------------------------------------------------------------------
+    # inputs
+
+    def join(self, now: float, seeds: Iterable[tuple[str | None, str]]) -> list[Action]:
+        """Start a full-state exchange with each seed `(node id or None, addr)`."""
+        self._now = now
+        out: list[Action] = []
+        state = None
+        for node_id, addr in seeds:
+            if addr == self.self_addr or node_id == self.self_id:
+                continue
+            if state is None:
+                state = self._push_pull_message(reply=False)
+            out.append(Send(node_id, addr, state))
+        return out
+
+    def receive(self, now: float, from_addr: str, message: Message) -> list[Action]:
+        """Handle one decoded message that arrived from `from_addr`."""
+        self._now = now
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            raise LocalProtocolError(f"not a membership message: {type(message).__name__}")
+        out: list[Action] = []
+        handler(message, from_addr, now, out)
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """Fire every timer whose deadline is at or before `now`."""
+        self._now = now
+        out: list[Action] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, key, obj = heapq.heappop(timers)
+            # Entries are never removed early; one that no longer matches the
+            # live object (refuted, confirmed to an earlier deadline, relay
+            # answered) is simply dropped here.
+            if kind == _T_SUSPICION:
+                if self._suspicions.get(key) is obj and obj.deadline <= now:
+                    self._suspicion_expired(key, now, out)
+            elif self._relays.get(key) is obj:
+                if kind == _T_RELAY_NACK:
+                    if obj.want_nack:
+                        out.append(Send(obj.requester, obj.requester_addr, Nack(obj.requester_seq)))
+                else:
+                    del self._relays[key]
+        probe = self._probe
+        if probe is not None:
+            if not probe.indirect and now >= probe.timeout_at:
+                self._start_indirect(probe, out)
+            if now >= probe.end_at:
+                self._probe_failed(probe, now, out)
+        if self._left:
+            return out
+        if self._probe is None and now >= self._next_probe_at:
+            self._next_probe_at = now + self.config.probe_interval
+            self._probe_next(now, out)
+        if now >= self._next_push_pull_at:
+            self._next_push_pull_at = now + push_pull_scale(
+                self.config.push_pull_interval, len(self._probe_list)
+            )
+            peers = self._k_random(1, self._not_alive_peer)
+            if peers:
+                peer = peers[0]
+                out.append(Send(peer.id, peer.addr, self._push_pull_message(reply=False)))
+        return out
+
+    def leave(self, now: float) -> list[Action]:
+        """Leave gracefully: gossip our own death and stop probing.
+
+        The composer should keep gossiping for a moment (memberlist waits for
+        the leave broadcast to go out) before it shuts the node down.
+        """
+        self._now = now
+        out: list[Action] = []
+        if self._left:
+            return out
+        self._left = True
+        self._probe = None
+        me = self._nodes[self.self_id]
+        self._on_dead(Dead(me.incarnation, self.self_id, self.self_id), now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time `tick` has something to do, or None."""
+        timers = self._timers
+        while timers and not self._timer_live(timers[0]):
+            heapq.heappop(timers)
+        best = timers[0][0] if timers else math.inf
+        probe = self._probe
+        if probe is not None:
+            best = min(best, probe.end_at if probe.indirect else probe.timeout_at)
+        elif not self._left:
+            best = min(best, self._next_probe_at)
+        if not self._left:
+            best = min(best, self._next_push_pull_at)
+        return None if best == math.inf else best
+
+    # ------------------------------------------------------------------
+    # queries
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
+    def members(self) -> list[MemberInfo]:
+        """Every member we know, ourselves included."""
+        return [self._info(n) for n in self._nodes.values()]
+
+    def member(self, node_id: str) -> MemberInfo | None:
+        node = self._nodes.get(node_id)
+        return None if node is None else self._info(node)
+
+    def alive_count(self) -> int:
+        """Alive members, ourselves included (suspects are not counted)."""
+        return self._alive
+
+    def num_members(self) -> int:
+        """Members in any state that we still track (memberlist estNumNodes)."""
+        return len(self._probe_list)
+
+    def health_score(self) -> int:
+        """Lifeguard awareness score: 0 healthy, up to awareness_max_multiplier - 1."""
+        return self._awareness.score
+
+    def random_members(
+        self, k: int, exclude: Iterable[str] = (), alive_only: bool = True
+    ) -> list[tuple[str, str]]:
+        """Up to `k` distinct random members other than us, as (node id, addr).
+
+        With `alive_only=False` the choice also includes suspects and members
+        dead for less than `gossip_to_the_dead_time` (so they can refute), as
+        memberlist's gossip does.  Costs O(k) random draws, not O(n).
+        """
+        excluded = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+        me = self.self_id
+        if alive_only:
+
+            def skip(n: _Node) -> bool:
+                return n.state is not _ALIVE or n.id == me or n.id in excluded
+
+        else:
+            horizon = self._now - self.config.gossip_to_the_dead_time
+
+            def skip(n: _Node) -> bool:
+                if n.id == me or n.id in excluded:
+                    return True
+                if n.state is _ALIVE or n.state is _SUSPECT:
+                    return False
+                return n.state_change < horizon
+
+        return [(n.id, n.addr) for n in self._k_random(k, skip)]
+
+    def take_broadcasts(self) -> list[Message]:
+        """Drain the default broadcast queue (used when no sink was injected)."""
+        msgs = list(self._pending.values())
+        self._pending.clear()
+        return msgs
+
+    def local_state(self) -> tuple[NodeStateEntry, ...]:
+        """Our full view, as sent in a push/pull."""
+        return tuple(
+            NodeStateEntry(n.id, n.addr, n.incarnation, n.state, n.meta)
+            for n in self._nodes.values()
+        )
+
+    # ------------------------------------------------------------------
+    # probing
+
+    def _probe_next(self, now: float, out: list[Action]) -> None:
+        checked = 0
+        while checked < len(self._probe_list):
+            if self._probe_index >= len(self._probe_list):
+                self._reset_nodes(now)
+                self._probe_index = 0
+                checked += 1
+                continue
+            node = self._probe_list[self._probe_index]
+            self._probe_index += 1
+            if node.id == self.self_id or node.state is _DEAD or node.state is _LEFT:
+                checked += 1
+                continue
+            self._probe_node(node, now, out)
+            return
+
+    def _reset_nodes(self, now: float) -> None:
+        """End of a round: forget members dead for long enough, reshuffle."""
+        horizon = now - self.config.gossip_to_the_dead_time
+        keep = []
+        for node in self._probe_list:
+            if (node.state is _DEAD or node.state is _LEFT) and node.state_change < horizon:
+                del self._nodes[node.id]
+            else:
+                keep.append(node)
+        self._rng.shuffle(keep)
+        self._probe_list = keep
+
+    def _probe_node(self, node: _Node, now: float, out: list[Action]) -> None:
+        cfg = self.config
+        seq = self._next_seq()
+        # Lifeguard: while we think we are slow, give everyone longer before
+        # concluding they failed.  The direct timeout is not scaled (waiting
+        # longer would not help a lost datagram; the indirect phase does).
+        interval = self._awareness.scale_timeout(cfg.probe_interval)
+        self._probe = _Probe(
+            seq, node, node.incarnation, now, now + cfg.probe_timeout, now + interval
+        )
+        out.append(Send(node.id, node.addr, Ping(seq, node.id, self.self_id, self.self_addr)))
+        if node.state is not _ALIVE:
+            # Tell a suspect directly, so it can refute at once.
+            out.append(Send(node.id, node.addr, Suspect(node.incarnation, node.id, self.self_id)))
+
+    def _start_indirect(self, probe: _Probe, out: list[Action]) -> None:
+        probe.indirect = True
+        target = probe.node
+        me = self.self_id
+
+        def skip(n: _Node) -> bool:
+            return n.state is not _ALIVE or n is target or n.id == me
+
+        msg = IndirectPing(probe.seq, target.id, target.addr, me, self.self_addr, True)
+        for peer in self._k_random(self.config.indirect_checks, skip):
+            probe.expected_nacks += 1
+            out.append(Send(peer.id, peer.addr, msg))
+
+    def _probe_failed(self, probe: _Probe, now: float, out: list[Action]) -> None:
+        self._probe = None
+        # Lifeguard: a helper that did not even nack points at our own
+        # connectivity; with no helpers, any failure counts against us.
+        if probe.expected_nacks > 0:
+            delta = max(0, probe.expected_nacks - probe.nacks)
+        else:
+            delta = 1
+        self._awareness.apply_delta(delta)
+        node = probe.node
+        if self._nodes.get(node.id) is node:
+            self._on_suspect(Suspect(probe.incarnation, node.id, self.self_id), now, out)
+
+    def _on_ping(self, msg: Ping, from_addr: str, now: float, out: list[Action]) -> None:
+        if msg.target != self.self_id:
+            # Someone reused an address; answering would vouch for the wrong node.
+            self.stats["misdirected_ping"] += 1
+            return
+        addr = msg.source_addr if msg.source_addr is not None else from_addr
+        out.append(Send(msg.source, addr, Ack(msg.seq)))
+
+    def _on_indirect_ping(
+        self, msg: IndirectPing, from_addr: str, now: float, out: list[Action]
+    ) -> None:
+        if len(self._relays) >= MAX_RELAYS:
+            self.stats["relay_overflow"] += 1
+            return
+        seq = self._next_seq()
+        relay = _Relay(msg.requester, msg.requester_addr, msg.seq, msg.nack)
+        self._relays[seq] = relay
+        self._push_timer(now + self.config.probe_timeout, _T_RELAY_NACK, seq, relay)
+        self._push_timer(now + self.config.probe_interval, _T_RELAY_EXPIRE, seq, relay)
+        out.append(
+            Send(msg.target, msg.target_addr, Ping(seq, msg.target, self.self_id, self.self_addr))
+        )
+
+    def _on_ack(self, msg: Ack, from_addr: str, now: float, out: list[Action]) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == msg.seq:
+            self._probe = None
+            node = probe.node
+            if from_addr == node.addr:
+                # Only a direct answer measures the path to this member.
+                node.rtt = now - probe.sent_at
+            self._awareness.apply_delta(-1)
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            out.append(Send(relay.requester, relay.requester_addr, Ack(relay.requester_seq)))
+            return
+        self.stats["unknown_ack"] += 1
+
+    def _on_nack(self, msg: Nack, from_addr: str, now: float, out: list[Action]) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == msg.seq and probe.nacks < probe.expected_nacks:
+            probe.nacks += 1
+
+    # ------------------------------------------------------------------
+    # state messages
+
+    def _on_alive_msg(self, msg: Alive, from_addr: str, now: float, out: list[Action]) -> None:
+        self._on_alive(msg, now, out)
+
+    def _on_suspect_msg(self, msg: Suspect, from_addr: str, now: float, out: list[Action]) -> None:
+        self._on_suspect(msg, now, out)
+
+    def _on_dead_msg(self, msg: Dead, from_addr: str, now: float, out: list[Action]) -> None:
+        self._on_dead(msg, now, out)
+
+    def _on_alive(self, a: Alive, now: float, out: list[Action], regossip: bool = True) -> None:
+        is_local = a.node == self.self_id
+        if is_local:
+            if self._left:
+                # A stale Alive about us must not undo our leave.
+                return
+            me = self._nodes[self.self_id]
+            if a.incarnation < me.incarnation:
+                return
+            if a.incarnation == me.incarnation and a.meta == me.meta and a.addr == me.addr:
+                return
+            # Someone holds a newer (or different) picture of us, e.g. from
+            # before a restart: out-bid it.
+            self._refute(me, a.incarnation)
+            return
+
+        node = self._nodes.get(a.node)
+        is_new = node is None
+        reclaim = False
+        if node is not None:
+            if node.addr != a.addr:
+                cfg = self.config
+                can_reclaim = (
+                    cfg.dead_node_reclaim_time > 0
+                    and now - node.state_change > cfg.dead_node_reclaim_time
+                )
+                if node.state is _LEFT or (node.state is _DEAD and can_reclaim):
+                    reclaim = True
+                else:
+                    self.stats["address_conflict"] += 1
+                    return
+            if a.incarnation <= node.incarnation and not reclaim:
+                return
+            self._suspicions.pop(a.node, None)
+            old_state, old_meta, old_addr = node.state, node.meta, node.addr
+            node.incarnation = a.incarnation
+            node.meta = a.meta
+            node.addr = a.addr
+        else:
+            old_state, old_meta, old_addr = _DEAD, a.meta, a.addr
+            node = _Node(a.node, a.addr, a.meta, a.incarnation, _DEAD, now)
+            self._insert(node)
+
+        if regossip:
+            self._broadcast(a.node, a)
+        if node.state is not _ALIVE:
+            self._set_state(node, _ALIVE, now)
+        if is_new or old_state is _DEAD or old_state is _LEFT:
+            out.append(MemberJoined(a.node, a.addr, a.incarnation, a.meta))
+        elif old_state is _SUSPECT:
+            out.append(MemberAlive(a.node, a.addr, a.incarnation))
+            if old_meta != a.meta or old_addr != a.addr:
+                out.append(MemberUpdated(a.node, a.addr, a.incarnation, a.meta))
+        elif old_meta != a.meta or old_addr != a.addr:
+            out.append(MemberUpdated(a.node, a.addr, a.incarnation, a.meta))
+
+    def _on_suspect(self, s: Suspect, now: float, out: list[Action]) -> None:
+        node = self._nodes.get(s.node)
+        if node is None or s.incarnation < node.incarnation:
+            return
+        timer = self._suspicions.get(s.node)
+        if timer is not None:
+            # Already suspect: count an independent confirmation, and pass it
+            # on only if it was news, so confirmations keep flowing.
+            if timer.confirm(s.from_node, now):
+                self._push_timer(timer.deadline, _T_SUSPICION, s.node, timer)
+                self._broadcast(s.node, s)
+            return
+        if node.state is not _ALIVE:
+            return
+        if node.id == self.self_id:
+            self._refute(node, s.incarnation)
+            return
+        self._broadcast(s.node, s)
+        node.incarnation = s.incarnation
+        self._set_state(node, _SUSPECT, now)
+        cfg = self.config
+        # Aim to hit the nominal timeout two probe intervals short of what
+        # the multiplier gives; with too few members to confirm, expect none.
+        n = len(self._probe_list)
+        k = cfg.suspicion_mult - 2
+        if n - 2 < k:
+            k = 0
+        low = cfg.suspicion_timeout(n)
+        high = cfg.suspicion_max_timeout_mult * low
+        timer = Suspicion(s.from_node, k, low, high, now)
+        self._suspicions[s.node] = timer
+        self._push_timer(timer.deadline, _T_SUSPICION, s.node, timer)
+        out.append(MemberSuspect(node.id, node.addr, node.incarnation))
+
+    def _suspicion_expired(self, node_id: str, now: float, out: list[Action]) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node.state is not _SUSPECT:
+            self._suspicions.pop(node_id, None)
+            return
+        self._on_dead(Dead(node.incarnation, node_id, self.self_id), now, out)
+
+    def _on_dead(self, d: Dead, now: float, out: list[Action]) -> None:
+        node = self._nodes.get(d.node)
+        if node is None or d.incarnation < node.incarnation:
+            return
+        self._suspicions.pop(d.node, None)
+        if node.state is _DEAD or node.state is _LEFT:
+            return
+        if node.id == self.self_id and not self._left:
+            self._refute(node, d.incarnation)
+            return
+        self._broadcast(d.node, d)
+        node.incarnation = d.incarnation
+        left = d.node == d.from_node
+        self._set_state(node, _LEFT if left else _DEAD, now)
+        if node.id != self.self_id:
+            cls = MemberLeft if left else MemberDead
+            out.append(cls(node.id, node.addr, node.incarnation))
+
+    def _refute(self, me: _Node, accused: int) -> None:
+        if accused >= MAX_INCARNATION:
+            # Cannot out-bid it; a peer sending this is broken or hostile.
+            self.stats["unrefutable"] += 1
+            return
+        inc = self._incarnation + 1
+        if accused >= inc:
+            inc = accused + 1
+        self._incarnation = inc
+        me.incarnation = inc
+        self.stats["refutes"] += 1
+        # Lifeguard: being accused hints that we are the slow one.
+        self._awareness.apply_delta(1)
+        self._broadcast(me.id, Alive(inc, me.id, me.addr, me.meta))
+
+    # ------------------------------------------------------------------
+    # push/pull
+
+    def _push_pull_message(self, reply: bool) -> PushPull:
+        return PushPull(reply, self.local_state())
+
+    def _on_push_pull(self, msg: PushPull, from_addr: str, now: float, out: list[Action]) -> None:
+        if not msg.reply:
+            out.append(Send(None, from_addr, self._push_pull_message(reply=True)))
+        me = self.self_id
+        # memberlist re-gossips everything new it merges.  A joiner merging
+        # the seed's reply would then queue the whole clan for gossip, which
+        # everyone but itself already knows; the flag lets a large clan skip
+        # that (the seed still gossips the joiner, learned from the request).
+        regossip = self._regossip_replies or not msg.reply
+        for r in msg.states:
+            if r.state is _ALIVE:
+                alive = Alive(r.incarnation, r.node, r.addr, r.meta)
+                self._on_alive(alive, now, out, regossip)
+            elif r.state is _LEFT:
+                self._on_dead(Dead(r.incarnation, r.node, r.node), now, out)
+            else:
+                # A remote "dead" is only a suspicion here: we give the member
+                # our own timer to refute, as memberlist's mergeState does.
+                self._on_suspect(Suspect(r.incarnation, r.node, me), now, out)
+
+    # ------------------------------------------------------------------
+    # helpers
+
+    def _queue(self, key: str, message: Message) -> None:
+        self._pending[key] = message
+
+    def _insert(self, node: _Node) -> None:
+        """Add a member at a random place in the probe order (as memberlist):
+        appending would make new members wait a whole round to be probed."""
+        self._nodes[node.id] = node
+        lst = self._probe_list
+        n = len(lst)
+        lst.append(node)
+        if n:
+            j = self._rng.randrange(n)
+            lst[j], lst[n] = lst[n], lst[j]
+
+    def _set_state(self, node: _Node, state: MemberState, now: float) -> None:
+        if node.state is _ALIVE:
+            self._alive -= 1
+        if state is _ALIVE:
+            self._alive += 1
+        node.state = state
+        node.state_change = now
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & MAX_SEQ
+        return self._seq
+
+    def _push_timer(self, when: float, kind: int, key: Any, obj: Any) -> None:
+        heapq.heappush(self._timers, (when, next(self._counter), kind, key, obj))
+
+    def _timer_live(self, entry: tuple[float, int, int, Any, Any]) -> bool:
+        when, _, kind, key, obj = entry
+        if kind == _T_SUSPICION:
+            return self._suspicions.get(key) is obj and obj.deadline == when
+        return self._relays.get(key) is obj
+
+    def _not_alive_peer(self, n: _Node) -> bool:
+        return n.state is not _ALIVE or n.id == self.self_id
+
+    def _k_random(self, k: int, skip: Callable[[_Node], bool]) -> list[_Node]:
+        """Up to `k` distinct members not skipped.
+
+        Random draws first (memberlist kRandomNodes: O(k) when most members
+        qualify, as in a healthy clan); when 3n draws were not enough (few
+        qualify, or k is close to their number) a scan from a random offset
+        finishes the job, so we never return fewer than exist.
+        """
+        lst = self._probe_list
+        n = len(lst)
+        picked: list[_Node] = []
+        if k <= 0 or n == 0:
+            return picked
+        rand = self._rng.random
+        for _ in range(3 * n):
+            node = lst[int(rand() * n)]
+            if node in picked or skip(node):
+                continue
+            picked.append(node)
+            if len(picked) >= k:
+                return picked
+        start = int(rand() * n)
+        chosen = set(map(id, picked))
+        for i in range(n):
+            node = lst[(start + i) % n]
+            if id(node) in chosen or skip(node):
+                continue
+            picked.append(node)
+            if len(picked) >= k:
+                break
+        return picked
+
+    def _info(self, n: _Node) -> MemberInfo:
+        return MemberInfo(n.id, n.addr, n.state, n.incarnation, n.state_change, n.meta, n.rtt)

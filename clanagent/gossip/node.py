@@ -1,0 +1,749 @@
+"""One gossip node: membership, record dissemination and anti-entropy, sans-IO.
+
+Owns: the datagram format (a compound of typed messages), the append-only
+message-type table, piggybacking queued broadcasts on every small message,
+the gossip and anti-entropy timers, verification of every record before it
+is stored or forwarded, and peer scoring.  The trio shell (`service.py`) and
+the simulator (`tests/sim/`) drive the same object: bytes and `now` in,
+actions out.
+
+Must never: read a clock, sleep, open a socket, import trio, forward or store
+a record it has not verified, or let a peer's bytes raise anything out of
+`receive` (bad input is counted, scored and dropped).
+
+Datagram:  [PROTOCOL_VERSION, [[type, body], [type, body], ...]]
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..wire import Limits, SignedRecord, WireError, pack, unpack
+from . import antientropy as ae
+from .broadcast_queue import BroadcastQueue
+from .config import GossipConfig, push_pull_scale
+from .events import (
+    Ack,
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberAlive,
+    MemberDead,
+    MemberJoined,
+    MemberLeft,
+    MemberState,
+    MemberSuspect,
+    MemberUpdated,
+    Message,
+    Nack,
+    Ping,
+    PushPull,
+    Send,
+    Suspect,
+)
+from .membership import Membership
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MIN_PROTOCOL_VERSION",
+    "MsgType",
+    "GossipNode",
+    "SendTo",
+    "Persist",
+    "MemberChanged",
+    "RecordAccepted",
+    "PeerMisbehaved",
+    "NodeAction",
+    "DATAGRAM_LIMITS",
+]
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+
+
+class MsgType(enum.IntEnum):
+    """Message types on the wire.  Only append to this list."""
+
+    PING = 1
+    INDIRECT_PING = 2
+    ACK = 3
+    NACK = 4
+    SUSPECT = 5
+    ALIVE = 6
+    DEAD = 7
+    PUSH_PULL = 8
+    RECORD = 9  # body: one signed record envelope (bin)
+    AE_REQUEST = 10  # body: our digest
+    AE_REPLY = 11  # body: {"d": delta for you, "g": our digest or nil}
+
+
+_MEMBERSHIP_TYPES: dict[type, MsgType] = {
+    Ping: MsgType.PING,
+    IndirectPing: MsgType.INDIRECT_PING,
+    Ack: MsgType.ACK,
+    Nack: MsgType.NACK,
+    Suspect: MsgType.SUSPECT,
+    Alive: MsgType.ALIVE,
+    Dead: MsgType.DEAD,
+    PushPull: MsgType.PUSH_PULL,
+}
+_MEMBERSHIP_CLASSES: dict[int, Any] = {int(t): c for c, t in _MEMBERSHIP_TYPES.items()}
+
+# Named limits on what a peer controls.
+MAX_DATAGRAM = 1 << 20  # one session frame (see session.DEFAULT_MAX_PLAINTEXT)
+MAX_ITEMS = 4096  # messages in one compound
+DATAGRAM_LIMITS = Limits(
+    max_frame=MAX_DATAGRAM,
+    max_depth=12,
+    max_str=64 * 1024,
+    max_bin=1 << 20,
+    max_array=16 * 1024,
+    max_map=64,
+)
+# Records we remember having seen (by id), so the many duplicate copies an
+# epidemic delivers cost a hash, not a signature check.
+SEEN_CACHE = 65536
+# Byte budgets: gossip datagrams and anti-entropy replies.
+GOSSIP_BUDGET = 64 * 1024
+AE_BUDGET = 512 * 1024  # leaves room for our digest in the same reply
+# Peer scoring: each offence costs this much; below the floor we ignore the peer.
+OFFENCE_COST = 10
+SCORE_FLOOR = -100
+
+_COMPOUND_OVERHEAD = 16
+
+
+# -- actions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """Deliver `data` to the node at `addr` (a datagram: it may be lost).
+
+    `node_id` is None when we do not know who listens there (a seed)."""
+
+    node_id: str | None
+    addr: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Persist:
+    """Make `records` durable, then call `node.persisted(now, records, results)`
+    with this same tuple and `store.put_many`'s results."""
+
+    records: tuple[SignedRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanged:
+    node_id: str
+    name: str
+    addr: str
+    state: str  # alive, suspect, dead, left
+    incarnation: int
+    change: str  # joined, suspect, dead, alive, left, updated
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAccepted:
+    record: SignedRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMisbehaved:
+    node_id: str | None
+    addr: str
+    reason: str
+    score: int
+
+
+NodeAction = SendTo | Persist | MemberChanged | RecordAccepted | PeerMisbehaved
+
+_STATE_NAMES = {
+    MemberState.ALIVE: "alive",
+    MemberState.SUSPECT: "suspect",
+    MemberState.DEAD: "dead",
+    MemberState.LEFT: "left",
+}
+_EVENT_NAMES = {
+    MemberJoined: ("alive", "joined"),
+    MemberSuspect: ("suspect", "suspect"),
+    MemberDead: ("dead", "dead"),
+    MemberAlive: ("alive", "alive"),
+    MemberLeft: ("left", "left"),
+    MemberUpdated: ("alive", "updated"),
+}
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_VERSION_PREFIX = b"\x92" + pack(PROTOCOL_VERSION)
+
+
+def compound(items: list[bytes]) -> bytes:
+    """A datagram from pre-encoded `[type, body]` items (no re-encoding)."""
+    return _VERSION_PREFIX + _array_header(len(items)) + b"".join(items)
+
+
+def encode_message(msg: Message) -> bytes:
+    return pack([int(_MEMBERSHIP_TYPES[type(msg)]), msg.to_wire()])
+
+
+def encode_node_meta(name: str) -> bytes:
+    return pack({"n": name[:64]})
+
+
+def decode_node_meta(meta: bytes) -> str:
+    try:
+        value = unpack(meta, DATAGRAM_LIMITS) if meta else {}
+    except WireError:
+        return ""
+    name = value.get("n") if isinstance(value, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+@dataclass
+class _Continuation:
+    claims: dict[bytes, int] | None = None  # anti-entropy completeness claims to apply
+    rebroadcast: bool = True
+    from_addr: str = ""
+
+
+@dataclass
+class _PeerScore:
+    score: int = 0
+    offences: int = 0
+    last_reason: str = ""
+
+
+@dataclass
+class NodeStats:
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+class GossipNode:
+    """A whole gossip participant as a pure state machine."""
+
+    def __init__(
+        self,
+        identity: Any,
+        config: GossipConfig,
+        *,
+        addr: str,
+        clan: bytes,
+        store: Any,
+        rng: random.Random,
+        now: float,
+        name: str = "",
+        admit: Callable[[bytes], bool] | None = None,
+        eager_gossip: bool = True,
+        incarnation: int = 1,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.addr = addr
+        self.clan = clan
+        self.store = store
+        self.name = name
+        self.node_id: str = identity.node_id
+        self.origin: bytes = bytes(identity.public_key)
+        self._rng = rng
+        self._admit = admit
+        self._eager = eager_gossip
+        self.stats: dict[str, int] = {
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "msgs_sent": 0,
+            "msgs_received": 0,
+            "malformed": 0,
+            "records_received": 0,
+            "records_duplicate": 0,
+            "records_stale": 0,
+            "records_invalid": 0,
+            "records_accepted": 0,
+            "ae_exchanges": 0,
+            "ignored_peer": 0,
+        }
+        self._bq = BroadcastQueue(config.retransmit_mult, self._num_nodes)
+        self._membership = Membership(
+            config,
+            self.node_id,
+            addr,
+            rng,
+            now,
+            encode_node_meta(name),
+            broadcast=self._queue_membership,
+            incarnation=incarnation,
+        )
+        self._ae = ae.AntiEntropy(store, self.origin)
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._pending: dict[int, tuple[tuple[SignedRecord, ...], _Continuation]] = {}
+        self._scores: dict[str, _PeerScore] = {}
+        self._last_seen: dict[str, float] = {}
+        # Bodies we published in this run, so we can re-assert them when a
+        # peer shows us an older run's record of ours with a higher version.
+        self._own: dict[tuple[str, str], Any] = {}
+        self._next_gossip_at = now + rng.random() * config.gossip_interval
+        self._next_ae_at = self._ae_interval_from(now, first=True)
+        self._now = now
+
+    # -- helpers --------------------------------------------------------------
+
+    def _num_nodes(self) -> int:
+        return max(1, self._membership.num_members())
+
+    def _queue_membership(self, key: str, msg: Message) -> None:
+        self._bq.queue(("m", key), encode_message(msg))
+
+    def _ae_interval_from(self, now: float, *, first: bool = False) -> float:
+        interval = self.config.push_pull_interval
+        if interval <= 0:
+            return math.inf
+        scaled = push_pull_scale(interval, self._membership.num_members())
+        return now + (self._rng.random() * scaled if first else scaled)
+
+    def _send(self, out: list[NodeAction], node_id: str | None, addr: str, data: bytes) -> None:
+        self.stats["bytes_sent"] += len(data)
+        self.stats["msgs_sent"] += 1
+        out.append(SendTo(node_id, addr, data))
+
+    def _send_message(self, out: list[NodeAction], send: Send) -> None:
+        item = encode_message(send.message)
+        items = [item]
+        if not isinstance(send.message, PushPull):
+            # Piggyback queued gossip on every small message, as memberlist does.
+            room = self.config.packet_size - len(item) - _COMPOUND_OVERHEAD
+            if room > 0:
+                items.extend(self._bq.get_broadcasts(2, room))
+        self._send(out, send.to, send.addr, compound(items))
+
+    def _handle_membership_actions(self, actions: Iterable[Any], out: list[NodeAction]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send_message(out, action)
+                continue
+            names = _EVENT_NAMES.get(type(action))
+            if names is None:
+                continue
+            state, change = names
+            info = self._membership.member(action.node)
+            name = decode_node_meta(info.meta) if info is not None else ""
+            out.append(
+                MemberChanged(action.node, name, action.addr, state, action.incarnation, change)
+            )
+
+    def _offence(
+        self, out: list[NodeAction], from_node: str | None, from_addr: str, reason: str
+    ) -> None:
+        peer = from_node or from_addr
+        sc = self._scores.setdefault(peer, _PeerScore())
+        sc.score -= OFFENCE_COST
+        sc.offences += 1
+        sc.last_reason = reason
+        out.append(PeerMisbehaved(from_node, from_addr, reason, sc.score))
+
+    def _ignored(self, from_node: str | None, from_addr: str) -> bool:
+        sc = self._scores.get(from_node or from_addr)
+        return sc is not None and sc.score <= SCORE_FLOOR
+
+    def _remember(self, rid: bytes) -> None:
+        seen = self._seen
+        seen[rid] = None
+        if len(seen) > SEEN_CACHE:
+            seen.popitem(last=False)
+
+    # -- inputs ---------------------------------------------------------------
+
+    def join(self, now: float, seeds: Iterable[str]) -> list[NodeAction]:
+        """Contact seed addresses: full member-state exchange plus record sync."""
+        self._now = now
+        out: list[NodeAction] = []
+        seeds = [s for s in seeds if s != self.addr]
+        self._handle_membership_actions(self._membership.join(now, [(None, s) for s in seeds]), out)
+        for seed in seeds:
+            self._send_ae_request(out, None, seed)
+        return out
+
+    def receive(
+        self, now: float, from_addr: str, data: bytes, *, from_node: str | None = None
+    ) -> list[NodeAction]:
+        """Handle one datagram.  Never raises on bad input: it is counted and dropped."""
+        self._now = now
+        out: list[NodeAction] = []
+        self.stats["bytes_received"] += len(data)
+        self.stats["msgs_received"] += 1
+        if self._ignored(from_node, from_addr):
+            self.stats["ignored_peer"] += 1
+            return out
+        if from_node is not None:
+            self._last_seen[from_node] = now
+        try:
+            value = unpack(data, DATAGRAM_LIMITS)
+            if type(value) is not list or len(value) != 2:
+                raise WireError("datagram must be [version, messages]")
+            version, items = value
+            if type(version) is not int or not version >= MIN_PROTOCOL_VERSION:
+                raise WireError(f"unsupported protocol version {version!r}")
+            if type(items) is not list or len(items) > MAX_ITEMS:
+                raise WireError("messages must be an array of bounded length")
+        except WireError as exc:
+            self.stats["malformed"] += 1
+            self._offence(out, from_node, from_addr, f"malformed datagram: {exc.reason}")
+            return out
+        for item in items:
+            try:
+                if type(item) is not list or len(item) != 2:
+                    raise WireError("message must be [type, body]")
+                mtype, body = item
+                self._dispatch(now, from_addr, from_node, mtype, body, out)
+            except WireError as exc:
+                self.stats["malformed"] += 1
+                self._offence(out, from_node, from_addr, f"malformed message: {exc.reason}")
+        return out
+
+    def _dispatch(
+        self,
+        now: float,
+        from_addr: str,
+        from_node: str | None,
+        mtype: Any,
+        body: Any,
+        out: list[NodeAction],
+    ) -> None:
+        cls = _MEMBERSHIP_CLASSES.get(mtype) if type(mtype) is int else None
+        if cls is not None:
+            msg = cls.from_wire(body)
+            if from_node is not None:
+                self._last_seen[from_node] = now
+            self._handle_membership_actions(self._membership.receive(now, from_addr, msg), out)
+        elif mtype == MsgType.RECORD:
+            if type(body) is not bytes:
+                raise WireError("record body must be bin")
+            self._on_record(now, from_addr, from_node, body, out)
+        elif mtype == MsgType.AE_REQUEST:
+            digest = ae.decode_digest(body)
+            self._reply_ae(out, from_node, from_addr, digest, with_digest=True)
+        elif mtype == MsgType.AE_REPLY:
+            if type(body) is not dict or set(body) != {"d", "g"}:
+                raise WireError("anti-entropy reply must be {d, g}")
+            delta = ae.decode_delta(body["d"], DATAGRAM_LIMITS)
+            peer_digest = None if body["g"] is None else ae.decode_digest(body["g"])
+            self.stats["ae_exchanges"] += 1
+            self._on_delta(now, from_addr, from_node, delta, out)
+            if peer_digest is not None:
+                self._reply_ae(out, from_node, from_addr, peer_digest, with_digest=False)
+        else:
+            # Unknown types from a newer peer are skipped, not punished.
+            self.stats["unknown_type"] = self.stats.get("unknown_type", 0) + 1
+
+    # -- records --------------------------------------------------------------
+
+    def _check_record(self, rec: SignedRecord) -> None:
+        if rec.clan != self.clan:
+            raise WireError("record belongs to another clan")
+        if self._admit is not None and not self._admit(rec.origin):
+            raise WireError("record origin is not admitted")
+
+    def _on_record(
+        self,
+        now: float,
+        from_addr: str,
+        from_node: str | None,
+        data: bytes,
+        out: list[NodeAction],
+    ) -> None:
+        self.stats["records_received"] += 1
+        rid = hashlib.blake2b(data, digest_size=32).digest()
+        if rid in self._seen:
+            self.stats["records_duplicate"] += 1
+            return
+        try:
+            rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+            self._check_record(rec)
+        except WireError as exc:
+            self.stats["records_invalid"] += 1
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return
+        held = self.store.get(rec.origin, rec.kind, rec.key)
+        if held is not None and held.version >= rec.version:
+            self._remember(rid)
+            self.stats["records_stale"] += 1
+            return
+        try:
+            rec.verify()
+        except WireError as exc:
+            self.stats["records_invalid"] += 1
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return
+        self._remember(rid)
+        self._persist(now, (rec,), _Continuation(from_addr=from_addr), out)
+
+    def _persist(
+        self,
+        now: float,
+        records: tuple[SignedRecord, ...],
+        cont: _Continuation,
+        out: list[NodeAction],
+    ) -> None:
+        if getattr(self.store, "path", None) is None:
+            # An in-memory store is "durable" at once: no round trip through the shell.
+            self._after_persist(now, records, self.store.put_many(records), cont, out)
+            return
+        self._pending[id(records)] = (records, cont)
+        out.append(Persist(records))
+
+    def persisted(
+        self,
+        now: float,
+        records: tuple[SignedRecord, ...],
+        results: list[bool] | None = None,
+    ) -> list[NodeAction]:
+        """The shell made `records` (from a Persist action) durable.
+
+        `results` are `store.put_many`'s; None means the shell did not write
+        them and the node must (used by drivers with an in-memory store).
+        """
+        self._now = now
+        out: list[NodeAction] = []
+        entry = self._pending.pop(id(records), None)
+        cont = entry[1] if entry is not None and entry[0] is records else _Continuation()
+        if results is None:
+            results = self.store.put_many(records)
+        self._after_persist(now, records, results, cont, out)
+        return out
+
+    def persist_failed(self, records: tuple[SignedRecord, ...]) -> None:
+        """The shell could not write `records`: forget them so they can come again."""
+        self._pending.pop(id(records), None)
+        for rec in records:
+            self._seen.pop(rec.record_id, None)
+
+    def _after_persist(
+        self,
+        now: float,
+        records: tuple[SignedRecord, ...],
+        results: list[bool],
+        cont: _Continuation,
+        out: list[NodeAction],
+    ) -> None:
+        fresh = False
+        for rec, stored in zip(records, results, strict=True):
+            if not stored:
+                continue
+            self.stats["records_accepted"] += 1
+            if rec.origin == self.origin:
+                self._reassert_own(now, rec, out)
+            elif cont.claims is None:
+                self._ae.note_stored(rec)
+            if cont.rebroadcast:
+                self._bq.queue(
+                    ("r", rec.origin, rec.kind, rec.key),
+                    pack([int(MsgType.RECORD), rec.encode()]),
+                )
+                fresh = True
+            out.append(RecordAccepted(rec))
+        if cont.claims is not None:
+            # Anti-entropy: account for the batch (the store already holds it,
+            # so apply() only moves watermarks) with the sender's claims.
+            self._ae.apply(records, cont.claims, verify=False)
+        if fresh and self._eager:
+            # Start spreading at once instead of waiting for the next tick.
+            self._next_gossip_at = min(self._next_gossip_at, now)
+
+    def _reassert_own(self, now: float, rec: SignedRecord, out: list[NodeAction]) -> None:
+        """A peer showed us our own record from an earlier run (we restarted
+        with less state).  Keep it (our version counter moves past it) and
+        publish what this run said for that key again, above it."""
+        mine = self._own.get((rec.kind, rec.key))
+        if mine is not None and mine != rec.body:
+            _, actions = self.publish(now, rec.kind, rec.key, mine)
+            out.extend(actions)
+
+    def publish(
+        self, now: float, kind: str, key: str, body: Any
+    ) -> tuple[SignedRecord, list[NodeAction]]:
+        """Sign and spread a new record of ours (version = our highest + 1)."""
+        self._now = now
+        version = self.store.max_version(self.origin) + 1
+        pending_max = max(
+            (
+                r.version
+                for recs, _ in self._pending.values()
+                for r in recs
+                if r.origin == self.origin
+            ),
+            default=0,
+        )
+        version = max(version, pending_max + 1)
+        rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan)
+        self._own[(kind, key)] = rec.body
+        self._remember(rec.record_id)
+        out: list[NodeAction] = []
+        self._persist(now, (rec,), _Continuation(), out)
+        return rec, out
+
+    # -- anti-entropy ------------------------------------------------------
+
+    def _send_ae_request(self, out: list[NodeAction], node_id: str | None, addr: str) -> None:
+        item = pack([int(MsgType.AE_REQUEST), ae.encode_digest(self._ae.digest())])
+        self._send(out, node_id, addr, compound([item]))
+
+    def _reply_ae(
+        self,
+        out: list[NodeAction],
+        node_id: str | None,
+        addr: str,
+        peer_digest: dict[bytes, int],
+        *,
+        with_digest: bool,
+    ) -> None:
+        delta = self._ae.deltas_for(peer_digest, AE_BUDGET)
+        if not delta.records and not with_digest:
+            return
+        body = {
+            "d": ae.encode_delta(delta),
+            "g": ae.encode_digest(self._ae.digest()) if with_digest else None,
+        }
+        self._send(out, node_id, addr, compound([pack([int(MsgType.AE_REPLY), body])]))
+
+    def _on_delta(
+        self,
+        now: float,
+        from_addr: str,
+        from_node: str | None,
+        delta: ae.WireDelta,
+        out: list[NodeAction],
+    ) -> None:
+        claims = dict(delta.complete_through)
+        fresh: list[SignedRecord] = []
+        valid: list[SignedRecord] = []
+        taint_all = False
+        for data in delta.records:
+            rec: SignedRecord | None = None
+            try:
+                rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+                self._check_record(rec)
+                held = self.store.get(rec.origin, rec.kind, rec.key)
+                if held is None or held.version < rec.version:
+                    rec.verify()
+                    fresh.append(rec)
+                    self._remember(rec.record_id)
+                valid.append(rec)
+            except WireError as exc:
+                self.stats["records_invalid"] += 1
+                self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+                if rec is None:
+                    taint_all = True
+                else:
+                    claims.pop(rec.origin, None)
+        if taint_all:
+            claims = {}
+        fresh_ids = {id(r) for r in fresh}
+        # Records we already held still count for the watermarks.
+        stale = tuple(r for r in valid if id(r) not in fresh_ids)
+        if not fresh:
+            if stale or claims:
+                self._ae.apply(stale, claims, verify=False)
+            return
+        if stale:
+            self._ae.apply(stale, {}, verify=False)
+        # The claims wait until the fresh records are durable.
+        self._persist(now, tuple(fresh), _Continuation(claims=claims, rebroadcast=False), out)
+
+    # -- timers ----------------------------------------------------------------
+
+    def tick(self, now: float) -> list[NodeAction]:
+        """Fire every timer that is due."""
+        self._now = now
+        out: list[NodeAction] = []
+        self._handle_membership_actions(self._membership.tick(now), out)
+        if now >= self._next_gossip_at:
+            self._next_gossip_at = now + self.config.gossip_interval
+            self._gossip(out)
+        if now >= self._next_ae_at and not self._membership.has_left:
+            self._next_ae_at = self._ae_interval_from(now)
+            peers = self._membership.random_members(1)
+            if peers:
+                node_id, addr = peers[0]
+                self._send_ae_request(out, node_id, addr)
+        return out
+
+    def _gossip(self, out: list[NodeAction]) -> None:
+        if not len(self._bq) or self.config.gossip_nodes == 0:
+            return
+        targets = self._membership.random_members(self.config.gossip_nodes, alive_only=False)
+        for node_id, addr in targets:
+            items = self._bq.get_broadcasts(2, GOSSIP_BUDGET)
+            if not items:
+                return
+            self._send(out, node_id, addr, compound(items))
+
+    def next_deadline(self) -> float:
+        best = self._membership.next_deadline()
+        t = self._next_gossip_at if len(self._bq) else math.inf
+        if best is not None:
+            t = min(t, best)
+        return min(t, self._next_ae_at)
+
+    def leave(self, now: float) -> list[NodeAction]:
+        out: list[NodeAction] = []
+        self._handle_membership_actions(self._membership.leave(now), out)
+        # Push the news out now rather than at the next tick.
+        self._gossip(out)
+        return out
+
+    # -- queries ----------------------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        return self._membership.incarnation
+
+    @property
+    def membership(self) -> Membership:
+        return self._membership
+
+    @property
+    def antientropy(self) -> ae.AntiEntropy:
+        return self._ae
+
+    def member_state(self, node_id: str) -> str | None:
+        info = self._membership.member(node_id)
+        return None if info is None else _STATE_NAMES[info.state]
+
+    def members(self) -> list[dict[str, Any]]:
+        out = []
+        for info in self._membership.members():
+            out.append(
+                {
+                    "node_id": info.node,
+                    "name": decode_node_meta(info.meta),
+                    "addr": info.addr,
+                    "state": _STATE_NAMES[info.state],
+                    "incarnation": info.incarnation,
+                    "state_change": info.state_change,
+                    "rtt_ms": None if info.rtt is None else round(info.rtt * 1000, 3),
+                    "last_seen": self._last_seen.get(info.node),
+                    "self": info.node == self.node_id,
+                }
+            )
+        return out
+
+    def peer_scores(self) -> dict[str, int]:
+        return {k: v.score for k, v in self._scores.items()}

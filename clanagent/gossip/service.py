@@ -1,0 +1,416 @@
+"""The gossip service: the trio shell around `GossipNode`.
+
+Owns: the peer listener, dialing peers by address and keeping one
+authenticated session per peer, moving datagrams between sessions and the
+node, the node's timers on trio's clock, persisting records in a worker
+thread before the node acts on them, and turning node actions into events
+and log lines.  Must never: put protocol logic here (it belongs in node.py
+and below), block the event loop (store writes run in a thread), or let one
+peer's failure touch another's session.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import trio
+
+from .. import __version__
+from .._log import kv
+from ..capabilities import Capability
+from ..config import split_hostport
+from ..wire import NodeInfo
+from .config import GossipConfig
+from .errors import PeerDisconnected, RemoteProtocolError
+from .node import (
+    SCORE_FLOOR,
+    GossipNode,
+    MemberChanged,
+    NodeAction,
+    PeerMisbehaved,
+    Persist,
+    RecordAccepted,
+    SendTo,
+)
+from .peer import PeerSession, connect, serve_peers
+
+__all__ = ["GossipService", "DEFAULT_CLAN_ID", "profile_config", "addr_to_url"]
+
+log = logging.getLogger("clanagent.gossip")
+
+# Until the inventory names a clan, agents that set no clan id share this one.
+DEFAULT_CLAN_ID = b"clanagent-default-clan"
+OUTBOX = 256  # datagrams queued per peer before we drop (like a full socket buffer)
+MAX_SESSIONS = 512
+DIAL_TIMEOUT = 5.0
+JOIN_RETRY = 2.0
+
+
+def profile_config(name: str) -> GossipConfig:
+    return {"lan": GossipConfig.lan, "wan": GossipConfig.wan, "local": GossipConfig.local}[name]()
+
+
+def addr_to_url(addr: str) -> str:
+    host, port = split_hostport(addr, "address")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{port}/"
+
+
+def _advertise(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        # A wildcard is not an address peers can dial: use this host's own.
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class _Link:
+    """One live session and its writer queue."""
+
+    def __init__(self, session: PeerSession) -> None:
+        self.session = session
+        self.send, self.recv = trio.open_memory_channel[bytes](OUTBOX)
+        self.dropped = 0
+        self.in_flight = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.recv.statistics().current_buffer_used > 0
+
+
+class GossipService:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        cfg = agent.cfg.gossip
+        self.cfg = cfg
+        self.config = profile_config(cfg.profile)
+        self.clan = bytes.fromhex(cfg.clan_id) if cfg.clan_id else DEFAULT_CLAN_ID
+        self._admitted = {bytes.fromhex(k) for k in cfg.admitted_keys}
+        self.node: GossipNode | None = None
+        self.addr = ""
+        self._links: OrderedDict[str, _Link] = OrderedDict()  # by node id
+        self._by_addr: dict[str, str] = {}  # dialed address -> node id
+        self._dialing: dict[str, list[bytes]] = {}  # address -> datagrams waiting for the dial
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+        self._joined = False
+        self.stats = {"dial_failures": 0, "dropped": 0, "persist_failures": 0}
+
+    # -- policy ----------------------------------------------------------------
+
+    def admit(self, public_key: bytes) -> bool:
+        return not self._admitted or public_key in self._admitted
+
+    # -- views for the control API -------------------------------------------
+
+    def capability(self) -> Capability:
+        if self.node is None:
+            return Capability("gossip", False, "not started")
+        return Capability(
+            "gossip", True, f"listening on {self.addr or '(not listening)'} ({self.cfg.profile})"
+        )
+
+    def member_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        if self.node is None:
+            return counts
+        for m in self.node.members():
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        return counts
+
+    def peer_table(self) -> list[dict[str, Any]]:
+        if self.node is None:
+            return []
+        from ..identity import short_id_of
+
+        now, wall = trio.current_time(), time.time()
+        rows = []
+        for m in self.node.members():
+            if m["self"]:
+                continue
+            seen = m["last_seen"]
+            rows.append(
+                {
+                    **m,
+                    "short_id": short_id_of(m["node_id"]),
+                    "last_seen": None if seen is None else wall - (now - seen),
+                    "state_change": wall - (now - m["state_change"]),
+                    "connected": m["node_id"] in self._links,
+                }
+            )
+        rows.sort(key=lambda r: (r["name"], r["node_id"]))
+        return rows
+
+    # -- running ----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        agent = self.agent
+        identity = agent.identity
+        if not self.cfg.clan_id:
+            log.warning(
+                "no clan id configured; using the default clan (set gossip.clan_id)",
+            )
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            port = 0
+            if self.cfg.listen:
+                host, want = split_hostport(self.cfg.listen, "gossip.listen")
+                port = await nursery.start(
+                    serve_peers, host, want, identity, self.clan, self.admit, self._on_incoming
+                )
+                self.addr = _advertise(host, port)
+            else:
+                # Not listening: peers can still talk back over our outgoing sessions.
+                self.addr = f"outbound-only:{identity.short_id}"
+            self.node = GossipNode(
+                identity,
+                self.config,
+                addr=self.addr,
+                clan=self.clan,
+                store=agent.store,
+                rng=random.Random(),
+                now=trio.current_time(),
+                name=agent.name,
+                admit=self.admit,
+            )
+            log.info(
+                "gossip started",
+                extra=kv(addr=self.addr, profile=self.cfg.profile, seeds=",".join(self.cfg.join)),
+            )
+            nursery.start_soon(self._timer_loop)
+            info = NodeInfo(name=agent.name, version=__version__, addrs=[self.addr])
+            self._publish("node-info", "", info.to_wire())
+            if self.cfg.join:
+                nursery.start_soon(self._join_loop)
+            task_status.started(self)
+
+    def _publish(self, kind: str, key: str, body: Any) -> None:
+        assert self.node is not None
+        _, actions = self.node.publish(trio.current_time(), kind, key, body)
+        self._handle(actions)
+
+    async def _join_loop(self) -> None:
+        """Contact the seeds until some other member is alive (seeds may start later)."""
+        assert self.node is not None
+        while True:
+            self._handle(self.node.join(trio.current_time(), list(self.cfg.join)))
+            await trio.sleep(JOIN_RETRY)
+            if self.node.membership.alive_count() > 1:
+                if not self._joined:
+                    self._joined = True
+                    log.info(
+                        "joined the clan", extra=kv(members=self.node.membership.alive_count())
+                    )
+                return
+
+    async def _timer_loop(self) -> None:
+        assert self.node is not None
+        while True:
+            with trio.move_on_at(self.node.next_deadline()):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self._handle(self.node.tick(trio.current_time()))
+
+    async def leave(self) -> None:
+        """Announce a graceful leave and give it a moment to go out."""
+        if self.node is None:
+            return
+        self._handle(self.node.leave(trio.current_time()))
+        with trio.move_on_after(0.5):
+            await trio.sleep(0.05)  # let dials started by the leave get going
+            while self._dialing or any(link.busy for link in self._links.values()):
+                await trio.sleep(0.02)
+
+    # -- actions -------------------------------------------------------------------
+
+    def _handle(self, actions: list[NodeAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendTo):
+                self._send(action)
+            elif isinstance(action, Persist):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._persist, action.records)
+            elif isinstance(action, MemberChanged):
+                self._member_changed(action)
+            elif isinstance(action, RecordAccepted):
+                rec = action.record
+                self.agent.events_bus.publish(
+                    "record.accepted",
+                    origin=rec.origin.hex(),
+                    kind=rec.kind,
+                    key=rec.key,
+                    version=rec.version,
+                )
+            elif isinstance(action, PeerMisbehaved):
+                log.warning(
+                    "peer misbehaved",
+                    extra=kv(
+                        peer=action.node_id or action.addr, reason=action.reason, score=action.score
+                    ),
+                )
+                if action.score <= SCORE_FLOOR and action.node_id in self._links:
+                    self._drop_link(action.node_id)
+        self._wakeup.set()
+
+    def _member_changed(self, ev: MemberChanged) -> None:
+        assert self.node is not None
+        if ev.node_id == self.node.node_id:
+            return
+        level = logging.WARNING if ev.change in ("suspect", "dead") else logging.INFO
+        log.log(
+            level,
+            f"member {ev.change}",
+            extra=kv(node=ev.node_id[:10], name=ev.name, addr=ev.addr, inc=ev.incarnation),
+        )
+        self.agent.events_bus.publish(
+            f"member.{ev.change}",
+            node_id=ev.node_id,
+            name=ev.name,
+            addr=ev.addr,
+            state=ev.state,
+            incarnation=ev.incarnation,
+        )
+        if ev.state in ("dead", "left") and ev.node_id in self._links:
+            self._drop_link(ev.node_id)
+
+    async def _persist(self, records: tuple) -> None:
+        assert self.node is not None
+        store = self.agent.store
+        try:
+            results = await trio.to_thread.run_sync(store.put_many, records)
+        except Exception as exc:  # disk full, I/O error: the records can come again
+            self.stats["persist_failures"] += 1
+            log.error("could not persist records", extra=kv(count=len(records), error=exc))
+            self.node.persist_failed(records)
+            return
+        self._handle(self.node.persisted(trio.current_time(), records, results))
+
+    # -- sessions ------------------------------------------------------------------
+
+    def _send(self, action: SendTo) -> None:
+        node_id = action.node_id or self._by_addr.get(action.addr)
+        link = self._links.get(node_id) if node_id else None
+        if link is not None and not link.session.closed:
+            try:
+                link.send.send_nowait(action.data)
+            except trio.WouldBlock:
+                link.dropped += 1
+                self.stats["dropped"] += 1
+            return
+        if action.addr.startswith("outbound-only:"):
+            self.stats["dropped"] += 1
+            return
+        waiting = self._dialing.get(action.addr)
+        if waiting is not None:
+            if len(waiting) < OUTBOX:
+                waiting.append(action.data)
+            return
+        self._dialing[action.addr] = [action.data]
+        assert self._nursery is not None
+        self._nursery.start_soon(self._dial, action.addr)
+
+    async def _dial(self, addr: str) -> None:
+        assert self._nursery is not None
+        try:
+            session = await connect(
+                self._nursery,
+                addr_to_url(addr),
+                self.agent.identity,
+                self.clan,
+                self.admit,
+                timeout=DIAL_TIMEOUT,
+            )
+        except (PeerDisconnected, RemoteProtocolError) as exc:
+            self.stats["dial_failures"] += 1
+            log.debug("dial failed", extra=kv(addr=addr, reason=exc.reason))
+            self._dialing.pop(addr, None)  # what waited is lost, like datagrams
+            return
+        except Exception as exc:  # a malformed address, DNS failure, ...
+            self.stats["dial_failures"] += 1
+            log.debug("dial failed", extra=kv(addr=addr, error=exc))
+            self._dialing.pop(addr, None)
+            return
+        self._by_addr[addr] = session.peer_node_id
+        link = self._add_link(session)
+        for data in self._dialing.pop(addr, []):
+            try:
+                link.send.send_nowait(data)
+            except trio.WouldBlock:
+                self.stats["dropped"] += 1
+        await self._serve_link(link)
+
+    async def _on_incoming(self, session: PeerSession) -> None:
+        link = self._add_link(session)
+        await self._serve_link(link)
+
+    def _add_link(self, session: PeerSession) -> _Link:
+        node_id = session.peer_node_id
+        old = self._links.pop(node_id, None)
+        link = _Link(session)
+        self._links[node_id] = link
+        if old is not None:
+            # Both sides dialed each other: send on the newest; the old session
+            # stays open for what the peer sends on it (closing it would make
+            # the peer dial again, and again).
+            old.send.close()
+        while len(self._links) > MAX_SESSIONS:
+            oldest = next(iter(self._links))
+            self._drop_link(oldest)
+        return link
+
+    def _drop_link(self, node_id: str) -> None:
+        link = self._links.pop(node_id, None)
+        if link is not None:
+            link.send.close()
+            assert self._nursery is not None
+            self._nursery.start_soon(link.session.aclose)
+
+    async def _serve_link(self, link: _Link) -> None:
+        session = link.session
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, link)
+                await self._reader(session)
+                nursery.cancel_scope.cancel()
+        except (PeerDisconnected, RemoteProtocolError) as exc:
+            log.debug(
+                "peer session ended", extra=kv(peer=session.peer_node_id[:10], reason=exc.reason)
+            )
+        finally:
+            if self._links.get(session.peer_node_id) is link:
+                del self._links[session.peer_node_id]
+            with trio.CancelScope(shield=True):
+                await session.aclose()
+
+    async def _writer(self, link: _Link) -> None:
+        async with link.recv:
+            async for data in link.recv:
+                link.in_flight += 1
+                try:
+                    await link.session.send(data)
+                finally:
+                    link.in_flight -= 1
+
+    async def _reader(self, session: PeerSession) -> None:
+        node = self.node
+        assert node is not None
+        while True:
+            try:
+                data = await session.receive()
+            except (PeerDisconnected, RemoteProtocolError):
+                return
+            info = node.membership.member(session.peer_node_id)
+            from_addr = info.addr if info is not None else session.remote
+            self._handle(
+                node.receive(trio.current_time(), from_addr, data, from_node=session.peer_node_id)
+            )

@@ -1,0 +1,118 @@
+"""Full agents gossiping over real WebSocket sessions on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import trio
+
+from clanagent.agent import Agent
+from clanagent.config import Config, ControlConfig, GossipSection
+
+pytestmark = pytest.mark.integration
+
+
+def make_cfg(tmp_path, i: int, join: list[str], **gossip) -> Config:
+    return Config(
+        state_dir=str(tmp_path / f"s{i}"),
+        control=ControlConfig(socket=str(tmp_path / f"c{i}.sock")),
+        gossip=GossipSection(
+            listen="127.0.0.1:0", join=join, profile="local", name=f"m{i}", **gossip
+        ),
+    )
+
+
+async def start_agent(nursery, cfg) -> tuple[Agent, trio.CancelScope]:
+    agent = Agent(cfg)
+    scope = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await agent.run(task_status=task_status)
+
+    await nursery.start(run)
+    return agent, scope
+
+
+async def wait_until(pred, what: str, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.05)
+
+
+def alive_peers(agent: Agent) -> set[str]:
+    return {p["name"] for p in agent.peers() if p["state"] == "alive"}
+
+
+async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            seed = a1.gossip.addr
+            a2, _ = await start_agent(n, make_cfg(tmp_path, 2, [seed]))
+            a3, s3 = await start_agent(n, make_cfg(tmp_path, 3, [seed]))
+            agents = [a1, a2, a3]
+            await wait_until(
+                lambda: all(len(alive_peers(a)) == 2 for a in agents), "everyone sees 2 peers"
+            )
+            assert alive_peers(a2) == {"m1", "m3"}
+            # each agent's node-info record reaches every store
+            await wait_until(lambda: all(len(a.store) >= 3 for a in agents), "node-info records")
+            # a new record published on one agent reaches the others, verified and durable
+            a2.gossip._publish("test", "hello", {"n": 1})
+            origin = a2.identity.public_key
+            await wait_until(
+                lambda: all(a.store.get(origin, "test", "hello") for a in agents), "new record"
+            )
+            peers = {p["name"]: p for p in a1.peers()}
+            assert peers["m2"]["incarnation"] >= 1 and peers["m2"]["addr"] == a2.gossip.addr
+            # crash agent 3 (no graceful leave): the others declare it dead
+            s3.cancel()
+            await wait_until(
+                lambda: all(
+                    {p["name"]: p["state"] for p in a.peers()}.get("m3") == "dead" for a in (a1, a2)
+                ),
+                "m3 declared dead",
+                timeout=30,
+            )
+            assert a1.status()["members"]["alive"] == 2
+            n.cancel_scope.cancel()
+    # the record survived on disk: a fresh store over agent 1's state dir holds it
+    from clanagent.store import Store
+
+    assert Store.open(tmp_path / "s1" / "records").get(origin, "test", "hello").body == {"n": 1}
+
+
+async def test_wrong_clan_and_unadmitted_keys_are_refused(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, [], clan_id="aa" * 16))
+            seed = a1.gossip.addr
+            other_clan, _ = await start_agent(n, make_cfg(tmp_path, 2, [seed], clan_id="bb" * 16))
+            cfg3 = make_cfg(tmp_path, 3, [seed], clan_id="aa" * 16)
+            a3, _ = await start_agent(n, cfg3)
+            await wait_until(lambda: alive_peers(a1) == {"m3"}, "same-clan peer joins")
+            await trio.sleep(2)
+            assert alive_peers(other_clan) == set()
+            assert "m2" not in {p["name"] for p in a1.peers()}
+            assert other_clan.gossip.stats["dial_failures"] >= 1
+            n.cancel_scope.cancel()
+        # an agent that admits only itself and a1 refuses a stranger's key
+        async with trio.open_nursery() as n:
+            a4, _ = await start_agent(n, make_cfg(tmp_path, 4, []))
+            a5, _ = await start_agent(n, make_cfg(tmp_path, 5, [a4.gossip.addr]))
+            await wait_until(lambda: alive_peers(a4) == {"m5"}, "open clan joins")
+            restricted = dataclasses.replace(
+                make_cfg(tmp_path, 6, [a4.gossip.addr]),
+            )
+            restricted = dataclasses.replace(
+                restricted,
+                gossip=dataclasses.replace(
+                    restricted.gossip, admitted_keys=[a5.identity.public_key.hex()]
+                ),
+            )
+            a6, _ = await start_agent(n, restricted)
+            await trio.sleep(3)
+            assert alive_peers(a6) == set()  # a4 is not admitted by a6
+            n.cancel_scope.cancel()
