@@ -50,6 +50,13 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
         async with trio.open_nursery() as n:
             a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
             seed = a1.gossip.addr
+            events: list[dict] = []
+
+            async def collect():
+                async for ev in a1.events():
+                    events.append(ev)
+
+            n.start_soon(collect)  # what `clanctl events` streams
             a2, _ = await start_agent(n, make_cfg(tmp_path, 2, [seed]))
             a3, s3 = await start_agent(n, make_cfg(tmp_path, 3, [seed]))
             agents = [a1, a2, a3]
@@ -77,6 +84,10 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
                 timeout=30,
             )
             assert a1.status()["members"]["alive"] == 2
+            kinds = [(e["type"], e.get("name")) for e in events]
+            assert ("member.joined", "m2") in kinds and ("member.joined", "m3") in kinds
+            assert ("member.dead", "m3") in kinds or ("member.suspect", "m3") in kinds
+            assert any(e["type"] == "record.accepted" and e["key"] == "hello" for e in events)
             n.cancel_scope.cancel()
     # the record survived on disk: a fresh store over agent 1's state dir holds it
     from clanagent.store import Store

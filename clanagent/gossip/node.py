@@ -255,6 +255,7 @@ class GossipNode:
         admit: Callable[[bytes], bool] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
+        regossip_push_pull_replies: bool = True,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -291,6 +292,7 @@ class GossipNode:
             encode_node_meta(name),
             broadcast=self._queue_membership,
             incarnation=incarnation,
+            regossip_push_pull_replies=regossip_push_pull_replies,
         )
         self._ae = ae.AntiEntropy(store, self.origin)
         self._seen: OrderedDict[bytes, None] = OrderedDict()

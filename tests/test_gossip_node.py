@@ -1,0 +1,306 @@
+"""GossipNode as a pure state machine: a tiny in-test router, no sockets."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clanagent.gossip.config import GossipConfig
+from clanagent.gossip.node import (
+    GossipNode,
+    MemberChanged,
+    MsgType,
+    PeerMisbehaved,
+    Persist,
+    RecordAccepted,
+    SendTo,
+    compound,
+)
+from clanagent.identity import Identity
+from clanagent.store import Store
+from clanagent.wire import SignedRecord, pack
+
+CLAN = b"test-clan"
+
+
+class Router:
+    """Delivers SendTo actions after 1 ms; records every other action."""
+
+    def __init__(self, nodes: dict[str, GossipNode]) -> None:
+        self.nodes = nodes
+        self.q: list = []
+        self.seq = 0
+        self.now = 0.0
+        self.events: list[tuple[float, str, object]] = []
+        self.down: set[str] = set()
+
+    def handle(self, src: str, actions) -> None:
+        for a in actions:
+            if isinstance(a, SendTo):
+                self.seq += 1
+                heapq.heappush(self.q, (self.now + 0.001, self.seq, a.addr, src, a.data))
+            elif isinstance(a, Persist):
+                self.handle(src, self.nodes[src].persisted(self.now, a.records))
+            else:
+                self.events.append((self.now, src, a))
+
+    def run_until(self, t: float) -> None:
+        while True:
+            live = {a: n for a, n in self.nodes.items() if a not in self.down}
+            nd, addr = min((n.next_deadline(), a) for a, n in live.items())
+            nq = self.q[0][0] if self.q else float("inf")
+            if min(nd, nq) > t:
+                self.now = t
+                return
+            if nq <= nd:
+                self.now, _, dst, src, data = heapq.heappop(self.q)
+                if dst in live:
+                    self.handle(dst, live[dst].receive(self.now, src, data))
+            else:
+                self.now = nd
+                self.handle(addr, live[addr].tick(self.now))
+
+
+def make_nodes(n: int, config=None, stores=None) -> tuple[Router, dict[str, GossipNode]]:
+    config = config or GossipConfig.local()
+    nodes = {}
+    for i in range(n):
+        store = stores[i] if stores else Store.open(None)
+        nodes[f"n{i}"] = GossipNode(
+            Identity.generate(),
+            config,
+            addr=f"n{i}",
+            clan=CLAN,
+            store=store,
+            rng=random.Random(i),
+            now=0.0,
+            name=f"m{i}",
+        )
+    router = Router(nodes)
+    for i in range(1, n):
+        router.handle(f"n{i}", nodes[f"n{i}"].join(0.0, ["n0"]))
+    return router, nodes
+
+
+def test_join_publish_and_converge():
+    router, nodes = make_nodes(5)
+    router.run_until(3.0)
+    for node in nodes.values():
+        assert sum(m["state"] == "alive" for m in node.members()) == 5
+    rec, actions = nodes["n3"].publish(router.now, "svc", "k", {"v": 1})
+    router.handle("n3", actions)
+    router.run_until(router.now + 1.0)
+    assert all(n.store.get(rec.origin, "svc", "k") == rec for n in nodes.values())
+    accepted = [e for e in router.events if isinstance(e[2], RecordAccepted)]
+    assert {src for _, src, _ in accepted} == set(nodes)  # the publisher too
+    joined = [e for e in router.events if isinstance(e[2], MemberChanged)]
+    assert joined and all(e[2].name.startswith("m") for e in joined)
+
+
+def test_newer_version_replaces_and_versions_are_per_origin():
+    router, nodes = make_nodes(3)
+    router.run_until(2.0)
+    a = nodes["n1"]
+    r1, acts = a.publish(router.now, "k", "x", 1)
+    router.handle("n1", acts)
+    r2, acts = a.publish(router.now, "k", "y", 2)
+    router.handle("n1", acts)
+    r3, acts = a.publish(router.now, "k", "x", 3)
+    router.handle("n1", acts)
+    assert (r1.version, r2.version, r3.version) == (1, 2, 3)
+    router.run_until(router.now + 1.0)
+    for n in nodes.values():
+        assert n.store.get(a.origin, "k", "x").body == 3
+        assert n.store.get(a.origin, "k", "y").body == 2
+
+
+def test_forged_record_is_dropped_counted_and_scores_the_peer_down():
+    router, nodes = make_nodes(2)
+    router.run_until(2.0)
+    target = nodes["n0"]
+    honest = Identity.generate()
+    rec = SignedRecord.create(honest, "k", "x", 1, {"a": 1}, clan=CLAN)
+    data = bytearray(rec.encode())
+    data[-1] ^= 1  # break the signature
+    datagram = compound([pack([int(MsgType.RECORD), bytes(data)])])
+    actions = target.receive(router.now, "evil", datagram)
+    assert target.stats["records_invalid"] == 1
+    assert target.store.get(rec.origin, "k", "x") is None
+    bad = [a for a in actions if isinstance(a, PeerMisbehaved)]
+    assert bad and "bad signature" in bad[0].reason and bad[0].score < 0
+    assert not any(isinstance(a, SendTo) for a in actions)  # nothing forwarded
+
+
+def test_wrong_clan_and_unadmitted_origins_are_refused():
+    router, nodes = make_nodes(1)
+    node = nodes["n0"]
+    other = SignedRecord.create(Identity.generate(), "k", "x", 1, 1, clan=b"other")
+    node.receive(0.0, "p", compound([pack([int(MsgType.RECORD), other.encode()])]))
+    assert node.stats["records_invalid"] == 1 and len(node.store) == 0
+    stranger = Identity.generate()
+    strict = GossipNode(
+        Identity.generate(),
+        GossipConfig.local(),
+        addr="s",
+        clan=CLAN,
+        store=Store.open(None),
+        rng=random.Random(1),
+        now=0.0,
+        admit=lambda key: key != stranger.public_key,
+    )
+    rec = SignedRecord.create(stranger, "k", "x", 1, 1, clan=CLAN)
+    acts = strict.receive(0.0, "p", compound([pack([int(MsgType.RECORD), rec.encode()])]))
+    assert len(strict.store) == 0
+    assert any("not admitted" in a.reason for a in acts if isinstance(a, PeerMisbehaved))
+
+
+def test_a_peer_that_keeps_misbehaving_is_ignored():
+    router, nodes = make_nodes(1)
+    node = nodes["n0"]
+    for _ in range(12):
+        node.receive(0.0, "evil", b"\xc1garbage")
+    assert node.stats["malformed"] == 10  # then the floor was reached
+    assert node.stats["ignored_peer"] == 2
+    # another peer is unaffected
+    node.receive(0.0, "good", b"\xc1")
+    assert node.stats["malformed"] == 11
+
+
+def test_unknown_message_types_are_skipped_not_punished():
+    router, nodes = make_nodes(1)
+    node = nodes["n0"]
+    acts = node.receive(0.0, "newer", compound([pack([999, {"future": True}])]))
+    assert not any(isinstance(a, PeerMisbehaved) for a in acts)
+    assert node.stats["unknown_type"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_bytes_are_counted_never_raised(data):
+    node = GossipNode(
+        Identity.generate(),
+        GossipConfig.local(),
+        addr="x",
+        clan=CLAN,
+        store=Store.open(None),
+        rng=random.Random(0),
+        now=0.0,
+    )
+    node.receive(0.0, "fuzz", data)
+    node.receive(0.0, "fuzz", compound([data]) if data else b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 12),
+            st.binary(max_size=60)
+            | st.integers(-(2**63), 2**64 - 1)
+            | st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3),
+        ),
+        max_size=4,
+    )
+)
+def test_well_framed_garbage_messages_never_raise(items):
+    node = GossipNode(
+        Identity.generate(),
+        GossipConfig.local(),
+        addr="x",
+        clan=CLAN,
+        store=Store.open(None),
+        rng=random.Random(0),
+        now=0.0,
+    )
+    node.receive(0.0, "fuzz", compound([pack([t, body]) for t, body in items]))
+
+
+def test_anti_entropy_fills_what_gossip_missed():
+    config = GossipConfig.local()
+    router, nodes = make_nodes(3, config)
+    router.run_until(2.0)
+    # n2 is cut off while n1 writes; gossip gives up on it, anti-entropy heals it
+    router.down.add("n2")
+    recs = []
+    for i in range(20):
+        rec, acts = nodes["n1"].publish(router.now, "bulk", f"k{i}", i)
+        recs.append(rec)
+        router.handle("n1", acts)
+    router.run_until(router.now + 0.5)
+    assert nodes["n2"].store.get(recs[0].origin, "bulk", "k0") is None
+    router.down.discard("n2")
+    router.run_until(router.now + config.push_pull_interval * 2 + 5)
+    assert all(nodes["n2"].store.get(r.origin, r.kind, r.key) for r in recs)
+    assert nodes["n2"].antientropy.watermark(recs[0].origin) == recs[-1].version
+
+
+def test_disk_store_waits_for_persist(tmp_path):
+    store = Store.open(tmp_path / "records")
+    node = GossipNode(
+        Identity.generate(),
+        GossipConfig.local(),
+        addr="x",
+        clan=CLAN,
+        store=store,
+        rng=random.Random(0),
+        now=0.0,
+    )
+    rec, actions = node.publish(0.0, "k", "x", 1)
+    persists = [a for a in actions if isinstance(a, Persist)]
+    assert len(persists) == 1 and persists[0].records == (rec,)
+    assert store.get(rec.origin, "k", "x") is None  # not before the shell says so
+    results = store.put_many(persists[0].records)
+    out = node.persisted(0.0, persists[0].records, results)
+    assert any(isinstance(a, RecordAccepted) for a in out)
+    # a record from a peer is only broadcast onward after it is durable
+    peer = Identity.generate()
+    prec = SignedRecord.create(peer, "k", "y", 1, 2, clan=CLAN)
+    acts = node.receive(0.0, "p", compound([pack([int(MsgType.RECORD), prec.encode()])]))
+    (p,) = [a for a in acts if isinstance(a, Persist)]
+    node.persist_failed(p.records)  # disk full: forgotten, so it can arrive again
+    acts = node.receive(0.0, "p", compound([pack([int(MsgType.RECORD), prec.encode()])]))
+    assert any(isinstance(a, Persist) for a in acts)
+
+
+def test_restarted_node_reasserts_its_records_above_the_old_run():
+    router, nodes = make_nodes(3)
+    router.run_until(2.0)
+    old = nodes["n2"]
+    for i in range(3):
+        router.handle("n2", old.publish(router.now, "cfg", "main", f"old{i}")[1])
+    router.run_until(router.now + 1.0)
+    # restart n2 with the same identity and an empty store
+    new = GossipNode(
+        old.identity,
+        GossipConfig.local(),
+        addr="n2",
+        clan=CLAN,
+        store=Store.open(None),
+        rng=random.Random(99),
+        now=router.now,
+    )
+    nodes["n2"] = new
+    rec, acts = new.publish(router.now, "cfg", "main", "fresh")
+    assert rec.version == 1  # it does not know better yet
+    router.handle("n2", acts)
+    router.handle("n2", new.join(router.now, ["n0"]))
+    router.run_until(router.now + 5.0)
+    for n in nodes.values():
+        held = n.store.get(old.origin, "cfg", "main")
+        assert held.body == "fresh" and held.version > 3
+
+
+@pytest.mark.parametrize("loss_free_leave", [True])
+def test_graceful_leave_is_seen_as_left(loss_free_leave):
+    router, nodes = make_nodes(4)
+    router.run_until(3.0)
+    router.handle("n3", nodes["n3"].leave(router.now))
+    router.run_until(router.now + 0.5)
+    router.down.add("n3")
+    router.run_until(router.now + 1.0)
+    for a in ("n0", "n1", "n2"):
+        assert nodes[a].member_state(nodes["n3"].node_id) == "left"
