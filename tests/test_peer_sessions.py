@@ -1,8 +1,9 @@
-"""Peer sessions over real WebSockets on 127.0.0.1.
+"""Peer sessions over real WebSockets on 127.0.0.1, and over memory streams.
 
-These run on trio's real clock: with real sockets, MockClock's autojump
-would fire timeouts whenever every task waits for the kernel.  Timeouts that
-are under test are therefore short, and every test has a fail_after guard.
+The socket tests run on trio's real clock: with real sockets, MockClock's
+autojump would fire timeouts whenever every task waits for the kernel, so
+the timeouts they test are short.  The memory-stream tests at the end run on
+the virtual clock (`autojump_clock`).  Every test has a fail_after guard.
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
+import trio.testing
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    serve_websocket,
+    wrap_client_stream,
+    wrap_server_stream,
+)
 
-from clanagent.gossip.errors import PeerDisconnected, RemoteProtocolError
+from clanagent.gossip.errors import LocalProtocolError, PeerDisconnected, RemoteProtocolError
+from clanagent.gossip.handshake import Role
 from clanagent.gossip.peer import (
     CLOSE_POLICY_VIOLATION,
     PeerSession,
     connect,
+    establish_session,
     open_peer_session,
     serve_peers,
 )
@@ -71,6 +81,24 @@ async def server(
         assert port > 0
         yield f"ws://127.0.0.1:{port}/"
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def raw_ws(url: str) -> AsyncIterator[WebSocketConnection]:
+    """A bare WebSocket client for speaking nonsense to the server.
+
+    It owns its TCP stream (trio-websocket's own client leaves the socket
+    open when the server closes first).
+    """
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/")
+            yield ws
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def assert_good_client_works(url: str) -> None:
@@ -188,14 +216,14 @@ async def test_garbage_does_not_stop_the_server() -> None:
             await stream.send_all(b"\x00\xff\x16\x03\x01 not a websocket \r\n\r\n" * 50)
             await stream.aclose()
             # A valid WebSocket whose first message is garbage.
-            async with open_websocket_url(url) as ws:
+            async with raw_ws(url) as ws:
                 await ws.send_message(b"\xc1 garbage")
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
                 assert closed.value.reason.code == CLOSE_POLICY_VIOLATION
                 assert "malformed handshake message" in closed.value.reason.reason
             # A text message instead of a binary one.
-            async with open_websocket_url(url) as ws:
+            async with raw_ws(url) as ws:
                 await ws.send_message("hello?")
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
@@ -208,7 +236,7 @@ async def test_garbage_does_not_stop_the_server() -> None:
 
 async def test_silent_client_times_out_with_a_policy_close() -> None:
     with trio.fail_after(GUARD):
-        async with server(timeout=0.5) as url, open_websocket_url(url) as ws:
+        async with server(timeout=0.5) as url, raw_ws(url) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
             assert closed.value.reason.code == CLOSE_POLICY_VIOLATION
@@ -240,6 +268,15 @@ async def test_connect_to_a_closed_port_is_peer_disconnected() -> None:
             pass
     # Raised `from None`: no trio-websocket internals leak into tracebacks.
     assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/", "wss://127.0.0.1:1/", "ws:///nohost", "ws://h:99999/"]
+)
+async def test_bad_urls_are_local_errors(url: str) -> None:
+    with trio.fail_after(GUARD), pytest.raises(LocalProtocolError):
+        async with open_peer_session(url, ALICE, CLAN, always, timeout=1):
+            pass
 
 
 async def test_forged_frame_closes_the_link_with_a_policy_violation() -> None:
@@ -277,3 +314,62 @@ async def test_peer_going_away_is_peer_disconnected() -> None:
                 await s.receive()
             assert info.value.code == 1000
             assert info.value.__suppress_context__
+
+
+# -- over memory streams, on the virtual clock ---------------------------------
+
+
+@asynccontextmanager
+async def memory_ws_pair() -> AsyncIterator[tuple[WebSocketConnection, WebSocketConnection]]:
+    """Two ends of a WebSocket over trio.testing.memory_stream_pair."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    accepted: list[WebSocketConnection] = []
+    ready = trio.Event()
+
+    async def server_side(nursery: trio.Nursery) -> None:
+        request = await wrap_server_stream(nursery, server_stream)
+        accepted.append(await request.accept())
+        ready.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server_side, nursery)
+        client = await wrap_client_stream(nursery, client_stream, "sim", "/")
+        await ready.wait()
+        yield client, accepted[0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_establish_session_over_memory_streams(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD):
+        async with memory_ws_pair() as (client_ws, server_ws):
+            sessions: dict[str, PeerSession] = {}
+
+            async def side(name: str, ws: WebSocketConnection, role: Role, me: Identity) -> None:
+                sessions[name] = await establish_session(ws, role, me, CLAN, always, timeout=5)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(side, "a", client_ws, Role.INITIATOR, ALICE)
+                nursery.start_soon(side, "b", server_ws, Role.RESPONDER, BOB)
+            a, b = sessions["a"], sessions["b"]
+            assert a.peer_node_id == BOB.node_id and b.peer_node_id == ALICE.node_id
+            await a.send(b"over memory")
+            assert await b.receive() == b"over memory"
+            await b.send(b"and back")
+            assert await a.receive() == b"and back"
+            await a.aclose()
+            with pytest.raises(PeerDisconnected) as info:
+                await b.receive()
+            assert info.value.code == 1000
+
+
+async def test_handshake_deadline_on_the_virtual_clock(autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(GUARD * 10):  # virtual seconds
+        async with memory_ws_pair() as (client_ws, server_ws):
+            start = trio.current_time()
+            with pytest.raises(PeerDisconnected, match="handshake timed out"):
+                await establish_session(server_ws, Role.RESPONDER, BOB, CLAN, always, timeout=20)
+            assert trio.current_time() - start == pytest.approx(20)
+            with pytest.raises(ConnectionClosed) as closed:
+                await client_ws.get_message()
+            assert closed.value.reason.code == CLOSE_POLICY_VIOLATION
+            assert closed.value.reason.reason == "handshake timed out"

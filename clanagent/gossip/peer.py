@@ -13,6 +13,7 @@ server, or put a key into a close reason (reasons travel in the clear).
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,8 +25,8 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
-    open_websocket_url,
     serve_websocket,
+    wrap_client_stream,
 )
 
 from clanagent._log import kv
@@ -38,6 +39,7 @@ __all__ = [
     "connect",
     "open_peer_session",
     "serve_peers",
+    "establish_session",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "CLOSE_POLICY_VIOLATION",
 ]
@@ -129,7 +131,9 @@ class PeerSession:
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self._closed_reason: str | None = None
-        self._closed = trio.Event()
+        # Set once nothing more will travel over the WebSocket (closed by
+        # us, or gone); the task that owns the connection then tears it down.
+        self._released = trio.Event()
 
     @property
     def closed(self) -> bool:
@@ -147,6 +151,7 @@ class PeerSession:
             except _IO_ERRORS as exc:
                 err = _disconnected(exc, "send failed")
                 self._mark_closed(err.reason)
+                self._released.set()
                 raise err from None
             finally:
                 if not sent and not self.closed:
@@ -165,6 +170,7 @@ class PeerSession:
             except _IO_ERRORS as exc:
                 err = _disconnected(exc, "receive failed")
                 self._mark_closed(err.reason)
+                self._released.set()
                 raise err from None
             try:
                 if not isinstance(message, bytes):
@@ -176,14 +182,19 @@ class PeerSession:
                     "peer sent a bad frame; closing",
                     extra=kv(peer=self.peer_node_id, reason=exc.reason),
                 )
-                await _close_ws(self._ws, CLOSE_POLICY_VIOLATION, exc.reason)
+                try:
+                    await _close_ws(self._ws, CLOSE_POLICY_VIOLATION, exc.reason)
+                finally:
+                    self._released.set()
                 raise
 
     async def aclose(self) -> None:
         """Close the session (idempotent)."""
         self._mark_closed("closed locally")
-        self._cipher.close()
-        await _close_ws(self._ws, _CLOSE_NORMAL, "")
+        try:
+            await _close_ws(self._ws, _CLOSE_NORMAL, "")
+        finally:
+            self._released.set()
 
     async def __aenter__(self) -> PeerSession:
         return self
@@ -198,10 +209,10 @@ class PeerSession:
     def _mark_closed(self, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
-        self._closed.set()
+        self._cipher.close()
 
-    async def _wait_closed(self) -> None:
-        await self._closed.wait()
+    async def _wait_released(self) -> None:
+        await self._released.wait()
 
 
 async def _handshake(ws: WebSocketConnection, hs: Handshake, deadline: float) -> PeerSession:
@@ -241,6 +252,60 @@ async def _handshake(ws: WebSocketConnection, hs: Handshake, deadline: float) ->
     return PeerSession(ws, hs.cipher, hs.peer_public_key, hs.peer_node_id, hs.version)
 
 
+def _parse_url(url: str) -> tuple[str, int, str, str]:
+    """(host, port, resource, Host header) of a ws:// URL.
+
+    Only plain ws://: the handshake already authenticates and encrypts, so
+    TLS would add a second, weaker layer of trust (the WebPKI) and nothing else.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise LocalProtocolError(f"bad peer URL {url!r}: {exc}") from None
+    if parts.scheme != "ws" or not parts.hostname:
+        raise LocalProtocolError(f"peer URL must be ws://host[:port]/path, not {url!r}")
+    host = parts.hostname
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    shown = f"[{host}]" if ":" in host else host
+    return host, port, resource, shown if port == 80 else f"{shown}:{port}"
+
+
+def _only_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error that matters in a nursery's group.
+
+    Our nurseries hold a trio-websocket reader task and our own code; at most
+    one of them fails for real, the rest can only be Cancelled.
+    """
+    real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real:
+        return group.exceptions[0]
+    return group
+
+
+async def establish_session(
+    ws: WebSocketConnection,
+    role: Role,
+    identity: SigningIdentity,
+    clan_id: bytes,
+    admit: Admit,
+    *,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> PeerSession:
+    """Run the handshake over a WebSocket that is already open.
+
+    For transports other than TCP (the in-memory network of the simulation,
+    a stream over Tor): the caller owns `ws` and its nursery.  On failure
+    `ws` is closed (code 1008 when we refuse the peer) and the error raised.
+    """
+    if timeout <= 0:
+        raise LocalProtocolError("timeout must be positive")
+    hs = Handshake(role, identity, clan_id, admit)
+    return await _handshake(ws, hs, trio.current_time() + timeout)
+
+
 async def _run_client(
     url: str,
     identity: SigningIdentity,
@@ -251,27 +316,48 @@ async def _run_client(
     task_status: trio.TaskStatus[PeerSession] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # Owns the connection for its whole life: trio-websocket needs a nursery
-    # for its reader task, and this task is where that nursery lives.
+    # for its reader task, and this task is where that nursery lives.  We open
+    # (and always close) the TCP stream ourselves because trio-websocket's
+    # client leaves it open when the server closes first.
+    host, port, resource, host_header = _parse_url(url)
     deadline = trio.current_time() + timeout
     hs = Handshake(Role.INITIATOR, identity, clan_id, admit)
     started = False
     try:
-        async with open_websocket_url(
-            url,
-            max_message_size=_MAX_MESSAGE,
-            connect_timeout=timeout,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        ) as ws:
+        with trio.fail_at(deadline):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise PeerDisconnected(f"timed out connecting to {url}") from None
+    except OSError as exc:
+        raise PeerDisconnected(f"cannot connect to {url}: {exc.strerror or exc}") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_at(deadline) as upgrade:
+                ws = await wrap_client_stream(
+                    nursery, stream, host_header, resource, max_message_size=_MAX_MESSAGE
+                )
+            if upgrade.cancelled_caught:
+                nursery.cancel_scope.cancel()  # else the reader task keeps it open
+                raise PeerDisconnected(f"timed out opening a WebSocket to {url}")
             session = await _handshake(ws, hs, deadline)
             task_status.started(session)
             started = True
-            await session._wait_closed()
-    except _IO_ERRORS as exc:
-        if not started:
-            raise _disconnected(exc, f"cannot connect to {url}") from None
-        # After start the session reports its own failures; a close that goes
-        # wrong here must not take the caller's nursery down.
-        log.debug("peer link closed uncleanly", extra=kv(url=url, error=type(exc).__name__))
+            await session._wait_released()
+            # A client waits for the server to drop TCP after the close
+            # handshake; we close the stream below anyway, so stop waiting.
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        exc = _only_error(group)
+        if isinstance(exc, _IO_ERRORS):
+            if not started:
+                raise _disconnected(exc, f"cannot connect to {url}") from None
+            # After start the session reports its own failures; a close that
+            # goes wrong here must not take the caller's nursery down.
+            log.debug("peer link closed uncleanly", extra=kv(url=url, error=type(exc).__name__))
+        else:
+            raise exc from None
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def connect(
