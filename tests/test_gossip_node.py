@@ -150,7 +150,7 @@ def test_wrong_clan_and_unadmitted_origins_are_refused():
         store=Store.open(None),
         rng=random.Random(1),
         now=0.0,
-        admit=lambda key: key != stranger.public_key,
+        admit=lambda rec: rec.origin != stranger.public_key,
     )
     rec = SignedRecord.create(stranger, "k", "x", 1, 1, clan=CLAN)
     acts = strict.receive(0.0, "p", compound([pack([int(MsgType.RECORD), rec.encode()])]))

@@ -113,6 +113,11 @@ SEEN_CACHE = 65536
 # Byte budgets: gossip datagrams and anti-entropy replies.
 GOSSIP_BUDGET = 64 * 1024
 AE_BUDGET = 512 * 1024  # leaves room for our digest in the same reply
+# Records are sent this many times more often than membership updates.
+RECORD_RETRANSMIT_FACTOR = 2
+# How often we try to reach one member declared dead, and for how long.
+RECONNECT_INTERVAL = 10.0
+RECONNECT_TIMEOUT = 24 * 3600.0
 # Peer scoring: each offence costs this much; below the floor we ignore the peer.
 OFFENCE_COST = 10
 SCORE_FLOOR = -100
@@ -252,7 +257,7 @@ class GossipNode:
         rng: random.Random,
         now: float,
         name: str = "",
-        admit: Callable[[bytes], bool] | None = None,
+        admit: Callable[[SignedRecord], bool] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
         regossip_push_pull_replies: bool = True,
@@ -282,7 +287,16 @@ class GossipNode:
             "ae_exchanges": 0,
             "ignored_peer": 0,
         }
+        # Membership updates and records queue apart: records are the clan's
+        # state and get a larger retransmit budget (see RECORD_RETRANSMIT_FACTOR).
         self._bq = BroadcastQueue(config.retransmit_mult, self._num_nodes)
+        self._rq = BroadcastQueue(
+            config.retransmit_mult * RECORD_RETRANSMIT_FACTOR, self._num_nodes
+        )
+        # Members declared dead (not left), by id -> (addr, when): we keep
+        # trying to reach them so partitions heal (Serf's reconnect).
+        self._failed: dict[str, tuple[str, float]] = {}
+        self._next_reconnect_at = now + rng.random() * RECONNECT_INTERVAL
         self._membership = Membership(
             config,
             self.node_id,
@@ -333,7 +347,7 @@ class GossipNode:
             # Piggyback queued gossip on every small message, as memberlist does.
             room = self.config.packet_size - len(item) - _COMPOUND_OVERHEAD
             if room > 0:
-                items.extend(self._bq.get_broadcasts(2, room))
+                items.extend(self._take_broadcasts(room))
         self._send(out, send.to, send.addr, compound(items))
 
     def _handle_membership_actions(self, actions: Iterable[Any], out: list[NodeAction]) -> None:
@@ -345,6 +359,10 @@ class GossipNode:
             if names is None:
                 continue
             state, change = names
+            if state == "dead":
+                self._failed[action.node] = (action.addr, self._now)
+            else:
+                self._failed.pop(action.node, None)
             info = self._membership.member(action.node)
             name = decode_node_meta(info.meta) if info is not None else ""
             out.append(
@@ -460,7 +478,7 @@ class GossipNode:
     def _check_record(self, rec: SignedRecord) -> None:
         if rec.clan != self.clan:
             raise WireError("record belongs to another clan")
-        if self._admit is not None and not self._admit(rec.origin):
+        if self._admit is not None and not self._admit(rec):
             raise WireError("record origin is not admitted")
 
     def _on_record(
@@ -555,7 +573,7 @@ class GossipNode:
             elif cont.claims is None:
                 self._ae.note_stored(rec)
             if cont.rebroadcast:
-                self._bq.queue(
+                self._rq.queue(
                     ("r", rec.origin, rec.kind, rec.key),
                     pack([int(MsgType.RECORD), rec.encode()]),
                 )
@@ -679,6 +697,9 @@ class GossipNode:
         if now >= self._next_gossip_at:
             self._next_gossip_at = now + self.config.gossip_interval
             self._gossip(out)
+        if self._failed and now >= self._next_reconnect_at:
+            self._next_reconnect_at = now + RECONNECT_INTERVAL
+            self._reconnect(now, out)
         if now >= self._next_ae_at and not self._membership.has_left:
             self._next_ae_at = self._ae_interval_from(now)
             peers = self._membership.random_members(1)
@@ -687,19 +708,59 @@ class GossipNode:
                 self._send_ae_request(out, node_id, addr)
         return out
 
-    def _gossip(self, out: list[NodeAction]) -> None:
-        if not len(self._bq) or self.config.gossip_nodes == 0:
+    def _reconnect(self, now: float, out: list[NodeAction]) -> None:
+        """Try one failed member: a full state exchange, as a join would.
+
+        A partition long enough for both sides to declare each other dead
+        would otherwise never heal: nothing probes dead members."""
+        for node_id, (_, since) in list(self._failed.items()):
+            if now - since > RECONNECT_TIMEOUT:
+                del self._failed[node_id]
+        if not self._failed or self._membership.has_left:
             return
-        targets = self._membership.random_members(self.config.gossip_nodes, alive_only=False)
+        node_id = self._rng.choice(sorted(self._failed))
+        addr = self._failed[node_id][0]
+        self.stats["reconnects"] = self.stats.get("reconnects", 0) + 1
+        self._handle_membership_actions(self._membership.join(now, [(node_id, addr)]), out)
+        self._send_ae_request(out, node_id, addr)
+
+    def _take_broadcasts(self, room: int) -> list[bytes]:
+        items = self._bq.get_broadcasts(2, room)
+        if items:
+            room -= sum(len(i) + 2 for i in items)
+        if room > 0 and len(self._rq):
+            items.extend(self._rq.get_broadcasts(2, room))
+        return items
+
+    def _gossip(self, out: list[NodeAction]) -> None:
+        if not (len(self._bq) or len(self._rq)) or self.config.gossip_nodes == 0:
+            return
+        # The retransmit budget is spent on alive members only: during a
+        # partition, gossip to the unreachable half would use it up and leave
+        # our own side short.  One more copy goes to a suspect or recently
+        # dead member (uncounted) so it can refute, as memberlist's gossip does.
+        targets = self._membership.random_members(self.config.gossip_nodes)
+        data = b""
         for node_id, addr in targets:
-            items = self._bq.get_broadcasts(2, GOSSIP_BUDGET)
+            items = self._take_broadcasts(GOSSIP_BUDGET)
             if not items:
-                return
-            self._send(out, node_id, addr, compound(items))
+                break
+            data = compound(items)
+            self._send(out, node_id, addr, data)
+        if data:
+            extra = self._membership.random_members(
+                1, exclude={t[0] for t in targets}, alive_only=False
+            )
+            for node_id, addr in extra:
+                info = self._membership.member(node_id)
+                if info is not None and info.state is not MemberState.ALIVE:
+                    self._send(out, node_id, addr, data)
 
     def next_deadline(self) -> float:
         best = self._membership.next_deadline()
-        t = self._next_gossip_at if len(self._bq) else math.inf
+        t = self._next_gossip_at if (len(self._bq) or len(self._rq)) else math.inf
+        if self._failed:
+            t = min(t, self._next_reconnect_at)
         if best is not None:
             t = min(t, best)
         return min(t, self._next_ae_at)

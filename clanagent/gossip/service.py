@@ -109,7 +109,22 @@ class GossipService:
     # -- policy ----------------------------------------------------------------
 
     def admit(self, public_key: bytes) -> bool:
+        """May this node key open a session with us?"""
+        hook = getattr(self.agent, "admit_peer", None)
+        if hook is not None:
+            verdict = hook(public_key)
+            if verdict is not None:
+                return verdict
         return not self._admitted or public_key in self._admitted
+
+    def admit_record(self, rec: Any) -> bool:
+        """May a record from this origin be stored and forwarded?"""
+        hook = getattr(self.agent, "admit_record", None)
+        if hook is not None:
+            verdict = hook(rec)
+            if verdict is not None:
+                return verdict
+        return self.admit(rec.origin)
 
     # -- views for the control API -------------------------------------------
 
@@ -181,7 +196,7 @@ class GossipService:
                 rng=random.Random(),
                 now=trio.current_time(),
                 name=agent.name,
-                admit=self.admit,
+                admit=self.admit_record,
             )
             log.info(
                 "gossip started",
