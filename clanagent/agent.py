@@ -26,7 +26,10 @@ from .capabilities import Capability, probe_all
 from .config import Config
 from .control.server import ControlServer
 from .identity import Identity, load_or_create
+from .inventory.anchor import Anchor, load_anchor, save_anchor
+from .inventory.manager import InventoryManager
 from .store import Store
+from .wire import SignedRecord
 
 __all__ = ["Agent"]
 
@@ -46,6 +49,9 @@ class Agent:
         self.started_wall = time.time()
         self.name = cfg.gossip.name or socket.gethostname()
         self.gossip: Any = None  # the gossip service, once it runs
+        self.anchor: Anchor | None = None
+        self.inventory = InventoryManager(None)
+        self._gossip_scope: trio.CancelScope | None = None
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -69,6 +75,9 @@ class Agent:
             "records": len(self.store) if self.store is not None else 0,
             "members": self.gossip.member_counts() if self.gossip is not None else {},
             "gossip_addr": self.gossip.addr if self.gossip is not None else "",
+            "clan": None
+            if self.anchor is None
+            else {"id": self.anchor.clan_id.hex(), "name": self.anchor.name},
             "capabilities": caps,
         }
 
@@ -95,6 +104,162 @@ class Agent:
         async for event in self.events_bus.subscribe():
             yield event
 
+    # -- inventory (the control API calls these) -----------------------------
+
+    def inventory_show(self) -> dict[str, Any]:
+        from .inventory import views
+
+        return views.show(self.inventory)
+
+    def inventory_history(self) -> list[dict[str, Any]]:
+        from .inventory import views
+
+        return views.history(self.inventory)
+
+    def inventory_conflicts(self) -> list[dict[str, Any]]:
+        from .inventory import views
+
+        return views.conflicts(self.inventory)
+
+    def machines(self) -> list[dict[str, Any]]:
+        from .identity import node_id_of
+        from .inventory import views
+
+        states: dict[bytes, str] = {}
+        inv = self.inventory.inventory
+        if inv is not None:
+            by_id = {}
+            if self.gossip is not None and self.gossip.node is not None:
+                by_id = {m["node_id"]: m["state"] for m in self.gossip.node.members()}
+            for key in inv.node_keys():
+                states[key] = by_id.get(node_id_of(key), "unknown")
+        assert self.identity is not None
+        states[self.identity.public_key] = "self"
+        return views.machines(self.inventory, states)
+
+    async def inventory_submit(self, version_wire: Any, init: bool) -> dict[str, Any]:
+        from .control.protocol import ControlError, ErrorCode
+        from .inventory.versions import InventoryVersion, OfferStatus
+        from .wire import WireError
+
+        def refuse(msg: str) -> ControlError:
+            return ControlError(ErrorCode.INVALID_PARAMS, msg)
+
+        try:
+            version = InventoryVersion.from_wire(version_wire)
+        except WireError as exc:
+            raise refuse(f"malformed inventory version: {exc.reason}") from None
+        if init:
+            if self.anchor is not None:
+                raise refuse(
+                    f"this agent already belongs to clan '{self.anchor.name}' "
+                    f"({self.anchor.clan_id.hex()})"
+                )
+            if version.parents:
+                raise refuse("a new clan starts with a version that has no parents")
+            clan = version.doc.get("clan") if isinstance(version.doc, dict) else None
+            if not isinstance(clan, dict):
+                raise refuse("the first version has no [clan] section")
+            anchor = Anchor(clan["id"], clan["name"], tuple(clan["admins"]))
+            trial = InventoryManager(anchor).offer_version(version)
+            if trial is None or trial.status is OfferStatus.REJECTED:
+                detail = "" if trial is None else f"{trial.reason}: {trial.detail}"
+                raise refuse(f"inventory rejected: {detail}")
+            await self.set_anchor(anchor)
+        if self.inventory.history is None:
+            raise refuse(
+                "this agent is not in a clan yet: run 'clanctl clan init NAME' to found one "
+                "or 'clanagent join TOKEN' to join one"
+            )
+        result = self.inventory.offer_version(version)
+        assert result is not None
+        if result.status is OfferStatus.REJECTED:
+            raise refuse(f"inventory rejected: {result.reason}: {result.detail}")
+        if result.status is not OfferStatus.DUPLICATE:
+            await self.publish_record("inventory", version.hash.hex(), version.to_wire())
+        head = self.inventory.head
+        return {
+            "status": result.status.value,
+            "hash": version.hash,
+            "leaves": [] if head is None else list(head.leaves),
+            "conflicts": 0 if head is None else len(head.conflicts),
+        }
+
+    def inventory_endpoints(self) -> dict[str, list[str]]:
+        """Every machine's endpoints this member can read (for resealing on apply)."""
+        from .inventory.sealing import open_doc_endpoints
+
+        head = self.inventory.head
+        if head is None or head.doc is None:
+            return {}
+        assert self.identity is not None
+        return open_doc_endpoints(head.doc, self.identity.public_key, self.identity.box_key)
+
+    def invite(self, machine: str) -> dict[str, Any]:
+        from .control.protocol import ControlError, ErrorCode
+        from .inventory.token import make_token
+
+        inv = self.inventory.inventory
+        if self.anchor is None or inv is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
+        if machine not in inv.machines:
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS,
+                f"no machine '{machine}' in the inventory: add it with 'clanctl machine add'",
+            )
+        seeds: list[str] = []
+        if self.gossip is not None and self.gossip.addr and ":" in self.gossip.addr:
+            if not self.gossip.addr.startswith("outbound-only"):
+                seeds.append(self.gossip.addr)
+            if self.gossip.node is not None:
+                seeds += [m["addr"] for m in self.gossip.node.members()
+                          if m["state"] == "alive" and not m["self"]]
+        seeds += list(self.anchor.seeds)
+        seeds = list(dict.fromkeys(seeds))[:16]
+        token = make_token(self.anchor.clan_id, self.anchor.name, list(self.anchor.admins),
+                           seeds, machine)
+        return {"token": token, "machine": machine, "seeds": seeds}
+
+    # -- inventory hooks (the gossip service asks these) ---------------------
+
+    def admit_peer(self, public_key: bytes) -> bool | None:
+        return self.inventory.admit_peer(public_key)
+
+    def admit_record(self, rec: SignedRecord) -> bool | None:
+        return self.inventory.admit_record(rec)
+
+    def _inventory_changed(self, inv: Any) -> None:
+        self.events_bus.publish(
+            "inventory.head",
+            machines=sorted(inv.machines),
+            hash=inv.hash.hex(),
+        )
+        if self.gossip is not None:
+            self.gossip.on_inventory(inv.node_keys())
+
+    async def publish_record(self, kind: str, key: str, body: Any) -> None:
+        """Store a record of ours and gossip it (store only, when gossip is off)."""
+        if self.gossip is not None and self.gossip.node is not None:
+            self.gossip.publish(kind, key, body)
+            return
+        assert self.store is not None and self.identity is not None
+        store, ident = self.store, self.identity
+        clan = self.anchor.clan_id if self.anchor else b""
+        rec = SignedRecord.create(ident, kind, key, store.max_version(ident.public_key) + 1,
+                                  body, clan=clan)
+        await trio.to_thread.run_sync(store.put, rec)
+
+    async def set_anchor(self, anchor: Anchor) -> None:
+        """Join (or found) a clan: remember it and restart gossip under its id."""
+        await trio.to_thread.run_sync(save_anchor, self.cfg.state_path, anchor)
+        self.inventory.set_anchor(anchor)
+        self.anchor = anchor
+        log.info("clan set", extra=kv(clan=anchor.clan_id.hex(), name=anchor.name))
+        if self._gossip_scope is not None:
+            self._gossip_scope.cancel()
+        if self._nursery is not None:
+            await self._start_gossip(self._nursery)
+
     # -- lifecycle ----------------------------------------------------------
 
     def stop(self) -> None:
@@ -107,13 +272,25 @@ class Agent:
 
     async def _start_parts(self, nursery: trio.Nursery) -> None:
         """Start the network parts; each one that cannot run is reported, not fatal."""
-        if self.cfg.gossip.listen or self.cfg.gossip.join:
-            try:
-                from .gossip.service import GossipService
-            except ImportError:  # gossip is optional until it is built
-                return
-            self.gossip = GossipService(self)
-            await nursery.start(self.gossip.run)
+        await self._start_gossip(nursery)
+
+    async def _start_gossip(self, nursery: trio.Nursery) -> None:
+        from .gossip.service import GossipService
+
+        seeds = self.cfg.gossip.join or (self.anchor.seeds if self.anchor else ())
+        if not (self.cfg.gossip.listen or seeds):
+            return
+        self.gossip = GossipService(self)
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                self._gossip_scope = scope
+                await self.gossip.run(task_status=task_status)
+
+        await nursery.start(run)
+        inv = self.inventory.inventory
+        if inv is not None:
+            self.gossip.on_inventory(inv.node_keys())
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
@@ -122,6 +299,11 @@ class Agent:
         if created:
             log.info("generated node keys", extra=kv(state_dir=state))
         self.store = await trio.to_thread.run_sync(Store.open, state / "records")
+        self.anchor = await trio.to_thread.run_sync(load_anchor, state)
+        self.inventory = InventoryManager(self.anchor)
+        self.inventory.listeners.append(self._inventory_changed)
+        # Every version we ever accepted is in the store: rebuild the head from it.
+        await trio.to_thread.run_sync(self.inventory.load, list(self.store.records()))
         self.capabilities = await trio.to_thread.run_sync(probe_all)
         for cap in self.capabilities:
             if not cap.available:

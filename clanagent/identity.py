@@ -389,3 +389,33 @@ def load_or_create(state_dir: Path) -> tuple[Identity, bool]:
     except OSError as exc:
         raise IdentityError(f"{state_dir}: cannot create identity: {exc}") from None
     return load(state_dir), False
+
+
+# -- the machine key: what an admin needs to add this node to the inventory --
+
+MACHINE_KEY_PREFIX = "clanmachine1."
+
+
+def machine_key_string(identity: Identity) -> str:
+    """One copy-pasteable string with the node's three public keys and a checksum."""
+    raw = identity.public_key + identity.box_public + identity.wg_public
+    check = hashlib.blake2b(raw, digest_size=4).digest()
+    return MACHINE_KEY_PREFIX + base64.urlsafe_b64encode(raw + check).decode().rstrip("=")
+
+
+def parse_machine_key(text: str) -> tuple[bytes, bytes, bytes]:
+    """(node key, box key, wg key) from `machine_key_string`'s output."""
+    text = text.strip()
+    if not text.startswith(MACHINE_KEY_PREFIX):
+        raise IdentityError(
+            f"a machine key starts with '{MACHINE_KEY_PREFIX}': run 'clanagent keygen' on the "
+            "new machine and copy its 'machine key' line"
+        )
+    body = text[len(MACHINE_KEY_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, binascii.Error):
+        raise IdentityError("machine key is not valid base64: it was mistyped") from None
+    if len(raw) != 100 or hashlib.blake2b(raw[:96], digest_size=4).digest() != raw[96:]:
+        raise IdentityError("machine key is mistyped or truncated (checksum mismatch)")
+    return raw[:32], raw[32:64], raw[64:96]

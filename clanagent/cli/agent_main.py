@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
     kg = sub.add_parser("keygen", help="create this node's keys (run also does it on first start)")
     kg.add_argument("--state-dir", required=True, type=Path)
+
+    jn = sub.add_parser("join", help="make this machine a member of a clan (token from an admin)")
+    jn.add_argument("token", help="the token printed by 'clanctl machine add' or 'clanctl invite'")
+    jn.add_argument("--state-dir", type=Path, default=Path("/var/lib/clanagent"))
     return p
 
 
@@ -103,6 +107,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    except ValueError as exc:  # AnchorError: a damaged clan anchor file
+        from ..inventory.anchor import AnchorError
+
+        if isinstance(exc, AnchorError):
+            print(f"clanagent: {exc}", file=sys.stderr)
+            return 2
+        raise
     except RuntimeError as exc:
         if "already listening" in str(exc):
             print(f"clanagent: {exc}", file=sys.stderr)
@@ -118,7 +129,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from ..identity import IdentityError, load_or_create, wg_key_base64
+    from ..identity import IdentityError, load_or_create, machine_key_string, wg_key_base64
 
     try:
         ident, created = load_or_create(args.state_dir)
@@ -130,6 +141,33 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"short id:       {ident.short_id}")
     print(f"signing key:    {ident.public_key.hex()}")
     print(f"wireguard key:  {wg_key_base64(ident.wg_public)}")
+    print(f"machine key:    {machine_key_string(ident)}")
+    print("give the machine key to a clan admin: clanctl machine add NAME --key MACHINE_KEY")
+    return 0
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    from ..identity import IdentityError, load_or_create, machine_key_string
+    from ..inventory.anchor import Anchor, save_anchor
+    from ..inventory.token import TokenError, parse_token
+
+    try:
+        token = parse_token(args.token)
+    except TokenError as exc:
+        print(f"clanagent: bad join token: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ident, _ = load_or_create(args.state_dir)
+        anchor = Anchor(token.clan_id, token.name, tuple(token.admins), tuple(token.seeds),
+                        token.machine)
+        path = save_anchor(args.state_dir, anchor)
+    except (IdentityError, OSError) as exc:
+        print(f"clanagent: cannot join: {exc}", file=sys.stderr)
+        return 2
+    print(f"joined clan '{token.name}' ({token.clan_id.hex()}) as machine '{token.machine}'")
+    print(f"seeds: {', '.join(token.seeds) or '(none)'}; anchor written to {path}")
+    print(f"this machine's key: {machine_key_string(ident)}")
+    print("now start the agent: systemctl restart clanagent (or 'clanagent run')")
     return 0
 
 
@@ -139,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_run(args)
     if args.command == "keygen":
         return _cmd_keygen(args)
+    if args.command == "join":
+        return _cmd_join(args)
     return 2
 
 

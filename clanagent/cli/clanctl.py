@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentNotRunning, ClientError, ControlClient
+from . import _inventory_cmds
 from ._table import table
 
 DEFAULT_SOCKET = "/run/clanagent/control.sock"
@@ -118,7 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("peers", help="members of the clan and their state")
     ev = sub.add_parser("events", help="stream agent events until interrupted")
     ev.add_argument("--count", type=int, default=0, help="stop after N events")
+    _inventory_cmds.add_parsers(sub)
     return p
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=_json_default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         client.connect()
         if args.command == "events":
             for n, ev in enumerate(client.stream("events"), start=1):
-                print(json.dumps(ev) if args.json else _format_event(ev), flush=True)
+                print(json.dumps(ev, default=_json_default) if args.json else _format_event(ev),
+                      flush=True)
                 if args.count and n >= args.count:
                     break
             return 0
+        if getattr(args, "handler", None) is not None:
+            result = _inventory_cmds.run(client, args)
+            if result is not None:
+                print(_dump(result))
+            return 0
         result = client.call(args.command)
+    except _inventory_cmds.CommandError as exc:
+        print(f"clanctl: {exc}", file=sys.stderr)
+        return 1
     except AgentNotRunning as exc:
         print(f"clanctl: {exc.message}", file=sys.stderr)
         return 2
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(_dump(result))
     elif args.command == "status":
         _print_status(result)
     elif args.command == "whoami":

@@ -61,6 +61,42 @@ def _events(agent: AgentView, params: dict[str, Any]) -> AsyncIterator[dict[str,
     return agent.events()
 
 
+async def _inventory_show(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.inventory_show()
+
+
+async def _inventory_history(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.inventory_history()
+
+
+async def _inventory_conflicts(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.inventory_conflicts()
+
+
+async def _inventory_submit(agent: Any, params: dict[str, Any]) -> Any:
+    if "version" not in params:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "missing parameter 'version'")
+    init = params.get("init", False)
+    if not isinstance(init, bool):
+        raise ControlError(ErrorCode.INVALID_PARAMS, "'init' must be true or false")
+    return await agent.inventory_submit(params["version"], init)
+
+
+async def _inventory_endpoints(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.inventory_endpoints()
+
+
+async def _machines(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.machines()
+
+
+async def _invite(agent: Any, params: dict[str, Any]) -> Any:
+    machine = params.get("machine")
+    if not isinstance(machine, str) or not machine:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "parameter 'machine' must be a name")
+    return agent.invite(machine)
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -90,6 +126,17 @@ HANDLERS: dict[int, dict[str, Handler]] = {
             _h("peers", "read", _peers, "members of the clan this node knows"),
             _h("events", "read", _events, "stream of agent events", streaming=True),
             _h("methods", "read", _methods, "the methods of this API version"),
+            _h("inventory.show", "read", _inventory_show, "the effective inventory and its head"),
+            _h("inventory.history", "read", _inventory_history, "every accepted version"),
+            _h("inventory.conflicts", "read", _inventory_conflicts,
+               "entries concurrent edits changed differently"),
+            _h("inventory.submit", "write", _inventory_submit,
+               "offer a signed inventory version", params=("version", "init")),
+            _h("inventory.endpoints", "write", _inventory_endpoints,
+               "every machine's endpoints, opened (they travel sealed)"),
+            _h("machines", "read", _machines, "machines of the clan with tags and state"),
+            _h("invite", "write", _invite, "a join token for a machine of the inventory",
+               params=("machine",)),
         ]
     }
 }

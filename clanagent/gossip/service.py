@@ -94,7 +94,13 @@ class GossipService:
         cfg = agent.cfg.gossip
         self.cfg = cfg
         self.config = profile_config(cfg.profile)
-        self.clan = bytes.fromhex(cfg.clan_id) if cfg.clan_id else DEFAULT_CLAN_ID
+        anchor = getattr(agent, "anchor", None)
+        if anchor is not None:
+            self.clan = anchor.clan_id
+            self.seeds = list(dict.fromkeys([*cfg.join, *anchor.seeds]))
+        else:
+            self.clan = bytes.fromhex(cfg.clan_id) if cfg.clan_id else DEFAULT_CLAN_ID
+            self.seeds = list(cfg.join)
         self._admitted = {bytes.fromhex(k) for k in cfg.admitted_keys}
         self.node: GossipNode | None = None
         self.addr = ""
@@ -171,7 +177,7 @@ class GossipService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         agent = self.agent
         identity = agent.identity
-        if not self.cfg.clan_id:
+        if not self.cfg.clan_id and getattr(agent, "anchor", None) is None:
             log.warning(
                 "no clan id configured; using the default clan (set gossip.clan_id)",
             )
@@ -200,12 +206,12 @@ class GossipService:
             )
             log.info(
                 "gossip started",
-                extra=kv(addr=self.addr, profile=self.cfg.profile, seeds=",".join(self.cfg.join)),
+                extra=kv(addr=self.addr, profile=self.cfg.profile, seeds=",".join(self.seeds)),
             )
             nursery.start_soon(self._timer_loop)
             info = NodeInfo(name=agent.name, version=__version__, addrs=[self.addr])
             self._publish("node-info", "", info.to_wire())
-            if self.cfg.join:
+            if self.seeds:
                 nursery.start_soon(self._join_loop)
             task_status.started(self)
 
@@ -214,11 +220,22 @@ class GossipService:
         _, actions = self.node.publish(trio.current_time(), kind, key, body)
         self._handle(actions)
 
+    def publish(self, kind: str, key: str, body: Any) -> None:
+        self._publish(kind, key, body)
+
+    def on_inventory(self, node_keys: frozenset[bytes]) -> None:
+        """A new inventory: close sessions of machines that are no longer in it."""
+        for node_id, link in list(self._links.items()):
+            if link.session.peer_public_key not in node_keys:
+                log.info("disconnecting a machine removed from the inventory",
+                         extra=kv(node=node_id[:10]))
+                self._drop_link(node_id)
+
     async def _join_loop(self) -> None:
         """Contact the seeds until some other member is alive (seeds may start later)."""
         assert self.node is not None
         while True:
-            self._handle(self.node.join(trio.current_time(), list(self.cfg.join)))
+            self._handle(self.node.join(trio.current_time(), list(self.seeds)))
             await trio.sleep(JOIN_RETRY)
             if self.node.membership.alive_count() > 1:
                 if not self._joined:

@@ -1,0 +1,437 @@
+"""clanctl's inventory, clan, machine and invite commands.
+
+Owns: the admin side of the inventory: reading TOML, showing the diff,
+asking, signing with the admin key (which never leaves this process) and
+submitting the signed version to the local agent.  Must never: sign
+anything that failed validation, or write an admin key readable by others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import copy
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+from ..control.client import ControlClient
+from ..identity import IdentityError, parse_machine_key
+from ..inventory.diff import diff_docs, format_diff
+from ..inventory.parse import doc_to_toml, load_inventory_toml, validate_doc
+from ..inventory.sealing import SealError, reseal_doc
+from ..inventory.versions import make_version
+from ._table import table
+
+__all__ = ["add_parsers", "run", "CommandError"]
+
+DEFAULT_ADMIN_KEY = "~/.config/clanagent/admin.key"
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+# -- admin keys --------------------------------------------------------------
+
+
+def _admin_key_path(arg: str | None) -> Path:
+    return Path(os.path.expanduser(arg or os.environ.get("CLANAGENT_ADMIN_KEY", DEFAULT_ADMIN_KEY)))
+
+
+def load_admin_key(path: Path) -> nacl.signing.SigningKey:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise CommandError(
+            f"no admin key at {path}: pass --admin-key PATH (the file 'clanctl clan init' wrote)"
+        ) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read admin key {path}: {exc.strerror}") from None
+    if os.stat(path).st_mode & 0o077:
+        raise CommandError(f"admin key {path} is readable by others: chmod 600 {path}")
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        seed = b""
+    if len(seed) != 32:
+        raise CommandError(f"{path} is not an admin key (one line of base64, 32 bytes)")
+    return nacl.signing.SigningKey(seed)
+
+
+def create_admin_key(path: Path) -> nacl.signing.SigningKey:
+    if path.exists():
+        return load_admin_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = nacl.signing.SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(bytes(key)).decode() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _short(b: bytes) -> str:
+    return b.hex()[:12]
+
+
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise CommandError("not confirmed: run with --yes to apply without asking")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise CommandError("cancelled")
+
+
+def _current(client: ControlClient) -> dict[str, Any]:
+    shown = client.call("inventory.show")
+    if shown.get("doc") is None:
+        raise CommandError(
+            "this agent has no inventory yet: found a clan with 'clanctl clan init NAME' "
+            "or join one with 'clanagent join TOKEN'"
+        )
+    return shown
+
+
+def _seal_and_sign(
+    client: ControlClient,
+    doc: dict[str, Any],
+    shown: dict[str, Any],
+    keys: list[nacl.signing.SigningKey],
+    message: str,
+) -> Any:
+    # Endpoints travel sealed to the member machines; open the ones only the
+    # agent can read, then seal everything to the new member set.
+    plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
+    readable = client.call("inventory.endpoints")
+    for name, m in doc["machines"].items():
+        if name not in plain and m.get("sealed_endpoints"):
+            if name not in readable:
+                raise CommandError(
+                    f"machines.{name}: its endpoints are sealed and this agent cannot open "
+                    "them; give them in plain in the file to reseal them"
+                )
+            plain[name] = readable[name]
+    try:
+        doc = reseal_doc(doc, plain)
+    except SealError as exc:
+        raise CommandError(f"cannot seal endpoints: {exc}") from None
+    issues = validate_doc(doc)
+    if issues:
+        raise CommandError(f"refusing to sign an invalid inventory: {issues[0]}")
+    return make_version(doc, shown["leaves"], int(time.time()), message, keys)
+
+
+def _submit(client: ControlClient, version: Any, *, init: bool = False) -> dict[str, Any]:
+    return client.call("inventory.submit", {"version": version.to_wire(), "init": init})
+
+
+def _print_issues(result: Any) -> None:
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for e in result.errors:
+        print(f"error: {e}", file=sys.stderr)
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
+    who = client.call("whoami")
+    status = client.call("status")
+    if status.get("clan"):
+        raise CommandError(
+            f"this agent already belongs to clan '{status['clan']['name']}' "
+            f"({status['clan']['id']})"
+        )
+    key_path = _admin_key_path(args.admin_key)
+    existed = key_path.exists()
+    admin = create_admin_key(key_path)
+    machine = args.machine or who["name"]
+    doc = {
+        "format": 1,
+        "clan": {
+            "id": secrets.token_bytes(16),
+            "name": args.name,
+            "admins": [bytes(admin.verify_key)],
+            "threshold": 1,
+        },
+        "machines": {
+            machine: {
+                "node_key": bytes.fromhex(who["signing_key"]),
+                "box_key": bytes.fromhex(who["box_key"]),
+                "wg_key": base64.b64decode(who["wireguard_key"]),
+                "tags": sorted(set(args.tags)),
+                "endpoints": sorted(set(args.endpoint)),
+                "sealed_endpoints": b"",
+                "public": "no-public" not in args.tags,
+            }
+        },
+        "networks": {"default": ["lan", "public", "tor"], "by_tag": {}},
+        "services": {},
+        "vms": {},
+    }
+    issues = validate_doc(doc)
+    if issues:
+        raise CommandError(f"cannot found the clan: {issues[0]}")
+    shown = {"leaves": []}
+    version = _seal_and_sign_init(doc, shown, [admin], f"clan {args.name} founded")
+    result = _submit(client, version, init=True)
+    if args.out:
+        Path(args.out).write_text(doc_to_toml(version.doc))
+    if args.json:
+        return {**result, "admin_key": str(key_path), "clan_id": doc["clan"]["id"]}
+    print(f"founded clan '{args.name}' ({doc['clan']['id'].hex()})")
+    print(f"admin key: {key_path} ({'existing' if existed else 'new'}; keep it safe)")
+    print(f"first machine: {machine} (this agent)")
+    if args.out:
+        print(f"inventory written to {args.out}: edit it and 'clanctl inventory apply {args.out}'")
+    return None
+
+
+def _seal_and_sign_init(doc, shown, keys, message):
+    plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
+    doc = reseal_doc(doc, plain)
+    return make_version(doc, shown["leaves"], int(time.time()), message, keys)
+
+
+def cmd_machine_add(client: ControlClient, args: argparse.Namespace) -> Any:
+    try:
+        node_key, box_key, wg_key = parse_machine_key(args.key)
+    except IdentityError as exc:
+        raise CommandError(str(exc)) from None
+    shown = _current(client)
+    doc = copy.deepcopy(shown["doc"])
+    if args.name in doc["machines"]:
+        raise CommandError(f"machine '{args.name}' is already in the inventory")
+    doc["machines"][args.name] = {
+        "node_key": node_key,
+        "box_key": box_key,
+        "wg_key": wg_key,
+        "tags": sorted(set(args.tags)),
+        "endpoints": sorted(set(args.endpoint)),
+        "sealed_endpoints": b"",
+        "public": "no-public" not in args.tags,
+    }
+    issues = validate_doc(doc)
+    if issues:
+        raise CommandError(str(issues[0]).replace("<doc>: ", ""))
+    keys = [load_admin_key(_admin_key_path(p)) for p in (args.admin_key or [None])]
+    version = _seal_and_sign(client, doc, shown, keys, f"add machine {args.name}")
+    print(format_diff(diff_docs(shown["doc"], version.doc)))
+    _confirm(args, f"add machine '{args.name}'?")
+    _submit(client, version)
+    invite = client.call("invite", {"machine": args.name})
+    if args.json:
+        return invite
+    print(f"added machine '{args.name}'. On it, run:\n")
+    print(f"  clanagent join {invite['token']}\n")
+    return None
+
+
+def cmd_invite(client: ControlClient, args: argparse.Namespace) -> Any:
+    invite = client.call("invite", {"machine": args.name})
+    if args.json:
+        return invite
+    print(invite["token"])
+    return None
+
+
+def cmd_inventory_show(client: ControlClient, args: argparse.Namespace) -> Any:
+    shown = client.call("inventory.show")
+    if args.json:
+        return shown
+    if shown["doc"] is None:
+        print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
+        return None
+    print(f"# head: {', '.join(_short(h) for h in shown['leaves'])}  "
+          f"({shown['versions']} versions)")
+    if shown["conflicts"]:
+        print(f"# {len(shown['conflicts'])} conflict(s): see 'clanctl inventory conflicts'")
+    print(doc_to_toml(shown["doc"]), end="")
+    return None
+
+
+def _parse_file(path: str) -> dict[str, Any]:
+    result = load_inventory_toml(Path(path))
+    _print_issues(result)
+    if result.errors:
+        raise CommandError(f"{path}: {len(result.errors)} error(s); nothing was applied")
+    return result.doc
+
+
+def cmd_inventory_diff(client: ControlClient, args: argparse.Namespace) -> Any:
+    doc = _parse_file(args.file)
+    shown = _current(client)
+    changes = diff_docs(_comparable(shown["doc"]), _comparable(doc))
+    if args.json:
+        return [c.__dict__ for c in changes]
+    print(format_diff(changes))
+    return None
+
+
+def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
+    # Sealed blobs are re-made on every apply: compare without them.
+    doc = copy.deepcopy(doc)
+    for m in doc["machines"].values():
+        m["sealed_endpoints"] = b""
+        m["endpoints"] = []
+    return doc
+
+
+def cmd_inventory_apply(client: ControlClient, args: argparse.Namespace) -> Any:
+    doc = _parse_file(args.file)
+    shown = _current(client)
+    if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
+        raise CommandError(f"{args.file}: clan.id is not this clan's id: is this the right file?")
+    keys = [load_admin_key(_admin_key_path(p)) for p in (args.admin_key or [None])]
+    version = _seal_and_sign(client, doc, shown, keys, args.message or f"apply {args.file}")
+    changes = diff_docs(_comparable(shown["doc"]), _comparable(version.doc))
+    explicit_endpoints = any(m["endpoints"] for m in doc["machines"].values())
+    if not changes and not explicit_endpoints and not shown["conflicts"]:
+        print("nothing to apply: the inventory already says this")
+        return None
+    print(format_diff(changes))
+    _confirm(args, "sign and apply this inventory?")
+    result = _submit(client, version)
+    if args.json:
+        return result
+    print(f"applied version {_short(result['hash'])} ({result['status']})")
+    if result["conflicts"]:
+        print(f"{result['conflicts']} conflict(s) remain: clanctl inventory conflicts")
+    return None
+
+
+def cmd_inventory_history(client: ControlClient, args: argparse.Namespace) -> Any:
+    log = client.call("inventory.history")
+    if args.json:
+        return log
+    if not log:
+        print("no inventory versions yet")
+        return None
+    rows = [
+        (
+            _short(e["hash"]),
+            ",".join(_short(p) for p in e["parents"]) or "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["time"])),
+            ",".join(_short(s) for s in e["signers"]),
+            e["message"],
+        )
+        for e in log
+    ]
+    print(table(["VERSION", "PARENTS", "TIME", "SIGNED BY", "MESSAGE"], rows))
+    return None
+
+
+def cmd_inventory_conflicts(client: ControlClient, args: argparse.Namespace) -> Any:
+    conflicts = client.call("inventory.conflicts")
+    if args.json:
+        return conflicts
+    if not conflicts:
+        print("no conflicts")
+        return None
+    for c in conflicts:
+        print(f"{c['path']}: changed differently by concurrent edits")
+        print(f"  base: {c['base']!r}")
+        for v in c["variants"]:
+            print(f"  {_short(v['version'])}: {v['value']!r}")
+    print("\nresolve: edit the inventory (clanctl inventory show > FILE), decide each entry, "
+          "then clanctl inventory apply FILE")
+    return None
+
+
+def cmd_machines(client: ControlClient, args: argparse.Namespace) -> Any:
+    rows = client.call("machines")
+    if args.json:
+        return rows
+    if not rows:
+        print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
+        return None
+    print(table(
+        ["NAME", "NODE", "TAGS", "STATE", "SERVICES", "VMS"],
+        [
+            (
+                r["name"],
+                _short(r["node_key"])[:10],
+                ",".join(r["tags"]) or "-",
+                "online (this machine)" if r["state"] == "self"
+                else ("online" if r["online"] else r["state"]),
+                ",".join(r["services"]) or "-",
+                ",".join(r["vms"]) or "-",
+            )
+            for r in rows
+        ],
+    ))
+    return None
+
+
+# -- argparse --------------------------------------------------------------------
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_parsers(sub: Any) -> None:
+    clan = sub.add_parser("clan", help="found a clan").add_subparsers(dest="clan_cmd", required=True)
+    init = clan.add_parser("init", help="found a clan with this machine as its first member")
+    init.add_argument("name")
+    init.add_argument("--admin-key", help=f"admin key file, created if missing "
+                                           f"(default $CLANAGENT_ADMIN_KEY or {DEFAULT_ADMIN_KEY})")
+    init.add_argument("--machine", help="this machine's name in the inventory (default: host name)")
+    init.add_argument("--tags", type=_csv, default=[], help="comma-separated tags")
+    init.add_argument("--endpoint", action="append", default=[], help="public HOST:PORT")
+    init.add_argument("--out", help="also write the inventory TOML to this file")
+    init.set_defaults(handler=cmd_clan_init)
+
+    machine = sub.add_parser("machine", help="add machines").add_subparsers(
+        dest="machine_cmd", required=True)
+    add = machine.add_parser("add", help="add a machine and print its join token")
+    add.add_argument("name")
+    add.add_argument("--key", required=True, help="the 'machine key' that clanagent keygen printed")
+    add.add_argument("--tags", type=_csv, default=[], help="comma-separated tags")
+    add.add_argument("--endpoint", action="append", default=[], help="public HOST:PORT")
+    add.add_argument("--admin-key", action="append", help="admin key file (repeat for several)")
+    add.add_argument("--yes", action="store_true", help="do not ask")
+    add.set_defaults(handler=cmd_machine_add)
+
+    inv = sub.add_parser("invite", help="print a join token for a machine of the inventory")
+    inv.add_argument("name")
+    inv.set_defaults(handler=cmd_invite)
+
+    ms = sub.add_parser("machines", help="machines of the clan: tags, state, services, VMs")
+    ms.set_defaults(handler=cmd_machines)
+
+    invent = sub.add_parser("inventory", help="show, diff and apply the clan's inventory")
+    isub = invent.add_subparsers(dest="inventory_cmd", required=True)
+    show = isub.add_parser("show", help="the effective inventory as TOML")
+    show.set_defaults(handler=cmd_inventory_show)
+    diff = isub.add_parser("diff", help="what applying FILE would change")
+    diff.add_argument("file")
+    diff.set_defaults(handler=cmd_inventory_diff)
+    apply = isub.add_parser("apply", help="validate, diff, sign and submit FILE")
+    apply.add_argument("file")
+    apply.add_argument("--admin-key", action="append", help="admin key file (repeat for several)")
+    apply.add_argument("--message", "-m", help="a note kept in the history")
+    apply.add_argument("--yes", action="store_true", help="do not ask")
+    apply.set_defaults(handler=cmd_inventory_apply)
+    hist = isub.add_parser("history", help="accepted versions, newest first")
+    hist.set_defaults(handler=cmd_inventory_history)
+    conf = isub.add_parser("conflicts", help="entries concurrent edits changed differently")
+    conf.set_defaults(handler=cmd_inventory_conflicts)
+
+
+def run(client: ControlClient, args: argparse.Namespace) -> Any:
+    return args.handler(client, args)
