@@ -212,12 +212,16 @@ class Agent:
             if not self.gossip.addr.startswith("outbound-only"):
                 seeds.append(self.gossip.addr)
             if self.gossip.node is not None:
-                seeds += [m["addr"] for m in self.gossip.node.members()
-                          if m["state"] == "alive" and not m["self"]]
+                seeds += [
+                    m["addr"]
+                    for m in self.gossip.node.members()
+                    if m["state"] == "alive" and not m["self"]
+                ]
         seeds += list(self.anchor.seeds)
         seeds = list(dict.fromkeys(seeds))[:16]
-        token = make_token(self.anchor.clan_id, self.anchor.name, list(self.anchor.admins),
-                           seeds, machine)
+        token = make_token(
+            self.anchor.clan_id, self.anchor.name, list(self.anchor.admins), seeds, machine
+        )
         return {"token": token, "machine": machine, "seeds": seeds}
 
     # -- inventory hooks (the gossip service asks these) ---------------------
@@ -245,8 +249,9 @@ class Agent:
         assert self.store is not None and self.identity is not None
         store, ident = self.store, self.identity
         clan = self.anchor.clan_id if self.anchor else b""
-        rec = SignedRecord.create(ident, kind, key, store.max_version(ident.public_key) + 1,
-                                  body, clan=clan)
+        rec = SignedRecord.create(
+            ident, kind, key, store.max_version(ident.public_key) + 1, body, clan=clan
+        )
         await trio.to_thread.run_sync(store.put, rec)
 
     async def set_anchor(self, anchor: Anchor) -> None:

@@ -256,8 +256,9 @@ def cmd_inventory_show(client: ControlClient, args: argparse.Namespace) -> Any:
     if shown["doc"] is None:
         print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
         return None
-    print(f"# head: {', '.join(_short(h) for h in shown['leaves'])}  "
-          f"({shown['versions']} versions)")
+    print(
+        f"# head: {', '.join(_short(h) for h in shown['leaves'])}  ({shown['versions']} versions)"
+    )
     if shown["conflicts"]:
         print(f"# {len(shown['conflicts'])} conflict(s): see 'clanctl inventory conflicts'")
     print(doc_to_toml(shown["doc"]), end="")
@@ -347,8 +348,10 @@ def cmd_inventory_conflicts(client: ControlClient, args: argparse.Namespace) -> 
         print(f"  base: {c['base']!r}")
         for v in c["variants"]:
             print(f"  {_short(v['version'])}: {v['value']!r}")
-    print("\nresolve: edit the inventory (clanctl inventory show > FILE), decide each entry, "
-          "then clanctl inventory apply FILE")
+    print(
+        "\nresolve: edit the inventory (clanctl inventory show > FILE), decide each entry, "
+        "then clanctl inventory apply FILE"
+    )
     return None
 
 
@@ -359,21 +362,24 @@ def cmd_machines(client: ControlClient, args: argparse.Namespace) -> Any:
     if not rows:
         print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
         return None
-    print(table(
-        ["NAME", "NODE", "TAGS", "STATE", "SERVICES", "VMS"],
-        [
-            (
-                r["name"],
-                _short(r["node_key"])[:10],
-                ",".join(r["tags"]) or "-",
-                "online (this machine)" if r["state"] == "self"
-                else ("online" if r["online"] else r["state"]),
-                ",".join(r["services"]) or "-",
-                ",".join(r["vms"]) or "-",
-            )
-            for r in rows
-        ],
-    ))
+    print(
+        table(
+            ["NAME", "NODE", "TAGS", "STATE", "SERVICES", "VMS"],
+            [
+                (
+                    r["name"],
+                    _short(r["node_key"])[:10],
+                    ",".join(r["tags"]) or "-",
+                    "online (this machine)"
+                    if r["state"] == "self"
+                    else ("online" if r["online"] else r["state"]),
+                    ",".join(r["services"]) or "-",
+                    ",".join(r["vms"]) or "-",
+                )
+                for r in rows
+            ],
+        )
+    )
     return None
 
 
@@ -385,11 +391,16 @@ def _csv(value: str) -> list[str]:
 
 
 def add_parsers(sub: Any) -> None:
-    clan = sub.add_parser("clan", help="found a clan").add_subparsers(dest="clan_cmd", required=True)
+    clan = sub.add_parser("clan", help="found a clan").add_subparsers(
+        dest="clan_cmd", required=True
+    )
     init = clan.add_parser("init", help="found a clan with this machine as its first member")
     init.add_argument("name")
-    init.add_argument("--admin-key", help=f"admin key file, created if missing "
-                                           f"(default $CLANAGENT_ADMIN_KEY or {DEFAULT_ADMIN_KEY})")
+    init.add_argument(
+        "--admin-key",
+        help=f"admin key file, created if missing "
+        f"(default $CLANAGENT_ADMIN_KEY or {DEFAULT_ADMIN_KEY})",
+    )
     init.add_argument("--machine", help="this machine's name in the inventory (default: host name)")
     init.add_argument("--tags", type=_csv, default=[], help="comma-separated tags")
     init.add_argument("--endpoint", action="append", default=[], help="public HOST:PORT")
@@ -397,7 +408,8 @@ def add_parsers(sub: Any) -> None:
     init.set_defaults(handler=cmd_clan_init)
 
     machine = sub.add_parser("machine", help="add machines").add_subparsers(
-        dest="machine_cmd", required=True)
+        dest="machine_cmd", required=True
+    )
     add = machine.add_parser("add", help="add a machine and print its join token")
     add.add_argument("name")
     add.add_argument("--key", required=True, help="the 'machine key' that clanagent keygen printed")

@@ -158,8 +158,9 @@ def _cmd_join(args: argparse.Namespace) -> int:
         return 2
     try:
         ident, _ = load_or_create(args.state_dir)
-        anchor = Anchor(token.clan_id, token.name, tuple(token.admins), tuple(token.seeds),
-                        token.machine)
+        anchor = Anchor(
+            token.clan_id, token.name, tuple(token.admins), tuple(token.seeds), token.machine
+        )
         path = save_anchor(args.state_dir, anchor)
     except (IdentityError, OSError) as exc:
         print(f"clanagent: cannot join: {exc}", file=sys.stderr)

@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         client.connect()
         if args.command == "events":
             for n, ev in enumerate(client.stream("events"), start=1):
-                print(json.dumps(ev, default=_json_default) if args.json else _format_event(ev),
-                      flush=True)
+                print(
+                    json.dumps(ev, default=_json_default) if args.json else _format_event(ev),
+                    flush=True,
+                )
                 if args.count and n >= args.count:
                     break
             return 0

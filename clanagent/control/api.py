@@ -128,15 +128,33 @@ HANDLERS: dict[int, dict[str, Handler]] = {
             _h("methods", "read", _methods, "the methods of this API version"),
             _h("inventory.show", "read", _inventory_show, "the effective inventory and its head"),
             _h("inventory.history", "read", _inventory_history, "every accepted version"),
-            _h("inventory.conflicts", "read", _inventory_conflicts,
-               "entries concurrent edits changed differently"),
-            _h("inventory.submit", "write", _inventory_submit,
-               "offer a signed inventory version", params=("version", "init")),
-            _h("inventory.endpoints", "write", _inventory_endpoints,
-               "every machine's endpoints, opened (they travel sealed)"),
+            _h(
+                "inventory.conflicts",
+                "read",
+                _inventory_conflicts,
+                "entries concurrent edits changed differently",
+            ),
+            _h(
+                "inventory.submit",
+                "write",
+                _inventory_submit,
+                "offer a signed inventory version",
+                params=("version", "init"),
+            ),
+            _h(
+                "inventory.endpoints",
+                "write",
+                _inventory_endpoints,
+                "every machine's endpoints, opened (they travel sealed)",
+            ),
             _h("machines", "read", _machines, "machines of the clan with tags and state"),
-            _h("invite", "write", _invite, "a join token for a machine of the inventory",
-               params=("machine",)),
+            _h(
+                "invite",
+                "write",
+                _invite,
+                "a join token for a machine of the inventory",
+                params=("machine",),
+            ),
         ]
     }
 }

@@ -227,8 +227,10 @@ class GossipService:
         """A new inventory: close sessions of machines that are no longer in it."""
         for node_id, link in list(self._links.items()):
             if link.session.peer_public_key not in node_keys:
-                log.info("disconnecting a machine removed from the inventory",
-                         extra=kv(node=node_id[:10]))
+                log.info(
+                    "disconnecting a machine removed from the inventory",
+                    extra=kv(node=node_id[:10]),
+                )
                 self._drop_link(node_id)
 
     async def _join_loop(self) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "format_diff",
     "load_anchor",
     "load_inventory_toml",
+    "make_token",
     "make_version",
     "merge3",
     "open_doc_endpoints",

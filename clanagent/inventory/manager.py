@@ -51,8 +51,9 @@ class InventoryManager:
 
     def _make_history(self, anchor: Anchor) -> None:
         self.anchor = anchor
-        self.history = InventoryHistory(TrustAnchor(anchor.clan_id, frozenset(anchor.admins)),
-                                        _validate)
+        self.history = InventoryHistory(
+            TrustAnchor(anchor.clan_id, frozenset(anchor.admins)), _validate
+        )
 
     def set_anchor(self, anchor: Anchor) -> None:
         if self.anchor is not None:
@@ -70,8 +71,13 @@ class InventoryManager:
             self.stats["rejected"] += 1
             log.warning(
                 "inventory version rejected",
-                extra={"kv": {"hash": result.hash.hex()[:16], "reason": result.reason,
-                              "detail": result.detail}},
+                extra={
+                    "kv": {
+                        "hash": result.hash.hex()[:16],
+                        "reason": result.reason,
+                        "detail": result.detail,
+                    }
+                },
             )
         elif result.accepted:
             self.stats["accepted"] += len(result.accepted)
@@ -88,8 +94,9 @@ class InventoryManager:
             log.warning("malformed inventory record", extra={"kv": {"reason": exc.reason}})
             return OfferResult(OfferStatus.REJECTED, b"", None, exc.reason)
         if rec.key != version.hash.hex():
-            return OfferResult(OfferStatus.REJECTED, version.hash, None,
-                               "record key is not the version hash")
+            return OfferResult(
+                OfferStatus.REJECTED, version.hash, None, "record key is not the version hash"
+            )
         return self.offer_version(version)
 
     def load(self, records: Any) -> None:
@@ -114,9 +121,13 @@ class InventoryManager:
         self._inventory = Inventory(head.doc)
         log.info(
             "inventory head",
-            extra={"kv": {"leaves": ",".join(h.hex()[:12] for h in head.leaves),
-                          "machines": len(self._inventory.machines),
-                          "conflicts": len(head.conflicts)}},
+            extra={
+                "kv": {
+                    "leaves": ",".join(h.hex()[:12] for h in head.leaves),
+                    "machines": len(self._inventory.machines),
+                    "conflicts": len(head.conflicts),
+                }
+            },
         )
         for listener in list(self.listeners):
             listener(self._inventory)
