@@ -1,10 +1,19 @@
-"""`make demo`: start a small local clan and show it working.
+"""`make demo`: found a small local clan and show it working.
 
-Three agents on loopback, each with its own state dir and control socket.
-The first listens on a free port; the other two are given only that one
-seed address.  They find each other by gossip, and `clanctl peers` against
-each shows the other two alive.  Then one is stopped and the others see it
-leave.  Nothing is left behind.
+Three agents on loopback, each with its own state dir and control socket,
+exactly as three machines would do it:
+
+1. m1 starts and founds the clan (`clanctl clan init`), which creates the
+   admin key and the first signed inventory.
+2. m2 and m3 make their keys (`clanagent keygen`); the admin adds them with
+   tags (`clanctl machine add`), which prints a join token; each machine
+   joins with it (`clanagent join TOKEN`) and starts. Nobody types an address:
+   the token carries the seed.
+3. The agents find each other by gossip; `clanctl machines` and
+   `clanctl peers` show the clan from any machine.
+4. m3 stops; the others see it leave.
+
+Nothing is left behind.
 """
 
 from __future__ import annotations
@@ -20,23 +29,35 @@ import time
 from pathlib import Path
 
 PY = sys.executable
-N = 3
+MACHINES = {"m1": "server,lan", "m2": "laptop", "m3": "server,no-public"}
 
 
 def banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def clanctl(sock: Path, *args: str, show: bool = True) -> str:
-    cmd = [PY, "-m", "clanagent.cli.clanctl", "--socket", str(sock), *args]
+def run(cmd: list[str], *, show: bool = True, shown: str | None = None) -> str:
     if show:
-        print(f"$ clanctl --socket {sock} {' '.join(args)}", flush=True)
-    r = subprocess.run(cmd, text=True, capture_output=True, timeout=30)
+        print(f"$ {shown or ' '.join(cmd)}", flush=True)
+    r = subprocess.run(cmd, text=True, capture_output=True, timeout=60)
     if r.returncode != 0:
-        raise SystemExit(f"demo: clanctl {' '.join(args)} failed: {r.stderr.strip()}")
-    if show:
+        print(r.stdout + r.stderr)
+        raise SystemExit(f"demo: '{shown or ' '.join(cmd)}' failed with exit code {r.returncode}")
+    if show and r.stdout.strip():
         print(r.stdout.rstrip(), flush=True)
     return r.stdout
+
+
+def clanctl(sock: Path, *args: str, show: bool = True) -> str:
+    cmd = [PY, "-m", "clanagent.cli.clanctl", "--socket", str(sock), *args]
+    return run(cmd, show=show, shown=f"clanctl --socket {sock.parent.name}/control.sock "
+                                     + " ".join(a if len(a) < 60 else a[:40] + "…" for a in args))
+
+
+def clanagent(*args: str, show: bool = True) -> str:
+    cmd = [PY, "-m", "clanagent.cli.agent_main", *args]
+    return run(cmd, show=show, shown="clanagent " + " ".join(
+        a if len(a) < 60 else a[:40] + "…" for a in args))
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -44,77 +65,88 @@ def wait_for(pred, timeout: float, what: str) -> None:
     while time.monotonic() < deadline:
         if pred():
             return
-        time.sleep(0.1)
+        time.sleep(0.2)
     raise SystemExit(f"demo: timed out waiting for {what}")
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="clanagent-demo-"))
-    procs: list[subprocess.Popen] = []
-    socks = [work / f"m{i}" / "control.sock" for i in range(1, N + 1)]
-    logs = [work / f"m{i}" / "agent.log" for i in range(1, N + 1)]
-    try:
-        seed = ""
-        for i in range(1, N + 1):
-            home = work / f"m{i}"
-            home.mkdir()
-            cfg = home / "agent.toml"
-            join = f'join = ["{seed}"]\n' if seed else ""
-            cfg.write_text(
-                f'state_dir = "{home / "state"}"\n'
-                f'[control]\nsocket = "{socks[i - 1]}"\n'
-                f'[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "m{i}"\n'
-                f'clan_id = "{"c1a2" * 8}"\n{join}'
-            )
-            banner(f"starting agent m{i}" + (f" (seed {seed})" if seed else ""))
-            with logs[i - 1].open("w") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [PY, "-m", "clanagent.cli.agent_main", "run", "--config", str(cfg)],
-                        stderr=log,
-                    )
-                )
-            sock = socks[i - 1]
-            wait_for(lambda s=sock: s.exists(), 15, f"agent m{i} to start")
-            status = json.loads(clanctl(sock, "--json", "status", show=False))
-            print(f"m{i}: node {status['short_id']}, gossip on {status['gossip_addr']}")
-            if not seed:
-                seed = status["gossip_addr"]
+    procs: dict[str, subprocess.Popen] = {}
+    homes = {m: work / m for m in MACHINES}
+    socks = {m: homes[m] / "control.sock" for m in MACHINES}
+    admin_key = work / "admin.key"
 
-        def everyone_sees_everyone() -> bool:
-            for sock in socks:
-                peers = json.loads(clanctl(sock, "--json", "peers", show=False))
-                if sum(p["state"] == "alive" for p in peers) != N - 1:
+    def start(m: str) -> None:
+        with (homes[m] / "agent.log").open("w") as log:
+            procs[m] = subprocess.Popen(
+                [PY, "-m", "clanagent.cli.agent_main", "run", "--config",
+                 str(homes[m] / "agent.toml")],
+                stderr=log,
+            )
+        wait_for(lambda: socks[m].exists(), 15, f"agent {m} to start")
+
+    try:
+        for m in MACHINES:
+            homes[m].mkdir()
+            (homes[m] / "agent.toml").write_text(
+                f'state_dir = "{homes[m] / "state"}"\n'
+                f'[control]\nsocket = "{socks[m]}"\n'
+                f'[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "{m}"\n'
+            )
+
+        banner("m1 starts and founds the clan 'demo'")
+        start("m1")
+        clanctl(socks["m1"], "clan", "init", "demo", "--admin-key", str(admin_key),
+                "--machine", "m1", "--tags", MACHINES["m1"])
+
+        for m in ("m2", "m3"):
+            banner(f"{m}: make keys, get added by the admin, join with the token, start")
+            out = clanagent("keygen", "--state-dir", str(homes[m] / "state"))
+            key = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
+            added = clanctl(socks["m1"], "machine", "add", m, "--key", key, "--tags",
+                            MACHINES[m], "--admin-key", str(admin_key), "--yes")
+            token = next(ln.split()[-1] for ln in added.splitlines()
+                         if ln.strip().startswith("clanagent join"))
+            clanagent("join", token, "--state-dir", str(homes[m] / "state"))
+            start(m)
+
+        def all_online() -> bool:
+            for m in MACHINES:
+                rows = json.loads(clanctl(socks[m], "--json", "machines", show=False))
+                if len(rows) != len(MACHINES) or not all(r["online"] for r in rows):
                     return False
             return True
 
         t0 = time.monotonic()
-        wait_for(everyone_sees_everyone, 30, "the agents to find each other")
-        print(f"\nall {N} agents see each other alive after {time.monotonic() - t0:.1f} s")
-        for sock in socks:
-            banner(f"peers seen by {sock.parent.name}")
-            clanctl(sock, "peers")
-        banner("m1 status")
-        clanctl(socks[0], "status")
+        wait_for(all_online, 40, "every machine to see every machine online")
+        print(f"\nevery machine sees all {len(MACHINES)} online "
+              f"{time.monotonic() - t0:.1f} s after the last one started")
 
-        banner("stopping m3 (SIGTERM: it leaves gracefully)")
-        procs[2].send_signal(signal.SIGTERM)
-        procs[2].wait(timeout=10)
+        banner("the clan, seen from m2")
+        clanctl(socks["m2"], "machines")
+        for m in MACHINES:
+            banner(f"peers seen by {m}")
+            clanctl(socks[m], "peers")
+        banner("the signed inventory (endpoints would travel sealed) and its history")
+        clanctl(socks["m3"], "inventory", "show")
+        clanctl(socks["m3"], "inventory", "history")
+
+        banner("m3 stops (SIGTERM: it leaves gracefully)")
+        procs["m3"].send_signal(signal.SIGTERM)
+        procs["m3"].wait(timeout=10)
 
         def m3_gone() -> bool:
-            peers = json.loads(clanctl(socks[0], "--json", "peers", show=False))
-            return any(p["name"] == "m3" and p["state"] in ("left", "dead") for p in peers)
+            rows = json.loads(clanctl(socks["m1"], "--json", "machines", show=False))
+            return any(r["name"] == "m3" and not r["online"] for r in rows)
 
         wait_for(m3_gone, 30, "m1 to notice m3 left")
-        clanctl(socks[0], "peers")
-        banner("m1's log")
-        print("\n".join(ln for ln in logs[0].read_text().splitlines() if "level=debug" not in ln))
+        clanctl(socks["m1"], "machines")
         return 0
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
+        for p in procs.values():
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:

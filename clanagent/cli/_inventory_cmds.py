@@ -368,7 +368,7 @@ def cmd_machines(client: ControlClient, args: argparse.Namespace) -> Any:
             [
                 (
                     r["name"],
-                    _short(r["node_key"])[:10],
+                    r["node_id"][:10],
                     ",".join(r["tags"]) or "-",
                     "online (this machine)"
                     if r["state"] == "self"

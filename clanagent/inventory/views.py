@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..identity import node_id_of
 from .manager import InventoryManager
 from .select import roles_of, vms_for
 
@@ -81,6 +82,7 @@ def machines(manager: InventoryManager, member_states: dict[bytes, str]) -> list
             {
                 "name": name,
                 "node_key": m["node_key"],
+                "node_id": node_id_of(m["node_key"]),
                 "tags": list(m["tags"]),
                 "online": state in ("alive", "self"),
                 "state": state,
