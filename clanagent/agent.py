@@ -52,6 +52,7 @@ class Agent:
         self.anchor: Anchor | None = None
         self.inventory = InventoryManager(None)
         self._gossip_scope: trio.CancelScope | None = None
+        self.mesh: Any = None  # the mesh service, once it runs
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -62,6 +63,8 @@ class Agent:
         caps = [c.to_wire() for c in self.capabilities]
         if self.gossip is not None:
             caps.append(self.gossip.capability().to_wire())
+        if self.mesh is not None:
+            caps += [c.to_wire() for c in self.mesh.capabilities()]
         return {
             "node_id": self.identity.node_id,
             "short_id": self.identity.short_id,
@@ -232,6 +235,29 @@ class Agent:
     def admit_record(self, rec: SignedRecord) -> bool | None:
         return self.inventory.admit_record(rec)
 
+    def on_record(self, rec: SignedRecord) -> None:
+        """A record was stored (ours or a peer's): tell the parts that care."""
+        if self.mesh is not None:
+            self.mesh.on_record(rec)
+
+    def path(self, machine: str) -> dict[str, Any]:
+        from .control.protocol import ControlError, ErrorCode
+
+        if self.inventory.inventory is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
+        if self.mesh is None:
+            from .mesh.service import MeshService
+
+            view = MeshService(self)  # not running: ranks what is known, changes nothing
+        else:
+            view = self.mesh
+        try:
+            return view.explain(machine)
+        except KeyError:
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, f"no machine '{machine}' in the inventory"
+            ) from None
+
     def _inventory_changed(self, inv: Any) -> None:
         self.events_bus.publish(
             "inventory.head",
@@ -240,6 +266,8 @@ class Agent:
         )
         if self.gossip is not None:
             self.gossip.on_inventory(inv.node_keys())
+        if self.mesh is not None:
+            self.mesh.wake()
 
     async def publish_record(self, kind: str, key: str, body: Any) -> None:
         """Store a record of ours and gossip it (store only, when gossip is off)."""
@@ -296,6 +324,15 @@ class Agent:
         inv = self.inventory.inventory
         if inv is not None:
             self.gossip.on_inventory(inv.node_keys())
+        await self._start_mesh(nursery)
+
+    async def _start_mesh(self, nursery: trio.Nursery) -> None:
+        from .mesh.service import MeshService
+
+        if self.anchor is None or self.mesh is not None:
+            return
+        self.mesh = MeshService(self)
+        await nursery.start(self.mesh.run)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg

@@ -21,6 +21,7 @@ __all__ = [
     "Config",
     "ControlConfig",
     "GossipSection",
+    "MeshSection",
     "DEFAULT_CONFIG_PATH",
     "load_config",
 ]
@@ -62,6 +63,27 @@ class GossipSection:
 
 
 @dataclass(frozen=True)
+class MeshSection:
+    # Build the WireGuard mesh (needs CAP_NET_ADMIN and WireGuard; otherwise
+    # reported unavailable and skipped).
+    wireguard: bool = True
+    # Name of the WireGuard interface the agent creates (and only ever touches).
+    interface: str = "clan0"
+    # UDP port WireGuard listens on.
+    wg_port: int = 51820
+    # Optional IPv4 overlay range (e.g. "100.64.0.0/16"); "" = IPv6 overlay only.
+    ipv4_range: str = ""
+    # Advertise and browse on the LAN with mDNS.
+    mdns: bool = True
+    # Tor: "off", "attach" (to a running tor's control port/socket) or "start" (our own tor).
+    tor: str = "off"
+    # For tor = "attach": HOST:PORT of the control port, or the path of the control socket.
+    tor_control: str = ""
+    # This machine's own public HOST:PORT addresses to advertise (besides the inventory's).
+    public_endpoints: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/clanagent"
     runtime_dir: str = "/run/clanagent"
@@ -71,6 +93,7 @@ class Config:
     shutdown_timeout: float = 2.0
     control: ControlConfig = field(default_factory=ControlConfig)
     gossip: GossipSection = field(default_factory=GossipSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
 
     @property
     def state_path(self) -> Path:
@@ -138,6 +161,25 @@ def _check(cfg: Config) -> None:
         _split_hostport(addr, f"gossip.join[{i}]")
     if cfg.gossip.listen:
         _split_hostport(cfg.gossip.listen, "gossip.listen")
+    if cfg.mesh.tor not in ("off", "attach", "start"):
+        raise ConfigError(f"mesh.tor: '{cfg.mesh.tor}' is not off, attach or start")
+    if not 0 < cfg.mesh.wg_port < 65536:
+        raise ConfigError("mesh.wg_port: must be 1..65535")
+    if not cfg.mesh.interface or len(cfg.mesh.interface) > 15 or "/" in cfg.mesh.interface:
+        raise ConfigError("mesh.interface: must be 1..15 characters, no '/'")
+    for i, addr in enumerate(cfg.mesh.public_endpoints):
+        _split_hostport(addr, f"mesh.public_endpoints[{i}]")
+    if cfg.mesh.ipv4_range:
+        import ipaddress
+
+        try:
+            net = ipaddress.IPv4Network(cfg.mesh.ipv4_range)
+        except ValueError:
+            raise ConfigError(
+                f"mesh.ipv4_range: '{cfg.mesh.ipv4_range}' is not an IPv4 network"
+            ) from None
+        if net.num_addresses < 4:
+            raise ConfigError("mesh.ipv4_range: needs at least a /30")
     if cfg.gossip.clan_id:
         try:
             bytes.fromhex(cfg.gossip.clan_id)

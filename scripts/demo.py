@@ -50,14 +50,21 @@ def run(cmd: list[str], *, show: bool = True, shown: str | None = None) -> str:
 
 def clanctl(sock: Path, *args: str, show: bool = True) -> str:
     cmd = [PY, "-m", "clanagent.cli.clanctl", "--socket", str(sock), *args]
-    return run(cmd, show=show, shown=f"clanctl --socket {sock.parent.name}/control.sock "
-                                     + " ".join(a if len(a) < 60 else a[:40] + "…" for a in args))
+    return run(
+        cmd,
+        show=show,
+        shown=f"clanctl --socket {sock.parent.name}/control.sock "
+        + " ".join(a if len(a) < 60 else a[:40] + "…" for a in args),
+    )
 
 
 def clanagent(*args: str, show: bool = True) -> str:
     cmd = [PY, "-m", "clanagent.cli.agent_main", *args]
-    return run(cmd, show=show, shown="clanagent " + " ".join(
-        a if len(a) < 60 else a[:40] + "…" for a in args))
+    return run(
+        cmd,
+        show=show,
+        shown="clanagent " + " ".join(a if len(a) < 60 else a[:40] + "…" for a in args),
+    )
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -79,8 +86,14 @@ def main() -> int:
     def start(m: str) -> None:
         with (homes[m] / "agent.log").open("w") as log:
             procs[m] = subprocess.Popen(
-                [PY, "-m", "clanagent.cli.agent_main", "run", "--config",
-                 str(homes[m] / "agent.toml")],
+                [
+                    PY,
+                    "-m",
+                    "clanagent.cli.agent_main",
+                    "run",
+                    "--config",
+                    str(homes[m] / "agent.toml"),
+                ],
                 stderr=log,
             )
         wait_for(lambda: socks[m].exists(), 15, f"agent {m} to start")
@@ -92,21 +105,47 @@ def main() -> int:
                 f'state_dir = "{homes[m] / "state"}"\n'
                 f'[control]\nsocket = "{socks[m]}"\n'
                 f'[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "{m}"\n'
+                # on loopback: no mDNS on the host's LAN, no WireGuard interfaces
+                "[mesh]\nwireguard = false\nmdns = false\n"
             )
 
         banner("m1 starts and founds the clan 'demo'")
         start("m1")
-        clanctl(socks["m1"], "clan", "init", "demo", "--admin-key", str(admin_key),
-                "--machine", "m1", "--tags", MACHINES["m1"])
+        clanctl(
+            socks["m1"],
+            "clan",
+            "init",
+            "demo",
+            "--admin-key",
+            str(admin_key),
+            "--machine",
+            "m1",
+            "--tags",
+            MACHINES["m1"],
+        )
 
         for m in ("m2", "m3"):
             banner(f"{m}: make keys, get added by the admin, join with the token, start")
             out = clanagent("keygen", "--state-dir", str(homes[m] / "state"))
             key = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
-            added = clanctl(socks["m1"], "machine", "add", m, "--key", key, "--tags",
-                            MACHINES[m], "--admin-key", str(admin_key), "--yes")
-            token = next(ln.split()[-1] for ln in added.splitlines()
-                         if ln.strip().startswith("clanagent join"))
+            added = clanctl(
+                socks["m1"],
+                "machine",
+                "add",
+                m,
+                "--key",
+                key,
+                "--tags",
+                MACHINES[m],
+                "--admin-key",
+                str(admin_key),
+                "--yes",
+            )
+            token = next(
+                ln.split()[-1]
+                for ln in added.splitlines()
+                if ln.strip().startswith("clanagent join")
+            )
             clanagent("join", token, "--state-dir", str(homes[m] / "state"))
             start(m)
 
@@ -119,8 +158,10 @@ def main() -> int:
 
         t0 = time.monotonic()
         wait_for(all_online, 40, "every machine to see every machine online")
-        print(f"\nevery machine sees all {len(MACHINES)} online "
-              f"{time.monotonic() - t0:.1f} s after the last one started")
+        print(
+            f"\nevery machine sees all {len(MACHINES)} online "
+            f"{time.monotonic() - t0:.1f} s after the last one started"
+        )
 
         banner("the clan, seen from m2")
         clanctl(socks["m2"], "machines")

@@ -43,6 +43,7 @@ def agent(tmp_path):
     cfg.write_text(
         f'state_dir = "{tmp_path / "state"}"\n[control]\nsocket = "{sock}"\n'
         '[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "alpha"\n'
+        "[mesh]\nwireguard = false\nmdns = false\n"  # loopback only
     )
     log = (tmp_path / "agent.log").open("w")
     proc = subprocess.Popen(

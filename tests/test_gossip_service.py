@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from clanagent.agent import Agent
-from clanagent.config import Config, ControlConfig, GossipSection
+from clanagent.config import Config, ControlConfig, GossipSection, MeshSection
 
 pytestmark = pytest.mark.integration
 
@@ -17,6 +17,8 @@ def make_cfg(tmp_path, i: int, join: list[str], **gossip) -> Config:
     return Config(
         state_dir=str(tmp_path / f"s{i}"),
         control=ControlConfig(socket=str(tmp_path / f"c{i}.sock")),
+        # loopback only: no mDNS on the host's LAN, no WireGuard interface per agent
+        mesh=MeshSection(wireguard=False, mdns=False),
         gossip=GossipSection(
             listen="127.0.0.1:0", join=join, profile="local", name=f"m{i}", **gossip
         ),

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from clanagent.agent import Agent
-from clanagent.config import Config, ControlConfig, GossipSection
+from clanagent.config import Config, ControlConfig, GossipSection, MeshSection
 from clanagent.control.client import ClientError, ControlClient
 from clanagent.identity import load_or_create
 from clanagent.inventory import (
@@ -29,6 +29,8 @@ def cfg_for(tmp_path, i: int) -> Config:
     return Config(
         state_dir=str(tmp_path / f"s{i}"),
         control=ControlConfig(socket=str(tmp_path / f"c{i}.sock")),
+        # loopback only: no mDNS on the host's LAN, no WireGuard interface per agent
+        mesh=MeshSection(wireguard=False, mdns=False),
         gossip=GossipSection(listen="127.0.0.1:0", profile="local", name=f"m{i}"),
     )
 

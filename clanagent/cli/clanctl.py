@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentNotRunning, ClientError, ControlClient
-from . import _inventory_cmds
+from . import _inventory_cmds, _mesh_cmds
 from ._table import table
 
 DEFAULT_SOCKET = "/run/clanagent/control.sock"
@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("events", help="stream agent events until interrupted")
     ev.add_argument("--count", type=int, default=0, help="stop after N events")
     _inventory_cmds.add_parsers(sub)
+    _mesh_cmds.add_parsers(sub)
     return p
 
 
@@ -135,6 +136,13 @@ def _dump(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tor-connect":  # ssh's ProxyCommand: no agent involved
+        try:
+            _mesh_cmds.tor_connect(args.socks, args.host, args.port)
+        except (OSError, _mesh_cmds.CommandError) as exc:
+            print(f"clanctl: {exc}", file=sys.stderr)
+            return 1
+        return 0
     path = Path(args.socket or _default_socket())
     client = ControlClient(path, timeout=args.timeout)
     try:
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_dump(result))
             return 0
         result = client.call(args.command)
-    except _inventory_cmds.CommandError as exc:
+    except (_inventory_cmds.CommandError, _mesh_cmds.CommandError) as exc:
         print(f"clanctl: {exc}", file=sys.stderr)
         return 1
     except AgentNotRunning as exc:

@@ -97,6 +97,13 @@ async def _invite(agent: Any, params: dict[str, Any]) -> Any:
     return agent.invite(machine)
 
 
+async def _path(agent: Any, params: dict[str, Any]) -> Any:
+    machine = params.get("machine")
+    if not isinstance(machine, str) or not machine:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "parameter 'machine' must be a name")
+    return agent.path(machine)
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}

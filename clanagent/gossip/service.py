@@ -62,13 +62,23 @@ def addr_to_url(addr: str) -> str:
     return f"ws://{host}:{port}/"
 
 
+def _wildcard_host() -> str:
+    """An address of ours that peers can dial, for a wildcard listener."""
+    try:
+        from ..mesh.localaddrs import local_addresses
+
+        v4 = [a for a in local_addresses() if ":" not in a]
+        if v4:
+            return v4[0]
+    except Exception:  # no netlink (unusual): fall back to the resolver
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 def _advertise(host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::"):
-        # A wildcard is not an address peers can dial: use this host's own.
-        try:
-            host = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            host = "127.0.0.1"
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
@@ -104,6 +114,8 @@ class GossipService:
         self._admitted = {bytes.fromhex(k) for k in cfg.admitted_keys}
         self.node: GossipNode | None = None
         self.addr = ""
+        self.port: int | None = None  # the port we listen on, once listening
+        self.listen_host = ""
         self._links: OrderedDict[str, _Link] = OrderedDict()  # by node id
         self._by_addr: dict[str, str] = {}  # dialed address -> node id
         self._dialing: dict[str, list[bytes]] = {}  # address -> datagrams waiting for the dial
@@ -189,7 +201,13 @@ class GossipService:
                 port = await nursery.start(
                     serve_peers, host, want, identity, self.clan, self.admit, self._on_incoming
                 )
-                self.addr = _advertise(host, port)
+                if host in ("", "0.0.0.0", "::"):
+                    host_ip = await trio.to_thread.run_sync(_wildcard_host)
+                else:
+                    host_ip = host
+                self.addr = _advertise(host_ip, port)
+                self.port = port
+                self.listen_host = host
             else:
                 # Not listening: peers can still talk back over our outgoing sessions.
                 self.addr = f"outbound-only:{identity.short_id}"
@@ -222,6 +240,14 @@ class GossipService:
 
     def publish(self, kind: str, key: str, body: Any) -> None:
         self._publish(kind, key, body)
+
+    def add_seed(self, addr: str) -> None:
+        """A new way to reach the clan (LAN discovery): contact it now."""
+        if addr == self.addr or self.node is None:
+            return
+        if addr not in self.seeds:
+            self.seeds.append(addr)
+        self._handle(self.node.join(trio.current_time(), [addr]))
 
     def on_inventory(self, node_keys: frozenset[bytes]) -> None:
         """A new inventory: close sessions of machines that are no longer in it."""
@@ -278,6 +304,9 @@ class GossipService:
                 self._member_changed(action)
             elif isinstance(action, RecordAccepted):
                 rec = action.record
+                hook = getattr(self.agent, "on_record", None)
+                if hook is not None:
+                    hook(rec)
                 self.agent.events_bus.publish(
                     "record.accepted",
                     origin=rec.origin.hex(),

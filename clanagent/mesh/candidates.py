@@ -1,0 +1,97 @@
+"""Where each peer machine can be reached: candidates from every source.
+
+Owns: the `endpoints` record a node publishes about itself (its LAN and
+public addresses, WireGuard port and sealed onion address) and turning the
+inventory, those records and LAN discovery into `Candidate`s per machine.
+Must never: put an onion address in the clear into a record, or make a
+candidate for a machine that is not in the inventory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..wire import WireError
+from .paths import Candidate
+
+__all__ = [
+    "ENDPOINTS_KIND",
+    "endpoints_body",
+    "parse_endpoints_body",
+    "collect",
+]
+
+ENDPOINTS_KIND = "endpoints"
+MAX_ADDRS = 32
+
+
+def endpoints_body(
+    lan: Iterable[str],
+    public: Iterable[str],
+    wg_port: int | None,
+    sealed_onion: bytes = b"",
+) -> dict[str, Any]:
+    """The body of our own `endpoints` record."""
+    return {
+        "lan": sorted(set(lan))[:MAX_ADDRS],
+        "public": sorted(set(public))[:MAX_ADDRS],
+        "wg_port": wg_port or 0,
+        "onion": sealed_onion,
+    }
+
+
+def parse_endpoints_body(body: Any) -> dict[str, Any]:
+    """Check a peer's `endpoints` record body; WireError when malformed."""
+    if not isinstance(body, dict) or set(body) != {"lan", "public", "wg_port", "onion"}:
+        raise WireError("endpoints: expected {lan, public, wg_port, onion}")
+    for field in ("lan", "public"):
+        addrs = body[field]
+        if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
+            raise WireError(f"endpoints.{field}: expected a list of at most {MAX_ADDRS}")
+        for a in addrs:
+            if not isinstance(a, str) or len(a) > 300 or ":" not in a:
+                raise WireError(f"endpoints.{field}: bad address")
+    port = body["wg_port"]
+    if type(port) is not int or not 0 <= port < 65536:
+        raise WireError("endpoints.wg_port: expected 0..65535")
+    if not isinstance(body["onion"], bytes) or len(body["onion"]) > 8192:
+        raise WireError("endpoints.onion: expected sealed bytes")
+    return body
+
+
+def collect(
+    doc: Mapping[str, Any],
+    *,
+    self_key: bytes,
+    records: Mapping[bytes, Mapping[str, Any]],
+    opened_inventory: Mapping[str, list[str]],
+    lan_seen: Mapping[bytes, Iterable[str]],
+    onions: Mapping[bytes, str],
+) -> dict[bytes, list[Candidate]]:
+    """Candidates per peer node key, from every source we have.
+
+    `records`: node key -> parsed endpoints body (gossip); `opened_inventory`:
+    machine name -> endpoints from the inventory (sealed, already opened);
+    `lan_seen`: node key -> addresses found by mDNS; `onions`: node key ->
+    onion host:port (opened from the sealed record field).
+    """
+    out: dict[bytes, list[Candidate]] = {}
+    for name, m in sorted(doc.get("machines", {}).items()):
+        key = m["node_key"]
+        if key == self_key:
+            continue
+        rec = records.get(key)
+        wg_port = rec["wg_port"] if rec and rec["wg_port"] else None
+        cands: list[Candidate] = []
+        for addr in lan_seen.get(key, ()):
+            cands.append(Candidate(key, "lan", addr, "mdns", wg_port))
+        if rec:
+            cands += [Candidate(key, "lan", a, "gossip", wg_port) for a in rec["lan"]]
+            cands += [Candidate(key, "public", a, "gossip", wg_port) for a in rec["public"]]
+        for addr in opened_inventory.get(name, []) + list(m.get("endpoints", [])):
+            cands.append(Candidate(key, "public", addr, "inventory", wg_port))
+        if key in onions:
+            cands.append(Candidate(key, "tor", onions[key], "tor", None))
+        out[key] = cands
+    return out
