@@ -162,6 +162,13 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 "a join token for a machine of the inventory",
                 params=("machine",),
             ),
+            _h(
+                "path",
+                "read",
+                _path,
+                "the chosen path to a machine and the ranked alternatives",
+                params=("machine",),
+            ),
         ]
     }
 }
