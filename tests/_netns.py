@@ -35,10 +35,23 @@ def netns_missing_reason() -> str | None:
 class Lan:
     """One bridge in a switch namespace, with `n` host namespaces attached."""
 
-    def __init__(self, n: int, prefix: str | None = None, subnet: str = "10.88.0") -> None:
-        self.prefix = prefix or f"ca{os.getpid() % 10000}"
-        self.sw = f"{self.prefix}-sw"
+    def __init__(
+        self,
+        n: int,
+        prefix: str | None = None,
+        subnet: str = "10.88.0",
+        *,
+        share_hosts_with: Lan | None = None,
+        tag: str = "a",
+    ) -> None:
+        """`share_hosts_with`: a second LAN for the same host namespaces."""
+        self.prefix = share_hosts_with.prefix if share_hosts_with else (
+            prefix or f"ca{os.getpid() % 10000}"
+        )
+        self.tag = tag
+        self.sw = f"{self.prefix}-sw{tag}"
         self.hosts = [f"{self.prefix}-m{i}" for i in range(1, n + 1)]
+        self.own_hosts = share_hosts_with is None
         self.subnet = subnet
         self.procs: list[subprocess.Popen] = []
 
@@ -50,9 +63,10 @@ class Lan:
         sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.sw, "link", "set", "br0", "up")
         for i, ns in enumerate(self.hosts):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            host_if, sw_if = f"eth{i}", f"p{i}"
+            if self.own_hosts:
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            host_if, sw_if = f"eth{self.tag}{i}", f"p{i}"
             sh(
                 "ip",
                 "link",
@@ -106,7 +120,7 @@ class Lan:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for ns in [*self.hosts, self.sw]:
+        for ns in [*(self.hosts if self.own_hosts else []), self.sw]:
             sh("ip", "netns", "del", ns, check=False)
 
 

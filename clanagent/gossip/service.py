@@ -382,17 +382,39 @@ class GossipService:
         assert self._nursery is not None
         self._nursery.start_soon(self._dial, action.addr)
 
+    async def _connect_onion(self, addr: str) -> PeerSession:
+        """A session to an onion address, through our tor's SOCKS port."""
+        from trio_websocket import wrap_client_stream
+
+        from .handshake import Role
+        from .peer import establish_session
+
+        mesh = getattr(self.agent, "mesh", None)
+        tor = getattr(mesh, "tor", None)
+        if tor is None or not tor.available:
+            raise PeerDisconnected("no tor running here to reach an onion address")
+        host, port = split_hostport(addr, "address")
+        assert self._nursery is not None
+        stream = await tor.dial(host, port, timeout=60)
+        ws = await wrap_client_stream(self._nursery, stream, host, "/")
+        return await establish_session(
+            ws, Role.INITIATOR, self.agent.identity, self.clan, self.admit, timeout=60
+        )
+
     async def _dial(self, addr: str) -> None:
         assert self._nursery is not None
         try:
-            session = await connect(
-                self._nursery,
-                addr_to_url(addr),
-                self.agent.identity,
-                self.clan,
-                self.admit,
-                timeout=DIAL_TIMEOUT,
-            )
+            if split_hostport(addr, "address")[0].endswith(".onion"):
+                session = await self._connect_onion(addr)
+            else:
+                session = await connect(
+                    self._nursery,
+                    addr_to_url(addr),
+                    self.agent.identity,
+                    self.clan,
+                    self.admit,
+                    timeout=DIAL_TIMEOUT,
+                )
         except (PeerDisconnected, RemoteProtocolError) as exc:
             self.stats["dial_failures"] += 1
             log.debug("dial failed", extra=kv(addr=addr, reason=exc.reason))
@@ -452,7 +474,9 @@ class GossipService:
         finally:
             if self._links.get(session.peer_node_id) is link:
                 del self._links[session.peer_node_id]
-            with trio.CancelScope(shield=True):
+            # A clean close waits for the peer; a dead peer must not hold up a stop.
+            with trio.move_on_after(0.5) as cs:
+                cs.shield = True
                 await session.aclose()
 
     async def _writer(self, link: _Link) -> None:

@@ -33,11 +33,24 @@ __all__ = ["MeshService", "RECONCILE_INTERVAL"]
 log = logging.getLogger("clanagent.mesh")
 
 RECONCILE_INTERVAL = 30.0
+# Probe the current path of every peer this often; this many misses in a row
+# fail it (so failover takes about PROBE_INTERVAL * PROBE_MISSES + a reconcile).
+PROBE_INTERVAL = 1.0
+PROBE_MISSES = 3
 ADDRESS_CHECK_INTERVAL = 60.0
 # A peer we gave an endpoint must complete a handshake within this long.
 HANDSHAKE_GRACE = 12.0
 # WireGuard rekeys every 2 minutes on an active tunnel; older means stale.
 HANDSHAKE_FRESH = 180.0
+
+
+def _socks_text(tor: Any) -> str | None:
+    socks = getattr(tor, "socks_address", None) if tor is not None else None
+    return None if not socks else _join_host_port(socks[0], socks[1])
+
+
+def _path_id(c: Candidate | None) -> tuple[str, str] | None:
+    return None if c is None else c.path_id
 
 
 def _host_of(addr: str) -> str:
@@ -70,7 +83,17 @@ class MeshService:
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._published: dict[str, Any] | None = None
-        self.stats = {"reconciles": 0, "applied": 0, "errors": 0}
+        self.stats = {
+            "reconciles": 0,
+            "applied": 0,
+            "errors": 0,
+            "probes_sent": 0,
+            "probes_answered": 0,
+            "probes_bad": 0,
+        }
+        self._cands: dict[tuple[bytes, str], Candidate] = {}
+        self._misses: dict[tuple[bytes, str], int] = {}
+        self._probe_sock: Any = None
 
     # -- status ------------------------------------------------------------------
 
@@ -158,6 +181,11 @@ class MeshService:
             if self.cfg.tor != "off":
                 nursery.start_soon(self._run_tor)
             nursery.start_soon(self._address_loop)
+            if self.backend is not None:
+                await self._open_probe_socket()
+                if self._probe_sock is not None:
+                    nursery.start_soon(self._probe_receiver)
+                    nursery.start_soon(self._probe_sender)
             task_status.started(self)
             try:
                 await self._reconcile_loop()
@@ -214,6 +242,9 @@ class MeshService:
         )
 
     async def _stop_wireguard(self) -> None:
+        if self._probe_sock is not None:
+            self._probe_sock.close()
+            self._probe_sock = None
         if self.backend is not None:
             try:
                 await self.backend.destroy()
@@ -270,24 +301,163 @@ class MeshService:
     async def _run_tor(self) -> None:
         from .tor import TorService
 
+        control_port = control_socket = None
+        if self.cfg.tor == "attach":
+            ctl = self.cfg.tor_control
+            if ctl.rsplit(":", 1)[-1].isdigit():
+                control_port = int(ctl.rsplit(":", 1)[-1])
+            elif ctl:
+                control_socket = ctl
+            else:
+                self.tor_reason = "mesh.tor = attach needs mesh.tor_control (port or socket)"
+                return
         tor = TorService(
-            self.agent.cfg.state_path / "tor", mode=self.cfg.tor, control=self.cfg.tor_control
+            self.agent.cfg.state_path, control_port=control_port, control_socket=control_socket
         )
         self.tor = tor
         gossip = self.agent.gossip
         if gossip is None or gossip.port is None:
             self.tor_reason = "gossip is not listening: nothing to publish as an onion service"
             return
-        try:
-            await tor.run(gossip.port, on_ready=lambda: self._tor_ready(tor))
-        except Exception as exc:
-            self.tor_reason = f"failed: {exc}"
-            log.warning("tor unavailable", extra=kv(error=exc))
+        assert self._nursery is not None
+        await self._nursery.start(tor.run, gossip.port)
+        if tor.available and tor.onion_address:
+            self.tor_reason = f"onion service {tor.onion_address} (socks {tor.socks_address})"
+            self._published = None  # republish our endpoints with the (sealed) onion
+            await self._publish_endpoints()
+        else:
+            self.tor_reason = tor.reason
+            log.info("tor unavailable", extra=kv(reason=tor.reason))
 
-    def _tor_ready(self, tor: Any) -> None:
-        self.tor_reason = f"onion service {tor.onion_address}"
-        self._published = None  # republish endpoints with the onion
-        self.wake()
+    # -- path probes ----------------------------------------------------------------------
+
+    async def _open_probe_socket(self) -> None:
+        import socket as _socket
+
+        from .probe import ProbeTracker
+
+        gossip = self.agent.gossip
+        if gossip is None or gossip.port is None:
+            return
+        host = gossip.listen_host or "0.0.0.0"
+        family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+        sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
+        try:
+            await sock.bind((host, gossip.port))  # the gossip port number, over UDP
+        except OSError as exc:
+            sock.close()
+            log.warning("path probes unavailable", extra=kv(error=exc))
+            return
+        self._probe_sock = sock
+        self.tracker = ProbeTracker(timeout=PROBE_INTERVAL * 2)
+
+    def _box_keys(self) -> dict[bytes, bytes]:
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return {}
+        return {m["node_key"]: m["box_key"] for m in inv.doc["machines"].values()}
+
+    async def _probe_receiver(self) -> None:
+        from . import probe
+
+        sock = self._probe_sock
+        ident = self.agent.identity
+        while True:
+            data, src = await sock.recvfrom(probe.MAX_DATAGRAM + 1)
+            try:
+                sender, kind, pid, sent_at = probe.decode(data, ident.box_key, self._box_keys())
+            except WireError:
+                self.stats["probes_bad"] += 1
+                continue
+            if kind == probe.PING:
+                reply = probe.encode(
+                    probe.PONG,
+                    pid,
+                    sent_at,
+                    ident.public_key,
+                    ident.box_key,
+                    self._box_keys()[sender],
+                )
+                try:
+                    await sock.sendto(reply, src)
+                except OSError:
+                    pass
+                continue
+            got = self.tracker.answered(pid, sender, time.time())
+            if got is None or self.selector is None:
+                continue
+            sent, rtt = got
+            self.stats["probes_answered"] += 1
+            self._misses.pop((sent.node_key, sent.address), None)
+            cand = self._cands.get((sent.node_key, sent.address))
+            if cand is not None:
+                before = _path_id(self.selector.current(sent.node_key))
+                self.selector.report_success(sent.node_key, cand, rtt, time.time())
+                if _path_id(self.selector.current(sent.node_key)) != before:
+                    self.wake()
+
+    async def _send_probe(self, node_key: bytes, address: str) -> None:
+        from . import probe
+
+        box = self._box_keys().get(node_key)
+        if box is None:
+            return
+        try:
+            host, port = split_hostport(address, "address")
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
+        except (OSError, ValueError):
+            return
+        ident = self.agent.identity
+        pid = self.tracker.sent(node_key, address, time.time())
+        data = probe.encode(probe.PING, pid, time.time(), ident.public_key, ident.box_key, box)
+        for family, _, _, _, sockaddr in infos:
+            if family == self._probe_sock.family:
+                try:
+                    await self._probe_sock.sendto(data, sockaddr)
+                    self.stats["probes_sent"] += 1
+                except OSError:
+                    pass
+                return
+
+    async def _probe_sender(self) -> None:
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            sel = self.selector
+            if sel is None:
+                continue
+            now = time.time()
+            for p in self.tracker.expired(now):
+                cand = self._cands.get((p.node_key, p.address))
+                if cand is None:
+                    continue
+                key = (p.node_key, p.address)
+                self._misses[key] = self._misses.get(key, 0) + 1
+                before = _path_id(sel.current(p.node_key))
+                is_current = before == cand.path_id
+                # One lost probe is not a dead path; a probe of an alternative
+                # only has to fail once to stay backed off.
+                if not is_current or self._misses[key] >= PROBE_MISSES:
+                    self._misses.pop(key, None)
+                    sel.report_failure(p.node_key, cand, now)
+                    if is_current:
+                        log.info(
+                            "path failed",
+                            extra=kv(
+                                peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"
+                            ),
+                        )
+                    if _path_id(sel.current(p.node_key)) != before:
+                        self.wake()
+            targets: set[tuple[bytes, str]] = set()
+            for node_key in {k for k, _ in self._cands}:
+                cur = sel.current(node_key)
+                if cur is not None and cur.kind in ("lan", "public"):
+                    targets.add((node_key, cur.address))
+            for node_key, cand in sel.probes_due(now):
+                if cand.kind in ("lan", "public"):
+                    targets.add((node_key, cand.address))
+            for node_key, address in targets:
+                await self._send_probe(node_key, address)
 
     # -- our own endpoints -------------------------------------------------------------
 
@@ -384,6 +554,8 @@ class MeshService:
         for key, (name, m) in sorted(by_key.items()):
             if key == agent.identity.public_key:
                 continue
+            for c in all_cands.get(key, []):
+                self._cands[(key, c.address)] = c
             self.selector.set_candidates(
                 key, all_cands.get(key, []), path_preference(doc, name), bool(m["public"]), now
             )
@@ -432,7 +604,11 @@ class MeshService:
             last = status.last_handshake if status is not None else None
             if last is not None and now - last < HANDSHAKE_FRESH:
                 self.selector.report_success(node_key, current, self._rtt_of(node_key), now)
-            elif now - self._configured_at.get(wg_key, now) > HANDSHAKE_GRACE:
+            elif (
+                self._probe_sock is None
+                and now - self._configured_at.get(wg_key, now) > HANDSHAKE_GRACE
+            ):
+                # Without probes, a missing handshake is the only sign of a dead path.
                 self.selector.report_failure(node_key, current, now)
                 self._configured_at[wg_key] = now
 
@@ -463,7 +639,8 @@ class MeshService:
             "overlay6": str(overlay_ip6(inv.clan_id, key)),
             "wireguard": self.backend is not None,
             "handshake": handshake is not None and time.time() - handshake < HANDSHAKE_FRESH,
-            "tor_socks": getattr(self.tor, "socks_address", None) if self.tor else None,
+            "tor_socks": _socks_text(self.tor),
+            "mesh_stats": dict(self.stats),
         }
         if self.selector is None:
             # No WireGuard: still rank what we know, for gossip and ssh.

@@ -1,0 +1,428 @@
+"""LAN discovery of clan peers over mDNS / DNS-SD (python-zeroconf).
+
+Owns: what we announce (`_clan._tcp.local.`, one instance per node, TXT
+`c` = a hash of the clan id, `n` = our node key, `v` = the TXT version, `w` =
+our WireGuard port when known), how answers become `Candidate`s (the sans-IO
+`MdnsPeers` table: filter, aggregate per node key, report changes), and the
+trio shell `MdnsDiscovery` that drives zeroconf's own threads.
+
+Must never: put the clan id or name on the wire (only a personalised hash,
+so a LAN observer cannot read which clan this is or link it to an
+inventory), raise on what another host announced (malformed TXT, other
+clans, our own echo: counted and dropped), block the trio loop (zeroconf's
+sync API runs in worker threads and its callbacks come back through a
+channel), or stop the agent: no multicast interface or a failing zeroconf
+leaves `available` False with a `reason`.
+
+Trust: an mDNS answer is unauthenticated -- anyone on the LAN can claim any
+node key. A candidate is only a hint where to dial; the peer handshake
+proves who answers, and the caller keeps only keys of the inventory
+(`candidates.collect`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .paths import Candidate
+
+__all__ = [
+    "SERVICE_TYPE",
+    "TXT_VERSION",
+    "clan_tag",
+    "encode_txt",
+    "decode_txt",
+    "Announcement",
+    "format_address",
+    "MdnsPeers",
+    "MdnsDiscovery",
+    "multicast_interfaces",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_clan._tcp.local."
+TXT_VERSION = "1"
+_TAG_PERSON = b"clan-mdns"
+_TAG_BYTES = 8  # 64 bits: no accidental collision between clans on one LAN
+NODE_KEY_LEN = 32
+MAX_ADDRESSES = 16  # per announcement; more is someone flooding us
+RESOLVE_TIMEOUT_MS = 3000
+
+
+def clan_tag(clan_id: bytes) -> str:
+    """The clan's mDNS tag: first 8 bytes (hex) of BLAKE2b(clan_id, person=b"clan-mdns")."""
+    return hashlib.blake2b(clan_id, digest_size=_TAG_BYTES, person=_TAG_PERSON).hexdigest()
+
+
+def encode_txt(clan_id: bytes, node_key: bytes, *, wg_port: int | None = None) -> dict[str, str]:
+    """Our TXT properties."""
+    if len(node_key) != NODE_KEY_LEN:
+        raise ValueError("node key must be 32 bytes")
+    txt = {"v": TXT_VERSION, "c": clan_tag(clan_id), "n": node_key.hex()}
+    if wg_port:
+        txt["w"] = str(wg_port)
+    return txt
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A decoded TXT record of some node on the LAN (of any clan)."""
+
+    clan_tag: str
+    node_key: bytes
+    wg_port: int | None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def decode_txt(properties: Mapping[Any, Any] | None) -> Announcement | None:
+    """Our TXT fields from zeroconf's properties (bytes or str keys), or None when malformed.
+
+    Never raises: every byte here comes from any host on the LAN. An unknown
+    version is "malformed" too: a future format is free to change fields.
+    """
+    if not isinstance(properties, Mapping):
+        return None
+    fields: dict[str, str] = {}
+    for k, v in properties.items():
+        key, value = _text(k), _text(v)
+        if key is not None and value is not None:
+            fields[key] = value
+    if fields.get("v") != TXT_VERSION:
+        return None
+    tag, key_hex = fields.get("c", ""), fields.get("n", "")
+    if len(tag) != 2 * _TAG_BYTES or len(key_hex) != 2 * NODE_KEY_LEN:
+        return None
+    try:
+        bytes.fromhex(tag)
+        node_key = bytes.fromhex(key_hex)
+    except ValueError:
+        return None
+    if tag != tag.lower() or key_hex != key_hex.lower():
+        return None  # one canonical spelling, so equal means equal
+    wg_port: int | None = None
+    if "w" in fields:
+        w = fields["w"]
+        if not w.isdigit() or not 0 < int(w) < 65536 or w != str(int(w)):
+            return None
+        wg_port = int(w)
+    return Announcement(tag, node_key, wg_port)
+
+
+def format_address(ip: str, port: int) -> str | None:
+    """'ip:port' / '[v6]:port' for an address a peer can dial, else None.
+
+    Loopback, unspecified, multicast and link-local addresses are dropped:
+    link-local needs a scope (the interface) that means nothing to the
+    peer's path selection and WireGuard endpoint.
+    """
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_link_local:
+        return None
+    return f"[{addr.compressed}]:{port}" if addr.version == 6 else f"{addr.compressed}:{port}"
+
+
+Change = tuple[bytes, tuple[Candidate, ...]]  # node key -> its full mDNS candidate set now
+
+
+class MdnsPeers:
+    """Sans-IO table: mDNS service instances -> LAN candidates per node key.
+
+    Feed it `resolved(...)` for an added/updated instance and `gone(name)`
+    for a removed one; each returns the changes: (node key, the node's full
+    candidate set now), an empty set meaning "no longer seen". A node may
+    show up under several instance names (a restart that had to rename);
+    its candidates are the union. `ignored` counts what was dropped, by why.
+    """
+
+    def __init__(self, clan_id: bytes, own_key: bytes) -> None:
+        self._tag = clan_tag(clan_id)
+        self._own = own_key
+        self._by_name: dict[str, tuple[bytes, frozenset[Candidate]]] = {}
+        self._current: dict[bytes, tuple[Candidate, ...]] = {}
+        self.ignored: dict[str, int] = {"other_clan": 0, "own": 0, "malformed": 0}
+
+    def candidates(self) -> dict[bytes, tuple[Candidate, ...]]:
+        return dict(self._current)
+
+    def resolved(
+        self, name: str, properties: Mapping[Any, Any] | None, addresses: Iterable[str], port: int
+    ) -> list[Change]:
+        ann = decode_txt(properties)
+        why = None
+        if ann is None:
+            why = "malformed"
+        elif ann.clan_tag != self._tag:
+            why = "other_clan"
+        elif ann.node_key == self._own:
+            why = "own"
+        if why is not None or ann is None:
+            self.ignored[why or "malformed"] += 1
+            # An instance that turned into garbage (or left the clan) is gone for us.
+            return self.gone(name)
+        cands = set()
+        for ip in list(addresses)[:MAX_ADDRESSES]:
+            address = format_address(ip, port)
+            if address is not None:
+                cands.add(Candidate(ann.node_key, "lan", address, "mdns", ann.wg_port))
+        old = self._by_name.get(name)
+        self._by_name[name] = (ann.node_key, frozenset(cands))
+        keys = {ann.node_key} | ({old[0]} if old else set())
+        return self._recompute(keys)
+
+    def gone(self, name: str) -> list[Change]:
+        old = self._by_name.pop(name, None)
+        return self._recompute({old[0]}) if old else []
+
+    def _recompute(self, keys: set[bytes]) -> list[Change]:
+        changes: list[Change] = []
+        for key in sorted(keys):
+            union: set[Candidate] = set()
+            for k, cands in self._by_name.values():
+                if k == key:
+                    union |= cands
+            new = tuple(sorted(union, key=lambda c: c.address))
+            if new == self._current.get(key, ()):
+                continue
+            if new:
+                self._current[key] = new
+            else:
+                self._current.pop(key, None)
+            changes.append((key, new))
+        return changes
+
+
+def multicast_interfaces() -> list[str]:
+    """Names of interfaces in *this* network namespace that are up, multicast-capable, not loopback.
+
+    Uses SIOCGIFFLAGS rather than /sys/class/net, which shows the namespace
+    /sys was mounted in, not necessarily ours.
+    """
+    siocgifflags, iff_up, iff_loopback, iff_multicast = 0x8913, 0x1, 0x8, 0x1000
+    names = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("16sH14x", name.encode()[:15], 0)
+                flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
+            except OSError:
+                continue
+            if flags & iff_up and flags & iff_multicast and not flags & iff_loopback:
+                names.append(name)
+    return sorted(names)
+
+
+OnUpdate = Callable[[bytes, tuple[Candidate, ...]], None]
+
+
+class MdnsDiscovery:
+    """Announce this node on the LAN and report clan peers found there.
+
+    `interfaces`: IP addresses to run mDNS on and to announce (None: every
+    interface, announcing this machine's global addresses minus
+    `exclude_ifaces`, e.g. the WireGuard overlay). `on_update(node_key,
+    candidates)` is called in the trio thread on every change (an empty
+    tuple: the node left). Run it with `await nursery.start(d.run)`.
+    """
+
+    def __init__(
+        self,
+        clan_id: bytes,
+        node_key: bytes,
+        port: int,
+        *,
+        interfaces: Sequence[str] | None = None,
+        wg_port: int | None = None,
+        on_update: OnUpdate | None = None,
+        exclude_ifaces: frozenset[str] = frozenset(),
+    ) -> None:
+        if len(node_key) != NODE_KEY_LEN:
+            raise ValueError("node key must be 32 bytes")
+        if not 0 < port < 65536:
+            raise ValueError("port must be 1..65535")
+        self._clan_id = clan_id
+        self._node_key = node_key
+        self._port = port
+        self._interfaces = list(interfaces) if interfaces is not None else None
+        self._wg_port = wg_port
+        self._on_update = on_update
+        self._exclude = exclude_ifaces
+        self.peers = MdnsPeers(clan_id, node_key)
+        self._available = False
+        self._reason = "not started"
+        self.instance_name: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    @property
+    def reason(self) -> str:
+        """Why mDNS is unavailable, or where it runs (for status)."""
+        return self._reason
+
+    def candidates(self) -> dict[bytes, tuple[Candidate, ...]]:
+        return self.peers.candidates()
+
+    def addresses(self) -> dict[bytes, list[str]]:
+        """node key -> 'ip:port' strings (the `lan_seen` of `candidates.collect`)."""
+        return {k: [c.address for c in cs] for k, cs in self.peers.candidates().items()}
+
+    def _unavailable(self, reason: str) -> None:
+        log.warning("mdns unavailable: %s", reason)
+        self._available = False
+        self._reason = reason
+
+    def _instance_label(self) -> str:
+        from ..identity import node_id_of, short_id_of
+
+        return short_id_of(node_id_of(self._node_key))
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce, browse and report until cancelled; on any setup failure, report and return."""
+        try:
+            import zeroconf as zc_mod
+        except ImportError:
+            self._unavailable("python package zeroconf is not installed")
+            task_status.started(self)
+            return
+        ifaces = await trio.to_thread.run_sync(multicast_interfaces)
+        if not ifaces:
+            self._unavailable("no interface that is up and multicast-capable")
+            task_status.started(self)
+            return
+        try:
+            announce = await trio.to_thread.run_sync(self._announce_addresses)
+        except Exception as exc:  # pyroute2 or a bad `interfaces` entry
+            self._unavailable(f"cannot list our addresses: {exc}")
+            task_status.started(self)
+            return
+        if not announce:
+            self._unavailable("no global address to announce on " + ",".join(ifaces))
+            task_status.started(self)
+            return
+
+        def make_zeroconf() -> zc_mod.Zeroconf:
+            if self._interfaces is None:
+                return zc_mod.Zeroconf()
+            return zc_mod.Zeroconf(interfaces=self._interfaces)
+
+        try:
+            zc = await trio.to_thread.run_sync(make_zeroconf)
+        except Exception as exc:  # OSError from bind/setsockopt, zeroconf's own errors
+            self._unavailable(f"zeroconf failed to start: {exc}")
+            task_status.started(self)
+            return
+
+        send, receive = trio.open_memory_channel[tuple[Any, str]](float("inf"))
+        token = trio.lowlevel.current_trio_token()
+
+        def on_change(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+            # Runs on zeroconf's browser thread: hand it to trio, never resolve here.
+            with contextlib.suppress(trio.RunFinishedError, trio.ClosedResourceError):
+                trio.from_thread.run_sync(send.send_nowait, (state_change, name), trio_token=token)
+
+        browser = None
+        try:
+            info = zc_mod.ServiceInfo(
+                SERVICE_TYPE,
+                f"{self._instance_label()}.{SERVICE_TYPE}",
+                port=self._port,
+                properties=encode_txt(self._clan_id, self._node_key, wg_port=self._wg_port),
+                server=f"{self._instance_label()}.local.",
+                parsed_addresses=announce,
+            )
+            try:
+                browser = await trio.to_thread.run_sync(
+                    lambda: zc_mod.ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+                )
+                # Probing and announcing block about 1.6 s; a name clash (another
+                # node with our short id) gets a new name rather than no service.
+                await trio.to_thread.run_sync(
+                    lambda: zc.register_service(info, allow_name_change=True)
+                )
+            except Exception as exc:
+                self._unavailable(f"zeroconf failed: {exc}")
+                task_status.started(self)
+                return
+            self.instance_name = info.name
+            self._available = True
+            self._reason = f"mDNS on {','.join(ifaces)} announcing {','.join(announce)}"
+            task_status.started(self)
+            async for state, name in receive:
+                await self._handle(zc, zc_mod.ServiceStateChange, state, name)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await trio.to_thread.run_sync(self._close, zc, browser)
+            send.close()
+            if self._available:
+                self._available = False
+                self._reason = "stopped"
+
+    async def _handle(self, zc: Any, states: Any, state: Any, name: str) -> None:
+        if state is states.Removed:
+            changes = self.peers.gone(name)
+        else:
+            try:
+                info = await trio.to_thread.run_sync(
+                    zc.get_service_info, SERVICE_TYPE, name, RESOLVE_TIMEOUT_MS
+                )
+            except Exception as exc:  # a malformed answer must not stop discovery
+                log.debug("mdns: resolving %s failed: %s", name, exc)
+                return
+            if info is None:
+                return  # it went away (or never answered) before we resolved it
+            try:
+                addresses = info.parsed_addresses()
+            except Exception:
+                addresses = []
+            changes = self.peers.resolved(name, info.properties, addresses, info.port or 0)
+        if self._on_update is not None:
+            for key, cands in changes:
+                self._on_update(key, cands)
+
+    @staticmethod
+    def _close(zc: Any, browser: Any) -> None:
+        if browser is not None:
+            with contextlib.suppress(Exception):
+                browser.cancel()
+        # close() unregisters our service, which sends the goodbye (TTL 0)
+        # so peers drop us at once instead of after the record TTL.
+        with contextlib.suppress(Exception):
+            zc.close()
+
+    def _announce_addresses(self) -> list[str]:
+        if self._interfaces is not None:
+            out = []
+            for ip in self._interfaces:
+                addr = ipaddress.ip_address(ip)  # ValueError: reported as the reason
+                if format_address(str(addr), 1):
+                    out.append(str(addr))
+            return out
+        from .localaddrs import local_addresses
+
+        return local_addresses(self._exclude)
