@@ -1,0 +1,164 @@
+"""Path probes, the endpoints record and candidate collection, and ssh targets."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clanagent.cli._mesh_cmds import CommandError, ssh_target
+from clanagent.identity import Identity
+from clanagent.mesh import candidates as cands
+from clanagent.mesh import probe
+from clanagent.wire import WireError, pack
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return [Identity.generate() for _ in range(3)]
+
+
+def box_keys(ids):
+    return {i.public_key: i.box_public for i in ids}
+
+
+def test_probe_round_trip_and_authentication(ids):
+    a, b, c = ids
+    data = probe.encode(probe.PING, 7, 1.5, a.public_key, a.box_key, b.box_public)
+    sender, kind, pid, sent = probe.decode(data, b.box_key, box_keys(ids))
+    assert (sender, kind, pid, sent) == (a.public_key, probe.PING, 7, 1.5)
+    with pytest.raises(WireError, match="authenticate"):  # not for c
+        probe.decode(data, c.box_key, box_keys(ids))
+    with pytest.raises(WireError, match="not a member"):
+        probe.decode(data, b.box_key, {b.public_key: b.box_public})
+    forged = bytearray(data)
+    forged[-1] ^= 1
+    with pytest.raises(WireError):
+        probe.decode(bytes(forged), b.box_key, box_keys(ids))
+    # a sender claiming to be c but sealed by a is refused
+    spoof = data[: len(probe.MAGIC)] + c.public_key + data[len(probe.MAGIC) + 32 :]
+    with pytest.raises(WireError):
+        probe.decode(spoof, b.box_key, box_keys(ids))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_probe_garbage_is_a_wire_error(data):
+    me = Identity.generate()
+    try:
+        probe.decode(probe.MAGIC + data, me.box_key, {})
+    except WireError:
+        pass
+
+
+def test_tracker_matches_replies_to_the_right_peer():
+    t = probe.ProbeTracker(timeout=2.0, max_outstanding=3)
+    pid = t.sent(b"a" * 32, "10.0.0.1:7946", 100.0)
+    assert t.answered(pid, b"b" * 32, 100.1) is None  # a pong from someone else
+    got = t.answered(pid, b"a" * 32, 100.25)
+    assert got is not None and got[0].address == "10.0.0.1:7946"
+    assert got[1] == pytest.approx(0.25)
+    assert t.answered(pid, b"a" * 32, 100.3) is None  # replayed pong
+    old = t.sent(b"a" * 32, "x:1", 100.0)
+    t.sent(b"a" * 32, "y:1", 101.0)
+    assert [p.address for p in t.expired(102.5)] == ["x:1"]
+    assert t.answered(old, b"a" * 32, 103) is None
+    for i in range(5):  # bounded
+        t.sent(b"c" * 32, f"z:{i + 1}", 110.0 + i)
+    assert len(t) == 3
+
+
+def test_endpoints_body_round_trip_and_checks():
+    body = cands.endpoints_body(
+        ["10.0.0.2:7946", "10.0.0.2:7946"], ["198.51.100.1:7946"], 51820, b"sealed"
+    )
+    assert body["lan"] == ["10.0.0.2:7946"]
+    assert cands.parse_endpoints_body(body) is body
+    for bad in [
+        None,
+        {},
+        {**body, "extra": 1},
+        {**body, "lan": "x"},
+        {**body, "lan": [1]},
+        {**body, "wg_port": -1},
+        {**body, "wg_port": True},
+        {**body, "onion": "clear.onion"},
+        {**body, "public": ["no-port"]},
+        {**body, "lan": ["a:1"] * 40},
+    ]:
+        with pytest.raises(WireError):
+            cands.parse_endpoints_body(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["lan", "public", "wg_port", "onion", "x"]),
+        st.none()
+        | st.integers()
+        | st.text(max_size=5)
+        | st.binary(max_size=5)
+        | st.lists(st.text(max_size=8), max_size=3),
+    )
+)
+def test_endpoints_body_never_raises_anything_else(body):
+    try:
+        cands.parse_endpoints_body(body)
+    except WireError:
+        pass
+
+
+def test_collect_candidates_from_every_source(ids):
+    a, b, c = ids
+    doc = {
+        "machines": {
+            "a": {"node_key": a.public_key, "endpoints": []},
+            "b": {"node_key": b.public_key, "endpoints": []},
+        }
+    }
+    records = {b.public_key: cands.endpoints_body(["10.0.0.2:7946"], ["198.51.100.2:7946"], 51820)}
+    out = cands.collect(
+        doc,
+        self_key=a.public_key,
+        records=records,
+        opened_inventory={"b": ["203.0.113.9:7946"]},
+        lan_seen={b.public_key: ["10.1.0.2:7946"], c.public_key: ["10.9.9.9:7946"]},
+        onions={b.public_key: "x" * 56 + ".onion:7946"},
+    )
+    assert set(out) == {b.public_key}  # not ourselves, not a non-member (c)
+    got = {(x.kind, x.address, x.source, x.port_wg) for x in out[b.public_key]}
+    assert got == {
+        ("lan", "10.1.0.2:7946", "mdns", 51820),
+        ("lan", "10.0.0.2:7946", "gossip", 51820),
+        ("public", "198.51.100.2:7946", "gossip", 51820),
+        ("public", "203.0.113.9:7946", "inventory", 51820),
+        ("tor", "x" * 56 + ".onion:7946", "tor", None),
+    }
+
+
+def test_ssh_targets():
+    base = {
+        "machine": "m2",
+        "overlay6": "fd00::2",
+        "wireguard": True,
+        "handshake": True,
+        "chosen": {"kind": "lan", "address": "10.0.0.2:7946"},
+        "tor_socks": None,
+    }
+    assert ssh_target(base) == ("fd00::2", [])  # the tunnel is up: use the overlay
+    assert ssh_target({**base, "handshake": False}) == ("10.0.0.2", [])
+    onion = "y" * 56 + ".onion"
+    host, opts = ssh_target(
+        {
+            **base,
+            "wireguard": False,
+            "chosen": {"kind": "tor", "address": f"{onion}:7946"},
+            "tor_socks": "127.0.0.1:9050",
+        }
+    )
+    assert host == onion and "tor-connect 127.0.0.1:9050 %h %p" in opts[1]
+    with pytest.raises(CommandError, match="no tor"):
+        ssh_target({**base, "wireguard": False, "chosen": {"kind": "tor", "address": "a.onion:1"}})
+    with pytest.raises(CommandError, match="no usable path"):
+        ssh_target({**base, "wireguard": False, "chosen": None})
+    assert pack(base)  # the reply shape travels over the control socket
