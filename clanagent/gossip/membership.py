@@ -355,6 +355,17 @@ class Membership:
         """Every member we know, ourselves included."""
         return [self._info(n) for n in self._nodes.values()]
 
+    def alive_is_stale(self, node_id: object, incarnation: object) -> bool:
+        """True when an Alive about `node_id` at `incarnation` would be ignored.
+
+        A cheap pre-check on the raw wire values (the rule of the table's
+        "Alive inc <= ours" row), so the duplicate copies an epidemic
+        delivers cost a dict lookup instead of building a message."""
+        if type(incarnation) is not int or not isinstance(node_id, str):
+            return False
+        node = self._nodes.get(node_id)
+        return node is not None and node_id != self.self_id and incarnation <= node.incarnation
+
     def member(self, node_id: str) -> MemberInfo | None:
         node = self._nodes.get(node_id)
         return None if node is None else self._info(node)

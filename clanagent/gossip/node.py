@@ -449,6 +449,14 @@ class GossipNode:
     ) -> None:
         cls = _MEMBERSHIP_CLASSES.get(mtype) if type(mtype) is int else None
         if cls is not None:
+            if (
+                mtype == MsgType.ALIVE
+                and type(body) is list
+                and len(body) >= 2
+                and self._membership.alive_is_stale(body[1], body[0])
+            ):
+                self.stats["alive_stale"] = self.stats.get("alive_stale", 0) + 1
+                return
             msg = cls.from_wire(body)
             if from_node is not None:
                 self._last_seen[from_node] = now
@@ -717,6 +725,11 @@ class GossipNode:
             if now - since > RECONNECT_TIMEOUT:
                 del self._failed[node_id]
         if not self._failed or self._membership.has_left:
+            return
+        # As Serf does: each node tries with probability failed / alive, so the
+        # whole clan makes about one attempt per interval, not one per node.
+        alive = max(1, self._membership.alive_count() - 1)
+        if self._rng.random() > len(self._failed) / alive:
             return
         node_id = self._rng.choice(sorted(self._failed))
         addr = self._failed[node_id][0]
