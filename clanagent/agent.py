@@ -53,6 +53,7 @@ class Agent:
         self.inventory = InventoryManager(None)
         self._gossip_scope: trio.CancelScope | None = None
         self.mesh: Any = None  # the mesh service, once it runs
+        self.services: Any = None  # service wiring, once in a clan
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -239,6 +240,13 @@ class Agent:
         """A record was stored (ours or a peer's): tell the parts that care."""
         if self.mesh is not None:
             self.mesh.on_record(rec)
+        if self.services is not None:
+            self.services.on_record(rec)
+
+    def services_view(self) -> list[dict[str, Any]]:
+        if self.services is None:
+            return []
+        return self.services.view()
 
     def path(self, machine: str) -> dict[str, Any]:
         from .control.protocol import ControlError, ErrorCode
@@ -268,6 +276,8 @@ class Agent:
             self.gossip.on_inventory(inv.node_keys())
         if self.mesh is not None:
             self.mesh.wake()
+        if self.services is not None:
+            self.services.wake()
 
     async def publish_record(self, kind: str, key: str, body: Any) -> None:
         """Store a record of ours and gossip it (store only, when gossip is off)."""
@@ -333,6 +343,10 @@ class Agent:
             return
         self.mesh = MeshService(self)
         await nursery.start(self.mesh.run)
+        from .services.service import ServicesService
+
+        self.services = ServicesService(self)
+        await nursery.start(self.services.run)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg

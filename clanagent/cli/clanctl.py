@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentNotRunning, ClientError, ControlClient
-from . import _inventory_cmds, _mesh_cmds
+from . import _inventory_cmds, _mesh_cmds, _services_cmds
 from ._table import table
 
 DEFAULT_SOCKET = "/run/clanagent/control.sock"
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--count", type=int, default=0, help="stop after N events")
     _inventory_cmds.add_parsers(sub)
     _mesh_cmds.add_parsers(sub)
+    _services_cmds.add_parsers(sub)
     return p
 
 

@@ -104,6 +104,10 @@ async def _path(agent: Any, params: dict[str, Any]) -> Any:
     return agent.path(machine)
 
 
+async def _services(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.services_view()
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -162,6 +166,7 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 "a join token for a machine of the inventory",
                 params=("machine",),
             ),
+            _h("services", "read", _services, "service instances, roles and their wiring"),
             _h(
                 "path",
                 "read",
