@@ -45,8 +45,8 @@ class Lan:
         tag: str = "a",
     ) -> None:
         """`share_hosts_with`: a second LAN for the same host namespaces."""
-        self.prefix = share_hosts_with.prefix if share_hosts_with else (
-            prefix or f"ca{os.getpid() % 10000}"
+        self.prefix = (
+            share_hosts_with.prefix if share_hosts_with else (prefix or f"ca{os.getpid() % 10000}")
         )
         self.tag = tag
         self.sw = f"{self.prefix}-sw{tag}"
@@ -128,6 +128,7 @@ def agent_config(home: Path, name: str, iface: str, *, profile: str = "local") -
     cfg = home / "agent.toml"
     cfg.write_text(
         f'state_dir = "{home / "state"}"\n'
+        f'runtime_dir = "{home / "run"}"\n'
         f'[control]\nsocket = "{home / "control.sock"}"\n'
         f'[gossip]\nlisten = "0.0.0.0:7946"\nprofile = "{profile}"\nname = "{name}"\n'
         f'[mesh]\ninterface = "{iface}"\nwg_port = 51820\nmdns = true\n'

@@ -137,6 +137,43 @@ def test_mdns_gossip_wireguard_and_a_pulled_cable(tmp_path):
         assert wg.count("peer:") == n - 1 and "allowed ips" in wg
         assert overlays["m2"] in wg
 
+        # a two-role service: m1 serves, the others import its overlay address and key
+        inv = tmp_path / "inventory.toml"
+        inv.write_text(
+            clanctl(socks[0], "inventory", "show")
+            + """
+[services.vpn]
+type = "vpn"
+[services.vpn.roles.server]
+machines = ["m1"]
+exports = ["address", "public_key"]
+[services.vpn.roles.client]
+machines = ["m2", "m3"]
+imports = ["vpn.server"]
+"""
+        )
+        clanctl(
+            socks[0],
+            "inventory",
+            "apply",
+            str(inv),
+            "--admin-key",
+            str(tmp_path / "admin.key"),
+            "--yes",
+        )
+        env = homes[1] / "run" / "services" / "vpn" / "imports.env"
+        wait_until(
+            lambda: env.exists() and overlays["m1"] in env.read_text(),
+            30,
+            "m2 to import m1's exported address",
+        )
+        imported = next(
+            ln.split("=", 1)[1].strip('"')
+            for ln in env.read_text().splitlines()
+            if ln.startswith("CLAN_VPN_SERVER_ADDRESS=")
+        )
+        assert lan.ping(1, imported)  # the client reaches the server at what it imported
+
         # pull m3's cable: it drops off; put it back: the tunnel works again
         lan.cut(2, up=False)
         time.sleep(1)
