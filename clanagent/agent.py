@@ -54,6 +54,7 @@ class Agent:
         self._gossip_scope: trio.CancelScope | None = None
         self.mesh: Any = None  # the mesh service, once it runs
         self.services: Any = None  # service wiring, once in a clan
+        self.secrets: Any = None  # secrets, once in a clan
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -242,6 +243,26 @@ class Agent:
             self.mesh.on_record(rec)
         if self.services is not None:
             self.services.on_record(rec)
+        if self.secrets is not None:
+            self.secrets.on_record(rec)
+
+    def on_member_changed(self) -> None:
+        """Someone joined, left or failed: who generates which secret may change."""
+        if self.secrets is not None:
+            self.secrets.member_changed()
+
+    def secrets_rows(self) -> list[dict[str, Any]]:
+        return [] if self.secrets is None else self.secrets.rows()
+
+    async def secrets_rotate(self, instance_id: str) -> dict[str, Any]:
+        from .control.protocol import ControlError, ErrorCode
+
+        if self.secrets is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
+        try:
+            return await self.secrets.request_rotation(instance_id)
+        except KeyError as exc:
+            raise ControlError(ErrorCode.INVALID_PARAMS, str(exc.args[0])) from None
 
     def services_view(self) -> list[dict[str, Any]]:
         if self.services is None:
@@ -278,6 +299,8 @@ class Agent:
             self.mesh.wake()
         if self.services is not None:
             self.services.wake()
+        if self.secrets is not None:
+            self.secrets.wake()
 
     async def publish_record(self, kind: str, key: str, body: Any) -> None:
         """Store a record of ours and gossip it (store only, when gossip is off)."""
@@ -347,6 +370,10 @@ class Agent:
 
         self.services = ServicesService(self)
         await nursery.start(self.services.run)
+        from .secrets.service import SecretsService
+
+        self.secrets = SecretsService(self)
+        await nursery.start(self.secrets.run)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg

@@ -8,6 +8,7 @@ between them; and the secrets commands.  Must never: print a secret value
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from ..control.client import ControlClient
@@ -55,6 +56,119 @@ def cmd_services(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
+def _ago(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def _when(ts: int | None) -> str:
+    if not ts:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def cmd_secrets_list(client: ControlClient, args: argparse.Namespace) -> Any:
+    rows = client.call("secrets.list")
+    if args.json:
+        return rows
+    if not rows:
+        print("no secrets declared in the inventory")
+        return None
+    print(
+        table(
+            ["SECRET", "GEN", "AGE", "HOLDERS", "STATE"],
+            [
+                (
+                    r["id"],
+                    r["generation"] or "-",
+                    _ago(r["age_s"]),
+                    ",".join(r["holders"]),
+                    r["error"]
+                    and "generator failed"
+                    or (r["pending"] and f"pending: {r['pending']}")
+                    or "ok",
+                )
+                for r in rows
+            ],
+        )
+    )
+    return None
+
+
+def cmd_secrets_status(client: ControlClient, args: argparse.Namespace) -> Any:
+    rows = client.call("secrets.list")
+    if args.id:
+        rows = [r for r in rows if r["id"] == args.id]
+        if not rows:
+            raise CommandError(f"no secret {args.id} (see 'clanctl secrets list')")
+    if args.json:
+        return rows
+    for r in rows:
+        print(f"{r['id']}")
+        print(f"  generation     {r['generation'] or 'none yet'}")
+        print(f"  age            {_ago(r['age_s'])}")
+        print(f"  next rotation  {_when(r['next_rotation'])}")
+        print(f"  holders        {', '.join(r['holders']) or '-'}")
+        print(f"  recipients     {', '.join(r['recipients']) or '-'}")
+        print(f"  current held   {', '.join(r['held_by_current']) or '-'}")
+        print(f"  generator      {r['generator'] or '(no holder online)'}")
+        if r["pending"]:
+            print(f"  pending        {r['pending']}")
+        if r["error"]:
+            print(f"  last error     {r['error']}")
+        print()
+    return None
+
+
+def cmd_secrets_show_public(client: ControlClient, args: argparse.Namespace) -> Any:
+    rows = [r for r in client.call("secrets.list") if r["id"] == args.id]
+    if not rows:
+        raise CommandError(f"no secret {args.id} (see 'clanctl secrets list')")
+    public = rows[0]["public"]
+    if args.json:
+        return {k: v.decode("utf-8", "replace") for k, v in public.items()}
+    if not public:
+        print(f"{args.id} has no public part")
+    for name, value in sorted(public.items()):
+        text = value.decode("utf-8", "replace").rstrip("\n")
+        print(f"{name}: {text}" if value.isascii() else f"{name}: {value.hex()}")
+    return None
+
+
+def cmd_secrets_rotate(client: ControlClient, args: argparse.Namespace) -> Any:
+    result = client.call("secrets.rotate", {"id": args.id})
+    if args.json:
+        return result
+    print(
+        f"rotation of {result['id']} requested (after generation {result['generation']}); "
+        "its generator makes the next one"
+    )
+    return None
+
+
+class CommandError(Exception):
+    pass
+
+
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("services", help="service instances, roles, machines and their wiring")
     s.set_defaults(handler=cmd_services)
+    sec = sub.add_parser("secrets", help="the clan's secrets (never their values)")
+    ssub = sec.add_subparsers(dest="secrets_cmd", required=True)
+    ssub.add_parser("list", help="every secret instance").set_defaults(handler=cmd_secrets_list)
+    st = ssub.add_parser("status", help="age, next rotation, recipients, who holds it")
+    st.add_argument("id", nargs="?", help="SERVICE/NAME (all when omitted)")
+    st.set_defaults(handler=cmd_secrets_status)
+    sp = ssub.add_parser("show-public", help="the public part of a secret")
+    sp.add_argument("id", help="SERVICE/NAME")
+    sp.set_defaults(handler=cmd_secrets_show_public)
+    ro = ssub.add_parser("rotate", help="make a new generation now")
+    ro.add_argument("id", help="SERVICE/NAME")
+    ro.set_defaults(handler=cmd_secrets_rotate)

@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(_dump(result))
             return 0
         result = client.call(args.command)
-    except (_inventory_cmds.CommandError, _mesh_cmds.CommandError) as exc:
+    except (
+        _inventory_cmds.CommandError,
+        _mesh_cmds.CommandError,
+        _services_cmds.CommandError,
+    ) as exc:
         print(f"clanctl: {exc}", file=sys.stderr)
         return 1
     except AgentNotRunning as exc:

@@ -108,6 +108,17 @@ async def _services(agent: Any, params: dict[str, Any]) -> Any:
     return agent.services_view()
 
 
+async def _secrets_list(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.secrets_rows()
+
+
+async def _secrets_rotate(agent: Any, params: dict[str, Any]) -> Any:
+    sid = params.get("id")
+    if not isinstance(sid, str) or not sid:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "parameter 'id' must be SERVICE/NAME")
+    return await agent.secrets_rotate(sid)
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -167,6 +178,19 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 params=("machine",),
             ),
             _h("services", "read", _services, "service instances, roles and their wiring"),
+            _h(
+                "secrets.list",
+                "read",
+                _secrets_list,
+                "secret instances: generation, age, holders, public parts (never values)",
+            ),
+            _h(
+                "secrets.rotate",
+                "write",
+                _secrets_rotate,
+                "ask for a new generation now",
+                params=("id",),
+            ),
             _h(
                 "path",
                 "read",

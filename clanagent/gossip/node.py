@@ -591,6 +591,8 @@ class GossipNode:
             # Anti-entropy: account for the batch (the store already holds it,
             # so apply() only moves watermarks) with the sender's claims.
             self._ae.apply(records, cont.claims, verify=False)
+            # Everything the peer sent is durable now: a sync completed.
+            self.stats["ae_synced"] = self.stats.get("ae_synced", 0) + 1
         if fresh and self._eager:
             # Start spreading at once instead of waiting for the next tick.
             self._next_gossip_at = min(self._next_gossip_at, now)
@@ -689,6 +691,7 @@ class GossipNode:
         if not fresh:
             if stale or claims:
                 self._ae.apply(stale, claims, verify=False)
+            self.stats["ae_synced"] = self.stats.get("ae_synced", 0) + 1
             return
         if stale:
             self._ae.apply(stale, {}, verify=False)

@@ -345,6 +345,9 @@ class GossipService:
         )
         if ev.state in ("dead", "left") and ev.node_id in self._links:
             self._drop_link(ev.node_id)
+        hook = getattr(self.agent, "on_member_changed", None)
+        if hook is not None:
+            hook()
 
     async def _persist(self, records: tuple) -> None:
         assert self.node is not None

@@ -1,11 +1,11 @@
 """The secret record and the rotate request: building, parsing, choosing the current one.
 
 Owns: the body of a "secret" record (kind "secret", key = instance id,
-version = generation, signed by the generating machine) and of a
+the generation in the body, signed by the generating machine) and of a
 "secret-rotate" request (key = instance id, body {generation, requested}),
 the strict checks that make a parsed body trustworthy in shape (every
 field typed, sorted unique keys, sealed keys for exactly the recipients and
-admins, file names safe, the key/version agreeing with the body), and the
+admins, file names safe, the key agreeing with the body), and the
 rule that picks the current generation among records from several origins:
 the highest (generation, created, origin) that verifies, whose origin is
 allowed (a holder) and that opens for us when we are a recipient.
@@ -134,6 +134,38 @@ class RotateRequest(Record):
             raise WireError("body.requested: must be at least 1")
 
 
+def secret_body(
+    inst: SecretInstance,
+    generation: int,
+    created: int,
+    secret_files: Mapping[str, bytes],
+    public_files: Mapping[str, bytes],
+    recipients: Mapping[bytes, bytes],
+    admins: Sequence[bytes],
+    inputs: Mapping[str, int] | None = None,
+) -> dict:
+    """Seal one generation into a record body (the agent publishes it as a record)."""
+    nonce, ciphertext, keys = seal_payload(secret_files, recipients, admins)
+    body = SecretBody(
+        service=inst.service,
+        secret=inst.secret,
+        scope=inst.scope_id,
+        generation=generation,
+        created=created,
+        recipients=sorted(recipients),
+        admins=sorted(set(admins)),
+        nonce=nonce,
+        ciphertext=ciphertext,
+        keys=keys,
+        public=dict(public_files),
+        inputs=dict(inputs or {}),
+    )
+    wire = body.to_wire()
+    # Round-trip through the strict parser so we never publish what peers drop.
+    SecretBody.from_wire(wire, path="body")
+    return wire
+
+
 def build_secret_record(
     identity: Signer,
     inst: SecretInstance,
@@ -145,8 +177,12 @@ def build_secret_record(
     admins: Sequence[bytes],
     inputs: Mapping[str, int] | None = None,
     clan: bytes = b"",
+    version: int | None = None,
 ) -> SignedRecord:
-    """Seal and sign one generation.  `recipients`: node key -> box key."""
+    """Seal and sign one generation.  `recipients`: node key -> box key.
+
+    `version` is the record version (the origin's own counter when it goes
+    through gossip); it defaults to the generation for standalone use."""
     nonce, ciphertext, keys = seal_payload(secret_files, recipients, admins)
     body = SecretBody(
         service=inst.service,
@@ -164,7 +200,9 @@ def build_secret_record(
     )
     # Round-trip through the strict parser so we never publish what peers drop.
     SecretBody.from_wire(body.to_wire(), path="body")
-    return SignedRecord.create(identity, SECRET_KIND, inst.id, generation, body, clan=clan)
+    return SignedRecord.create(
+        identity, SECRET_KIND, inst.id, generation if version is None else version, body, clan=clan
+    )
 
 
 def parse_secret_record(record: SignedRecord, *, verify: bool = True) -> SecretBody:
@@ -174,8 +212,6 @@ def parse_secret_record(record: SignedRecord, *, verify: bool = True) -> SecretB
     body = SecretBody.from_wire(record.body, path="body")
     if record.key != body.instance.id:
         raise WireError("record key does not match the body's instance")
-    if record.version != body.generation:
-        raise WireError("record version does not match the body's generation")
     if verify:
         record.verify()
     return body

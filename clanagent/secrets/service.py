@@ -1,0 +1,320 @@
+"""The secrets service: the trio shell around the secrets planner.
+
+Owns: feeding the planner (inventory, who is online, secret records and
+rotate requests from the store), running generators in worker threads,
+publishing new generations as records, writing the files we hold, running
+the service's reload command when they changed, and expiring previous
+generations after the grace period.  Must never: block the event loop,
+log or publish a secret value in the clear, or replace the current
+generation when a generator fails (the error is logged and shown in status).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._log import kv
+from ..identity import node_id_of
+from ..wire import SignedRecord, WireError
+from . import files
+from .generators import GeneratorError, generate
+from .model import parse_instance_id, secret_spec
+from .planner import current_of, plan, status
+from .record import (
+    ROTATE_KIND,
+    SECRET_KIND,
+    RotateRequest,
+    open_body,
+    secret_body,
+)
+
+__all__ = ["SecretsService"]
+
+log = logging.getLogger("clanagent.secrets")
+
+TICK = 10.0  # rotations fall due and previous generations expire on this clock
+SETTLE = 1.5  # seconds of stable membership before generating
+
+
+class SecretsService:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.runtime = Path(agent.cfg.runtime_dir)
+        self._wakeup = trio.Event()
+        self._soon = False
+        self._membership_changed_at = time.monotonic()
+        self.errors: dict[str, str] = {}  # instance id -> last generator error
+        self.stats = {"generated": 0, "installed": 0, "removed": 0, "failed": 0}
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def wake_later(self) -> None:
+        self._soon = True
+
+    def member_changed(self) -> None:
+        self._membership_changed_at = time.monotonic()
+        self.wake()
+
+    def _synced(self, doc: dict, me: str) -> bool:
+        """Have we caught up with the clan's records since we started?
+
+        A machine that just started may be the chosen generator before the
+        current generation made by someone else has reached it; generating
+        then would make a second generation for nothing.  Alone, there is
+        nothing to wait for; otherwise wait until the records of one
+        anti-entropy exchange (every record the peer holds) are stored."""
+        if self._online(doc) == [me]:
+            return True
+        # Who is online decides who generates: let a change settle first, so
+        # two machines that see different memberships for a moment do not
+        # both decide it is their turn.
+        if time.monotonic() - self._membership_changed_at < SETTLE:
+            return False
+        gossip = self.agent.gossip
+        node = None if gossip is None else gossip.node
+        return node is not None and node.stats.get("ae_synced", 0) > 0
+
+    def on_record(self, rec: SignedRecord) -> None:
+        if rec.kind in (SECRET_KIND, ROTATE_KIND):
+            self.wake()
+
+    # -- inputs -----------------------------------------------------------------
+
+    def _me(self) -> str | None:
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return None
+        m = inv.machine_by_node_key(self.agent.identity.public_key)
+        return None if m is None else m.name
+
+    def _online(self, doc: dict) -> list[str]:
+        me = self._me()
+        alive = set()
+        gossip = self.agent.gossip
+        if gossip is not None and gossip.node is not None:
+            alive = {m["node_id"] for m in gossip.node.members() if m["state"] == "alive"}
+        return [
+            name
+            for name, m in doc["machines"].items()
+            if name == me or node_id_of(m["node_key"]) in alive
+        ]
+
+    def _records(self) -> tuple[dict, dict]:
+        secrets: dict[str, list[SignedRecord]] = defaultdict(list)
+        rotates: dict[str, list[SignedRecord]] = defaultdict(list)
+        for rec in self.agent.store.records():
+            if rec.kind == SECRET_KIND:
+                secrets[rec.key].append(rec)
+            elif rec.kind == ROTATE_KIND:
+                rotates[rec.key].append(rec)
+        return secrets, rotates
+
+    def _opens(self, body: Any) -> Any:
+        ident = self.agent.identity
+        return open_body(body, ident.public_key, ident.box_key)
+
+    # -- views for the control API ---------------------------------------------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return []
+        secrets, rotates = self._records()
+        out = []
+        for st in status(
+            inv.doc, self._online(inv.doc), secrets, rotates, int(time.time()), verify=False
+        ):
+            inst = st.instance
+            holders_now = set(st.holders)
+            current = current_of(inv.doc, inst, secrets.get(inst.id, ()), verify=False)
+            recipients = []
+            if current is not None:
+                keys = {m["node_key"]: name for name, m in inv.doc["machines"].items()}
+                recipients = sorted(keys.get(k, k.hex()[:12]) for k in current.body.recipients)
+            out.append(
+                {
+                    "id": inst.id,
+                    "service": inst.service,
+                    "secret": inst.secret,
+                    "holders": list(st.holders),
+                    "generator": st.generator,
+                    "generation": st.generation,
+                    "created": st.created,
+                    "age_s": None if st.created is None else max(0, int(time.time()) - st.created),
+                    "next_rotation": st.due,
+                    "pending": st.pending,
+                    "recipients": recipients,
+                    "held_by_current": sorted(holders_now & set(recipients)),
+                    "public": {k: v for k, v in st.public.items()},
+                    "error": self.errors.get(inst.id),
+                }
+            )
+        return out
+
+    async def request_rotation(self, instance_id: str) -> dict[str, Any]:
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            raise KeyError("not in a clan")
+        try:
+            inst = parse_instance_id(instance_id, inv.doc)
+        except WireError as exc:
+            raise KeyError(exc.reason) from None
+        if secret_spec(inv.doc, inst.service, inst.secret) is None:
+            raise KeyError(f"no secret {instance_id} in the inventory")
+        secrets, _ = self._records()
+        current = current_of(inv.doc, inst, secrets.get(inst.id, ()), verify=False)
+        generation = current.body.generation if current is not None else 0
+        body = RotateRequest(generation=generation, requested=int(time.time()))
+        await self.agent.publish_record(ROTATE_KIND, inst.id, body.to_wire())
+        self.wake()
+        return {"id": inst.id, "generation": generation}
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        while True:
+            try:
+                await self.sync_once()
+            except Exception as exc:  # never fatal; the next round retries
+                log.warning("secrets round failed", extra=kv(error=exc))
+            with trio.move_on_after(0.5 if self._soon else TICK):
+                self._soon = False
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            await trio.sleep(0.05)
+
+    async def sync_once(self) -> None:
+        inv = self.agent.inventory.inventory
+        me = self._me()
+        if inv is None or me is None:
+            return
+        doc = inv.doc
+        now = int(time.time())
+        secrets, rotates = self._records()
+        installed = await trio.to_thread.run_sync(files.installed, self.runtime)
+        p = plan(
+            doc,
+            me,
+            self._online(doc),
+            secrets,
+            rotates,
+            now,
+            installed=installed,
+            opens=self._opens,
+        )
+        if p.generate and not self._synced(doc, me):
+            p.generate.clear()  # see _synced: wait for what the clan already made
+            self.wake_later()
+        for task in p.generate:
+            await self._generate(doc, task, secrets)
+        changed_services: set[str] = set()
+        for item in p.install:
+            try:
+                opened = self._opens(item.body)
+            except WireError as exc:
+                log.warning(
+                    "secret record does not open",
+                    extra=kv(secret=item.instance.id, reason=exc.reason),
+                )
+                continue
+            if opened is None:
+                continue
+            changed = await trio.to_thread.run_sync(
+                lambda item=item, opened=opened: files.install(
+                    self.runtime,
+                    item.instance.service,
+                    item.instance.secret,
+                    item.body.generation,
+                    opened,
+                    dict(item.body.public),
+                    now,
+                )
+            )
+            if changed:
+                self.stats["installed"] += 1
+                changed_services.add(item.instance.service)
+                log.info(
+                    "secret installed",
+                    extra=kv(secret=item.instance.id, generation=item.body.generation),
+                )
+        for service, secret in p.remove:
+            if await trio.to_thread.run_sync(files.remove, self.runtime, service, secret):
+                self.stats["removed"] += 1
+                log.info("secret removed", extra=kv(secret=f"{service}/{secret}"))
+        await trio.to_thread.run_sync(files.expire_previous, self.runtime, now)
+        for service in sorted(changed_services):
+            await self._reload(doc, service)
+
+    async def _generate(self, doc: dict, task: Any, secrets: dict) -> None:
+        inst = task.instance
+        spec = secret_spec(doc, inst.service, inst.secret)
+        inputs: dict[str, dict[str, bytes]] = {}
+        for dep_name, dep_inst in task.deps.items():
+            cur = current_of(doc, dep_inst, secrets.get(dep_inst.id, ()), opens=self._opens)
+            try:
+                opened = self._opens(cur.body) if cur is not None else None
+            except WireError:
+                opened = None
+            if opened is None:
+                return  # the planner waits on this too; try next round
+            inputs[dep_name] = {**dict(cur.body.public), **opened}
+        try:
+            made = await trio.to_thread.run_sync(generate, spec, inputs)
+        except GeneratorError as exc:
+            self.stats["failed"] += 1
+            self.errors[inst.id] = str(exc)
+            log.error(
+                "secret generator failed; the previous generation stays",
+                extra=kv(secret=inst.id, error=exc),
+            )
+            return
+        self.errors.pop(inst.id, None)
+        # Someone may have made this generation while ours was being made.
+        secrets_now, _ = self._records()
+        cur = current_of(doc, inst, secrets_now.get(inst.id, ()), verify=False)
+        if cur is not None and cur.body.generation >= task.generation:
+            log.info(
+                "secret made elsewhere meanwhile; ours is dropped",
+                extra=kv(secret=inst.id, generation=task.generation),
+            )
+            return
+        body = secret_body(
+            inst,
+            task.generation,
+            int(time.time()),
+            made.secret,
+            made.public,
+            task.recipients,
+            task.admins,
+            task.inputs,
+        )
+        await self.agent.publish_record(SECRET_KIND, inst.id, body)
+        self.stats["generated"] += 1
+        log.info(
+            "secret generated",
+            extra=kv(secret=inst.id, generation=task.generation, reason=task.reason),
+        )
+        self.agent.events_bus.publish(
+            "secret.generated", id=inst.id, generation=task.generation, reason=task.reason
+        )
+        self.wake()  # install it here too
+
+    async def _reload(self, doc: dict, service: str) -> None:
+        from ..services.render import run_reload
+
+        command = doc["services"].get(service, {}).get("reload", "")
+        if not command:
+            return
+        ok, message = await run_reload(command)
+        if not ok:
+            log.warning(
+                "reload after a secret change failed", extra=kv(service=service, reason=message)
+            )
