@@ -119,6 +119,20 @@ def pack(value: Any) -> bytes:
         raise WireError(f"cannot encode: {exc}") from None
 
 
+def pack_plain(value: Any) -> bytes:
+    """Encode a value that holds no maps (lists, ints, str, bytes, bool, None).
+
+    Such values are canonical as they are, so the sorting walk of `pack` is
+    skipped: for the many small protocol messages a node sends every second.
+    The caller guarantees there is no map inside (a map would be written in
+    insertion order); tests check that each caller's output equals `pack`'s.
+    """
+    try:
+        return msgpack.packb(value, use_bin_type=True, use_single_float=False)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise WireError(f"cannot encode: {exc}") from None
+
+
 def _reject_ext(code: int, data: bytes) -> Any:
     raise WireError(f"ext type {code} is not allowed")
 
@@ -170,7 +184,19 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     return _unpack(data, limits, False)
 
 
-def _unpack(data: bytes, limits: Limits, sorted_keys: bool) -> Any:
+def unpack_shallow(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """`unpack` without the nesting-depth and NaN walk.
+
+    Every size and count limit still holds (the decoder checks them before it
+    allocates, and its own stack stops at depth 1024), so memory is bounded
+    by the frame.  Only for frames whose every part is then checked by a
+    strict schema that accepts no deeper nesting (the gossip datagram's
+    messages), where walking the whole value again would be wasted work.
+    """
+    return _unpack(data, limits, False, walk=False)
+
+
+def _unpack(data: bytes, limits: Limits, sorted_keys: bool, *, walk: bool = True) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("input is not bytes")
     if len(data) > limits.max_frame:
@@ -206,7 +232,8 @@ def _unpack(data: bytes, limits: Limits, sorted_keys: bool) -> Any:
         raise WireError(f"malformed msgpack: {exc or type(exc).__name__}") from None
     except Exception as exc:  # the C decoder has a few more; none may escape
         raise WireError(f"malformed msgpack: {type(exc).__name__}") from None
-    _check_depth(value, limits.max_depth, sorted_keys)
+    if walk:
+        _check_depth(value, limits.max_depth, sorted_keys)
     return value
 
 

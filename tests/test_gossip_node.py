@@ -304,3 +304,32 @@ def test_graceful_leave_is_seen_as_left(loss_free_leave):
     router.run_until(router.now + 1.0)
     for a in ("n0", "n1", "n2"):
         assert nodes[a].member_state(nodes["n3"].node_id) == "left"
+
+
+def test_fast_encoding_is_canonical():
+    """encode_message skips pack()'s sorting walk: its bytes must still be pack()'s."""
+    from clanagent.gossip.events import (
+        Ack,
+        Alive,
+        Dead,
+        IndirectPing,
+        Nack,
+        NodeStateEntry,
+        Ping,
+        PushPull,
+        Suspect,
+    )
+    from clanagent.gossip.node import _MEMBERSHIP_TYPES, encode_message
+
+    msgs = [
+        Ping(1, "a", "b", "b:1"),
+        IndirectPing(2, "a", "a:1", "b", "b:1", True),
+        Ack(3),
+        Nack(4),
+        Suspect(5, "a", "b"),
+        Alive(6, "a", "a:1", b"meta"),
+        Dead(7, "a", "b"),
+        PushPull(False, (NodeStateEntry("a", "a:1", 1, 0, b""),)),
+    ]
+    for m in msgs:
+        assert encode_message(m) == pack([int(_MEMBERSHIP_TYPES[type(m)]), m.to_wire()])

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..wire import Limits, SignedRecord, WireError, pack, unpack
+from ..wire import Limits, SignedRecord, WireError, pack, pack_plain, unpack, unpack_shallow
 from . import antientropy as ae
 from .broadcast_queue import BroadcastQueue
 from .config import GossipConfig, push_pull_scale
@@ -205,7 +205,8 @@ def compound(items: list[bytes]) -> bytes:
 
 
 def encode_message(msg: Message) -> bytes:
-    return pack([int(_MEMBERSHIP_TYPES[type(msg)]), msg.to_wire()])
+    # Membership messages are lists of scalars: canonical as they are.
+    return pack_plain([int(_MEMBERSHIP_TYPES[type(msg)]), msg.to_wire()])
 
 
 def encode_node_meta(name: str) -> bytes:
@@ -415,7 +416,9 @@ class GossipNode:
         if from_node is not None:
             self._last_seen[from_node] = now
         try:
-            value = unpack(data, DATAGRAM_LIMITS)
+            # Every message inside is then checked by its strict schema, which
+            # admits no deep nesting: the depth walk of unpack() would be waste.
+            value = unpack_shallow(data, DATAGRAM_LIMITS)
             if type(value) is not list or len(value) != 2:
                 raise WireError("datagram must be [version, messages]")
             version, items = value
@@ -583,7 +586,7 @@ class GossipNode:
             if cont.rebroadcast:
                 self._rq.queue(
                     ("r", rec.origin, rec.kind, rec.key),
-                    pack([int(MsgType.RECORD), rec.encode()]),
+                    pack_plain([int(MsgType.RECORD), rec.encode()]),
                 )
                 fresh = True
             out.append(RecordAccepted(rec))
