@@ -22,6 +22,7 @@ demo says what it skipped and why.  Nothing is left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,25 @@ from pathlib import Path
 
 PY = sys.executable
 MACHINES = {"m1": "server,lan", "m2": "laptop", "m3": "server,no-public"}
+VPN_SERVICE = """
+[services.vpn]
+type = "wireguard-vpn"
+[services.vpn.roles.server]
+machines = ["m1"]
+exports = ["address", "public_key"]
+settings = { public_key = "secret:serverkey/public" }
+[services.vpn.roles.client]
+machines = ["m2", "m3"]
+imports = ["vpn.server"]
+[services.vpn.secrets.serverkey]
+generator = "wireguard"
+scope = "role:server"
+[services.vpn.secrets.psk]
+generator = "password"
+length = 32
+scope = "role:client"
+rotate_days = 30
+"""
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests._netns import Lan, agent_config, netns_missing_reason  # noqa: E402
 
@@ -122,6 +142,7 @@ def main() -> int:
                 continue
             (homes[m] / "agent.toml").write_text(
                 f'state_dir = "{homes[m] / "state"}"\n'
+                f'runtime_dir = "{homes[m] / "run"}"\n'
                 f'[control]\nsocket = "{socks[m]}"\n'
                 f'[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "{m}"\n'
                 # on loopback: no mDNS on the host's LAN, no WireGuard interfaces
@@ -210,6 +231,46 @@ def main() -> int:
         banner("the signed inventory (endpoints would travel sealed) and its history")
         clanctl(socks["m3"], "inventory", "show")
         clanctl(socks["m3"], "inventory", "history")
+
+        banner("a service with a shared secret and an export, wired on every machine")
+        inv = work / "inventory.toml"
+        inv.write_text(clanctl(socks["m1"], "inventory", "show", show=False) + VPN_SERVICE)
+        print(VPN_SERVICE.strip())
+        clanctl(
+            socks["m1"],
+            "inventory",
+            "apply",
+            str(inv),
+            "--admin-key",
+            str(admin_key),
+            "--yes",
+            "-m",
+            "vpn service",
+        )
+
+        def wired() -> bool:
+            for m in ("m2", "m3"):
+                env = homes[m] / "run" / "services" / "vpn" / "imports.env"
+                psk = homes[m] / "run" / "secrets" / "vpn" / "psk" / "password"
+                if not (env.exists() and "PUBLIC_KEY" in env.read_text() and psk.exists()):
+                    return False
+            return True
+
+        wait_for(wired, 40, "the service to be wired on every machine")
+        clanctl(socks["m2"], "services")
+        clanctl(socks["m3"], "secrets", "list")
+        clanctl(socks["m1"], "secrets", "status", "vpn/psk")
+        clanctl(socks["m1"], "secrets", "show-public", "vpn/serverkey")
+        for m in ("m2", "m3"):
+            env = homes[m] / "run" / "services" / "vpn" / "imports.env"
+            psk = homes[m] / "run" / "secrets" / "vpn" / "psk" / "password"
+            digest = hashlib.sha256(psk.read_bytes()).hexdigest()[:16]
+            print(f"\n{m}: {env.relative_to(work)}")
+            print("  " + env.read_text().strip().replace("\n", "\n  "))
+            print(
+                f"{m}: {psk.relative_to(work)} mode {oct(psk.stat().st_mode & 0o777)}, "
+                f"sha256 {digest}… (the same on both clients; the value is never shown)"
+            )
 
         banner("m3 stops (SIGTERM: it leaves gracefully)")
         procs["m3"].send_signal(signal.SIGTERM)

@@ -30,7 +30,7 @@ def cmd_services(client: ControlClient, args: argparse.Namespace) -> Any:
         rows = []
         for role in svc["roles"]:
             published = []
-            for p in role.get("published", []):
+            for p in role.get("published", []) if role["exports"] else []:
                 if p["published"]:
                     vals = ", ".join(f"{k}={v}" for k, v in sorted(p["values"].items()))
                     published.append(f"{p['machine']}: {vals or '-'}")

@@ -250,6 +250,8 @@ class SecretsService:
                 self.stats["removed"] += 1
                 log.info("secret removed", extra=kv(secret=f"{service}/{secret}"))
         await trio.to_thread.run_sync(files.expire_previous, self.runtime, now)
+        if changed_services and getattr(self.agent, "services", None) is not None:
+            self.agent.services.wake()  # exports may name a public part that just appeared
         for service in sorted(changed_services):
             await self._reload(doc, service)
 

@@ -169,7 +169,9 @@ def _resolve_secret_ref(
     decl = doc["services"][service]["secrets"].get(secret)
     if not slash or decl is None:
         return None, f"{ref!r}: service {service!r} has no secret {secret!r}"
-    if not _FILE_RE.fullmatch(fname) or fname not in decl["public_files"]:
+    from ..secrets.model import output_files  # built-in generators name their own files
+
+    if not _FILE_RE.fullmatch(fname) or fname not in output_files(decl)[1]:
         return None, f"{ref!r}: {fname!r} is not a public file of secret {secret!r}"
     content = public_file(secret, fname)
     if content is None:
