@@ -355,16 +355,36 @@ class Membership:
         """Every member we know, ourselves included."""
         return [self._info(n) for n in self._nodes.values()]
 
-    def alive_is_stale(self, node_id: object, incarnation: object) -> bool:
+    def alive_is_stale(self, node_id: object, incarnation: object, addr: object) -> bool:
         """True when an Alive about `node_id` at `incarnation` would be ignored.
 
-        A cheap pre-check on the raw wire values (the rule of the table's
-        "Alive inc <= ours" row), so the duplicate copies an epidemic
-        delivers cost a dict lookup instead of building a message."""
+        A cheap pre-check on the raw wire values (the table's "Alive inc <=
+        ours" row, for the same address: another address may be a reclaim),
+        so the duplicate copies an epidemic delivers cost a dict lookup
+        instead of building a message."""
         if type(incarnation) is not int or not isinstance(node_id, str):
             return False
         node = self._nodes.get(node_id)
-        return node is not None and node_id != self.self_id and incarnation <= node.incarnation
+        return (
+            node is not None
+            and node_id != self.self_id
+            and incarnation <= node.incarnation
+            and addr == node.addr
+        )
+
+    def suspect_is_stale(self, node_id: object, incarnation: object, from_node: object) -> bool:
+        """True when a Suspect would change nothing (the table's Suspect rows):
+        unknown member, older incarnation, a confirmation we already counted or
+        no longer need, or a member that is neither alive nor suspected."""
+        if type(incarnation) is not int or not isinstance(node_id, str):
+            return False
+        node = self._nodes.get(node_id)
+        if node is None or incarnation < node.incarnation:
+            return True
+        timer = self._suspicions.get(node_id)
+        if timer is not None:
+            return timer.n >= timer.k or from_node in timer._confirmed
+        return node.state is not _ALIVE
 
     def member(self, node_id: str) -> MemberInfo | None:
         node = self._nodes.get(node_id)

@@ -452,14 +452,13 @@ class GossipNode:
     ) -> None:
         cls = _MEMBERSHIP_CLASSES.get(mtype) if type(mtype) is int else None
         if cls is not None:
-            if (
-                mtype == MsgType.ALIVE
-                and type(body) is list
-                and len(body) >= 2
-                and self._membership.alive_is_stale(body[1], body[0])
-            ):
-                self.stats["alive_stale"] = self.stats.get("alive_stale", 0) + 1
-                return
+            if type(body) is list and len(body) >= 3:
+                m = self._membership
+                if (mtype == MsgType.ALIVE and m.alive_is_stale(body[1], body[0], body[2])) or (
+                    mtype == MsgType.SUSPECT and m.suspect_is_stale(body[1], body[0], body[2])
+                ):
+                    self.stats["stale"] = self.stats.get("stale", 0) + 1
+                    return
             msg = cls.from_wire(body)
             if from_node is not None:
                 self._last_seen[from_node] = now
