@@ -91,6 +91,9 @@ class Config:
     # How often the agent tells systemd it is alive when WATCHDOG_USEC is set is
     # derived from that variable; this bounds shutdown time in seconds.
     shutdown_timeout: float = 2.0
+    # Owner of secret files ("USER" or "USER:GROUP"); a service's settings can
+    # override it with `secrets_owner`. "" = the agent's user.
+    secrets_owner: str = ""
     control: ControlConfig = field(default_factory=ControlConfig)
     gossip: GossipSection = field(default_factory=GossipSection)
     mesh: MeshSection = field(default_factory=MeshSection)

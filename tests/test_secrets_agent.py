@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 def backup_service() -> dict:
     return {
         "type": "backup",
-        "settings": {},
+        # secret files belong to the service's user (when the agent may chown)
+        "settings": {"secrets_owner": "nobody"} if os.geteuid() == 0 else {},
         "reload": "",
         "roles": {
             "server": {
@@ -124,6 +125,10 @@ async def test_shared_secret_lifecycle(tmp_path):
             assert shared(3) == {}  # the client is no holder
             path = tmp_path / "run1" / "secrets" / "backup" / "repokey" / "password"
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+            if os.geteuid() == 0:
+                import pwd
+
+                assert os.stat(path).st_uid == pwd.getpwnam("nobody").pw_uid
             # per-machine secrets: each server has its own, public part readable
             await wait_until(
                 lambda: (

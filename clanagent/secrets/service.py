@@ -255,6 +255,23 @@ class SecretsService:
         for service in sorted(changed_services):
             await self._reload(doc, service)
 
+    def _owner(self, doc: dict, service: str) -> Any:
+        """Who owns a service's secret files: the service setting `secrets_owner`
+        ("USER" or "USER:GROUP"), else the agent's config `secrets_owner`, else
+        the agent's user.  An unknown user is logged and the default used."""
+        spec = (
+            doc["services"].get(service, {}).get("settings", {}).get("secrets_owner")
+            or self.agent.cfg.secrets_owner
+        )
+        try:
+            return files.resolve_owner(spec or None)
+        except Exception as exc:
+            log.warning(
+                "unknown secrets owner; files stay the agent's",
+                extra=kv(service=service, owner=spec, error=exc),
+            )
+            return None
+
     async def _generate(self, doc: dict, task: Any, secrets: dict) -> None:
         inst = task.instance
         spec = secret_spec(doc, inst.service, inst.secret)
