@@ -227,8 +227,9 @@ class SecretsService:
                 continue
             if opened is None:
                 continue
+            owner = self._owner(doc, item.instance.service)
             changed = await trio.to_thread.run_sync(
-                lambda item=item, opened=opened: files.install(
+                lambda item=item, opened=opened, owner=owner: files.install(
                     self.runtime,
                     item.instance.service,
                     item.instance.secret,
@@ -236,6 +237,7 @@ class SecretsService:
                     opened,
                     dict(item.body.public),
                     now,
+                    owner=owner,
                 )
             )
             if changed:
