@@ -31,6 +31,7 @@ __all__ = [
     "pid_alive",
     "process_mentions",
     "read_pidfile",
+    "write_secrets_initrd",
 ]
 
 # Where the guest finds its secrets: files in the initramfs root, 0400.

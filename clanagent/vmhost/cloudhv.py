@@ -1,8 +1,8 @@
 """cloud-hypervisor backend.
 
-Owns: starting ``cloud-hypervisor --api-socket path=RUNDIR/cloud-hypervisor.sock``
+Owns: starting ``cloud-hypervisor --api-socket path=RUNDIR/control.sock``
 (its own log to ``RUNDIR/cloud-hypervisor.log``, the guest serial port to the
-VM's console log through the VM config), the VmConfig built from a spec
+``RUNDIR/console.log`` through the VM config), the VmConfig built from a spec
 (:func:`vm_config`) and the request sequence that creates and boots it
 (:func:`boot_requests`), graceful stop (``vm.power-button``; if the guest has
 not powered off within the timeout, ``vm.shutdown`` + ``vmm.shutdown``, then
@@ -16,22 +16,15 @@ running that the API says is shut down.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any, ClassVar
 
-from clanagent.vmhost.firecracker import (
-    STATE_PAUSED,
-    STATE_RUNNING,
-    STATE_STARTING,
-    STATE_STOPPED,
-    STATE_UNRESPONSIVE,
-    ApiVmmBackend,
-    LaunchConfig,
-    VmmHandle,
-)
+from clanagent.vmhost.backend import RunDir, VmHandle, VmStatus
+from clanagent.vmhost.firecracker import ApiVmmBackend, LaunchConfig
+from clanagent.vmhost.firecracker import available as _available
 from clanagent.vmhost.http_unix import ApiError, ApiStatusError
 
-__all__ = ["API_ROOT", "CloudHypervisorBackend", "vm_config", "boot_requests"]
+__all__ = ["API_ROOT", "CloudHypervisorBackend", "available", "boot_requests", "vm_config"]
 
 log = logging.getLogger("clanagent.vmhost.cloudhv")
 
@@ -39,6 +32,11 @@ API_ROOT = "/api/v1"
 _MIB = 1024 * 1024
 # After the guest ignored the power button: how long vmm.shutdown may take.
 _VMM_SHUTDOWN_GRACE = 2.0
+
+
+def available(binary: str = "cloud-hypervisor") -> tuple[bool, str]:
+    """Whether cloud-hypervisor can run VMs here (binary on PATH, usable KVM), and why not."""
+    return _available(binary)
 
 
 def vm_config(spec: LaunchConfig) -> dict[str, Any]:
@@ -77,36 +75,37 @@ def boot_requests(spec: LaunchConfig) -> list[tuple[str, str, dict[str, Any] | N
     ]
 
 
+# VmInfo.state -> VmStatus.state ("Created": the VMM holds a VM it has not booted).
 _CH_STATES = {
-    "Running": STATE_RUNNING,
-    "Created": STATE_STARTING,
-    "Paused": STATE_PAUSED,
-    "BreakPoint": STATE_PAUSED,
-    "Shutdown": STATE_STOPPED,
+    "Running": "running",
+    "Paused": "paused",
+    "BreakPoint": "paused",
+    "Created": "shutdown",
+    "Shutdown": "shutdown",
 }
 
 
 class CloudHypervisorBackend(ApiVmmBackend):
     """cloud-hypervisor through its REST API (``/api/v1``)."""
 
-    kind: ClassVar[str] = "cloud-hypervisor"
-    socket_name: ClassVar[str] = "cloud-hypervisor.sock"
+    name: ClassVar[str] = "cloud-hypervisor"
     ready_path: ClassVar[str] = f"{API_ROOT}/vmm.ping"
 
     def __init__(self, binary: str = "cloud-hypervisor", **kwargs: Any) -> None:
         super().__init__(binary, **kwargs)
 
-    def argv(self, api_socket: Path) -> list[str]:
+    def argv(self, api_socket: str) -> list[str]:
         return [self.binary, "--api-socket", f"path={api_socket}"]
 
-    def log_path(self, spec: LaunchConfig, rundir: Path) -> Path:
-        return rundir / "cloud-hypervisor.log"
+    def log_path(self, run: RunDir) -> str:
+        # The guest serial goes to console.log through the VM config; this is the VMM's own log.
+        return os.path.join(run.path, "cloud-hypervisor.log")
 
-    async def _boot(self, spec: LaunchConfig, handle: VmmHandle) -> None:
+    async def _boot(self, spec: LaunchConfig, handle: VmHandle) -> None:
         for method, path, body in boot_requests(spec):
             await self.api(handle, method, path, body)
 
-    async def _graceful(self, handle: VmmHandle, timeout: float) -> bool:
+    async def _graceful(self, handle: VmHandle, timeout: float) -> str | None:
         # ACPI power button: a guest that handles it powers off, and
         # cloud-hypervisor exits when its guest shuts down.
         try:
@@ -115,23 +114,23 @@ class CloudHypervisorBackend(ApiVmmBackend):
             log.warning("cloud-hypervisor %s: power button failed: %s", handle.name, e)
         else:
             if await self.wait_exit(handle, timeout):
-                return True
+                return "poweroff"
         # The guest ignored it (no ACPI handling): stop the VM, then the VMM itself.
         for path in ("vm.shutdown", "vmm.shutdown"):
             try:
                 await self.api(handle, "PUT", f"{API_ROOT}/{path}")
             except ApiError as e:
                 log.warning("cloud-hypervisor %s: %s failed: %s", handle.name, path, e)
-        return await self.wait_exit(handle, _VMM_SHUTDOWN_GRACE)
+        return "quit" if await self.wait_exit(handle, _VMM_SHUTDOWN_GRACE) else None
 
-    async def _api_state(self, handle: VmmHandle) -> str:
+    async def _api_status(self, handle: VmHandle) -> VmStatus:
         try:
             info = await self.api(handle, "GET", f"{API_ROOT}/vm.info")
         except ApiStatusError as e:
-            if e.status == 404:  # the VMM runs but no VM is created yet
-                return STATE_STARTING
+            if e.status == 404:
+                return VmStatus("shutdown", "cloud-hypervisor: no VM created")
             raise
         state = info.get("state") if isinstance(info, dict) else None
-        if not isinstance(state, str):
-            return STATE_UNRESPONSIVE
-        return _CH_STATES.get(state, STATE_UNRESPONSIVE)
+        if isinstance(state, str) and state in _CH_STATES:
+            return VmStatus(_CH_STATES[state], f"cloud-hypervisor: {state}")
+        return VmStatus("running", f"cloud-hypervisor: unexpected vm.info {str(info)[:80]}")

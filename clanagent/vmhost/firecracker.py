@@ -1,70 +1,64 @@
 """Firecracker backend, plus the process machinery shared by API-socket VMMs.
 
-Owns: starting ``firecracker --api-sock RUNDIR/firecracker.sock`` with its
-serial console (the process's stdout) going to the VM's console log, the
-request sequence that configures and boots a VM from a VmSpec
-(:func:`boot_requests`), graceful stop (``SendCtrlAltDel``, then SIGKILL after
-the timeout), status from ``GET /``, and adopting a VMM that outlived the agent
-through ``RUNDIR/vmm.pid`` and the API socket.
+Owns: starting ``firecracker --api-sock RUNDIR/control.sock`` with its serial
+console (the process's stdout) going to ``RUNDIR/console.log``, the request
+sequence that configures and boots a VM (:func:`boot_requests`), graceful
+stop (``SendCtrlAltDel``, then SIGKILL after the timeout), status from
+``GET /``, and adopting a VMM that outlived the agent through the pidfile and
+the API socket.
 
-:class:`ApiVmmBackend` and :class:`VmmHandle` are the parts cloud-hypervisor
-shares (they belong in a private module once the package layout allows one).
+:class:`ApiVmmBackend` and :class:`LaunchConfig` are shared with
+cloud-hypervisor (they belong in a private module once the layout allows one).
 
-Must never: kill a process it cannot tie to this VM (a pid is trusted only
-while ``/proc/PID/cmdline`` names our API socket), leave a half-configured
-VMM running after a failed start, block the event loop, or assume KVM exists:
-:func:`available` says why not instead.
+Must never: kill or adopt a process it cannot tie to this VM (a pid counts
+only while its command line names the VM's API socket), leave a
+half-configured VMM running after a failed start, leave the secrets initrd on
+disk after boot, block the event loop, or assume KVM exists: :func:`available`
+says why not instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import trio
 
+from clanagent.vmhost.backend import (
+    RunDir,
+    VmHandle,
+    VmStatus,
+    pid_alive,
+    process_mentions,
+    read_pidfile,
+    write_secrets_initrd,
+)
 from clanagent.vmhost.http_unix import ApiConnectError, ApiError, request
-from clanagent.vmhost.spec import VmHostError, VmHostRemoteError
-
-if TYPE_CHECKING:
-    from clanagent.vmhost.spec import VmSpec
+from clanagent.vmhost.spec import VmHostError, VmHostLocalError, VmHostRemoteError, VmSpec
 
 __all__ = [
-    "STATE_RUNNING",
-    "STATE_STARTING",
-    "STATE_PAUSED",
-    "STATE_STOPPED",
-    "STATE_UNRESPONSIVE",
-    "VmmError",
-    "VmmStartError",
-    "VmmHandle",
-    "LaunchConfig",
-    "Spawner",
-    "spawn_process",
-    "available",
     "ApiVmmBackend",
     "FirecrackerBackend",
+    "LaunchConfig",
+    "Spawner",
+    "VmmError",
+    "VmmSetupError",
+    "VmmStartError",
+    "available",
+    "kvm_problem",
     "boot_requests",
-    "PIDFILE_NAME",
+    "spawn_process",
 ]
 
 log = logging.getLogger("clanagent.vmhost.firecracker")
 
-# What status() answers (plain strings so they go into status records as-is).
-STATE_RUNNING = "running"
-STATE_STARTING = "starting"  # VMM up, guest not booted yet
-STATE_PAUSED = "paused"
-STATE_STOPPED = "stopped"  # the VMM process is gone (or its VM shut down)
-STATE_UNRESPONSIVE = "unresponsive"  # the process lives but its API does not answer
-
-PIDFILE_NAME = "vmm.pid"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 
@@ -76,23 +70,17 @@ class VmmStartError(VmmError, VmHostRemoteError):
     """The VMM could not be started, configured or booted (the process was killed)."""
 
 
-@dataclass(frozen=True, slots=True)
-class VmmHandle:
-    """What identifies a running VMM process; enough to re-find it after a restart."""
-
-    kind: str
-    name: str
-    pid: int
-    rundir: Path
-    api_socket: Path
+class VmmSetupError(VmmError, VmHostLocalError):
+    """We cannot even try: the runtime dir or the spec does not fit this backend."""
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
     """Everything a VMM needs to boot one VM: the spec plus this host's runtime choices.
 
-    The inventory's VmSpec says what the VM is; where its tap, data disk and
-    console log live is decided at run time.  :meth:`resolve` takes either.
+    VmSpec says what the VM is; its disk image, console log and (once the
+    lifecycle passes them) tap and MAC are decided at run time.
+    :meth:`resolve` builds one from a VmSpec and the runtime dir.
     """
 
     name: str
@@ -100,7 +88,7 @@ class LaunchConfig:
     memory_mb: int
     kernel: str
     cmdline: str
-    console_log: Path
+    console_log: str
     initrd: str | None = None
     rootfs: str | None = None
     disk: str | None = None
@@ -108,37 +96,31 @@ class LaunchConfig:
     mac: str | None = None
 
     @classmethod
-    def resolve(cls, spec: VmSpec | LaunchConfig, rundir: Path) -> LaunchConfig:
+    def resolve(cls, spec: VmSpec | LaunchConfig, run: RunDir) -> LaunchConfig:
         if isinstance(spec, LaunchConfig):
             return spec
-
-        def opt(attr: str) -> Any:
-            return getattr(spec, attr, None) or None
-
-        disk = opt("disk")
-        if disk is None and getattr(spec, "disk_mb", 0) and (rundir / "disk.img").exists():
-            # The runtime creates a spec's data disk (disk_mb) as RUNDIR/disk.img.
-            disk = str(rundir / "disk.img")
+        disk = run.disk if spec.disk_mb > 0 else None
         return cls(
             name=spec.name,
             vcpus=spec.vcpus,
             memory_mb=spec.memory_mb,
-            kernel=str(spec.kernel),
+            kernel=spec.kernel,
             cmdline=spec.cmdline,
-            console_log=Path(opt("console_log") or rundir / "console.log"),
-            initrd=str(spec.initrd) if spec.initrd else None,
-            rootfs=str(spec.rootfs) if spec.rootfs else None,
-            disk=str(disk) if disk else None,
-            tap=opt("tap"),
-            mac=opt("mac"),
+            console_log=run.console,
+            initrd=spec.initrd or None,
+            rootfs=spec.rootfs or None,
+            disk=disk,
+            # VmSpec has no tap/mac yet; a spec type that grows them is honoured.
+            tap=getattr(spec, "tap", None) or None,
+            mac=getattr(spec, "mac", None) or None,
         )
 
 
 # (argv, log path) -> a started process.  Tests swap in a fake VMM here.
-Spawner = Callable[[Sequence[str], Path], Awaitable[trio.Process]]
+Spawner = Callable[[Sequence[str], str], Awaitable[trio.Process]]
 
 
-async def spawn_process(argv: Sequence[str], log_path: Path) -> trio.Process:
+async def spawn_process(argv: Sequence[str], log_path: str) -> trio.Process:
     """Start a VMM in its own session, so the agent's signals and restarts spare it."""
     with open(log_path, "ab") as out:
         return await trio.lowlevel.open_process(
@@ -155,36 +137,41 @@ def available(binary: str = "firecracker") -> tuple[bool, str]:
     path = shutil.which(binary)
     if path is None:
         return False, f"no {binary} on PATH"
-    kvm = Path("/dev/kvm")
-    if not kvm.exists():
-        return False, "no /dev/kvm (KVM missing or not exposed to this machine)"
-    if not os.access(kvm, os.R_OK | os.W_OK):
-        return False, "/dev/kvm is not readable and writable (join the kvm group)"
+    problem = kvm_problem()
+    if problem:
+        return False, problem
     return True, f"{binary} at {path} with /dev/kvm"
 
 
-def _proc_matches(pid: int, needle: bytes) -> bool:
-    """True if ``pid`` is a live (non-zombie) process whose argv contains ``needle``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if not fields or fields[0] in (b"Z", b"X"):
-        return False
-    return needle in cmdline
+def kvm_problem(kvm: str = "/dev/kvm", cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """Why KVM cannot run a stock guest kernel here (None: it can, as far as we can tell)."""
+    if not os.path.exists(kvm):
+        return f"no {kvm} (KVM missing or not exposed to this machine)"
+    if not os.access(kvm, os.R_OK | os.W_OK):
+        return f"{kvm} is not readable and writable (join the kvm group)"
+    if platform.machine() in ("x86_64", "i686"):
+        try:
+            with open(cpuinfo) as f:
+                flags = next(
+                    (ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []
+                )
+        except OSError:
+            return None
+        if "vmx" not in flags and "svm" not in flags:
+            # e.g. a paravirtual KVM (kvm_pvm) inside a VM: /dev/kvm exists, but
+            # stock guest kernels hang or die on it.
+            return f"{kvm} exists but the CPU has no vmx/svm flag (nested or paravirtual KVM)"
+    return None
 
 
 class ApiVmmBackend:
     """Process lifecycle for a VMM driven through an HTTP API on a unix socket.
 
     Subclasses say how to start the binary and how to talk to it; this class
-    owns the pidfile, readiness wait, exit wait, kill and adopt.
+    owns the runtime dir, pidfile, readiness wait, exit wait, kill and adopt.
     """
 
-    kind: ClassVar[str] = ""
-    socket_name: ClassVar[str] = ""
+    name: ClassVar[str] = ""
     ready_path: ClassVar[str] = "/"
 
     def __init__(
@@ -206,22 +193,22 @@ class ApiVmmBackend:
         # Processes we started ourselves must be reaped, or they linger as zombies.
         self._children: dict[int, trio.Process] = {}
 
-    # -- to be provided by each product ------------------------------------------------
+    # -- provided by each product -----------------------------------------------------
 
-    def argv(self, api_socket: Path) -> list[str]:
+    def argv(self, api_socket: str) -> list[str]:
         raise NotImplementedError
 
-    def log_path(self, spec: LaunchConfig, rundir: Path) -> Path:
+    def log_path(self, run: RunDir) -> str:
         raise NotImplementedError
 
-    async def _boot(self, spec: LaunchConfig, handle: VmmHandle) -> None:
+    async def _boot(self, spec: LaunchConfig, handle: VmHandle) -> None:
         raise NotImplementedError
 
-    async def _graceful(self, handle: VmmHandle, timeout: float) -> bool:
-        """Ask the guest to shut down; True once the process has exited."""
+    async def _graceful(self, handle: VmHandle, timeout: float) -> str | None:
+        """Ask the guest to shut down: how it ended ("poweroff"/"quit"), or None."""
         raise NotImplementedError
 
-    async def _api_state(self, handle: VmmHandle) -> str:
+    async def _api_status(self, handle: VmHandle) -> VmStatus:
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------
@@ -229,147 +216,181 @@ class ApiVmmBackend:
     def available(self) -> tuple[bool, str]:
         return available(self.binary)
 
-    async def api(self, handle: VmmHandle, method: str, path: str, body: Any = None) -> Any:
-        _, value = await request(handle.api_socket, method, path, body, timeout=self.api_timeout)
+    def accel(self) -> tuple[str, str]:
+        ok, why = self.available()
+        # Neither VMM has a software fallback: without KVM there is no accelerator.
+        return ("kvm", why) if ok else ("none", why)
+
+    async def api(self, handle: VmHandle, method: str, path: str, body: Any = None) -> Any:
+        sock = RunDir(handle.rundir).control
+        _, value = await request(sock, method, path, body, timeout=self.api_timeout)
         return value
 
-    async def start(self, spec: VmSpec | LaunchConfig, rundir: Path) -> VmmHandle:
-        rundir = Path(rundir)
-        rundir.mkdir(parents=True, exist_ok=True)
-        spec = LaunchConfig.resolve(spec, rundir)
-        sock = rundir / self.socket_name
-        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
-            raise VmmStartError(f"API socket path too long for a unix socket: {sock}")
-        if await self.adopt(rundir) is not None:
-            raise VmmStartError(f"{self.kind} for {spec.name} is already running in {rundir}")
-        # A socket left by a dead VMM makes its successor's bind fail.
-        sock.unlink(missing_ok=True)
+    async def start(
+        self,
+        spec: VmSpec | LaunchConfig,
+        rundir: str,
+        secrets: Mapping[str, bytes] | None = None,
+    ) -> VmHandle:
+        run = RunDir(os.fspath(rundir))
+        if len(os.fsencode(run.control)) > _SUN_PATH_MAX:
+            raise VmmSetupError(f"API socket path too long for a unix socket: {run.control}")
+        if secrets and not spec.initrd:
+            raise VmmSetupError(f"vm {spec.name}: secrets need an initrd")
+        run.ensure()
+        if await self.adopt(run.path) is not None:
+            raise VmmSetupError(f"{self.name} for {spec.name} is already running in {run.path}")
+        cfg = LaunchConfig.resolve(spec, run)
+        if cfg.disk == run.disk and not os.path.exists(run.disk):
+            # A sparse file: costs nothing until the guest writes to it.
+            with open(run.disk, "wb") as f:
+                f.truncate(spec.disk_mb * 1024 * 1024)
+        if secrets:
+            initrd = write_secrets_initrd(run, str(cfg.initrd), secrets)
+            cfg = replace(cfg, initrd=initrd)
+        fingerprint = spec.fingerprint() if isinstance(spec, VmSpec) else ""
         try:
-            proc = await self._spawn(self.argv(sock), self.log_path(spec, rundir))
+            proc = await self._spawn(self.argv(run.control), self.log_path(run))
         except OSError as e:
+            run.remove_stale()
             raise VmmStartError(f"cannot start {self.binary}: {e}") from None
         self._children[proc.pid] = proc
-        handle = VmmHandle(self.kind, spec.name, proc.pid, rundir, sock)
-        _write_pidfile(rundir / PIDFILE_NAME, proc.pid)
+        handle = VmHandle(cfg.name, run.path, proc.pid, self.name, "kvm", fingerprint)
+        _write_pidfile(run.pidfile, proc.pid)
         try:
             await self._wait_ready(handle)
-            await self._boot(spec, handle)
+            await self._boot(cfg, handle)
         except ApiError as e:
             with trio.CancelScope(shield=True):
                 await self.kill(handle)
-            raise VmmStartError(f"{self.kind} {spec.name}: {e}") from None
+            raise VmmStartError(f"{self.name} {cfg.name}: {e}") from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.kill(handle)
             raise
-        log.info("%s %s started (pid %d)", self.kind, spec.name, proc.pid)
+        finally:
+            # The VMM has read the initrd by now (or is dead): no secrets left on disk.
+            if secrets:
+                _unlink(run.secrets_initrd)
+        if fingerprint:
+            run.write_fingerprint(fingerprint)
+        log.info("%s %s started (pid %d)", self.name, cfg.name, proc.pid)
         return handle
 
-    async def _wait_ready(self, handle: VmmHandle) -> None:
+    async def _wait_ready(self, handle: VmHandle) -> None:
+        sock = RunDir(handle.rundir).control
         with trio.move_on_after(self.ready_timeout):
             while True:
                 if not self.is_alive(handle):
                     raise VmmStartError(
-                        f"{self.kind} {handle.name} exited before its API came up"
-                        f" (see {handle.rundir})"
+                        f"{self.name} {handle.name} exited before its API came up"
+                        f" (see the logs in {handle.rundir})"
                     )
                 try:
-                    await request(handle.api_socket, "GET", self.ready_path, timeout=1.0)
+                    await request(sock, "GET", self.ready_path, timeout=1.0)
                     return
                 except ApiConnectError:
                     pass  # not listening yet
                 await trio.sleep(self.poll_interval)
         raise VmmStartError(
-            f"{self.kind} {handle.name}: API socket not ready after {self.ready_timeout:g}s"
+            f"{self.name} {handle.name}: API socket not ready after {self.ready_timeout:g}s"
         )
 
-    def is_alive(self, handle: VmmHandle) -> bool:
+    def is_alive(self, handle: VmHandle) -> bool:
         proc = self._children.get(handle.pid)
         if proc is not None:
-            if proc.poll() is None:
-                return True
-            del self._children[handle.pid]
-            return False
-        return _proc_matches(handle.pid, os.fsencode(handle.api_socket))
+            return proc.poll() is None
+        return pid_alive(handle.pid) and process_mentions(handle.pid, RunDir(handle.rundir).control)
 
-    async def wait_exit(self, handle: VmmHandle, timeout: float) -> bool:
+    async def wait_exit(self, handle: VmHandle, timeout: float) -> bool:
         with trio.move_on_after(timeout):
             while self.is_alive(handle):
                 await trio.sleep(self.poll_interval)
             return True
         return not self.is_alive(handle)
 
-    async def stop(self, handle: VmmHandle, timeout: float) -> None:
-        """Graceful shutdown within ``timeout`` seconds, else SIGKILL."""
-        if self.is_alive(handle) and await self._graceful(handle, timeout):
-            log.info("%s %s stopped gracefully", self.kind, handle.name)
-            self._cleanup(handle)
-            return
-        await self.kill(handle)
+    async def stop(self, handle: VmHandle, timeout: float) -> str:
+        """Graceful shutdown within ``timeout`` seconds, else SIGKILL.
 
-    async def kill(self, handle: VmmHandle) -> None:
+        Returns "poweroff" (the guest shut down), "quit" (the VMM was told to
+        exit) or "killed".
+        """
+        # Already gone: the guest powered off (or crashed) on its own.
+        how: str | None = "poweroff"
         if self.is_alive(handle):
-            log.warning("%s %s: sending SIGKILL to pid %d", self.kind, handle.name, handle.pid)
+            how = await self._graceful(handle, timeout)
+        if how is None:
+            await self.kill(handle)
+            return "killed"
+        log.info("%s %s stopped (%s)", self.name, handle.name, how)
+        self._forget(handle)
+        RunDir(handle.rundir).remove_stale()
+        _unlink(RunDir(handle.rundir).control + ".lock")
+        return how
+
+    async def kill(self, handle: VmHandle) -> None:
+        """SIGKILL the VMM (only if it is provably this VM's) and clean its runtime dir."""
+        if self.is_alive(handle):
+            log.warning("%s %s: sending SIGKILL to pid %d", self.name, handle.name, handle.pid)
             try:
                 os.kill(handle.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             if not await self.wait_exit(handle, self.kill_timeout):
-                raise VmmError(f"{self.kind} {handle.name}: pid {handle.pid} survived SIGKILL")
-        self._cleanup(handle)
+                raise VmmError(f"{self.name} {handle.name}: pid {handle.pid} survived SIGKILL")
+        self._forget(handle)
+        RunDir(handle.rundir).remove_stale()
+        _unlink(RunDir(handle.rundir).control + ".lock")  # cloud-hypervisor's socket lock
 
-    def _cleanup(self, handle: VmmHandle) -> None:
-        for path in (
-            handle.api_socket,
-            Path(f"{handle.api_socket}.lock"),  # cloud-hypervisor's socket lock
-            handle.rundir / PIDFILE_NAME,
-        ):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as e:
-                log.warning("cannot remove %s: %s", path, e)
+    def _forget(self, handle: VmHandle) -> None:
+        self._children.pop(handle.pid, None)
 
-    async def status(self, handle: VmmHandle) -> str:
+    async def status(self, handle: VmHandle) -> VmStatus:
+        proc = self._children.get(handle.pid)
         if not self.is_alive(handle):
-            return STATE_STOPPED
+            code = proc.returncode if proc is not None else None
+            return VmStatus("exited", f"{self.name} process {handle.pid} is gone", code)
         try:
-            return await self._api_state(handle)
+            return await self._api_status(handle)
         except ApiError as e:
-            log.warning("%s %s: status query failed: %s", self.kind, handle.name, e)
-            return STATE_UNRESPONSIVE
+            # Alive but deaf: the lifecycle decides whether to wait or kill.
+            return VmStatus("running", f"API not answering: {e}")
 
-    async def adopt(self, rundir: Path) -> VmmHandle | None:
-        """The VMM still running in ``rundir`` from an earlier agent, if any."""
-        rundir = Path(rundir)
-        pid = _read_pidfile(rundir / PIDFILE_NAME)
-        if pid is None:
+    async def adopt(self, rundir: str) -> VmHandle | None:
+        """The VMM still running in ``rundir`` from an earlier agent, or None after
+        removing what a dead one left behind."""
+        run = RunDir(os.fspath(rundir))
+        pid = read_pidfile(run.pidfile)
+        # The command-line check guards against a recycled pid now owned by another program.
+        if pid is None or not (pid_alive(pid) and process_mentions(pid, run.control)):
+            run.remove_stale()
+            _unlink(run.control + ".lock")
             return None
-        handle = VmmHandle(self.kind, rundir.name, pid, rundir, rundir / self.socket_name)
-        # The cmdline check guards against a recycled pid now owned by someone else.
-        if not _proc_matches(pid, os.fsencode(handle.api_socket)):
-            return None
+        handle = VmHandle(
+            run.name, run.path, pid, self.name, "kvm", run.read_fingerprint(), adopted=True
+        )
         try:
-            await request(handle.api_socket, "GET", self.ready_path, timeout=self.api_timeout)
+            await request(run.control, "GET", self.ready_path, timeout=self.api_timeout)
         except ApiError as e:
             # Still ours (the pid and argv match), just unwell: status() will say so.
-            log.warning("%s %s: adopted pid %d, API not answering: %s", self.kind, rundir, pid, e)
+            log.warning("%s %s: adopted pid %d, API not answering: %s", self.name, run.path, pid, e)
         return handle
 
 
-def _write_pidfile(path: Path, pid: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, path)
-
-
-def _read_pidfile(path: Path) -> int | None:
+def _unlink(path: str) -> None:
     try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return None
-    if not text.isascii() or not text.isdigit() or len(text) > 10 or int(text) <= 1:
-        return None
-    return int(text)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e)
+
+
+def _write_pidfile(path: str, pid: int) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{pid}\n")
+    os.replace(tmp, path)
 
 
 # -- Firecracker ------------------------------------------------------------------------
@@ -424,45 +445,42 @@ def boot_requests(spec: LaunchConfig) -> list[tuple[str, str, dict[str, Any]]]:
     return seq
 
 
-_FC_STATES = {"Running": STATE_RUNNING, "Not started": STATE_STARTING, "Paused": STATE_PAUSED}
+_FC_STATES = {"Running": "running", "Paused": "paused", "Not started": "shutdown"}
 
 
 class FirecrackerBackend(ApiVmmBackend):
     """Firecracker through its REST API (needs an uncompressed vmlinux on x86_64)."""
 
-    kind: ClassVar[str] = "firecracker"
-    socket_name: ClassVar[str] = "firecracker.sock"
+    name: ClassVar[str] = "firecracker"
     ready_path: ClassVar[str] = "/"
 
     def __init__(self, binary: str = "firecracker", **kwargs: Any) -> None:
         super().__init__(binary, **kwargs)
 
-    def argv(self, api_socket: Path) -> list[str]:
-        return [self.binary, "--api-sock", str(api_socket)]
+    def argv(self, api_socket: str) -> list[str]:
+        return [self.binary, "--api-sock", api_socket]
 
-    def log_path(self, spec: LaunchConfig, rundir: Path) -> Path:
-        # Firecracker writes the guest's serial port to its stdout.
-        return spec.console_log
+    def log_path(self, run: RunDir) -> str:
+        # Firecracker writes the guest's serial port (and its own log) to stdout.
+        return run.console
 
-    async def _boot(self, spec: LaunchConfig, handle: VmmHandle) -> None:
+    async def _boot(self, spec: LaunchConfig, handle: VmHandle) -> None:
         for method, path, body in boot_requests(spec):
             await self.api(handle, method, path, body)
 
-    async def _graceful(self, handle: VmmHandle, timeout: float) -> bool:
+    async def _graceful(self, handle: VmHandle, timeout: float) -> str | None:
         # Ctrl+Alt+Del through the i8042 device: the guest reboots, and Firecracker
         # exits on a guest reboot. x86_64 only; elsewhere this fails and we kill.
         try:
             await self.api(handle, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})
         except ApiError as e:
             log.warning("firecracker %s: SendCtrlAltDel failed: %s", handle.name, e)
-            return not self.is_alive(handle)
-        return await self.wait_exit(handle, timeout)
+            return None
+        return "poweroff" if await self.wait_exit(handle, timeout) else None
 
-    async def _api_state(self, handle: VmmHandle) -> str:
+    async def _api_status(self, handle: VmHandle) -> VmStatus:
         info = await self.api(handle, "GET", "/")
         state = info.get("state") if isinstance(info, dict) else None
-        return (
-            _FC_STATES.get(state, STATE_UNRESPONSIVE)
-            if isinstance(state, str)
-            else STATE_UNRESPONSIVE
-        )
+        if isinstance(state, str) and state in _FC_STATES:
+            return VmStatus(_FC_STATES[state], f"firecracker: {state}")
+        return VmStatus("running", f"firecracker: unexpected instance info {str(info)[:80]}")

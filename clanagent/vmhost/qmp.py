@@ -10,7 +10,9 @@ never interpret VM state (that is the backend's job).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "QmpCommandError",
     "QmpDisconnected",
     "QmpEvent",
+    "QmpMisuse",
     "QmpProtocol",
     "QmpProtocolError",
     "QmpReply",
@@ -83,7 +86,8 @@ class QmpProtocol:
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) > MAX_LINE and b"\n" not in self._buf:
+        # the unterminated tail is the line still coming in
+        if len(self._buf) - (self._buf.rfind(b"\n") + 1) > MAX_LINE:
             raise QmpProtocolError(f"QMP line longer than {MAX_LINE} bytes")
 
     def next_message(self) -> QmpEvent | QmpReply | None:
@@ -133,12 +137,16 @@ class QmpProtocol:
 
 
 class QmpClient:
-    """One QMP connection over trio.  Use `open_qmp(path)`; not safe for concurrent commands."""
+    """One QMP connection over trio (use `open_qmp(path)`); commands are serialised.
+
+    Async events seen while waiting for replies are kept, newest last, in
+    `events` (bounded: a long-lived connection must not grow without limit).
+    """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._proto = QmpProtocol()
-        self.events: list[QmpEvent] = []
+        self.events: deque[QmpEvent] = deque(maxlen=256)
         self._lock = trio.Lock()
 
     async def _fill(self) -> None:
@@ -211,30 +219,23 @@ class QmpClient:
         await self._stream.aclose()
 
 
-class open_qmp:  # noqa: N801 - used like a function: `async with open_qmp(path) as q`
+@asynccontextmanager
+async def open_qmp(path: str, timeout: float = 5.0) -> AsyncIterator[QmpClient]:
     """Connect to a QMP unix socket, read the greeting and negotiate capabilities."""
-
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        self._path, self._timeout = path, timeout
-        self._client: QmpClient | None = None
-
-    async def __aenter__(self) -> QmpClient:
-        try:
-            with trio.fail_after(self._timeout):
-                stream = await trio.open_unix_socket(self._path)
-                client = QmpClient(stream)
-                try:
-                    await client._handshake()
-                except BaseException:
-                    await stream.aclose()
-                    raise
-        except trio.TooSlowError:
-            raise QmpDisconnected(f"QMP at {self._path}: no answer in {self._timeout}s") from None
-        except OSError as e:
-            raise QmpDisconnected(f"QMP at {self._path}: {e.strerror or e}") from None
-        self._client = client
-        return client
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_unix_socket(path)
+            client = QmpClient(stream)
+            try:
+                await client._handshake()
+            except BaseException:
+                await stream.aclose()
+                raise
+    except trio.TooSlowError:
+        raise QmpDisconnected(f"QMP at {path}: no answer in {timeout}s") from None
+    except OSError as e:
+        raise QmpDisconnected(f"QMP at {path}: {e.strerror or e}") from None
+    try:
+        yield client
+    finally:
+        await client.aclose()
