@@ -55,6 +55,7 @@ class Agent:
         self.mesh: Any = None  # the mesh service, once it runs
         self.services: Any = None  # service wiring, once in a clan
         self.secrets: Any = None  # secrets, once in a clan
+        self.vms: Any = None  # this machine's micro VMs, once in a clan
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -67,6 +68,8 @@ class Agent:
             caps.append(self.gossip.capability().to_wire())
         if self.mesh is not None:
             caps += [c.to_wire() for c in self.mesh.capabilities()]
+        if self.vms is not None:
+            caps.append(self.vms.capability().to_wire())
         return {
             "node_id": self.identity.node_id,
             "short_id": self.identity.short_id,
@@ -251,6 +254,9 @@ class Agent:
         if self.secrets is not None:
             self.secrets.member_changed()
 
+    def vm_list(self) -> list[dict[str, Any]]:
+        return [] if self.vms is None else self.vms.clan_vms()
+
     def secrets_rows(self) -> list[dict[str, Any]]:
         return [] if self.secrets is None else self.secrets.rows()
 
@@ -301,6 +307,8 @@ class Agent:
             self.services.wake()
         if self.secrets is not None:
             self.secrets.wake()
+        if self.vms is not None:
+            self.vms.wake()
 
     async def publish_record(self, kind: str, key: str, body: Any) -> None:
         """Store a record of ours and gossip it (store only, when gossip is off)."""
@@ -374,6 +382,10 @@ class Agent:
 
         self.secrets = SecretsService(self)
         await nursery.start(self.secrets.run)
+        from .vmhost.service import VmService
+
+        self.vms = VmService(self)
+        await nursery.start(self.vms.run)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg

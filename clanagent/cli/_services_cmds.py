@@ -157,6 +157,32 @@ class CommandError(Exception):
     pass
 
 
+def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
+    rows = client.call("vm.list")
+    if args.json:
+        return rows
+    if not rows:
+        print("no VMs declared in the inventory")
+        return None
+    print(
+        table(
+            ["VM", "MACHINE", "STATE", "ACCEL", "CRASHES", "DETAIL"],
+            [
+                (
+                    r["vm"],
+                    r["machine"],
+                    r["state"],
+                    r["accel"] or "-",
+                    r["crashes"] or 0,
+                    r["reason"] or "-",
+                )
+                for r in rows
+            ],
+        )
+    )
+    return None
+
+
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("services", help="service instances, roles, machines and their wiring")
     s.set_defaults(handler=cmd_services)
@@ -172,3 +198,8 @@ def add_parsers(sub: Any) -> None:
     ro = ssub.add_parser("rotate", help="make a new generation now")
     ro.add_argument("id", help="SERVICE/NAME")
     ro.set_defaults(handler=cmd_secrets_rotate)
+    vm = sub.add_parser("vm", help="the clan's micro VMs")
+    vsub = vm.add_subparsers(dest="vm_cmd", required=True)
+    vsub.add_parser("list", help="every VM, where it runs, its state and accelerator").set_defaults(
+        handler=cmd_vm_list
+    )

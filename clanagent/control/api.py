@@ -119,6 +119,10 @@ async def _secrets_rotate(agent: Any, params: dict[str, Any]) -> Any:
     return await agent.secrets_rotate(sid)
 
 
+async def _vm_list(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.vm_list()
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -178,6 +182,7 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 params=("machine",),
             ),
             _h("services", "read", _services, "service instances, roles and their wiring"),
+            _h("vm.list", "read", _vm_list, "every VM of the clan, from every host's status"),
             _h(
                 "secrets.list",
                 "read",

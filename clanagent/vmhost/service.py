@@ -1,0 +1,245 @@
+"""The VM service: the trio shell that runs this machine's share of the clan's VMs.
+
+Owns: turning the inventory's placement into checked VM specs, adopting VMs
+that still run from an earlier agent (an agent restart never kills a VM),
+running the lifecycle reconciler against a backend (start, graceful stop,
+restart with backoff), rotating console logs, and publishing a `vm-status`
+record per VM so every machine's `clanctl vm list` shows the whole clan.
+Must never: kill a VM it did not start or adopt, or let one bad declaration
+stop the others (it is reported as that VM's error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._log import kv
+from .backend import RunDir
+from .console import ConsoleLog
+from .lifecycle import (
+    AdoptVm,
+    Reconciler,
+    ReportError,
+    RestartVm,
+    StartVm,
+    StopVm,
+    VmExited,
+    VmStarted,
+    VmStartFailed,
+    VmStopped,
+)
+from .spec import HostLimits, VmHostError, VmSpec, VmSpecError, check_spec
+
+__all__ = ["VmService", "VM_STATUS_KIND"]
+
+log = logging.getLogger("clanagent.vmhost")
+
+VM_STATUS_KIND = "vm-status"
+TICK = 2.0
+
+
+class VmService:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.base = Path(agent.cfg.state_dir) / "vms"  # disks and logs: not a tmpfs
+        self.reconciler = Reconciler()
+        self.handles: dict[str, Any] = {}
+        self.backend: Any = None
+        self.backend_reason = "not started"
+        self._wakeup = trio.Event()
+        self._published: dict[str, dict] = {}
+        self._errors: dict[str, str] = {}
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def capability(self) -> Any:
+        from ..capabilities import Capability
+
+        if self.backend is None:
+            return Capability("vms", False, self.backend_reason)
+        accel, why = self.backend.accel()
+        return Capability("vms", True, f"qemu microvm, {accel} ({why})")
+
+    # -- desired state ---------------------------------------------------------------
+
+    def _desired(self) -> tuple[dict[str, VmSpec], dict[str, str]]:
+        from ..inventory.select import vms_for
+
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return {}, {}
+        me = inv.machine_by_node_key(self.agent.identity.public_key)
+        if me is None:
+            return {}, {}
+        host = HostLimits.probe()
+        specs: dict[str, VmSpec] = {}
+        errors: dict[str, str] = {}
+        for name in vms_for(inv.doc, me.name):
+            try:
+                spec = VmSpec.from_inventory(name, inv.doc["vms"][name])
+            except VmSpecError as exc:
+                errors[name] = "; ".join(exc.problems)
+                continue
+            problems = check_spec(spec, host)
+            if problems:
+                errors[name] = "; ".join(problems)
+            else:
+                specs[name] = spec
+        return specs, errors
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .qemu import QemuBackend
+
+        backend = QemuBackend()
+        if not backend.available():
+            self.backend_reason = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
+            task_status.started(self)
+            return
+        self.backend = backend
+        await trio.to_thread.run_sync(lambda: self.base.mkdir(parents=True, exist_ok=True))
+        await self._adopt_all()
+        task_status.started(self)
+        while True:
+            try:
+                await self.step()
+            except Exception as exc:  # the next tick tries again
+                log.warning("VM round failed", extra=kv(error=exc))
+            with trio.move_on_after(TICK):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    async def _adopt_all(self) -> None:
+        now = trio.current_time()
+        for entry in sorted(os.listdir(self.base)):
+            rundir = str(self.base / entry)
+            handle = await self.backend.adopt(rundir)
+            if handle is None:
+                continue
+            self.handles[entry] = handle
+            self.reconciler.observe(entry, handle.fingerprint, now)
+            log.info("adopted a running VM", extra=kv(vm=entry, pid=handle.pid))
+
+    async def step(self) -> None:
+        specs, errors = self._desired()
+        self._errors = errors
+        self.reconciler.set_desired(specs, errors)
+        for name, h in list(self.handles.items()):
+            st = await self.backend.status(h)
+            if not st.alive:
+                del self.handles[name]
+                await self.backend.reap(h)
+                self.reconciler.handle(VmExited(name, st.detail), trio.current_time())
+                log.warning("VM exited", extra=kv(vm=name, detail=st.detail))
+        for act in self.reconciler.poll(trio.current_time()):
+            await self._act(act)
+        for h in self.handles.values():
+            await trio.to_thread.run_sync(ConsoleLog(RunDir(h.rundir).console).maybe_rotate)
+        await self._publish_status()
+
+    async def _act(self, act: Any) -> None:
+        now = trio.current_time
+        if isinstance(act, (StartVm, RestartVm)):
+            name = act.spec.name
+            secrets = await trio.to_thread.run_sync(self._secrets_for, act.spec)
+            try:
+                self.handles[name] = await self.backend.start(
+                    act.spec, str(self.base / name), secrets=secrets or None
+                )
+            except VmHostError as exc:
+                self.reconciler.handle(VmStartFailed(name, str(exc)), now())
+                log.warning("VM did not start", extra=kv(vm=name, error=exc))
+            else:
+                self.reconciler.handle(VmStarted(name), now())
+                log.info("VM started", extra=kv(vm=name, accel=self.handles[name].accel))
+        elif isinstance(act, StopVm):
+            handle = self.handles.pop(act.name, None)
+            if handle is not None:
+                how = await self.backend.stop(handle, act.timeout)
+                log.info("VM stopped", extra=kv(vm=act.name, how=how, reason=act.reason))
+            self.reconciler.handle(VmStopped(act.name), now())
+        elif isinstance(act, ReportError):
+            log.warning("VM declaration cannot run here", extra=kv(vm=act.name, reason=act.reason))
+        elif isinstance(act, AdoptVm):
+            pass  # the handle is already ours
+
+    def _secrets_for(self, spec: VmSpec) -> dict[str, bytes]:
+        """The secret files this VM receives ("SERVICE/SECRET" from the declaration)."""
+        out: dict[str, bytes] = {}
+        root = Path(self.agent.cfg.runtime_dir) / "secrets"
+        for ref in spec.secrets:
+            d = root / ref
+            if d.is_dir():
+                for f in d.iterdir():
+                    if f.is_file() and not f.name.startswith("."):
+                        out[f"{ref}/{f.name}"] = f.read_bytes()
+        return out
+
+    async def _publish_status(self) -> None:
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return
+        me = inv.machine_by_node_key(self.agent.identity.public_key)
+        names = set(self.reconciler.names()) | set(self._errors)
+        for name in sorted(names):
+            h = self.handles.get(name)
+            body = {
+                "vm": name,
+                "machine": me.name if me else "",
+                "state": "failed" if name in self._errors else self.reconciler.state(name),
+                "reason": self._errors.get(name) or self.reconciler.reason(name),
+                "accel": h.accel if h is not None else "",
+                "pid": h.pid if h is not None else 0,
+                "crashes": self.reconciler.crashes(name),
+            }
+            if self._published.get(name) != body:
+                self._published[name] = body
+                await self.agent.publish_record(
+                    VM_STATUS_KIND, name, {**body, "at": int(time.time())}
+                )
+
+    # -- views --------------------------------------------------------------------------
+
+    def clan_vms(self) -> list[dict[str, Any]]:
+        """Every VM of the clan, from the status records every host publishes."""
+        inv = self.agent.inventory.inventory
+        placed: dict[str, list[str]] = {}
+        if inv is not None:
+            from ..inventory.select import placement
+
+            for vm in inv.doc["vms"]:
+                placed[vm] = placement(inv.doc, vm)
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in self.agent.store.records():
+            if rec.kind != VM_STATUS_KIND or not isinstance(rec.body, dict):
+                continue
+            b = rec.body
+            key = (str(b.get("vm", "")), str(b.get("machine", "")))
+            if key[0] in placed and key[1] in placed[key[0]]:
+                rows[key] = {
+                    k: b.get(k)
+                    for k in ("vm", "machine", "state", "reason", "accel", "crashes", "at")
+                }
+        for vm, machines in placed.items():
+            for m in machines:
+                rows.setdefault(
+                    (vm, m),
+                    {
+                        "vm": vm,
+                        "machine": m,
+                        "state": "unknown",
+                        "reason": "no status from that machine yet",
+                        "accel": "",
+                        "crashes": 0,
+                        "at": None,
+                    },
+                )
+        return [rows[k] for k in sorted(rows)]
