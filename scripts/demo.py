@@ -272,6 +272,42 @@ def main() -> int:
                 f"sha256 {digest}… (the same on both clients; the value is never shown)"
             )
 
+        from clanagent.vmhost.image import build_image, image_problem
+
+        vm_skip = image_problem()
+        if vm_skip:
+            banner(f"micro VMs skipped: {vm_skip}")
+        else:
+            banner("a micro VM placed on m1 by the inventory; seen from every machine")
+            kernel, initrd = build_image(work / "image")
+            vm_toml = (
+                f'\n[vms.hello]\nmachines = ["m1"]\nmemory_mb = 128\n'
+                f'kernel = "{kernel}"\ninitrd = "{initrd}"\n'
+            )
+            print(vm_toml.strip())
+            inv.write_text(clanctl(socks["m1"], "inventory", "show", show=False) + vm_toml)
+            clanctl(
+                socks["m1"],
+                "inventory",
+                "apply",
+                str(inv),
+                "--admin-key",
+                str(admin_key),
+                "--yes",
+                "-m",
+                "a micro VM",
+            )
+
+            def vm_running_seen_from_m2() -> bool:
+                rows = json.loads(clanctl(socks["m2"], "--json", "vm", "list", show=False))
+                return any(r["vm"] == "hello" and r["state"] == "running" for r in rows)
+
+            wait_for(vm_running_seen_from_m2, 60, "the VM to run (as seen from m2)")
+            clanctl(socks["m2"], "vm", "list")
+            console = homes["m1"] / "state" / "vms" / "hello" / "console.log"
+            wait_for(lambda: b"VM_READY" in console.read_bytes(), 30, "the guest to boot")
+            print("m1's VM console: " + console.read_text().strip().splitlines()[-1])
+
         banner("m3 stops (SIGTERM: it leaves gracefully)")
         procs["m3"].send_signal(signal.SIGTERM)
         procs["m3"].wait(timeout=10)
@@ -292,6 +328,12 @@ def main() -> int:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # VMs outlive their agent on purpose (a restart adopts them): stop the demo's.
+        for pidfile in work.glob("*/state/vms/*/vmm.pid"):
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
         if lan is not None:
             lan.teardown()
         shutil.rmtree(work, ignore_errors=True)

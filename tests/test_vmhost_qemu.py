@@ -12,8 +12,6 @@ is missing.
 from __future__ import annotations
 
 import glob
-import gzip
-import lzma
 import os
 import shutil
 import signal
@@ -23,8 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from clanagent.vmhost.backend import Backend, RunDir, newc_archive
+from clanagent.vmhost.backend import Backend, RunDir
 from clanagent.vmhost.console import ConsoleLog
+from clanagent.vmhost.image import build_image, image_problem
 from clanagent.vmhost.lifecycle import (
     AdoptVm,
     Backoff,
@@ -164,67 +163,16 @@ def _file_kind(path: str) -> bytes:
     return b"dynamic" if b"ld-linux" in head else b"static"
 
 
-INIT = b"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /etc/acpi/PWRF
-/bin/busybox --install -s /bin
-mount -t devtmpfs dev /dev
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-for f in /run/secrets/*/*; do [ -f "$f" ] && echo "SECRET $f=$(cat $f)"; done
-case "$(cat /proc/cmdline)" in
-  *vmtest.acpi=off*) ;;
-  *)
-    insmod /lib/modules/button.ko
-    insmod /lib/modules/evdev.ko
-    printf '#!/bin/sh\\necho VM_POWEROFF >/dev/console\\npoweroff -f\\n' > /etc/acpi/PWRF/00000080
-    chmod +x /etc/acpi/PWRF/00000080
-    echo 'PWRF PWRF/00000080' > /etc/acpid.conf
-    while [ ! -e /dev/input/event0 ]; do sleep 0.05; done
-    acpid -d -c /etc/acpi -a /etc/acpid.conf -l /dev/null >/dev/null 2>&1 &
-    # READY only once acpid holds the power button open, or a stop could be missed
-    while ! ls -l /proc/$!/fd 2>/dev/null | grep -q event; do sleep 0.05; done
-    ;;
-esac
-echo VM_READY
-while true; do sleep 3600; done
-"""
+# The guest's init lives in clanagent/vmhost/image.py (INIT).
 
 
 @pytest.fixture(scope="session")
 def vm_assets(tmp_path_factory):
-    """(vmlinux, initramfs) built once per session under tmp."""
-    why = _missing()
+    """(vmlinux, initramfs) built once per session under tmp (the product's builder)."""
+    why = _missing() or image_problem()
     if why:
         pytest.skip(why)
-    bz = KERNELS[-1]
-    kver = bz.removeprefix("/boot/vmlinuz-")
-    mods = {}
-    for name, rel in (("button", "drivers/acpi/button.ko"), ("evdev", "drivers/input/evdev.ko")):
-        path = f"/lib/modules/{kver}/kernel/{rel}"
-        if not os.path.exists(path):
-            pytest.skip(f"needs {path} for the ACPI power button (linux-image-amd64)")
-        mods[f"lib/modules/{name}.ko"] = Path(path).read_bytes()
-    d = tmp_path_factory.mktemp("vmassets")
-    vmlinux = d / "vmlinux"
-    data = Path(bz).read_bytes()
-    # The bzImage's xz payload is the ELF vmlinux; booting it directly (PVH)
-    # skips ~2.5 s of in-guest decompression under TCG.
-    off = data.find(b"\xfd7zXZ\x00")
-    while off != -1:
-        try:
-            out = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(data[off:])
-        except lzma.LZMAError:
-            out = b""
-        if out[:4] == b"\x7fELF":
-            vmlinux.write_bytes(out)
-            break
-        off = data.find(b"\xfd7zXZ\x00", off + 1)
-    else:
-        pytest.skip(f"no xz-compressed ELF in {bz}")
-    files = {"init": INIT, "bin/busybox": Path(BUSYBOX).read_bytes(), **mods}
-    initrd = d / "initramfs.cpio.gz"
-    initrd.write_bytes(gzip.compress(newc_archive(files, mode=0o755), compresslevel=1))
-    return str(vmlinux), str(initrd)
+    return build_image(tmp_path_factory.mktemp("vmassets"))
 
 
 @pytest.fixture

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     kg = sub.add_parser("keygen", help="create this node's keys (run also does it on first start)")
     kg.add_argument("--state-dir", required=True, type=Path)
 
+    vi = sub.add_parser("vm-image", help="build a minimal VM image (kernel + busybox initramfs)")
+    vi.add_argument("dir", type=Path, help="where to write vmlinux and initramfs.cpio.gz")
+
     jn = sub.add_parser("join", help="make this machine a member of a clan (token from an admin)")
     jn.add_argument("token", help="the token printed by 'clanctl machine add' or 'clanctl invite'")
     jn.add_argument("--state-dir", type=Path, default=Path("/var/lib/clanagent"))
@@ -180,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_keygen(args)
     if args.command == "join":
         return _cmd_join(args)
+    if args.command == "vm-image":
+        from ..vmhost.image import build_image
+        from ..vmhost.spec import VmHostError
+
+        try:
+            kernel, initrd = build_image(args.dir)
+        except VmHostError as exc:
+            print(f"clanagent: cannot build a VM image: {exc}", file=sys.stderr)
+            return 2
+        print(f'kernel = "{kernel}"\ninitrd = "{initrd}"')
+        return 0
     return 2
 
 
