@@ -248,11 +248,45 @@ class Agent:
             self.services.on_record(rec)
         if self.secrets is not None:
             self.secrets.on_record(rec)
+        if self.vms is not None and rec.kind in ("vm-request", "vm-status"):
+            self.vms.wake()
 
     def on_member_changed(self) -> None:
         """Someone joined, left or failed: who generates which secret may change."""
         if self.secrets is not None:
             self.secrets.member_changed()
+
+    async def vm_request(self, body: Any) -> dict[str, Any]:
+        """An admin's signed start/stop/restart order: check it, then gossip it."""
+        import time as _time
+
+        from .control.protocol import ControlError, ErrorCode
+        from .vmhost.requests import MAX_SKEW, REQUEST_KIND, parse_request
+        from .wire import WireError
+
+        inv = self.inventory.inventory
+        if inv is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
+        try:
+            req = parse_request(body, frozenset(inv.doc["clan"]["admins"]))
+        except WireError as exc:
+            raise ControlError(ErrorCode.PERMISSION_DENIED, exc.reason) from None
+        if req.vm not in inv.doc["vms"]:
+            raise ControlError(ErrorCode.INVALID_PARAMS, f"no VM '{req.vm}' in the inventory")
+        if abs(_time.time() - req.at) > MAX_SKEW:
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, "the request is too old (or the clock is off)"
+            )
+        await self.publish_record(REQUEST_KIND, req.vm, req.to_wire())
+        if self.vms is not None:
+            self.vms.wake()
+        from .inventory.select import placement
+
+        return {"vm": req.vm, "action": req.action, "hosts": placement(inv.doc, req.vm)}
+
+    def on_vm_request(self) -> None:
+        if self.vms is not None:
+            self.vms.wake()
 
     def vm_list(self) -> list[dict[str, Any]]:
         return [] if self.vms is None else self.vms.clan_vms()

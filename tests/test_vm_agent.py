@@ -25,6 +25,14 @@ pytestmark = [
 ]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+
 async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: F811
     vmlinux, initrd = vm_assets
     admin = nacl.signing.SigningKey.generate()
@@ -92,6 +100,35 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 )
                 assert read_pidfile(rundir.pidfile) == pid
                 assert a1b.vms.handles["web"].adopted
+
+                # admin orders, signed with the admin key, from the control socket
+                from clanagent.control.client import ClientError
+                from clanagent.vmhost.requests import sign_request
+
+                def state():
+                    return {r["vm"]: r for r in a1b.vm_list()}.get("web", {}).get("state")
+
+                intruder = nacl.signing.SigningKey.generate()
+                with pytest.raises(ClientError) as exc:
+                    await call(
+                        a1b,
+                        "vm.request",
+                        {
+                            "request": sign_request(
+                                intruder, "web", "stop", int(time.time())
+                            ).to_wire()
+                        },
+                    )
+                assert "not signed by an admin" in exc.value.message
+                req = sign_request(admin, "web", "stop", int(time.time()))
+                reply = await call(a1b, "vm.request", {"request": req.to_wire()})
+                assert reply["hosts"] == ["m1"]
+                await wait_until(lambda: state() == "stopped (by an admin)", "the stop", 30)
+                await wait_until(lambda: not _alive(pid), "qemu to exit", 10)
+                req = sign_request(admin, "web", "start", int(time.time()) + 1)
+                await call(a1b, "vm.request", {"request": req.to_wire()})
+                await wait_until(lambda: state() == "running", "the start", 40)
+                pid = read_pidfile(rundir.pidfile)
                 n.cancel_scope.cancel()
     finally:
         if pid:

@@ -157,6 +157,20 @@ class CommandError(Exception):
     pass
 
 
+def cmd_vm_action(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..vmhost.requests import sign_request
+    from ._inventory_cmds import _admin_key_path, load_admin_key
+
+    key = load_admin_key(_admin_key_path(args.admin_key))
+    req = sign_request(key, args.name, args.vm_cmd, int(time.time()))
+    result = client.call("vm.request", {"request": req.to_wire()})
+    if args.json:
+        return result
+    hosts = ", ".join(result["hosts"]) or "no machine (placement is empty)"
+    print(f"{args.vm_cmd} {result['vm']}: sent to its host ({hosts}) over the mesh")
+    return None
+
+
 def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("vm.list")
     if args.json:
@@ -203,3 +217,12 @@ def add_parsers(sub: Any) -> None:
     vsub.add_parser("list", help="every VM, where it runs, its state and accelerator").set_defaults(
         handler=cmd_vm_list
     )
+    for action, text in (
+        ("start", "start a VM an admin stopped"),
+        ("stop", "stop a VM (it stays stopped until started)"),
+        ("restart", "restart a VM"),
+    ):
+        a = vsub.add_parser(action, help=f"{text} (admins only; from any machine)")
+        a.add_argument("name")
+        a.add_argument("--admin-key", help="admin key file (default $CLANAGENT_ADMIN_KEY)")
+        a.set_defaults(handler=cmd_vm_action)

@@ -123,6 +123,12 @@ async def _vm_list(agent: Any, params: dict[str, Any]) -> Any:
     return agent.vm_list()
 
 
+async def _vm_request(agent: Any, params: dict[str, Any]) -> Any:
+    if "request" not in params:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "missing parameter 'request'")
+    return await agent.vm_request(params["request"])
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -183,6 +189,13 @@ HANDLERS: dict[int, dict[str, Handler]] = {
             ),
             _h("services", "read", _services, "service instances, roles and their wiring"),
             _h("vm.list", "read", _vm_list, "every VM of the clan, from every host's status"),
+            _h(
+                "vm.request",
+                "write",
+                _vm_request,
+                "an admin-signed start/stop/restart of a VM, for its host",
+                params=("request",),
+            ),
             _h(
                 "secrets.list",
                 "read",

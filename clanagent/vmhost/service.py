@@ -55,6 +55,8 @@ class VmService:
         self._wakeup = trio.Event()
         self._published: dict[str, dict] = {}
         self._errors: dict[str, str] = {}
+        self._held: set[str] = set()  # stopped by an admin: not started again
+        self._restarted: dict[str, int] = {}  # vm -> time of the restart request acted on
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -128,9 +130,42 @@ class VmService:
             self.reconciler.observe(entry, handle.fingerprint, now)
             log.info("adopted a running VM", extra=kv(vm=entry, pid=handle.pid))
 
+    def _apply_requests(self, specs: dict[str, VmSpec]) -> list[str]:
+        """Admin orders in force: hold stopped VMs; return VMs to restart now."""
+        from .requests import REQUEST_KIND, in_force
+
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            return []
+        admins = frozenset(inv.doc["clan"]["admins"])
+        bodies = [r.body for r in self.agent.store.records() if r.kind == REQUEST_KIND]
+        restart = []
+        self._held = set()
+        for name in specs:
+            req = in_force(
+                [b for b in bodies if isinstance(b, dict) and b.get("vm") == name], name, admins
+            )
+            if req is None:
+                continue
+            if req.action == "stop":
+                self._held.add(name)
+            elif req.action == "restart" and self._restarted.get(name, 0) < req.at:
+                self._restarted[name] = req.at
+                if name in self.handles:
+                    restart.append(name)
+        return restart
+
     async def step(self) -> None:
         specs, errors = self._desired()
         self._errors = errors
+        for name in self._apply_requests(specs):
+            handle = self.handles.pop(name)
+            how = await self.backend.stop(handle, 10)
+            self.reconciler.handle(
+                VmExited(name, f"restarted by an admin ({how})"), trio.current_time()
+            )
+            log.info("VM restarted on request", extra=kv(vm=name))
+        specs = {n: s for n, s in specs.items() if n not in self._held}
         self.reconciler.set_desired(specs, errors)
         for name, h in list(self.handles.items()):
             st = await self.backend.status(h)
@@ -191,10 +226,13 @@ class VmService:
         names = set(self.reconciler.names()) | set(self._errors)
         for name in sorted(names):
             h = self.handles.get(name)
+            state = "failed" if name in self._errors else self.reconciler.state(name)
+            if name in self._held and state == "stopped":
+                state = "stopped (by an admin)"
             body = {
                 "vm": name,
                 "machine": me.name if me else "",
-                "state": "failed" if name in self._errors else self.reconciler.state(name),
+                "state": state,
                 "reason": self._errors.get(name) or self.reconciler.reason(name),
                 "accel": h.accel if h is not None else "",
                 "pid": h.pid if h is not None else 0,

@@ -1,0 +1,92 @@
+"""Admin requests to start, stop or restart a VM, from any machine of the clan.
+
+Owns: the request an admin signs with the admin key (`clanctl vm start|stop|
+restart NAME`), its checks, and which request is in force for a VM.  The
+request travels as a gossiped record (kind `vm-request`, key = VM name), so
+it reaches the hosting agent over the mesh whichever machine it was made
+on.  Must never: act on a request that is not signed by a current admin, or
+one older than the last one acted on (a replay cannot undo a later order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from ..wire import WireError, pack
+
+__all__ = ["REQUEST_KIND", "ACTIONS", "VmRequest", "sign_request", "parse_request", "in_force"]
+
+REQUEST_KIND = "vm-request"
+ACTIONS = ("start", "stop", "restart")
+DOMAIN = b"clanagent-vm-request-v1\0"
+MAX_SKEW = 300  # seconds a request may be older than now when it is submitted
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    vm: str
+    action: str
+    at: int
+    admin: bytes
+    sig: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "action": self.action,
+            "at": self.at,
+            "admin": self.admin,
+            "sig": self.sig,
+        }
+
+
+def _message(vm: str, action: str, at: int) -> bytes:
+    return DOMAIN + pack([vm, action, at])
+
+
+def sign_request(key: nacl.signing.SigningKey, vm: str, action: str, at: int) -> VmRequest:
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+    sig = key.sign(_message(vm, action, at)).signature
+    return VmRequest(vm, action, at, bytes(key.verify_key), sig)
+
+
+def parse_request(body: Any, admins: frozenset[bytes] | set[bytes]) -> VmRequest:
+    """A request whose admin signature verifies; WireError otherwise."""
+    if not isinstance(body, dict) or set(body) != {"vm", "action", "at", "admin", "sig"}:
+        raise WireError("vm request: expected {vm, action, at, admin, sig}")
+    vm, action, at, admin, sig = (body[k] for k in ("vm", "action", "at", "admin", "sig"))
+    if not isinstance(vm, str) or not 0 < len(vm) <= 63:
+        raise WireError("vm request: bad vm name")
+    if action not in ACTIONS:
+        raise WireError("vm request: bad action")
+    if type(at) is not int or at < 0:
+        raise WireError("vm request: bad time")
+    if not isinstance(admin, bytes) or len(admin) != 32 or not isinstance(sig, bytes):
+        raise WireError("vm request: bad admin key or signature")
+    if admin not in admins:
+        raise WireError("vm request: not signed by an admin of this clan")
+    try:
+        nacl.signing.VerifyKey(admin).verify(_message(vm, action, at), sig)
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        raise WireError("vm request: bad signature") from None
+    return VmRequest(vm, action, at, admin, sig)
+
+
+def in_force(bodies: list[Any], vm: str, admins: frozenset[bytes] | set[bytes]) -> VmRequest | None:
+    """The newest valid request for `vm` (ties broken by action, then signature)."""
+    best: VmRequest | None = None
+    for body in bodies:
+        try:
+            req = parse_request(body, admins)
+        except WireError:
+            continue
+        if req.vm != vm:
+            continue
+        if best is None or (req.at, req.action, req.sig) > (best.at, best.action, best.sig):
+            best = req
+    return best
