@@ -9,4 +9,4 @@ Must never: be imported by the product or by the unit tests.
 __all__ = ["BENCHMARKS"]
 
 # name -> module under bench/ with a main(argv) -> int
-BENCHMARKS = {"gossip": "bench.gossip", "mesh": "bench.mesh"}
+BENCHMARKS = {"gossip": "bench.gossip", "mesh": "bench.mesh", "vm": "bench.vm"}

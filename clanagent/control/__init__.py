@@ -1,9 +1,23 @@
 """The local control socket: protocol, API table, server and client."""
 
-from .api import HANDLERS, AgentView, Handler
-from .client import AgentNotRunning, ClientError, ControlClient
-from .protocol import API_VERSION, ControlError, ErrorCode
-from .server import ControlServer, PeerCred, authorize
+import importlib
+
+# Names load on first use, so `import clanagent.control.x` stays cheap (clanctl
+# starts in milliseconds instead of importing trio and every part).
+_WHERE = {
+    "API_VERSION": "protocol",
+    "AgentNotRunning": "client",
+    "AgentView": "api",
+    "ClientError": "client",
+    "ControlClient": "client",
+    "ControlError": "protocol",
+    "ControlServer": "server",
+    "ErrorCode": "protocol",
+    "HANDLERS": "api",
+    "Handler": "api",
+    "PeerCred": "server",
+    "authorize": "server",
+}
 
 __all__ = [
     "API_VERSION",
@@ -19,3 +33,10 @@ __all__ = [
     "PeerCred",
     "authorize",
 ]
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

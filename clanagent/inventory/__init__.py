@@ -7,24 +7,45 @@ tokens), `anchor` (the clan a node trusts before any version), `manager`
 (the agent's view) and `views` (what the control API shows).
 """
 
-from .anchor import Anchor, AnchorError, load_anchor, save_anchor
-from .diff import Change, diff_docs, format_diff
-from .manager import RECORD_KIND, InventoryManager
-from .merge import Conflict, merge3
-from .model import Inventory, doc_hash
-from .parse import InventoryIssue, ParseResult, doc_to_toml, load_inventory_toml, validate_doc
-from .sealing import SealError, open_doc_endpoints, reseal_doc
-from .token import Token, TokenError, make_token, parse_token
-from .versions import (
-    HeadView,
-    InventoryHistory,
-    InventoryVersion,
-    OfferResult,
-    OfferStatus,
-    Policy,
-    TrustAnchor,
-    make_version,
-)
+import importlib
+
+# Names load on first use, so `import clanagent.inventory.x` stays cheap (clanctl
+# starts in milliseconds instead of importing trio and every part).
+_WHERE = {
+    "Anchor": "anchor",
+    "AnchorError": "anchor",
+    "Change": "diff",
+    "Conflict": "merge",
+    "HeadView": "versions",
+    "Inventory": "model",
+    "InventoryHistory": "versions",
+    "InventoryIssue": "parse",
+    "InventoryManager": "manager",
+    "InventoryVersion": "versions",
+    "OfferResult": "versions",
+    "OfferStatus": "versions",
+    "ParseResult": "parse",
+    "Policy": "versions",
+    "RECORD_KIND": "manager",
+    "SealError": "sealing",
+    "Token": "token",
+    "TokenError": "token",
+    "TrustAnchor": "versions",
+    "diff_docs": "diff",
+    "doc_hash": "model",
+    "doc_to_toml": "parse",
+    "format_diff": "diff",
+    "load_anchor": "anchor",
+    "load_inventory_toml": "parse",
+    "make_token": "token",
+    "make_version": "versions",
+    "merge3": "merge",
+    "open_doc_endpoints": "sealing",
+    "parse_token": "token",
+    "reseal_doc": "sealing",
+    "save_anchor": "anchor",
+    "validate_doc": "parse",
+}
 
 __all__ = [
     "Anchor",
@@ -61,3 +82,10 @@ __all__ = [
     "save_anchor",
     "validate_doc",
 ]
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
