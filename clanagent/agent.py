@@ -248,7 +248,7 @@ class Agent:
             self.services.on_record(rec)
         if self.secrets is not None:
             self.secrets.on_record(rec)
-        if self.vms is not None and rec.kind in ("vm-request", "vm-status"):
+        if self.vms is not None and rec.kind in ("vm-request", "vm-status", "vm-logs-request"):
             self.vms.wake()
 
     def on_member_changed(self) -> None:
@@ -287,6 +287,49 @@ class Agent:
     def on_vm_request(self) -> None:
         if self.vms is not None:
             self.vms.wake()
+
+    async def vm_logs(self, name: str, since: int) -> dict[str, Any]:
+        """A VM's console tail: read here when it runs here, else asked of its host.
+
+        Returns {"tail", "machine", "at"} once a tail at least as new as
+        `since` is known, or {"pending": True} after publishing a request
+        (clanctl asks again until the host's answer has arrived)."""
+        import time as _time
+
+        from .control.protocol import ControlError, ErrorCode
+        from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND
+
+        inv = self.inventory.inventory
+        if inv is None or self.vms is None:
+            raise ControlError(
+                ErrorCode.UNAVAILABLE,
+                "the inventory has not arrived yet" if self.anchor else "not in a clan yet",
+            )
+        if name not in inv.doc["vms"]:
+            raise ControlError(ErrorCode.INVALID_PARAMS, f"no VM '{name}' in the inventory")
+        me = inv.machine_by_node_key(self.identity.public_key)
+        if name in self.vms.handles:
+            tail = await trio.to_thread.run_sync(self.vms.local_tail, name)
+            return {"tail": tail or b"", "machine": me.name if me else "", "at": int(_time.time())}
+        best = None
+        for rec in self.store.records():
+            if (
+                rec.kind == LOGS_KIND
+                and rec.key == name
+                and isinstance(rec.body, dict)
+                and (best is None or rec.body.get("at", 0) > best.get("at", 0))
+            ):
+                best = rec.body
+        if best is not None and best.get("at", 0) >= since:
+            return {
+                "tail": best.get("tail", b""),
+                "machine": best.get("machine", ""),
+                "at": best.get("at", 0),
+            }
+        mine = self.store.get(self.identity.public_key, LOGS_REQUEST_KIND, name)
+        if mine is None or not isinstance(mine.body, dict) or mine.body.get("at", 0) < since:
+            await self.publish_record(LOGS_REQUEST_KIND, name, {"at": since})
+        return {"pending": True}
 
     def vm_list(self) -> list[dict[str, Any]]:
         return [] if self.vms is None else self.vms.clan_vms()

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from clanagent.identity import load_or_create
-from clanagent.inventory import make_version
+from clanagent.inventory import Anchor, make_version, save_anchor
 from clanagent.vmhost.backend import RunDir, read_pidfile
 from clanagent.vmhost.console import ConsoleLog
 
@@ -37,7 +37,8 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
     vmlinux, initrd = vm_assets
     admin = nacl.signing.SigningKey.generate()
     ident = load_or_create(tmp_path / "s1")[0]
-    doc = genesis(admin, {"m1": machine_entry(ident, ["vmhost"])})
+    ident2 = load_or_create(tmp_path / "s2")[0]
+    doc = genesis(admin, {"m1": machine_entry(ident, ["vmhost"]), "m2": machine_entry(ident2, [])})
     vm = {
         "machines": [],
         "tags": ["vmhost"],
@@ -129,6 +130,36 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 await call(a1b, "vm.request", {"request": req.to_wire()})
                 await wait_until(lambda: state() == "running", "the start", 40)
                 pid = read_pidfile(rundir.pidfile)
+                await wait_until(
+                    lambda: ConsoleLog(rundir.console).tail().count(b"VM_READY") >= 2,
+                    "the second boot",
+                    30,
+                )
+
+                # another machine reads the console over the mesh
+                save_anchor(
+                    tmp_path / "s2",
+                    Anchor(
+                        doc["clan"]["id"],
+                        "t",
+                        tuple(doc["clan"]["admins"]),
+                        (a1b.gossip.addr,),
+                        "m2",
+                    ),
+                )
+                a2, _ = await start(n, cfg_for(tmp_path, 2))
+                await wait_until(lambda: a2.inventory.inventory is not None, "m2's inventory", 20)
+                since = int(time.time())
+                with trio.fail_after(20):
+                    while True:
+                        got = await call(a2, "vm.logs", {"name": "web", "since": since})
+                        if not got.get("pending"):
+                            break
+                        await trio.sleep(0.2)
+                assert got["machine"] == "m1" and b"VM_READY" in got["tail"]
+                assert {r["vm"]: r for r in await call(a2, "vm.list")}["web"][
+                    "state"
+                ] == "running"  # and m2 sees it running on m1
                 n.cancel_scope.cancel()
     finally:
         if pid:

@@ -8,6 +8,7 @@ between them; and the secrets commands.  Must never: print a secret value
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -171,6 +172,40 @@ def cmd_vm_action(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
+def _after(shown: bytes, tail: bytes) -> bytes:
+    """What `tail` has beyond what was already printed (tails of one log overlap)."""
+    if not shown:
+        return tail
+    anchor = shown[-256:]
+    at = tail.rfind(anchor)
+    return tail[at + len(anchor) :] if at != -1 else tail
+
+
+def cmd_vm_logs(client: ControlClient, args: argparse.Namespace) -> Any:
+    shown = b""
+    while True:
+        since = int(time.time())
+        deadline = time.monotonic() + args.timeout
+        while True:
+            reply = client.call("vm.logs", {"name": args.name, "since": since})
+            if not reply.get("pending"):
+                break
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"no answer from the machine hosting {args.name} in "
+                    f"{args.timeout:.0f} s (is it online? see 'clanctl vm list')"
+                )
+            time.sleep(0.3)
+        tail = reply["tail"]
+        new = _after(shown, tail)
+        sys.stdout.write(new.decode("utf-8", "replace"))
+        sys.stdout.flush()
+        shown = tail
+        if not args.follow:
+            return None
+        time.sleep(2)
+
+
 def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("vm.list")
     if args.json:
@@ -217,6 +252,11 @@ def add_parsers(sub: Any) -> None:
     vsub.add_parser("list", help="every VM, where it runs, its state and accelerator").set_defaults(
         handler=cmd_vm_list
     )
+    lg = vsub.add_parser("logs", help="a VM's console log, from any machine")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    lg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the host")
+    lg.set_defaults(handler=cmd_vm_logs)
     for action, text in (
         ("start", "start a VM an admin stopped"),
         ("stop", "stop a VM (it stays stopped until started)"),

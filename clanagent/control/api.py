@@ -129,6 +129,15 @@ async def _vm_request(agent: Any, params: dict[str, Any]) -> Any:
     return await agent.vm_request(params["request"])
 
 
+async def _vm_logs(agent: Any, params: dict[str, Any]) -> Any:
+    name, since = params.get("name"), params.get("since", 0)
+    if not isinstance(name, str) or not name:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "parameter 'name' must be a VM name")
+    if type(since) is not int or since < 0:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "'since' must be a unix time")
+    return await agent.vm_logs(name, since)
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -189,6 +198,13 @@ HANDLERS: dict[int, dict[str, Handler]] = {
             ),
             _h("services", "read", _services, "service instances, roles and their wiring"),
             _h("vm.list", "read", _vm_list, "every VM of the clan, from every host's status"),
+            _h(
+                "vm.logs",
+                "read",
+                _vm_logs,
+                "a VM's console tail, from whichever machine hosts it",
+                params=("name", "since"),
+            ),
             _h(
                 "vm.request",
                 "write",

@@ -41,6 +41,9 @@ __all__ = ["VmService", "VM_STATUS_KIND"]
 log = logging.getLogger("clanagent.vmhost")
 
 VM_STATUS_KIND = "vm-status"
+LOGS_REQUEST_KIND = "vm-logs-request"  # key = VM name; body {"at": unix}
+LOGS_KIND = "vm-logs"  # key = VM name; body {"at", "machine", "tail"}
+LOG_TAIL = 16 * 1024
 TICK = 2.0
 
 
@@ -179,6 +182,7 @@ class VmService:
         for h in self.handles.values():
             await trio.to_thread.run_sync(ConsoleLog(RunDir(h.rundir).console).maybe_rotate)
         await self._publish_status()
+        await self._answer_log_requests()
 
     async def _act(self, act: Any) -> None:
         now = trio.current_time
@@ -243,6 +247,38 @@ class VmService:
                 await self.agent.publish_record(
                     VM_STATUS_KIND, name, {**body, "at": int(time.time())}
                 )
+
+    # -- console logs ---------------------------------------------------------------------
+
+    def local_tail(self, name: str, max_bytes: int = LOG_TAIL) -> bytes | None:
+        """The console tail of a VM whose run dir is on this machine, else None."""
+        console = RunDir(str(self.base / name)).console
+        if not os.path.exists(console):
+            return None
+        return ConsoleLog(console).tail(max_bytes)
+
+    async def _answer_log_requests(self) -> None:
+        """Publish the console tail of our VMs that someone asked for (newer than ours)."""
+        asked: dict[str, int] = {}
+        for rec in self.agent.store.records():
+            if rec.kind == LOGS_REQUEST_KIND and isinstance(rec.body, dict):
+                at = rec.body.get("at")
+                if type(at) is int and rec.key in self.handles:
+                    asked[rec.key] = max(asked.get(rec.key, 0), at)
+        inv = self.agent.inventory.inventory
+        me = inv.machine_by_node_key(self.agent.identity.public_key) if inv else None
+        for name, at in asked.items():
+            held = self.agent.store.get(self.agent.identity.public_key, LOGS_KIND, name)
+            if held is not None and isinstance(held.body, dict) and held.body.get("at", 0) >= at:
+                continue
+            tail = await trio.to_thread.run_sync(self.local_tail, name)
+            if tail is None:
+                continue
+            await self.agent.publish_record(
+                LOGS_KIND,
+                name,
+                {"at": max(at, int(time.time())), "machine": me.name if me else "", "tail": tail},
+            )
 
     # -- views --------------------------------------------------------------------------
 
