@@ -57,6 +57,7 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
     doc["vms"]["web"] = vm
     doc["vms"]["broken"] = {**vm, "kernel": str(tmp_path / "no-such-vmlinux")}
     doc["vms"]["huge"] = {**vm, "memory_mb": 4194304}
+    doc["vms"]["fc"] = {**vm, "backend": "firecracker"}  # no firecracker (or KVM) here
     v = make_version(doc, [], int(time.time()), "vms", [admin])
     rundir = RunDir(str(tmp_path / "s1" / "vms" / "web"))
     pid = None
@@ -82,6 +83,8 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 assert listed["broken"]["state"] == "failed"
                 assert "no-such-vmlinux" in listed["broken"]["reason"]
                 assert listed["huge"]["state"] == "failed" and "memory" in listed["huge"]["reason"]
+                assert listed["fc"]["state"] == "failed"
+                assert "backend firecracker is not usable here" in listed["fc"]["reason"]
                 caps = {c["name"]: c for c in (await call(a1, "status"))["capabilities"]}
                 assert caps["vms"]["available"]
                 pid = read_pidfile(rundir.pidfile)

@@ -53,7 +53,9 @@ class VmService:
         self.base = Path(agent.cfg.state_dir) / "vms"  # disks and logs: not a tmpfs
         self.reconciler = Reconciler()
         self.handles: dict[str, Any] = {}
-        self.backend: Any = None
+        self.backend: Any = None  # the default backend ("auto")
+        self.backends: dict[str, Any] = {}  # usable backends by name
+        self.unusable: dict[str, str] = {}  # backend name -> why not
         self.backend_reason = "not started"
         self._wakeup = trio.Event()
         self._published: dict[str, dict] = {}
@@ -70,7 +72,13 @@ class VmService:
         if self.backend is None:
             return Capability("vms", False, self.backend_reason)
         accel, why = self.backend.accel()
-        return Capability("vms", True, f"qemu microvm, {accel} ({why})")
+        others = ", ".join(f"{k} unusable ({v})" for k, v in self.unusable.items())
+        return Capability(
+            "vms",
+            True,
+            f"{', '.join(self.backends)}; default {self.backend.name}, {accel} ({why})"
+            + (f"; {others}" if others else ""),
+        )
 
     # -- desired state ---------------------------------------------------------------
 
@@ -93,23 +101,53 @@ class VmService:
                 errors[name] = "; ".join(exc.problems)
                 continue
             problems = check_spec(spec, host)
+            _, why = self._backend_for(spec)
+            if why:
+                problems.append(why)
             if problems:
                 errors[name] = "; ".join(problems)
             else:
                 specs[name] = spec
         return specs, errors
 
+    def _backend_for(self, spec: VmSpec) -> tuple[Any, str]:
+        """The backend a VM asks for ("auto": the default), or why it cannot have it."""
+        if spec.backend in ("", "auto"):
+            if self.backend is None:
+                return None, self.backend_reason
+            return self.backend, ""
+        backend = self.backends.get(spec.backend)
+        if backend is None:
+            why = self.unusable.get(spec.backend, "unknown backend")
+            return None, f"backend {spec.backend} is not usable here: {why}"
+        return backend, ""
+
+    def _of(self, handle: Any) -> Any:
+        return self.backends.get(handle.backend, self.backend)
+
     # -- running ------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .cloudhv import CloudHypervisorBackend
+        from .firecracker import FirecrackerBackend
         from .qemu import QemuBackend
 
-        backend = QemuBackend()
-        if not backend.available():
-            self.backend_reason = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
+        qemu = QemuBackend()
+        if qemu.available():
+            self.backends["qemu"] = qemu
+        else:
+            self.unusable["qemu"] = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
+        for other in (FirecrackerBackend(), CloudHypervisorBackend()):
+            ok, why = other.available()
+            if ok:
+                self.backends[other.name] = other
+            else:
+                self.unusable[other.name] = why
+        if not self.backends:
+            self.backend_reason = "; ".join(f"{k}: {v}" for k, v in self.unusable.items())
             task_status.started(self)
             return
-        self.backend = backend
+        self.backend = self.backends.get("qemu") or next(iter(self.backends.values()))
         await trio.to_thread.run_sync(lambda: self.base.mkdir(parents=True, exist_ok=True))
         await self._adopt_all()
         task_status.started(self)
@@ -126,7 +164,11 @@ class VmService:
         now = trio.current_time()
         for entry in sorted(os.listdir(self.base)):
             rundir = str(self.base / entry)
-            handle = await self.backend.adopt(rundir)
+            handle = None
+            for backend in self.backends.values():
+                handle = await backend.adopt(rundir)
+                if handle is not None:
+                    break
             if handle is None:
                 continue
             self.handles[entry] = handle
@@ -163,7 +205,7 @@ class VmService:
         self._errors = errors
         for name in self._apply_requests(specs):
             handle = self.handles.pop(name)
-            how = await self.backend.stop(handle, 10)
+            how = await self._of(handle).stop(handle, 10)
             self.reconciler.handle(
                 VmExited(name, f"restarted by an admin ({how})"), trio.current_time()
             )
@@ -171,10 +213,12 @@ class VmService:
         specs = {n: s for n, s in specs.items() if n not in self._held}
         self.reconciler.set_desired(specs, errors)
         for name, h in list(self.handles.items()):
-            st = await self.backend.status(h)
+            st = await self._of(h).status(h)
             if not st.alive:
                 del self.handles[name]
-                await self.backend.reap(h)
+                reap = getattr(self._of(h), "reap", None)
+                if reap is not None:
+                    await reap(h)
                 self.reconciler.handle(VmExited(name, st.detail), trio.current_time())
                 log.warning("VM exited", extra=kv(vm=name, detail=st.detail))
         for act in self.reconciler.poll(trio.current_time()):
@@ -189,8 +233,9 @@ class VmService:
         if isinstance(act, (StartVm, RestartVm)):
             name = act.spec.name
             secrets = await trio.to_thread.run_sync(self._secrets_for, act.spec)
+            backend, _ = self._backend_for(act.spec)
             try:
-                self.handles[name] = await self.backend.start(
+                self.handles[name] = await backend.start(
                     act.spec, str(self.base / name), secrets=secrets or None
                 )
             except VmHostError as exc:
@@ -202,7 +247,7 @@ class VmService:
         elif isinstance(act, StopVm):
             handle = self.handles.pop(act.name, None)
             if handle is not None:
-                how = await self.backend.stop(handle, act.timeout)
+                how = await self._of(handle).stop(handle, act.timeout)
                 log.info("VM stopped", extra=kv(vm=act.name, how=how, reason=act.reason))
             self.reconciler.handle(VmStopped(act.name), now())
         elif isinstance(act, ReportError):
