@@ -110,6 +110,8 @@ def main() -> int:
     socks = {m: homes[m] / "control.sock" for m in MACHINES}
     admin_key = work / "admin.key"
     skipped = netns_missing_reason()
+    if os.environ.get("CLANAGENT_DEMO_LOOPBACK") == "1":
+        skipped = "CLANAGENT_DEMO_LOOPBACK=1"
     lan = None if skipped else Lan(len(MACHINES), prefix=f"cd{os.getpid() % 10000}")
     names = list(MACHINES)
 
