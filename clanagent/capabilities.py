@@ -97,18 +97,9 @@ def _qemu() -> Capability:
 def _mdns() -> Capability:
     if importlib.util.find_spec("zeroconf") is None:
         return Capability("mdns", False, "python package zeroconf is not installed")
-    iff_up, iff_loopback, iff_multicast = 0x1, 0x8, 0x1000
-    names = []
-    try:
-        for ifdir in Path("/sys/class/net").iterdir():
-            try:
-                flags = int((ifdir / "flags").read_text().strip(), 16)
-            except (OSError, ValueError):
-                continue
-            if flags & iff_up and flags & iff_multicast and not flags & iff_loopback:
-                names.append(ifdir.name)
-    except OSError:
-        pass
+    from .mesh.localaddrs import multicast_interfaces  # this netns, not /sys's
+
+    names = multicast_interfaces()
     if not names:
         return Capability("mdns", False, "no interface that is up and multicast-capable")
     return Capability("mdns", True, "multicast on " + ",".join(sorted(names)))

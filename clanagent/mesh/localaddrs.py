@@ -1,4 +1,4 @@
-"""This machine's own addresses, to advertise as LAN paths.
+"""This machine's own addresses and multicast-capable interfaces.
 
 Owns: listing the global-scope addresses of interfaces that are up (via
 pyroute2, never by running `ip`).  Must never: advertise loopback,
@@ -8,9 +8,12 @@ worker thread).
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import socket
+import struct
 
-__all__ = ["local_addresses"]
+__all__ = ["local_addresses", "multicast_interfaces"]
 
 
 def local_addresses(exclude_ifaces: frozenset[str] = frozenset()) -> list[str]:
@@ -36,3 +39,23 @@ def local_addresses(exclude_ifaces: frozenset[str] = frozenset()) -> list[str]:
                 continue
             out.append(str(ip))
     return sorted(set(out))
+
+
+def multicast_interfaces() -> list[str]:
+    """Names of interfaces in *this* network namespace that are up, multicast-capable, not loopback.
+
+    Uses SIOCGIFFLAGS rather than /sys/class/net, which shows the namespace
+    /sys was mounted in, not necessarily ours.
+    """
+    siocgifflags, iff_up, iff_loopback, iff_multicast = 0x8913, 0x1, 0x8, 0x1000
+    names = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("16sH14x", name.encode()[:15], 0)
+                flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
+            except OSError:
+                continue
+            if flags & iff_up and flags & iff_multicast and not flags & iff_loopback:
+                names.append(name)
+    return sorted(names)

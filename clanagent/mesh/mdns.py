@@ -22,16 +22,14 @@ proves who answers, and the caller keeps only keys of the inventory
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import logging
-import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
+from .localaddrs import multicast_interfaces
 from .mdns_peers import (  # noqa: F401 (re-exported: the sans-IO core)
     _TAG_BYTES,
     _TAG_PERSON,
@@ -53,26 +51,6 @@ from .paths import Candidate
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
-
-
-def multicast_interfaces() -> list[str]:
-    """Names of interfaces in *this* network namespace that are up, multicast-capable, not loopback.
-
-    Uses SIOCGIFFLAGS rather than /sys/class/net, which shows the namespace
-    /sys was mounted in, not necessarily ours.
-    """
-    siocgifflags, iff_up, iff_loopback, iff_multicast = 0x8913, 0x1, 0x8, 0x1000
-    names = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                req = struct.pack("16sH14x", name.encode()[:15], 0)
-                flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
-            except OSError:
-                continue
-            if flags & iff_up and flags & iff_multicast and not flags & iff_loopback:
-                names.append(name)
-    return sorted(names)
 
 
 OnUpdate = Callable[[bytes, tuple[Candidate, ...]], None]

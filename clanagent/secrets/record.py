@@ -183,23 +183,9 @@ def build_secret_record(
 
     `version` is the record version (the origin's own counter when it goes
     through gossip); it defaults to the generation for standalone use."""
-    nonce, ciphertext, keys = seal_payload(secret_files, recipients, admins)
-    body = SecretBody(
-        service=inst.service,
-        secret=inst.secret,
-        scope=inst.scope_id,
-        generation=generation,
-        created=created,
-        recipients=sorted(recipients),
-        admins=sorted(set(admins)),
-        nonce=nonce,
-        ciphertext=ciphertext,
-        keys=keys,
-        public=dict(public_files),
-        inputs=dict(inputs or {}),
+    body = secret_body(
+        inst, generation, created, secret_files, public_files, recipients, admins, inputs
     )
-    # Round-trip through the strict parser so we never publish what peers drop.
-    SecretBody.from_wire(body.to_wire(), path="body")
     return SignedRecord.create(
         identity, SECRET_KIND, inst.id, generation if version is None else version, body, clan=clan
     )
