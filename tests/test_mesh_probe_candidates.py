@@ -162,3 +162,31 @@ def test_ssh_targets():
     with pytest.raises(CommandError, match="no usable path"):
         ssh_target({**base, "wireguard": False, "chosen": None})
     assert pack(base)  # the reply shape travels over the control socket
+
+
+def test_miss_rule_current_path_needs_three_misses_alternatives_one():
+    t = probe.ProbeTracker(timeout=1.0, misses_to_fail=3)
+    key = b"k" * 32
+
+    def is_current(node_key, address):
+        return address == "cur:1"
+
+    now = 0.0
+    failed_at = None
+    for i in range(4):
+        t.sent(key, "cur:1", now)
+        t.sent(key, "alt:1", now)
+        now += 1.5
+        failed = [p.address for p in t.failures(now, is_current)]
+        assert "alt:1" in failed  # an alternative fails on its first miss
+        if "cur:1" in failed and failed_at is None:
+            failed_at = i
+    assert failed_at == 2  # the path in use: the third miss in a row
+    # an answer resets the count
+    t2 = probe.ProbeTracker(timeout=1.0, misses_to_fail=2)
+    t2.sent(key, "cur:1", 0.0)
+    assert t2.failures(1.5, is_current) == []
+    pid = t2.sent(key, "cur:1", 2.0)
+    assert t2.answered(pid, key, 2.1) is not None
+    t2.sent(key, "cur:1", 3.0)
+    assert t2.failures(4.5, is_current) == []  # one miss since the answer

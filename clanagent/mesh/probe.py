@@ -15,6 +15,7 @@ receiver box key) of pack([kind, probe id, sent at]).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nacl.exceptions
@@ -88,9 +89,15 @@ class Probe:
 class ProbeTracker:
     """Outstanding probes by id; replies and timeouts become verdicts."""
 
-    def __init__(self, timeout: float = 2.0, max_outstanding: int = 4096) -> None:
+    def __init__(
+        self, timeout: float = 2.0, max_outstanding: int = 4096, misses_to_fail: int = 3
+    ) -> None:
         self.timeout = timeout
         self.max_outstanding = max_outstanding
+        # The path in use fails after this many misses in a row (one lost
+        # probe is not a dead path); an alternative fails on its first miss.
+        self.misses_to_fail = misses_to_fail
+        self._misses: dict[tuple[bytes, str], int] = {}
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._out: dict[int, Probe] = {}
 
@@ -108,11 +115,25 @@ class ProbeTracker:
         if probe is None or probe.node_key != sender:
             return None
         del self._out[probe_id]
+        self._misses.pop((probe.node_key, probe.address), None)
         return probe, max(0.0, now - probe.sent_at)
 
     def expired(self, now: float) -> list[Probe]:
         dead = [i for i, p in self._out.items() if now - p.sent_at > self.timeout]
         return [self._out.pop(i) for i in dead]
+
+    def failures(self, now: float, is_current: Callable[[bytes, str], bool]) -> list[Probe]:
+        """Expired probes that mean a failed path, by the miss rule above."""
+        failed = []
+        for p in self.expired(now):
+            key = (p.node_key, p.address)
+            misses = self._misses.get(key, 0) + 1
+            if not is_current(p.node_key, p.address) or misses >= self.misses_to_fail:
+                self._misses.pop(key, None)
+                failed.append(p)
+            else:
+                self._misses[key] = misses
+        return failed
 
     def __len__(self) -> int:
         return len(self._out)

@@ -92,7 +92,6 @@ class MeshService:
             "probes_bad": 0,
         }
         self._cands: dict[tuple[bytes, str], Candidate] = {}
-        self._misses: dict[tuple[bytes, str], int] = {}
         self._probe_sock: Any = None
 
     # -- status ------------------------------------------------------------------
@@ -349,7 +348,7 @@ class MeshService:
             log.warning("path probes unavailable", extra=kv(error=exc))
             return
         self._probe_sock = sock
-        self.tracker = ProbeTracker(timeout=PROBE_INTERVAL * 2)
+        self.tracker = ProbeTracker(timeout=PROBE_INTERVAL * 2, misses_to_fail=PROBE_MISSES)
 
     def _box_keys(self) -> dict[bytes, bytes]:
         inv = self.agent.inventory.inventory
@@ -388,7 +387,6 @@ class MeshService:
                 continue
             sent, rtt = got
             self.stats["probes_answered"] += 1
-            self._misses.pop((sent.node_key, sent.address), None)
             cand = self._cands.get((sent.node_key, sent.address))
             if cand is not None:
                 before = _path_id(self.selector.current(sent.node_key))
@@ -426,28 +424,24 @@ class MeshService:
             if sel is None:
                 continue
             now = time.time()
-            for p in self.tracker.expired(now):
+
+            def is_current(node_key: bytes, address: str, sel=sel) -> bool:
+                cur = sel.current(node_key)
+                return cur is not None and cur.address == address
+
+            for p in self.tracker.failures(now, is_current):
                 cand = self._cands.get((p.node_key, p.address))
                 if cand is None:
                     continue
-                key = (p.node_key, p.address)
-                self._misses[key] = self._misses.get(key, 0) + 1
                 before = _path_id(sel.current(p.node_key))
-                is_current = before == cand.path_id
-                # One lost probe is not a dead path; a probe of an alternative
-                # only has to fail once to stay backed off.
-                if not is_current or self._misses[key] >= PROBE_MISSES:
-                    self._misses.pop(key, None)
-                    sel.report_failure(p.node_key, cand, now)
-                    if is_current:
-                        log.info(
-                            "path failed",
-                            extra=kv(
-                                peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"
-                            ),
-                        )
-                    if _path_id(sel.current(p.node_key)) != before:
-                        self.wake()
+                sel.report_failure(p.node_key, cand, now)
+                if before == cand.path_id:
+                    log.info(
+                        "path failed",
+                        extra=kv(peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"),
+                    )
+                if _path_id(sel.current(p.node_key)) != before:
+                    self.wake()
             targets: set[tuple[bytes, str]] = set()
             for node_key in {k for k, _ in self._cands}:
                 cur = sel.current(node_key)
