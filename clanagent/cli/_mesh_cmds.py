@@ -138,7 +138,9 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--print", action="store_true", help="print the ssh command instead")
     s.add_argument("args", nargs=argparse.REMAINDER, help="passed to ssh")
     s.set_defaults(handler=cmd_ssh)
-    t = sub.add_parser("tor-connect", help=argparse.SUPPRESS)
+    t = sub.add_parser(
+        "tor-connect", help="(used by `clanctl ssh` as its ProxyCommand to reach onion hosts)"
+    )
     t.add_argument("socks")
     t.add_argument("host")
     t.add_argument("port", type=int)
