@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ class Agent:
         self.services: Any = None  # service wiring, once in a clan
         self.secrets: Any = None  # secrets, once in a clan
         self.vms: Any = None  # this machine's micro VMs, once in a clan
+        self.topology: Any = None  # publishes our links; the clan map (once in a clan)
+        self.web: Any = None  # the web console, once enabled (config or `clanctl ui`)
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -70,6 +73,15 @@ class Agent:
             caps += [c.to_wire() for c in self.mesh.capabilities()]
         if self.vms is not None:
             caps.append(self.vms.capability().to_wire())
+        if self.web is not None:
+            caps.append(self.web.capability().to_wire())
+        else:
+            off = (
+                "starting"
+                if self.cfg.web.enabled
+                else "off: 'clanctl ui' starts it for this run (or set web.enabled = true)"
+            )
+            caps.append(Capability("web", False, off).to_wire())
         return {
             "node_id": self.identity.node_id,
             "short_id": self.identity.short_id,
@@ -331,6 +343,54 @@ class Agent:
             await self.publish_record(LOGS_REQUEST_KIND, name, {"at": since})
         return {"pending": True}
 
+    @asynccontextmanager
+    async def vm_console(self, body: Any) -> AsyncIterator[Any]:
+        """A byte stream to a VM's serial console, wherever in the clan it runs.
+
+        `body` is an admin-signed console request naming the VM and its host;
+        the host checks it again (signature, freshness, nonce)."""
+        from .control.protocol import ControlError, ErrorCode
+        from .vmhost.attach import open_remote
+        from .vmhost.requests import parse_console
+        from .vmhost.spec import VmHostLocalError
+        from .wire import WireError
+
+        inv = self.inventory.inventory
+        if inv is None or self.vms is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
+        try:
+            req = parse_console(body, frozenset(inv.doc["clan"]["admins"]))
+        except WireError as exc:
+            raise ControlError(ErrorCode.PERMISSION_DENIED, exc.reason) from None
+        if req.vm not in inv.doc["vms"]:
+            raise ControlError(ErrorCode.INVALID_PARAMS, f"no VM '{req.vm}' in the inventory")
+        host = inv.machines.get(req.machine)
+        if host is None:
+            raise ControlError(ErrorCode.INVALID_PARAMS, f"no machine '{req.machine}'")
+        try:
+            if req.machine == self.vms.my_machine():
+                try:
+                    await self.vms.authorize_console(body)
+                except WireError as exc:
+                    raise ControlError(ErrorCode.PERMISSION_DENIED, exc.reason) from None
+                cm = self.vms.console(req.vm)
+            else:
+                from .mesh.overlay import overlay_ip6
+
+                port = self.cfg.mesh.console_port
+                if self.mesh is None or self.mesh.backend is None or not port:
+                    raise ControlError(
+                        ErrorCode.UNAVAILABLE,
+                        f"VM {req.vm} runs on {req.machine}, and reaching its console needs "
+                        "the WireGuard mesh, which is not up here (see 'clanctl status')",
+                    )
+                addr = str(overlay_ip6(inv.clan_id, host.node_key))
+                cm = open_remote(addr, port, req.to_wire())
+            async with cm as stream:
+                yield stream
+        except VmHostLocalError as exc:
+            raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+
     def vm_list(self) -> list[dict[str, Any]]:
         return [] if self.vms is None else self.vms.clan_vms()
 
@@ -369,6 +429,41 @@ class Agent:
             raise ControlError(
                 ErrorCode.INVALID_PARAMS, f"no machine '{machine}' in the inventory"
             ) from None
+
+    # -- topology and the web console (the control API calls these) ---------------
+
+    def topology_view(self) -> dict[str, Any]:
+        from .topology import TopologyService
+
+        return (self.topology or TopologyService(self)).view()
+
+    async def ui_open(self, admin_key: str = "") -> dict[str, Any]:
+        """Start the web console (if needed) and mint a one-time login URL."""
+        from .control.protocol import ControlError, ErrorCode
+        from .web import WebConsole
+        from .web.auth import LOGIN_TTL
+
+        if admin_key and not os.path.isabs(admin_key):
+            raise ControlError(ErrorCode.INVALID_PARAMS, "'admin_key' must be an absolute path")
+        if self._nursery is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "the agent is still starting; try again")
+        if self.web is None:
+            self.web = WebConsole(self)
+        if admin_key:
+            self.web.keys.given = admin_key
+        port = await self.web.ensure_running(self._nursery)
+        url = self.web.login_url(self.web.app.clock())
+        key, why = await trio.to_thread.run_sync(self.web.keys.load)
+        return {
+            "url": url,
+            "port": port,
+            "expires_in": LOGIN_TTL,
+            "admin_key": {
+                "available": key is not None,
+                "reason": why,
+                "path": str(self.web.keys.path()),
+            },
+        }
 
     def _inventory_changed(self, inv: Any) -> None:
         self.events_bus.publish(
@@ -425,6 +520,16 @@ class Agent:
         """Start the network parts; each one that cannot run is reported, not fatal."""
         await self._start_gossip(nursery)
 
+    async def _start_web(self, nursery: trio.Nursery) -> None:
+        from .control.protocol import ControlError
+        from .web import WebConsole
+
+        self.web = WebConsole(self)
+        try:
+            await self.web.ensure_running(nursery)
+        except ControlError:
+            pass  # logged and shown in `clanctl status`; the agent runs on
+
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
         from .gossip.service import GossipService
 
@@ -463,6 +568,11 @@ class Agent:
 
         self.vms = VmService(self)
         await nursery.start(self.vms.run)
+        from .topology import TopologyService
+
+        self.topology = TopologyService(self)
+        await nursery.start(self.topology.run)
+        await nursery.start(self.vms.serve_consoles)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
@@ -486,6 +596,8 @@ class Agent:
             self._nursery = nursery
             await nursery.start(self.control.serve)
             await self._start_parts(nursery)
+            if cfg.web.enabled:
+                await self._start_web(nursery)
             wd = watchdog_interval()
             if wd:
                 nursery.start_soon(self._watchdog, wd)
@@ -510,6 +622,8 @@ class Agent:
             with trio.move_on_after(0.5):
                 while self.events_bus.subscribers:
                     await trio.sleep(0.01)
+            if self.web is not None:
+                self.web.stop()
             if self.gossip is not None:
                 with trio.move_on_after(min(1.0, cfg.shutdown_timeout / 2)):
                     await self.gossip.leave()

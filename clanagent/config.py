@@ -22,6 +22,7 @@ __all__ = [
     "ControlConfig",
     "GossipSection",
     "MeshSection",
+    "WebSection",
     "DEFAULT_CONFIG_PATH",
     "load_config",
 ]
@@ -71,6 +72,9 @@ class MeshSection:
     interface: str = "clan0"
     # UDP port WireGuard listens on.
     wg_port: int = 51820
+    # TCP port, on this machine's overlay address only, where other agents open
+    # VM console sessions (`clanctl vm console`); 0 = no remote consoles.
+    console_port: int = 7947
     # Optional IPv4 overlay range (e.g. "100.64.0.0/16"); "" = IPv6 overlay only.
     ipv4_range: str = ""
     # Advertise and browse on the LAN with mDNS.
@@ -81,6 +85,19 @@ class MeshSection:
     tor_control: str = ""
     # This machine's own public HOST:PORT addresses to advertise (besides the inventory's).
     public_endpoints: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WebSection:
+    # Serve the web console from the start (on 127.0.0.1 only). `clanctl ui`
+    # starts it for the running agent's lifetime even when this is false.
+    enabled: bool = False
+    # TCP port on 127.0.0.1; 0 = any free port (`clanctl ui` prints the URL).
+    port: int = 7780
+    # Admin key file the console may sign with (VM orders, inventory edits);
+    # "" = $CLANAGENT_ADMIN_KEY or ~/.config/clanagent/admin.key of the agent's
+    # user, like clanctl.  Without a readable key those actions are disabled.
+    admin_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     gossip: GossipSection = field(default_factory=GossipSection)
     mesh: MeshSection = field(default_factory=MeshSection)
+    web: WebSection = field(default_factory=WebSection)
 
     @property
     def state_path(self) -> Path:
@@ -168,6 +186,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"mesh.tor: '{cfg.mesh.tor}' is not off, attach or start")
     if not 0 < cfg.mesh.wg_port < 65536:
         raise ConfigError("mesh.wg_port: must be 1..65535")
+    if not 0 <= cfg.mesh.console_port < 65536:
+        raise ConfigError("mesh.console_port: must be 0..65535 (0 = off)")
     if not cfg.mesh.interface or len(cfg.mesh.interface) > 15 or "/" in cfg.mesh.interface:
         raise ConfigError("mesh.interface: must be 1..15 characters, no '/'")
     for i, addr in enumerate(cfg.mesh.public_endpoints):
@@ -183,6 +203,10 @@ def _check(cfg: Config) -> None:
             ) from None
         if net.num_addresses < 4:
             raise ConfigError("mesh.ipv4_range: needs at least a /30")
+    if not 0 <= cfg.web.port < 65536:
+        raise ConfigError(
+            f"web.port: {cfg.web.port} is not a TCP port (1..65535, or 0 for any free port)"
+        )
     if cfg.gossip.clan_id:
         try:
             bytes.fromhex(cfg.gossip.clan_id)

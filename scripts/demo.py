@@ -12,6 +12,8 @@ exactly as three machines would do it:
 3. The agents find each other by gossip; `clanctl machines` and
    `clanctl peers` show the clan from any machine.
 4. m3 stops; the others see it leave.
+5. m1 opens its web console (`clanctl ui`): the demo prints the login URL
+   and, in a terminal, keeps the clan up until Enter is pressed.
 
 As root with wireguard-go, ip and ping installed, each machine runs in its
 own network namespace on one switch and the agents also build the WireGuard
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,23 +65,34 @@ def banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def run(cmd: list[str], *, show: bool = True, shown: str | None = None) -> str:
+def run(
+    cmd: list[str],
+    *,
+    show: bool = True,
+    shown: str | None = None,
+    stdin: str | None = None,
+    quiet_output: bool = False,
+) -> str:
     if show:
         print(f"$ {shown or ' '.join(cmd)}", flush=True)
-    r = subprocess.run(cmd, text=True, capture_output=True, timeout=60)
+    r = subprocess.run(cmd, text=True, capture_output=True, timeout=60, input=stdin)
     if r.returncode != 0:
         print(r.stdout + r.stderr)
         raise SystemExit(f"demo: '{shown or ' '.join(cmd)}' failed with exit code {r.returncode}")
-    if show and r.stdout.strip():
+    if show and not quiet_output and r.stdout.strip():
         print(r.stdout.rstrip(), flush=True)
     return r.stdout
 
 
-def clanctl(sock: Path, *args: str, show: bool = True) -> str:
+def clanctl(
+    sock: Path, *args: str, show: bool = True, stdin: str | None = None, quiet_output=False
+) -> str:
     cmd = [PY, "-m", "clanagent.cli.clanctl", "--socket", str(sock), *args]
     return run(
         cmd,
         show=show,
+        stdin=stdin,
+        quiet_output=quiet_output,
         shown=f"clanctl --socket {sock.parent.name}/control.sock "
         + " ".join(a if len(a) < 60 else a[:40] + "…" for a in args),
     )
@@ -100,6 +114,38 @@ def wait_for(pred, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def show_web_console(sock: Path, admin_key: Path, lan: Lan | None) -> None:
+    """Start m1's web console, print its login URL and keep the clan up while one looks."""
+    banner("the web console: the clan's map in a browser (on m1)")
+    out = clanctl(sock, "ui", "--admin-key", str(admin_key))
+    url = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("web console:"))
+    if lan is not None:
+        from _netns_forward import NetnsForward
+
+        port = int(url.split(":")[2].split("/")[0])
+        try:
+            NetnsForward(lan.hosts[0], port).start()
+            print(
+                f"(m1 runs in its own network namespace: 127.0.0.1:{port} of this host is forwarded into it)"
+            )
+        except OSError as exc:
+            print(
+                f"cannot forward port {port} from this host into m1's namespace ({exc.strerror}): "
+                "run CLANAGENT_DEMO_LOOPBACK=1 make demo to look at the console"
+            )
+    if sys.stdin.isatty():
+        print("\nThe clan keeps running while you look. Press Enter to stop it and clean up.")
+        try:
+            input()
+        except (EOFError, KeyboardInterrupt):
+            pass
+    else:
+        print(
+            "\n(no terminal: the demo clan stops now and the link with it; run 'make demo' "
+            "in a terminal to keep the clan up while you look)"
+        )
 
 
 def main() -> int:
@@ -149,6 +195,8 @@ def main() -> int:
                 f'[gossip]\nlisten = "127.0.0.1:0"\nprofile = "local"\nname = "{m}"\n'
                 # on loopback: no mDNS on the host's LAN, no WireGuard interfaces
                 "[mesh]\nwireguard = false\nmdns = false\n"
+                # any free port for the web console: the demo prints its URL
+                "[web]\nport = 0\n"
             )
 
         banner("m1 starts and founds the clan 'demo'")
@@ -282,8 +330,11 @@ def main() -> int:
         else:
             banner("a micro VM placed on m1 by the inventory; seen from every machine")
             kernel, initrd = build_image(work / "image")
+            # In namespaces the VM also joins the clan overlay (a routed tap on m1);
+            # on loopback it gets no NIC: a tap there would be the host's own.
+            vm_net = 'networks = ["clan"]\n' if lan is not None else ""
             vm_toml = (
-                f'\n[vms.hello]\nmachines = ["m1"]\nmemory_mb = 128\n'
+                f'\n[vms.hello]\nmachines = ["m1"]\nmemory_mb = 128\n{vm_net}'
                 f'kernel = "{kernel}"\ninitrd = "{initrd}"\n'
             )
             print(vm_toml.strip())
@@ -309,6 +360,46 @@ def main() -> int:
             console = homes["m1"] / "state" / "vms" / "hello" / "console.log"
             wait_for(lambda: b"VM_READY" in console.read_bytes(), 30, "the guest to boot")
             clanctl(socks["m3"], "vm", "logs", "hello")  # from another machine, over the mesh
+            if lan is not None:
+                banner("the VM is on the clan overlay: m2 pings it over WireGuard")
+                rows = json.loads(clanctl(socks["m2"], "--json", "vm", "list", show=False))
+                vm_ip6 = next(r["overlay"] for r in rows if r["vm"] == "hello")
+                net_ready = f"VM_NET_READY {vm_ip6}".encode()
+                wait_for(lambda: net_ready in console.read_bytes(), 30, "the guest's clan NIC")
+                t0 = time.monotonic()
+                wait_for(lambda: lan.ping(names.index("m2"), vm_ip6), 30, "m2 to ping the VM")
+                print(
+                    f"m2 -> VM hello  ping {vm_ip6} over WireGuard: ok "
+                    f"({time.monotonic() - t0:.1f} s; m1 routes it to the VM's tap)"
+                )
+            # An interactive serial console, here fed from a pipe: from m3 it
+            # goes over the mesh to m1's agent (in loopback mode: m1's own VM).
+            who = "m3" if lan is not None else "m1"
+            banner(f"the VM's serial console, opened from {who} (interactive on a terminal)")
+            typed = ["uname -sr", "cut -d' ' -f1 /proc/uptime"]
+            if lan is not None:
+                m3_ip6 = json.loads(clanctl(socks["m1"], "--json", "path", "m3", show=False))[
+                    "overlay6"
+                ]
+                typed.append(f"ping -c1 -W3 {m3_ip6}")  # the VM reaches m3 over the overlay
+            print(f"(typed into the console, one line each: {'; '.join(typed)})")
+            out = clanctl(
+                socks[who],
+                "vm",
+                "console",
+                "hello",
+                "--admin-key",
+                str(admin_key),
+                "--linger",
+                "4",
+                stdin="\n".join(typed) + "\n",
+                quiet_output=True,
+            )
+            # the guest shell's terminal queries (ESC [ 6 n) are not for a log
+            out = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out).replace("\r", "")
+            print(out.rstrip())
+            if "Linux" not in out:
+                raise SystemExit("demo: the VM's console did not answer")
 
         banner("m3 stops (SIGTERM: it leaves gracefully)")
         procs["m3"].send_signal(signal.SIGTERM)
@@ -320,6 +411,7 @@ def main() -> int:
 
         wait_for(m3_gone, 30, "m1 to notice m3 left")
         clanctl(socks["m1"], "machines")
+        show_web_console(socks["m1"], admin_key, lan)
         return 0
     finally:
         for p in procs.values():

@@ -230,10 +230,25 @@ def test_second_agent_on_same_socket_refuses(tmp_path):
 @requires_root
 def test_runs_unprivileged(tmp_path):
     """As nobody, with a writable state dir: it runs and reports what needs root."""
+    # The child imports after dropping to nobody; where the interpreter's own
+    # library is not readable by nobody (a Python under /root, as here), the
+    # modules the agent needs must already be loaded.
+    import importlib
     import pwd
     import tempfile
 
     from clanagent.cli import agent_main
+
+    for mod in (
+        "clanagent.agent",
+        "clanagent.gossip.service",
+        "clanagent.mesh.service",
+        "clanagent.secrets.service",
+        "clanagent.services.service",
+        "clanagent.vmhost.service",
+        "clanagent.topology",
+    ):
+        importlib.import_module(mod)
 
     nobody = pwd.getpwnam("nobody")
     work = Path(tempfile.mkdtemp(prefix="clanagent-unpriv-"))

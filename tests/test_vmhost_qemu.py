@@ -67,7 +67,10 @@ def test_command_line_microvm_tcg():
     assert _opt(argv, "-m") == ["384M"] and _opt(argv, "-smp") == ["2"]
     assert _opt(argv, "-qmp") == ["unix:/run/vm/web/control.sock,server=on,wait=off"]
     assert _opt(argv, "-pidfile") == ["/run/vm/web/vmm.pid"]
-    assert _opt(argv, "-chardev") == ["file,id=console0,path=/run/vm/web/console.log,append=on"]
+    assert _opt(argv, "-chardev") == [
+        "socket,id=console0,path=/run/vm/web/console.sock,server=on,wait=off,"
+        "logfile=/run/vm/web/console.log,logappend=on"
+    ]
     assert _opt(argv, "-serial") == ["chardev:console0"]
     assert _opt(argv, "-kernel") == ["/boot/vmlinux"] and _opt(argv, "-initrd") == ["/img/initrd"]
     append = _opt(argv, "-append")[0]

@@ -22,12 +22,11 @@ from typing import Any
 import nacl.signing
 
 from ..control.client import ControlClient
-from ..identity import IdentityError, parse_machine_key
-from ..inventory.diff import diff_docs, format_diff
-from ..inventory.parse import doc_to_toml, load_inventory_toml, validate_doc
-from ..inventory.sealing import SealError, reseal_doc
-from ..inventory.versions import make_version
 from ._table import table
+
+# The inventory modules are imported inside the commands that use them: a
+# clanctl process imports only what its command needs (start-up time is part
+# of every command's latency; see bench/vm.py).
 
 __all__ = ["add_parsers", "run", "CommandError"]
 
@@ -112,6 +111,10 @@ def _seal_and_sign(
     keys: list[nacl.signing.SigningKey],
     message: str,
 ) -> Any:
+    from ..inventory.parse import validate_doc
+    from ..inventory.sealing import SealError, reseal_doc
+    from ..inventory.versions import make_version
+
     # Endpoints travel sealed to the member machines; open the ones only the
     # agent can read, then seal everything to the new member set.
     plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
@@ -149,6 +152,8 @@ def _print_issues(result: Any) -> None:
 
 
 def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..inventory.parse import doc_to_toml, validate_doc
+
     who = client.call("whoami")
     status = client.call("status")
     if status.get("clan"):
@@ -202,12 +207,19 @@ def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
 
 
 def _seal_and_sign_init(doc, shown, keys, message):
+    from ..inventory.sealing import reseal_doc
+    from ..inventory.versions import make_version
+
     plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
     doc = reseal_doc(doc, plain)
     return make_version(doc, shown["leaves"], int(time.time()), message, keys)
 
 
 def cmd_machine_add(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..identity import IdentityError, parse_machine_key
+    from ..inventory.diff import diff_docs, format_diff
+    from ..inventory.parse import validate_doc
+
     try:
         node_key, box_key, wg_key = parse_machine_key(args.key)
     except IdentityError as exc:
@@ -250,6 +262,8 @@ def cmd_invite(client: ControlClient, args: argparse.Namespace) -> Any:
 
 
 def cmd_inventory_show(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..inventory.parse import doc_to_toml
+
     shown = client.call("inventory.show")
     if args.json:
         return shown
@@ -266,6 +280,8 @@ def cmd_inventory_show(client: ControlClient, args: argparse.Namespace) -> Any:
 
 
 def _parse_file(path: str) -> dict[str, Any]:
+    from ..inventory.parse import load_inventory_toml
+
     result = load_inventory_toml(Path(path))
     _print_issues(result)
     if result.errors:
@@ -274,6 +290,8 @@ def _parse_file(path: str) -> dict[str, Any]:
 
 
 def cmd_inventory_diff(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..inventory.diff import diff_docs, format_diff
+
     doc = _parse_file(args.file)
     shown = _current(client)
     changes = diff_docs(_comparable(shown["doc"]), _comparable(doc))
@@ -293,6 +311,8 @@ def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_inventory_apply(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..inventory.diff import diff_docs, format_diff
+
     doc = _parse_file(args.file)
     shown = _current(client)
     if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:

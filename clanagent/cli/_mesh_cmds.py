@@ -17,7 +17,6 @@ import sys
 import threading
 from typing import Any
 
-from ..config import split_hostport
 from ..control.client import ControlClient
 from ._table import table
 
@@ -76,6 +75,8 @@ def ssh_target(info: dict[str, Any]) -> tuple[str, list[str]]:
         raise CommandError(
             f"no usable path to {info['machine']}: see 'clanctl path {info['machine']}'"
         )
+    from ..config import split_hostport
+
     host, _ = split_hostport(chosen["address"], "address")
     if chosen["kind"] == "tor":
         socks = info.get("tor_socks")
@@ -103,6 +104,8 @@ def cmd_ssh(client: ControlClient, args: argparse.Namespace) -> Any:
 
 def tor_connect(socks: str, host: str, port: int) -> None:
     """Pipe stdin/stdout to HOST:PORT through a SOCKS5 proxy (ssh's ProxyCommand)."""
+    from ..config import split_hostport
+
     phost, pport = split_hostport(socks, "socks")
     s = socket.create_connection((phost, pport), timeout=30)
     s.sendall(b"\x05\x01\x00")

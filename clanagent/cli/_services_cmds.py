@@ -206,6 +206,113 @@ def cmd_vm_logs(client: ControlClient, args: argparse.Namespace) -> Any:
         time.sleep(2)
 
 
+ESCAPE = b"\x1d"  # Ctrl-], as in telnet and virsh console
+
+
+def _console_host(client: ControlClient, name: str, machine: str | None) -> str:
+    rows = [r for r in client.call("vm.list") if r["vm"] == name]
+    if not rows:
+        raise CommandError(f"no VM '{name}' in the inventory (see 'clanctl vm list')")
+    hosts = [r["machine"] for r in rows]
+    if machine:
+        if machine not in hosts:
+            raise CommandError(
+                f"VM {name} is not placed on {machine} (it is on {', '.join(hosts)})"
+            )
+        return machine
+    if len(hosts) == 1:
+        return hosts[0]
+    running = [r["machine"] for r in rows if r["state"] == "running"]
+    if len(running) == 1:
+        return running[0]
+    raise CommandError(f"VM {name} is placed on {', '.join(hosts)}: pick one with --machine")
+
+
+def _pump(sock: Any, early: bytes, linger: float) -> None:
+    """Console bytes to stdout, stdin to the console; Ctrl-] (on a terminal) quits."""
+    import os
+    import selectors
+
+    out = sys.stdout.buffer
+    if early:
+        out.write(early)
+        out.flush()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    stdin = sys.stdin.fileno()
+    tty = os.isatty(stdin)
+    sel.register(stdin, selectors.EVENT_READ)
+    stdin_open = True
+    while True:
+        # Once a piped stdin ends, wait `linger` seconds of quiet for the answers.
+        events = sel.select(None if stdin_open else linger)
+        if not events:
+            return
+        for key, _ in events:
+            if key.fileobj is sock:
+                data = sock.recv(65536)
+                if not data:
+                    sys.stderr.write("\r\n[console closed by the agent]\r\n")
+                    return
+                out.write(data)
+                out.flush()
+            else:
+                data = os.read(stdin, 4096)
+                if tty and ESCAPE in data:
+                    data = data[: data.index(ESCAPE)]
+                    if data:
+                        sock.sendall(data)
+                    return
+                if not data:
+                    sel.unregister(stdin)
+                    stdin_open = False
+                    continue
+                sock.sendall(data)
+
+
+def cmd_vm_console(client: ControlClient, args: argparse.Namespace) -> Any:
+    import os
+
+    from ..vmhost.requests import NONCE_LEN, sign_console
+    from ._inventory_cmds import _admin_key_path, load_admin_key
+
+    key = load_admin_key(_admin_key_path(args.admin_key))
+    machine = _console_host(client, args.name, args.machine)
+    req = sign_console(key, args.name, machine, int(time.time()), os.urandom(NONCE_LEN))
+    sock, early = client.attach("vm.console", {"request": req.to_wire()})
+    tty = os.isatty(sys.stdin.fileno())
+    if tty:
+        import termios
+        import tty as ttymod
+
+        sys.stderr.write(
+            f"connected to the console of {args.name} on {machine}; Ctrl-] disconnects\r\n"
+        )
+        saved = termios.tcgetattr(sys.stdin.fileno())
+        ttymod.setraw(sys.stdin.fileno())
+    try:
+        if tty:
+            sock.sendall(b"\r")  # a fresh prompt
+        _pump(sock, early, args.linger)
+    finally:
+        if tty:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+            sys.stderr.write("\ndisconnected\n")
+        sock.close()
+    return None
+
+
+def _age(since: Any) -> str:
+    """'42s', '7m', '3h', '2d' since a unix time; '-' for none."""
+    if not isinstance(since, int) or since <= 0:
+        return "-"
+    s = max(0, int(time.time()) - since)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
 def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("vm.list")
     if args.json:
@@ -215,12 +322,14 @@ def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
         return None
     print(
         table(
-            ["VM", "MACHINE", "STATE", "ACCEL", "CRASHES", "DETAIL"],
+            ["VM", "MACHINE", "STATE", "UP", "OVERLAY", "ACCEL", "CRASHES", "DETAIL"],
             [
                 (
                     r["vm"],
                     r["machine"],
                     r["state"],
+                    _age(r.get("booted")),
+                    r.get("overlay") or "-",
                     r["accel"] or "-",
                     r["crashes"] or 0,
                     r["reason"] or "-",
@@ -257,6 +366,23 @@ def add_parsers(sub: Any) -> None:
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     lg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the host")
     lg.set_defaults(handler=cmd_vm_logs)
+    co = vsub.add_parser(
+        "console",
+        help="an interactive serial console of a VM, from any machine (admins only)",
+        description="Attach to a VM's serial console wherever it runs; Ctrl-] disconnects. "
+        "With stdin not a terminal, stdin is sent and output printed until it is quiet "
+        "for --linger seconds after stdin ends.",
+    )
+    co.add_argument("name")
+    co.add_argument("--machine", help="the host, when the VM is placed on several")
+    co.add_argument("--admin-key", help="admin key file (default $CLANAGENT_ADMIN_KEY)")
+    co.add_argument(
+        "--linger",
+        type=float,
+        default=1.0,
+        help="with stdin not a terminal: seconds of quiet output before exiting (default 1)",
+    )
+    co.set_defaults(handler=cmd_vm_console)
     for action, text in (
         ("start", "start a VM an admin stopped"),
         ("stop", "stop a VM (it stays stopped until started)"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentNotRunning, ClientError, ControlClient
-from . import _inventory_cmds, _mesh_cmds, _services_cmds
+from . import _inventory_cmds, _mesh_cmds, _services_cmds, _ui_cmds
 from ._table import table
 
 DEFAULT_SOCKET = "/run/clanagent/control.sock"
@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     _inventory_cmds.add_parsers(sub)
     _mesh_cmds.add_parsers(sub)
     _services_cmds.add_parsers(sub)
+    _ui_cmds.add_parsers(sub)
     return p
 
 

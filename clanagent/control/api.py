@@ -37,6 +37,9 @@ class Handler:
     params: frozenset[str]
     doc: str
     call: Callable[..., Any]
+    # After an ok reply the connection carries raw bytes both ways (a console):
+    # `call` returns an async context manager that yields the other stream.
+    upgrade: bool = False
 
 
 def _no_params(params: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -138,6 +141,23 @@ async def _vm_logs(agent: Any, params: dict[str, Any]) -> Any:
     return await agent.vm_logs(name, since)
 
 
+def _vm_console(agent: Any, params: dict[str, Any]) -> Any:
+    if "request" not in params:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "missing parameter 'request'")
+    return agent.vm_console(params["request"])
+
+
+async def _topology(agent: Any, params: dict[str, Any]) -> Any:
+    return agent.topology_view()
+
+
+async def _ui_open(agent: Any, params: dict[str, Any]) -> Any:
+    admin_key = params.get("admin_key", "")
+    if not isinstance(admin_key, str) or len(admin_key) > 4096 or "\0" in admin_key:
+        raise ControlError(ErrorCode.INVALID_PARAMS, "'admin_key' must be a file path")
+    return await agent.ui_open(admin_key)
+
+
 async def _methods(agent: AgentView, params: dict[str, Any]) -> Any:
     return [
         {"name": h.name, "access": h.access, "streaming": h.streaming, "doc": h.doc}
@@ -153,8 +173,9 @@ def _h(
     *,
     streaming: bool = False,
     params: tuple[str, ...] = (),
+    upgrade: bool = False,
 ) -> Handler:
-    return Handler(name, access, streaming, frozenset(params), doc, call)
+    return Handler(name, access, streaming, frozenset(params), doc, call, upgrade)
 
 
 # The table.  Only append to a version's list.
@@ -213,6 +234,15 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 params=("request",),
             ),
             _h(
+                "vm.console",
+                "write",
+                _vm_console,
+                "attach to a VM's serial console (admin-signed); the connection "
+                "then carries raw console bytes",
+                params=("request",),
+                upgrade=True,
+            ),
+            _h(
                 "secrets.list",
                 "read",
                 _secrets_list,
@@ -231,6 +261,19 @@ HANDLERS: dict[int, dict[str, Handler]] = {
                 _path,
                 "the chosen path to a machine and the ranked alternatives",
                 params=("machine",),
+            ),
+            _h(
+                "topology",
+                "read",
+                _topology,
+                "machines, the links between them (path kind, RTT), services and VMs",
+            ),
+            _h(
+                "ui.open",
+                "write",
+                _ui_open,
+                "start the web console (127.0.0.1 only) and mint a one-time login URL",
+                params=("admin_key",),
             ),
         ]
     }

@@ -141,6 +141,25 @@ class ControlClient:
             if msg.get("id") == rid and msg.get("ok") is True:
                 return msg.get("result")
 
+    def attach(
+        self, method: str, params: dict[str, Any] | None = None, *, version: int = API_VERSION
+    ) -> tuple[socket.socket, bytes]:
+        """Make an upgrade request; on success the socket now carries raw bytes.
+
+        Returns the socket (blocking, no timeout; the client owns it now) and
+        any bytes that arrived behind the ok reply."""
+        rid = self._send_request(method, params, version)
+        while True:
+            msg = self._read_message(self.timeout)
+            self._raise_for(msg)
+            if msg.get("id") == rid and msg.get("ok") is True:
+                break
+        assert self._sock is not None
+        sock, self._sock = self._sock, None
+        early, self._buf = bytes(self._buf), bytearray()
+        sock.settimeout(None)
+        return sock, early
+
     def stream(
         self,
         method: str,

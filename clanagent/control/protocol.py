@@ -9,6 +9,9 @@ Request:  {"id": int, "v": int, "method": str, "params": map}
 Reply:    {"id": int, "ok": true, "result": any}
           {"id": int, "ok": false, "error": {"code": str, "message": str}}
 Stream:   {"id": int, "event": any} ... then {"id": int, "end": true}
+Upgrade:  {"id": int, "ok": true, "result": {"attached": true}}, then raw bytes
+          both ways until either side closes (`vm.console`).  The client
+          sends nothing after such a request until the reply has arrived.
 """
 
 from __future__ import annotations

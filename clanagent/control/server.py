@@ -115,6 +115,7 @@ class ControlStats:
     connections: int = 0
     refused: int = 0
     requests: int = 0
+    upgrades: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def count_error(self, code: str) -> None:
@@ -304,6 +305,9 @@ class ControlServer:
                     f"'{req.method}' changes state and this caller has read-only access",
                 )
             check_params(handler, req.params)
+            if handler.upgrade:
+                await self._upgrade(stream, req.id, handler.call(self.agent, req.params))
+                return True
             if handler.streaming:
                 await self._stream(stream, req.id, handler.call(self.agent, req.params))
                 return True
@@ -322,6 +326,26 @@ class ControlServer:
             log.exception("control handler failed", extra=kv(request_id=rid))
             await self._send(stream, reply_error(rid, ErrorCode.INTERNAL, f"internal error: {exc}"))
         return False
+
+    async def _upgrade(self, stream: trio.SocketStream, rid: int, opener: Any) -> None:
+        """Reply ok once the other end is open, then splice raw bytes until either closes.
+
+        An error while opening is an ordinary error reply (raised to
+        `_dispatch`); after the ok reply the connection only carries bytes."""
+        from ..vmhost.attach import splice
+
+        replied = False
+        try:
+            async with opener as other:
+                self.stats.upgrades += 1
+                await self._send(stream, reply_ok(rid, {"attached": True}))
+                replied = True
+                await splice(stream, other)
+        except Exception:
+            if not replied:
+                raise
+            # mid-session there is no frame to answer with: log and close
+            log.warning("attached session ended with an error", exc_info=True)
 
     async def _stream(self, stream: trio.SocketStream, rid: int, events: Any) -> None:
         async def watch_for_close(cancel: trio.CancelScope) -> None:

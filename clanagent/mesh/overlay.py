@@ -15,6 +15,12 @@ example).  The 64-bit interface id is BLAKE2b(node_key, person="clan-iid"):
 64 random bits make a collision between two machines of one clan
 astronomically unlikely (about n^2 / 2^65), so no coordination is needed.
 
+Micro VMs on the clan network (`vm_ip6`) live in the same /64, with the
+interface id BLAKE2b(vm name, person="clan-vm-iid"): a different hash person
+than machines' (and a name, not a key, as input), so the two derivations are
+independent, and the address depends only on the clan and the VM's name -- a
+VM keeps its address on whichever machine runs it.
+
 IPv4: a range has too few addresses to hash without collisions, so
 `assign_ipv4` resolves them deterministically over the whole key set (see its
 docstring).
@@ -36,6 +42,7 @@ __all__ = [
     "clan_prefix",
     "clan_subnet",
     "overlay_ip6",
+    "vm_ip6",
     "preferred_ipv4_index",
     "assign_ipv4",
 ]
@@ -85,6 +92,16 @@ def overlay_ip6(clan_id: bytes, node_key: bytes) -> ipaddress.IPv6Address:
     # a 2^-64 event, but cheap to rule out.
     iid = iid or 1
     return clan_subnet(clan_id)[iid]
+
+
+def vm_ip6(clan_id: bytes, vm_name: str) -> ipaddress.IPv6Address:
+    """A VM's IPv6 overlay address: the clan /64 + BLAKE2b(vm name, person="clan-vm-iid")."""
+    if not isinstance(vm_name, str) or not vm_name:
+        raise OverlayError("vm name must be a non-empty str")
+    iid = int.from_bytes(
+        hashlib.blake2b(vm_name.encode(), digest_size=8, person=b"clan-vm-iid").digest()
+    )
+    return clan_subnet(clan_id)[iid or 1]  # never the subnet-router anycast address
 
 
 def _host_range(network: ipaddress.IPv4Network) -> int:

@@ -26,6 +26,7 @@ from ..wire import SignedRecord, WireError
 from . import candidates as cands
 from .overlay import assign_ipv4, clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
+from .vmroutes import VM_STATUS_KIND, vm_routes
 from .wireguard import MeshPeer, desired_from, reconcile
 
 __all__ = ["MeshService", "RECONCILE_INTERVAL"]
@@ -125,7 +126,11 @@ class MeshService:
     # -- inputs --------------------------------------------------------------------
 
     def on_record(self, rec: SignedRecord) -> None:
-        """A gossiped record was stored: endpoints records feed the candidates."""
+        """A gossiped record was stored: endpoints records feed the candidates;
+        a VM's status may move its overlay address to another peer."""
+        if rec.kind == VM_STATUS_KIND:
+            self.wake()
+            return
         if rec.kind != cands.ENDPOINTS_KIND:
             return
         try:
@@ -544,6 +549,11 @@ class MeshService:
         v4 = {}
         if self.cfg.ipv4_range:
             v4 = assign_ipv4(self.cfg.ipv4_range, list(by_key))
+        vms = vm_routes(
+            doc,
+            inv.clan_id,
+            ((r.origin, r.key, r.body) for r in agent.store.records() if r.kind == VM_STATUS_KIND),
+        )
         peers: list[MeshPeer] = []
         for key, (name, m) in sorted(by_key.items()):
             if key == agent.identity.public_key:
@@ -558,7 +568,13 @@ class MeshService:
             if chosen is not None and chosen.kind in ("lan", "public") and chosen.port_wg:
                 endpoint = _join_host_port(_host_of(chosen.address), chosen.port_wg)
             peers.append(
-                MeshPeer(m["wg_key"], overlay_ip6(inv.clan_id, key), v4.get(key), endpoint)
+                MeshPeer(
+                    m["wg_key"],
+                    overlay_ip6(inv.clan_id, key),
+                    v4.get(key),
+                    endpoint,
+                    tuple(vms.get(key, ())),
+                )
             )
         desired = desired_from(
             agent.identity.wg_private, agent.identity.wg_public, self.cfg.wg_port, peers

@@ -282,6 +282,8 @@ class MeshPeer:
     overlay6: ipaddress.IPv6Address
     overlay4: ipaddress.IPv4Address | None = None
     endpoint: str | None = None  # the chosen direct path ("ip:port"), None if none
+    # Overlay addresses of the micro VMs this peer hosts (mesh.vmroutes checked them).
+    vms: tuple[ipaddress.IPv6Address, ...] = ()
 
 
 def desired_from(
@@ -294,15 +296,16 @@ def desired_from(
 ) -> InterfaceConfig:
     """Build our desired interface from the mesh's view of its peers.
 
-    Allowed ips are exactly the peer's overlay /128 (and /32): a peer can
-    never claim another machine's address. Keepalive is KEEPALIVE when we
+    Allowed ips are exactly the peer's overlay /128 (and /32) plus the /128
+    of each VM it hosts (`MeshPeer.vms`, which the caller checked against the
+    inventory): a peer can never claim another machine's address. Keepalive is KEEPALIVE when we
     are behind NAT (to hold the mapping open for every peer) or when we are
     the initiator of the pair and have an endpoint to send to."""
     out: dict[bytes, PeerConfig] = {}
     for p in peers:
         if p.wg_public == wg_public:
             continue  # ourselves, e.g. when the caller passes the whole inventory
-        allowed = [f"{p.overlay6}/128"]
+        allowed = [f"{p.overlay6}/128", *(f"{vm}/128" for vm in p.vms)]
         if p.overlay4 is not None:
             allowed.append(f"{p.overlay4}/32")
         ka = None

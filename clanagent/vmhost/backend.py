@@ -57,6 +57,11 @@ class RunDir:
         return os.path.join(self.path, "console.log")
 
     @property
+    def console_sock(self) -> str:
+        """The interactive serial console (QEMU: a socket chardev; one client)."""
+        return os.path.join(self.path, "console.sock")
+
+    @property
     def fingerprint(self) -> str:
         return os.path.join(self.path, "spec.fingerprint")
 
@@ -92,7 +97,7 @@ class RunDir:
     def remove_stale(self) -> list[str]:
         """Delete what a dead VMM left behind (never the console log or the disk)."""
         removed = []
-        for p in (self.pidfile, self.control, self.secrets_initrd):
+        for p in (self.pidfile, self.control, self.console_sock, self.secrets_initrd):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
                 removed.append(p)
@@ -177,6 +182,20 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def process_started_at(pid: int) -> int | None:
+    """Unix time a process started (from /proc: works for adopted VMs too), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name may hold spaces or parentheses: count from the last ')'
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        ticks = int(fields[19])  # field 22 of stat(5), counted after pid and comm
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks // os.sysconf("SC_CLK_TCK")
 
 
 def process_mentions(pid: int, needle: str) -> bool:

@@ -17,6 +17,11 @@ Decisions worth knowing:
   agent would lose the console, or block the guest, while the agent restarts.
 - `-no-reboot`: a guest reboot or panic ends the process, so the lifecycle
   sees it and restarts with backoff instead of QEMU looping silently.
+- The "clan" network (spec.CLAN_NETWORK) is a routed tap, not a bridge: the
+  host end gets fe80::1/64 (no DAD) and a route to the VM's overlay /128, and
+  IPv6 forwarding is turned on in the backend's namespace (never turned off:
+  something else may rely on it).  The mesh routes the /128 to this machine
+  over WireGuard; the route goes away with the tap.
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ from clanagent.vmhost.backend import (
     write_secrets_initrd,
 )
 from clanagent.vmhost.qmp import QmpDisconnected, QmpProtocolError, open_qmp
-from clanagent.vmhost.spec import VmHostLocalError, VmHostRemoteError, VmSpec
+from clanagent.vmhost.spec import (
+    CLAN_GATEWAY,
+    CLAN_NETWORK,
+    VmHostLocalError,
+    VmHostRemoteError,
+    VmSpec,
+    clan_cmdline,
+    clan_mac,
+)
 
 __all__ = [
     "QEMU_BINARY",
@@ -135,7 +148,14 @@ def build_command(
         argv += ["-display", "none"]
     else:
         argv += ["-nographic"]
-    argv += ["-chardev", f"file,id=console0,path={run.console},append=on"]
+    # The serial console is a socket an agent can attach to (`clanctl vm
+    # console`); QEMU itself appends everything the guest prints to the log,
+    # whether or not anyone is attached.
+    argv += [
+        "-chardev",
+        f"socket,id=console0,path={run.console_sock},server=on,wait=off,"
+        f"logfile={run.console},logappend=on",
+    ]
     argv += ["-serial", "chardev:console0"]
     argv += ["-qmp", f"unix:{run.control},server=on,wait=off"]
     argv += ["-pidfile", run.pidfile]
@@ -148,6 +168,9 @@ def build_command(
         append += " root=/dev/vda ro"
     if accel != "kvm" and tsc_khz:
         append += f" tsc_early_khz={tsc_khz}"
+    clan = clan_cmdline(spec) if taps else ""
+    if clan:
+        append += " " + clan
     argv += ["-append", append.strip()]
     if spec.rootfs:
         argv += ["-drive", f"id=rootfs,file={spec.rootfs},format=raw,if=none,readonly=on"]
@@ -157,7 +180,10 @@ def build_command(
         argv += ["-device", "virtio-blk-device,drive=disk"]
     for i, tap in enumerate(taps):
         argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no"]
-        argv += ["-device", f"virtio-net-device,netdev=net{i}"]
+        mac = ""
+        if clan and i < len(spec.networks) and spec.networks[i] == CLAN_NETWORK:
+            mac = f",mac={clan_mac(spec.name)}"
+        argv += ["-device", f"virtio-net-device,netdev=net{i}{mac}"]
     return argv
 
 
@@ -179,6 +205,26 @@ def _link_exists(netns: str | None, name: str) -> bool:
         return os.path.exists(f"/sys/class/net/{name}")
     r = subprocess.run(["ip", "-n", netns, "link", "show", name], capture_output=True, timeout=10)
     return r.returncode == 0
+
+
+_FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
+
+
+def _enable_ipv6_forwarding(netns: str | None) -> None:
+    """Route between the clan taps and the mesh interface (in `netns`, or ours)."""
+    if netns:
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "sh", "-c", f"echo 1 > {_FORWARDING}"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+        return
+    with open(_FORWARDING) as f:
+        if f.read().strip() == "1":
+            return
+    with open(_FORWARDING, "w") as f:
+        f.write("1\n")
 
 
 class QemuBackend:
@@ -244,6 +290,9 @@ class QemuBackend:
                 f.write("\n".join(taps) + "\n")
             for tap in taps:
                 await trio.to_thread.run_sync(self._ensure_tap, tap)
+            if spec.overlay_ip6 and CLAN_NETWORK in spec.networks:
+                tap = taps[spec.networks.index(CLAN_NETWORK)]
+                await trio.to_thread.run_sync(self._route_clan_tap, tap, spec.overlay_ip6)
         argv = build_command(
             spec,
             run,
@@ -326,6 +375,18 @@ class QemuBackend:
         if not _link_exists(self.netns, tap):
             _ip(self.netns, "tuntap", "add", tap, "mode", "tap")
         _ip(self.netns, "link", "set", tap, "up")
+
+    def _route_clan_tap(self, tap: str, addr: str) -> None:
+        # `replace` keeps this idempotent across restarts of the same VM.
+        try:
+            _ip(self.netns, "-6", "addr", "replace", f"{CLAN_GATEWAY}/64", "dev", tap, "nodad")
+            _ip(self.netns, "-6", "route", "replace", f"{addr}/128", "dev", tap)
+            _enable_ipv6_forwarding(self.netns)
+        except subprocess.CalledProcessError as e:
+            err = (e.stderr or b"").decode(errors="replace").strip()
+            raise VmHostLocalError(f"cannot route {addr} to {tap}: {err}") from None
+        except OSError as e:
+            raise VmHostLocalError(f"cannot route {addr} to {tap}: {e}") from None
 
     def _remove_taps(self, run: RunDir) -> None:
         # The taps a VM got are recorded in its rundir at start, so cleanup

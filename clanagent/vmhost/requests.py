@@ -18,7 +18,18 @@ import nacl.signing
 
 from ..wire import WireError, pack
 
-__all__ = ["REQUEST_KIND", "ACTIONS", "VmRequest", "sign_request", "parse_request", "in_force"]
+__all__ = [
+    "REQUEST_KIND",
+    "ACTIONS",
+    "VmRequest",
+    "sign_request",
+    "parse_request",
+    "in_force",
+    "ConsoleRequest",
+    "sign_console",
+    "parse_console",
+    "NonceCache",
+]
 
 REQUEST_KIND = "vm-request"
 ACTIONS = ("start", "stop", "restart")
@@ -90,3 +101,103 @@ def in_force(bodies: list[Any], vm: str, admins: frozenset[bytes] | set[bytes]) 
         if best is None or (req.at, req.action, req.sig) > (best.at, best.action, best.sig):
             best = req
     return best
+
+
+# -- interactive console ----------------------------------------------------------
+#
+# A console session is not a gossiped order but a live stream, so its request
+# is bound to the one machine that hosts the VM and carries a random nonce the
+# host remembers for as long as the request is fresh: it cannot be replayed
+# to the same host, moved to another host or used for another VM.
+
+CONSOLE_DOMAIN = b"clanagent-vm-console-v1\0"
+NONCE_LEN = 16
+
+
+@dataclass(frozen=True)
+class ConsoleRequest:
+    vm: str
+    machine: str
+    at: int
+    nonce: bytes
+    admin: bytes
+    sig: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "machine": self.machine,
+            "at": self.at,
+            "nonce": self.nonce,
+            "admin": self.admin,
+            "sig": self.sig,
+        }
+
+
+def _console_message(vm: str, machine: str, at: int, nonce: bytes) -> bytes:
+    return CONSOLE_DOMAIN + pack([vm, machine, at, nonce])
+
+
+def sign_console(
+    key: nacl.signing.SigningKey, vm: str, machine: str, at: int, nonce: bytes
+) -> ConsoleRequest:
+    sig = key.sign(_console_message(vm, machine, at, nonce)).signature
+    return ConsoleRequest(vm, machine, at, nonce, bytes(key.verify_key), sig)
+
+
+_CONSOLE_FIELDS = {"vm", "machine", "at", "nonce", "admin", "sig"}
+
+
+def parse_console(body: Any, admins: frozenset[bytes] | set[bytes]) -> ConsoleRequest:
+    """A console request whose admin signature verifies; WireError otherwise.
+
+    Freshness and the nonce are the caller's to check (it knows the clock and
+    which nonces it has seen).
+    """
+    if not isinstance(body, dict) or set(body) != _CONSOLE_FIELDS:
+        raise WireError("console request: expected {vm, machine, at, nonce, admin, sig}")
+    vm, machine, at, nonce, admin, sig = (
+        body[k] for k in ("vm", "machine", "at", "nonce", "admin", "sig")
+    )
+    if not isinstance(vm, str) or not 0 < len(vm) <= 63:
+        raise WireError("console request: bad vm name")
+    if not isinstance(machine, str) or not 0 < len(machine) <= 63:
+        raise WireError("console request: bad machine name")
+    if type(at) is not int or at < 0:
+        raise WireError("console request: bad time")
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_LEN:
+        raise WireError(f"console request: nonce must be {NONCE_LEN} bytes")
+    if not isinstance(admin, bytes) or len(admin) != 32 or not isinstance(sig, bytes):
+        raise WireError("console request: bad admin key or signature")
+    if admin not in admins:
+        raise WireError("console request: not signed by an admin of this clan")
+    try:
+        nacl.signing.VerifyKey(admin).verify(_console_message(vm, machine, at, nonce), sig)
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        raise WireError("console request: bad signature") from None
+    return ConsoleRequest(vm, machine, at, nonce, admin, sig)
+
+
+class NonceCache:
+    """Nonces seen within the freshness window: a second use is a replay."""
+
+    def __init__(self, window: int = MAX_SKEW, limit: int = 4096) -> None:
+        self.window = window
+        self.limit = limit
+        self._seen: dict[bytes, int] = {}
+
+    def check(self, req: ConsoleRequest, now: int) -> None:
+        """WireError when the request is stale, from the future, or replayed."""
+        if req.at < now - self.window or req.at > now + self.window:
+            raise WireError(
+                f"console request: {abs(now - req.at)} s off this machine's clock "
+                f"(limit {self.window} s; check both clocks)"
+            )
+        for n, at in list(self._seen.items()):
+            if at < now - self.window:
+                del self._seen[n]
+        if req.nonce in self._seen:
+            raise WireError("console request: replayed (nonce already used)")
+        if len(self._seen) >= self.limit:
+            raise WireError("console request: too many sessions opened recently; try later")
+        self._seen[req.nonce] = req.at

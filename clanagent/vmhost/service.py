@@ -5,6 +5,9 @@ that still run from an earlier agent (an agent restart never kills a VM),
 running the lifecycle reconciler against a backend (start, graceful stop,
 restart with backoff), rotating console logs, and publishing a `vm-status`
 record per VM so every machine's `clanctl vm list` shows the whole clan.
+A VM on the "clan" network gets its overlay address (mesh.overlay.vm_ip6)
+in its spec, and its record names that address ("overlay") while it runs:
+that is what makes every other machine route the address here.
 Must never: kill a VM it did not start or adopt, or let one bad declaration
 stop the others (it is reported as that VM's error).
 """
@@ -14,13 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .._log import kv
-from .backend import RunDir
+from .backend import RunDir, process_started_at
 from .console import ConsoleLog
 from .lifecycle import (
     AdoptVm,
@@ -34,7 +39,15 @@ from .lifecycle import (
     VmStartFailed,
     VmStopped,
 )
-from .spec import HostLimits, VmHostError, VmSpec, VmSpecError, check_spec
+from .spec import (
+    CLAN_NETWORK,
+    HostLimits,
+    VmHostError,
+    VmHostLocalError,
+    VmSpec,
+    VmSpecError,
+    check_spec,
+)
 
 __all__ = ["VmService", "VM_STATUS_KIND"]
 
@@ -45,6 +58,15 @@ LOGS_REQUEST_KIND = "vm-logs-request"  # key = VM name; body {"at": unix}
 LOGS_KIND = "vm-logs"  # key = VM name; body {"at", "machine", "tail"}
 LOG_TAIL = 16 * 1024
 TICK = 2.0
+
+
+def _overlay_of(inv: Any, vm: str) -> str:
+    """The VM's overlay address when the inventory puts it on the clan network, else ""."""
+    if inv is None or CLAN_NETWORK not in inv.doc["vms"].get(vm, {}).get("networks", ()):
+        return ""
+    from ..mesh.overlay import vm_ip6
+
+    return str(vm_ip6(inv.clan_id, vm))
 
 
 class VmService:
@@ -62,6 +84,13 @@ class VmService:
         self._errors: dict[str, str] = {}
         self._held: set[str] = set()  # stopped by an admin: not started again
         self._restarted: dict[str, int] = {}  # vm -> time of the restart request acted on
+        self._overlay: dict[str, str] = {}  # vm -> its overlay address (clan network only)
+        self._boot_times: dict[int, int] = {}  # pid -> unix time it started
+        self._consoles: set[str] = set()  # VMs with an interactive console session open
+        self.console_server: Any = None
+        from .requests import NonceCache
+
+        self.console_nonces = NonceCache()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -96,14 +125,18 @@ class VmService:
         errors: dict[str, str] = {}
         for name in vms_for(inv.doc, me.name):
             try:
-                spec = VmSpec.from_inventory(name, inv.doc["vms"][name])
+                spec = VmSpec.from_inventory(
+                    name, inv.doc["vms"][name], overlay_ip6=_overlay_of(inv, name)
+                )
             except VmSpecError as exc:
                 errors[name] = "; ".join(exc.problems)
                 continue
             problems = check_spec(spec, host)
-            _, why = self._backend_for(spec)
+            backend, why = self._backend_for(spec)
             if why:
                 problems.append(why)
+            elif spec.overlay_ip6 and backend.name != "qemu":
+                problems.append(f"the {CLAN_NETWORK} network needs the qemu backend")
             if problems:
                 errors[name] = "; ".join(problems)
             else:
@@ -203,6 +236,7 @@ class VmService:
     async def step(self) -> None:
         specs, errors = self._desired()
         self._errors = errors
+        self._overlay = {n: s.overlay_ip6 for n, s in specs.items() if s.overlay_ip6}
         for name in self._apply_requests(specs):
             handle = self.handles.pop(name)
             how = await self._of(handle).stop(handle, 10)
@@ -286,12 +320,26 @@ class VmService:
                 "accel": h.accel if h is not None else "",
                 "pid": h.pid if h is not None else 0,
                 "crashes": self.reconciler.crashes(name),
+                # when the running VM's process started (boot time), 0 when not running
+                "booted": self._booted(h) if state == "running" else 0,
+                # Only while it runs: the other machines route this address to us
+                # on its word (after checking it against the inventory).
+                "overlay": self._overlay.get(name, "") if state == "running" else "",
             }
             if self._published.get(name) != body:
                 self._published[name] = body
                 await self.agent.publish_record(
                     VM_STATUS_KIND, name, {**body, "at": int(time.time())}
                 )
+
+    def _booted(self, h: Any) -> int:
+        if h is None:
+            return 0
+        if h.pid not in self._boot_times:
+            live = {x.pid for x in self.handles.values()}
+            self._boot_times = {p: t for p, t in self._boot_times.items() if p in live}
+            self._boot_times[h.pid] = process_started_at(h.pid) or int(time.time())
+        return self._boot_times[h.pid]
 
     # -- console logs ---------------------------------------------------------------------
 
@@ -325,6 +373,79 @@ class VmService:
                 {"at": max(at, int(time.time())), "machine": me.name if me else "", "tail": tail},
             )
 
+    # -- interactive consoles ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def console(self, name: str) -> AsyncIterator[Any]:
+        """A byte stream to the serial console of a VM running here (one session at a time)."""
+        h = self.handles.get(name)
+        if h is None:
+            raise VmHostLocalError(
+                f"VM {name} is not running on this machine (see 'clanctl vm list')"
+            )
+        if h.backend != "qemu":
+            raise VmHostLocalError(
+                f"VM {name} runs on {h.backend}, whose console is log-only here; "
+                f"use 'clanctl vm logs -f {name}'"
+            )
+        if name in self._consoles:
+            raise VmHostLocalError(
+                f"VM {name}'s console is in use by another session (one at a time); try later"
+            )
+        path = RunDir(h.rundir).console_sock
+        if not os.path.exists(path):
+            raise VmHostLocalError(
+                f"VM {name} was started without an interactive console (by an older agent); "
+                f"'clanctl vm restart {name}' gives it one"
+            )
+        self._consoles.add(name)
+        try:
+            try:
+                stream = await trio.open_unix_socket(path)
+            except OSError as exc:
+                raise VmHostLocalError(f"cannot open VM {name}'s console: {exc}") from None
+            async with stream:
+                yield stream
+        finally:
+            self._consoles.discard(name)
+
+    def my_machine(self) -> str:
+        inv = self.agent.inventory.inventory
+        me = inv.machine_by_node_key(self.agent.identity.public_key) if inv else None
+        return me.name if me else ""
+
+    async def authorize_console(self, hello: Any) -> str:
+        """The VM a console request may open here; WireError/VmHostLocalError says why not."""
+        from ..wire import WireError
+        from .requests import parse_console
+
+        inv = self.agent.inventory.inventory
+        if inv is None:
+            raise VmHostLocalError("this machine has no inventory yet")
+        req = parse_console(hello, frozenset(inv.doc["clan"]["admins"]))
+        me = self.my_machine()
+        if req.machine != me:
+            raise WireError(f"console request is for machine {req.machine}, this is {me}")
+        self.console_nonces.check(req, int(time.time()))
+        return req.vm
+
+    async def serve_consoles(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve console sessions to other agents on our overlay address (inside WireGuard)."""
+        from .attach import ConsoleServer
+
+        port = self.agent.cfg.mesh.console_port
+        mesh = self.agent.mesh
+        task_status.started()
+        if not port or mesh is None or self.backend is None or not self.agent.cfg.mesh.wireguard:
+            return
+        while mesh.overlay6 is None:
+            await trio.sleep(1)
+        self.console_server = ConsoleServer(self.authorize_console, self.console)
+        try:
+            await self.console_server.serve(str(mesh.overlay6), port)
+        except (OSError, VmHostLocalError) as exc:
+            log.warning("cannot serve VM consoles to other machines", extra=kv(error=exc))
+
     # -- views --------------------------------------------------------------------------
 
     def clan_vms(self) -> list[dict[str, Any]]:
@@ -345,8 +466,18 @@ class VmService:
             if key[0] in placed and key[1] in placed[key[0]]:
                 rows[key] = {
                     k: b.get(k)
-                    for k in ("vm", "machine", "state", "reason", "accel", "crashes", "at")
+                    for k in (
+                        "vm",
+                        "machine",
+                        "state",
+                        "reason",
+                        "accel",
+                        "crashes",
+                        "booted",
+                        "at",
+                    )
                 }
+                rows[key]["overlay"] = _overlay_of(inv, key[0])
         for vm, machines in placed.items():
             for m in machines:
                 rows.setdefault(
@@ -358,7 +489,9 @@ class VmService:
                         "reason": "no status from that machine yet",
                         "accel": "",
                         "crashes": 0,
+                        "booted": None,
                         "at": None,
+                        "overlay": _overlay_of(inv, vm),
                     },
                 )
         return [rows[k] for k in sorted(rows)]

@@ -9,6 +9,7 @@ a VM's runtime dir: a bad declaration is reported, never half-started.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from typing import Any
 
 __all__ = [
     "BACKENDS",
+    "CLAN_GATEWAY",
+    "CLAN_NETWORK",
     "DEFAULT_CMDLINE",
     "HostLimits",
     "VmHostError",
@@ -25,6 +28,8 @@ __all__ = [
     "VmSpec",
     "VmSpecError",
     "check_spec",
+    "clan_cmdline",
+    "clan_mac",
     "validate_spec",
 ]
 
@@ -32,6 +37,11 @@ BACKENDS = ("auto", "qemu", "cloud-hypervisor", "firecracker")
 # The guest console is the first serial port; panic=-1 reboots at once and the
 # backends run with "no reboot" so a panicking guest shows up as a crash.
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+# The network name that means "a NIC on the clan overlay" (other names: a bare
+# tap).  The host side of that NIC is the guest's gateway at a fixed
+# link-local address, so the guest needs no discovery (no RA, no DHCP).
+CLAN_NETWORK = "clan"
+CLAN_GATEWAY = "fe80::1"
 
 # Host memory a VM may never take: the agent, the page cache and the VMM
 # processes themselves need room, and an OOM-killed agent stops every part.
@@ -77,6 +87,9 @@ class VmSpec:
     graphics: bool = False
     cmdline: str = DEFAULT_CMDLINE
     extra: tuple[tuple[str, str], ...] = field(default=())
+    # The VM's address on the clan overlay (mesh.overlay.vm_ip6), set by the
+    # VM service when `networks` has CLAN_NETWORK; "" otherwise.
+    overlay_ip6: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -85,9 +98,18 @@ class VmSpec:
             raise VmSpecError(self.name, [f"unknown backend {self.backend!r}"])
         if self.vcpus < 1 or self.memory_mb < 16 or self.disk_mb < 0:
             raise VmSpecError(self.name, ["vcpus >= 1, memory_mb >= 16 and disk_mb >= 0"])
+        if self.overlay_ip6:
+            try:
+                ipaddress.IPv6Address(self.overlay_ip6)
+            except ValueError:
+                raise VmSpecError(
+                    self.name, [f"bad overlay address {self.overlay_ip6!r}"]
+                ) from None
 
     @classmethod
-    def from_inventory(cls, name: str, entry: Mapping[str, Any], cmdline: str = "") -> VmSpec:
+    def from_inventory(
+        cls, name: str, entry: Mapping[str, Any], cmdline: str = "", overlay_ip6: str = ""
+    ) -> VmSpec:
         """Build from a parsed inventory `vms.NAME` entry (parse.py already typed it)."""
         try:
             return cls(
@@ -103,14 +125,44 @@ class VmSpec:
                 backend=str(entry.get("backend", "auto")),
                 graphics=bool(entry.get("graphics", False)),
                 cmdline=cmdline or DEFAULT_CMDLINE,
+                overlay_ip6=overlay_ip6,
             )
         except KeyError as e:
             raise VmSpecError(name, [f"missing field {e.args[0]}"]) from None
 
     def fingerprint(self) -> str:
-        """A stable digest: a running VM whose fingerprint differs must be restarted."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        """A stable digest: a running VM whose fingerprint differs must be restarted.
+
+        An empty `overlay_ip6` is left out, so VMs without the clan network keep
+        the digest they had before the field existed (no restart on upgrade); a
+        changed overlay address does restart the VM (its kernel cmdline changes).
+        """
+        fields = asdict(self)
+        if not fields["overlay_ip6"]:
+            del fields["overlay_ip6"]
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def clan_mac(vm: str) -> str:
+    """The clan NIC's MAC: locally administered, unicast, stable per VM name.
+
+    The guest finds its clan NIC by this MAC (passed as `clan.mac=`), so the
+    NIC's position among the VM's other NICs does not matter."""
+    h = hashlib.blake2b(vm.encode(), digest_size=5, person=b"clan-vm-mac").digest()
+    return ":".join(f"{b:02x}" for b in b"\x02" + h)
+
+
+def clan_cmdline(spec: VmSpec) -> str:
+    """Kernel cmdline words that configure the guest's clan NIC ("" if it has none).
+
+    `clan.ip6` is the VM's /128, `clan.net` the clan's /48 (routed via the
+    host), `clan.gw` the host end of the tap, `clan.mac` the NIC to configure."""
+    if not spec.overlay_ip6 or CLAN_NETWORK not in spec.networks:
+        return ""
+    addr = ipaddress.IPv6Address(spec.overlay_ip6)
+    net = ipaddress.IPv6Network((int(addr), 48), strict=False)
+    return f"clan.ip6={addr} clan.net={net} clan.gw={CLAN_GATEWAY} clan.mac={clan_mac(spec.name)}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,280 @@
+"""The clan's topology: which machine reaches which, over what kind of path, how fast.
+
+Owns: this machine's view of its links (to every other machine of the
+inventory: path kind lan / public / tor / down and the round-trip time),
+the `topology` record that carries that view (and a summary of this
+machine's capabilities) to the rest of the clan, and the clan-wide map the
+`topology` control method returns (machines, links, services and VMs per
+machine).  Must never: publish more often than the view really changes
+(RTTs are bucketed), trust a peer's record beyond display (it is shown,
+never acted on), or fail the caller because one record is malformed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from typing import Any
+
+import trio
+
+from ._log import kv
+
+__all__ = ["TOPOLOGY_KIND", "LINK_KINDS", "TopologyService", "classify_addr", "merge_links"]
+
+log = logging.getLogger("clanagent.topology")
+
+TOPOLOGY_KIND = "topology"
+LINK_KINDS = ("lan", "public", "tor", "other", "down")
+CHECK_INTERVAL = 3.0  # seconds between looks at our own links
+REFRESH = 300.0  # republish an unchanged view this often (so it is never stale for long)
+MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
+MAX_CAPS = 32
+STALE = 3 * REFRESH  # a record older than this no longer describes links
+
+
+def classify_addr(addr: str) -> str:
+    """lan / public / tor / other for a gossip HOST:PORT address."""
+    host = addr.rpartition(":")[0].strip("[]") if ":" in addr else addr
+    if host.endswith(".onion"):
+        return "tor"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "other"
+    if ip.is_loopback or ip.is_private or ip.is_link_local:
+        return "lan"
+    return "public"
+
+
+def _bucket(rtt_ms: float | None) -> int | None:
+    # Powers of two: a view that only jitters is not republished.
+    if rtt_ms is None or rtt_ms <= 0:
+        return None
+    return int(math.floor(math.log2(max(rtt_ms, 0.05)) * 2))
+
+
+def _parse_body(body: Any) -> dict[str, Any] | None:
+    """A peer's topology record body, checked; None when malformed (then ignored)."""
+    if not isinstance(body, dict):
+        return None
+    links, caps, at = body.get("links"), body.get("capabilities"), body.get("at")
+    if not isinstance(links, list) or not isinstance(caps, list) or type(at) is not int:
+        return None
+    out_links = []
+    for link in links[:MAX_LINKS]:
+        if not isinstance(link, dict):
+            return None
+        peer, kind, rtt = link.get("peer"), link.get("kind"), link.get("rtt_ms")
+        if not isinstance(peer, str) or kind not in LINK_KINDS:
+            return None
+        if rtt is not None and not (isinstance(rtt, (int, float)) and 0 <= rtt < 1e7):
+            rtt = None
+        out_links.append({"peer": peer, "kind": kind, "rtt_ms": rtt})
+    out_caps = []
+    for c in caps[:MAX_CAPS]:
+        if (
+            isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and isinstance(c.get("available"), bool)
+        ):
+            reason = c.get("reason")
+            out_caps.append(
+                {
+                    "name": c["name"][:64],
+                    "available": c["available"],
+                    "reason": reason[:300] if isinstance(reason, str) else "",
+                }
+            )
+    return {"at": at, "links": out_links, "capabilities": out_caps}
+
+
+def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> list[dict[str, Any]]:
+    """One edge per pair of machines from both ends' views.
+
+    `views`: machine -> its links ({peer, kind, rtt_ms}); `online`: the
+    machines we see online.  An edge is up when either end reports it up
+    (each end only knows its own sessions) and both ends are online; its
+    kind and RTT then come from the end that reports it up (the one whose
+    name sorts first when both do).
+    """
+    pairs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for src in sorted(views):
+        for link in views[src]:
+            dst = link["peer"]
+            if dst == src:
+                continue
+            a, b = sorted((src, dst))
+            pairs.setdefault((a, b), {})[src] = link
+    edges = []
+    for (a, b), seen in sorted(pairs.items()):
+        up = [seen[m] for m in sorted(seen) if seen[m]["kind"] != "down"]
+        if up and a in online and b in online:
+            kind, rtt = up[0]["kind"], up[0]["rtt_ms"]
+        else:
+            kind, rtt = "down", None
+        edges.append(
+            {
+                "a": a,
+                "b": b,
+                "kind": kind,
+                "rtt_ms": rtt,
+                "seen_by": {m: {"kind": v["kind"], "rtt_ms": v["rtt_ms"]} for m, v in seen.items()},
+            }
+        )
+    return edges
+
+
+class TopologyService:
+    """Publishes this machine's links and answers the clan-wide map."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self._published: Any = None
+        self._published_at = -math.inf
+        self.stats = {"published": 0, "bad_records": 0}
+
+    # -- our own view ----------------------------------------------------------------
+
+    def local_links(self) -> list[dict[str, Any]]:
+        agent = self.agent
+        inv = agent.inventory.inventory
+        if inv is None or agent.identity is None:
+            return []
+        from .identity import node_id_of
+
+        members: dict[str, dict[str, Any]] = {}
+        gossip = agent.gossip
+        if gossip is not None and getattr(gossip, "node", None) is not None:
+            members = {m["node_id"]: m for m in gossip.node.members()}
+        selector = getattr(agent.mesh, "selector", None)
+        links = []
+        for name, m in sorted(inv.doc["machines"].items()):
+            key = m["node_key"]
+            if key == agent.identity.public_key:
+                continue
+            member = members.get(node_id_of(key))
+            if member is None or member["state"] not in ("alive", "suspect"):
+                links.append({"peer": name, "kind": "down", "rtt_ms": None})
+                continue
+            kind = None
+            if selector is not None:
+                current = selector.current(key)
+                if current is not None:
+                    kind = current.kind
+            if kind not in LINK_KINDS:
+                kind = classify_addr(str(member.get("addr") or ""))
+            rtt = member.get("rtt_ms")
+            links.append({"peer": name, "kind": kind, "rtt_ms": rtt})
+            if len(links) >= MAX_LINKS:
+                break
+        return links
+
+    def _capabilities(self) -> list[dict[str, Any]]:
+        try:
+            caps = self.agent.status()["capabilities"]
+        except Exception:  # a part mid-start: report nothing rather than fail
+            return []
+        return [
+            {"name": c["name"], "available": bool(c["available"]), "reason": str(c["reason"])[:300]}
+            for c in caps[:MAX_CAPS]
+        ]
+
+    def _body(self) -> dict[str, Any]:
+        return {
+            "at": int(time.time()),
+            "links": self.local_links(),
+            "capabilities": self._capabilities(),
+        }
+
+    @staticmethod
+    def _shape(body: dict[str, Any]) -> Any:
+        """What must change for a republish: kinds, RTT buckets, capabilities."""
+        return (
+            [(link["peer"], link["kind"], _bucket(link["rtt_ms"])) for link in body["links"]],
+            [(c["name"], c["available"]) for c in body["capabilities"]],
+        )
+
+    async def publish_once(self) -> bool:
+        if self.agent.inventory.inventory is None:
+            return False
+        body = self._body()
+        now = trio.current_time()
+        if self._shape(body) == self._published and now - self._published_at < REFRESH:
+            return False
+        await self.agent.publish_record(TOPOLOGY_KIND, "", body)
+        self._published, self._published_at = self._shape(body), now
+        self.stats["published"] += 1
+        return True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        while True:
+            try:
+                await self.publish_once()
+            except Exception as exc:  # never fatal: the next round tries again
+                log.warning("could not publish the topology", extra=kv(error=exc))
+            await trio.sleep(CHECK_INTERVAL)
+
+    # -- the clan-wide map -------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        agent = self.agent
+        inv = agent.inventory.inventory
+        if inv is None or agent.identity is None:
+            return {"self": agent.name, "machines": [], "links": [], "clan": None}
+        doc = inv.doc
+        by_key = {m["node_key"]: name for name, m in doc["machines"].items()}
+        me = by_key.get(agent.identity.public_key, agent.name)
+        machines = {r["name"]: r for r in agent.machines()}
+        online = {n for n, r in machines.items() if r["online"]}
+        views: dict[str, list[dict[str, Any]]] = {me: self.local_links()}
+        caps: dict[str, list[dict[str, Any]]] = {me: self._capabilities()}
+        reported: dict[str, int] = {me: int(time.time())}
+        now = time.time()
+        if agent.store is not None:
+            for rec in agent.store.records():
+                if rec.kind != TOPOLOGY_KIND:
+                    continue
+                name = by_key.get(rec.origin)
+                if name is None or name == me:
+                    continue
+                body = _parse_body(rec.body)
+                if body is None:
+                    self.stats["bad_records"] += 1
+                    continue
+                caps[name] = body["capabilities"]
+                reported[name] = body["at"]
+                if now - body["at"] < STALE:
+                    views[name] = [link for link in body["links"] if link["peer"] in machines]
+        vms: dict[str, list[dict[str, Any]]] = {}
+        for row in agent.vm_list():
+            vms.setdefault(row["machine"], []).append(
+                {k: row.get(k) for k in ("vm", "state", "reason", "accel")}
+            )
+        out_machines = []
+        for name in sorted(machines):
+            r = machines[name]
+            out_machines.append(
+                {
+                    "name": name,
+                    "node_id": r["node_id"],
+                    "tags": r["tags"],
+                    "state": r["state"],
+                    "online": r["online"],
+                    "self": name == me,
+                    "services": r["services"],
+                    "vms": vms.get(name, []),
+                    "capabilities": caps.get(name),
+                    "reported_at": reported.get(name),
+                }
+            )
+        clan = None if agent.anchor is None else {"name": agent.anchor.name}
+        return {
+            "self": me,
+            "clan": clan,
+            "machines": out_machines,
+            "links": merge_links(views, online),
+        }

@@ -1,0 +1,10 @@
+"""The web console: a map of the clan and its machines, services, VMs and secrets.
+
+Served by the agent on 127.0.0.1 only (`clanctl ui` starts it and prints a
+one-time login URL); every action goes through the control API table.
+"""
+
+from .auth import Authenticator, AuthError
+from .server import BIND_HOST, WebConsole
+
+__all__ = ["Authenticator", "AuthError", "BIND_HOST", "WebConsole"]

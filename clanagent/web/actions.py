@@ -1,0 +1,285 @@
+"""What the console does that clanctl does in its own process: signing, TOML, diffs.
+
+Owns: the `console.*` methods: the admin key the console may sign with
+(found like clanctl finds it), VM orders signed with it, and the inventory
+editor (current TOML, the diff an edit would make, sign and submit).  Each
+one ends in calls of the control API table, exactly the calls clanctl makes
+(`vm.request`, `inventory.show`, `inventory.endpoints`, `inventory.submit`),
+through `api_call`; the signing helpers are clanctl's own.  Must never:
+sign anything without a readable admin key, sign an edit whose diff the
+user did not see (the head it was computed against must still be the
+head), or reach the agent in any other way than the API table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..control.api import Handler, check_params, lookup
+from ..control.protocol import ControlError, ErrorCode
+from ..wire import Limits, pack, unpack
+
+__all__ = ["AdminKeySource", "ConsoleActions", "api_call"]
+
+_RESULT_LIMITS = Limits(max_frame=64 << 20, max_array=1 << 20, max_map=1 << 16)
+MAX_TOML = 1 << 20
+
+
+async def api_call(agent: Any, method: str, params: dict[str, Any] | None = None) -> Any:
+    """Call one control API method as a client would, result as the socket carries it."""
+    handler = lookup(1, method)
+    params = params or {}
+    check_params(handler, params)
+    result = await handler.call(agent, params)
+    # Through the wire codec: the console sees exactly what clanctl would see.
+    return unpack(pack(result), _RESULT_LIMITS)
+
+
+class _ThreadClient:
+    """clanctl's blocking `client.call`, for its helpers run in a worker thread."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        return trio.from_thread.run(api_call, self.agent, method, params)
+
+
+class AdminKeySource:
+    """Where the console finds the admin key, and whether it can use it now.
+
+    In order: the file `clanctl ui --admin-key` named, `web.admin_key` from
+    agent.toml, then clanctl's default ($CLANAGENT_ADMIN_KEY, else
+    ~/.config/clanagent/admin.key of the agent's user).  The key is read
+    from its file each time it is needed and never kept, copied or sent.
+    """
+
+    def __init__(self, configured: str = "") -> None:
+        self.configured = configured
+        self.given = ""
+
+    def path(self) -> Path:
+        from ..cli._inventory_cmds import _admin_key_path
+
+        return _admin_key_path(self.given or self.configured or None)
+
+    def load(self) -> tuple[Any, str]:
+        """(signing key, "") or (None, why not and how to fix it). Blocking (file I/O)."""
+        from ..cli._inventory_cmds import CommandError, load_admin_key
+
+        path = self.path()
+        if not path.exists():
+            return None, (
+                f"no admin key at {path} (read by the agent, as uid {os.getuid()}): "
+                "run 'clanctl ui --admin-key PATH' or set web.admin_key in agent.toml"
+            )
+        try:
+            return load_admin_key(path), ""
+        except CommandError as exc:
+            return None, f"{exc} (the agent reads it as uid {os.getuid()})"
+        except OSError as exc:
+            return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
+
+
+class ConsoleActions:
+    def __init__(self, agent: Any, keys: AdminKeySource) -> None:
+        self.agent = agent
+        self.keys = keys
+        self.handlers: dict[str, Handler] = {
+            h.name: h
+            for h in [
+                self._h(
+                    "console.session", "read", self.session, "who you are; can the console sign"
+                ),
+                self._h(
+                    "console.vm",
+                    "write",
+                    self.vm_action,
+                    "start/stop/restart a VM (signed with the admin key here)",
+                    params=("name", "action"),
+                ),
+                self._h(
+                    "console.inventory_text",
+                    "read",
+                    self.inventory_text,
+                    "the current inventory as TOML and its head",
+                ),
+                self._h(
+                    "console.inventory_diff",
+                    "read",
+                    self.inventory_diff,
+                    "check an edited inventory and show what it would change",
+                    params=("text",),
+                ),
+                self._h(
+                    "console.inventory_apply",
+                    "write",
+                    self.inventory_apply,
+                    "sign and submit an edited inventory (its diff was shown)",
+                    params=("text", "leaves", "message"),
+                ),
+            ]
+        }
+
+    def _h(
+        self,
+        name: str,
+        access: str,
+        fn: Callable[[dict[str, Any]], Awaitable[Any]],
+        doc: str,
+        params: tuple[str, ...] = (),
+    ) -> Handler:
+        async def call(agent: Any, p: dict[str, Any]) -> Any:
+            return await fn(p)
+
+        return Handler(name, access, False, frozenset(params), doc, call)  # type: ignore[arg-type]
+
+    def lookup(self, method: str) -> Handler:
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise ControlError(
+                ErrorCode.UNKNOWN_METHOD,
+                f"unknown method '{method}' (console methods: {', '.join(sorted(self.handlers))})",
+            )
+        return handler
+
+    async def _key(self) -> Any:
+        key, why = await trio.to_thread.run_sync(self.keys.load)
+        if key is None:
+            raise ControlError(ErrorCode.PERMISSION_DENIED, f"cannot sign here: {why}")
+        return key
+
+    # -- methods ---------------------------------------------------------------------
+
+    async def session(self, params: dict[str, Any]) -> dict[str, Any]:
+        key, why = await trio.to_thread.run_sync(self.keys.load)
+        status = await api_call(self.agent, "status")
+        admin: dict[str, Any] = {"available": key is not None, "reason": why}
+        if key is not None:
+            admin["public"] = bytes(key.verify_key)
+            shown = await api_call(self.agent, "inventory.show")
+            admins = (shown.get("clan") or {}).get("admins") or []
+            if admins and bytes(key.verify_key) not in admins:
+                admin.update(
+                    available=False,
+                    reason=f"the key at {self.keys.path()} is not an admin key of this clan",
+                )
+        return {
+            "node": status["name"],
+            "short_id": status["short_id"],
+            "version": status["version"],
+            "clan": status.get("clan"),
+            "admin_key": admin,
+        }
+
+    async def vm_action(self, params: dict[str, Any]) -> Any:
+        from ..vmhost.requests import ACTIONS, sign_request
+
+        name, action = params.get("name"), params.get("action")
+        if not isinstance(name, str) or not name:
+            raise ControlError(ErrorCode.INVALID_PARAMS, "parameter 'name' must be a VM name")
+        if action not in ACTIONS:
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, f"'action' must be one of {', '.join(ACTIONS)}"
+            )
+        key = await self._key()
+        req = sign_request(key, name, action, int(time.time()))
+        return await api_call(self.agent, "vm.request", {"request": req.to_wire()})
+
+    async def inventory_text(self, params: dict[str, Any]) -> dict[str, Any]:
+        from ..inventory.parse import doc_to_toml
+
+        shown = await api_call(self.agent, "inventory.show")
+        if shown.get("doc") is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
+        return {
+            "toml": doc_to_toml(shown["doc"]),
+            "leaves": shown["leaves"],
+            "versions": shown["versions"],
+            "conflicts": len(shown["conflicts"]),
+        }
+
+    def _parse(self, text: Any) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+        from ..inventory.parse import load_inventory_toml
+
+        if not isinstance(text, str):
+            raise ControlError(ErrorCode.INVALID_PARAMS, "'text' must be the inventory as TOML")
+        if len(text.encode()) > MAX_TOML:
+            raise ControlError(ErrorCode.TOO_LARGE, f"the inventory is over {MAX_TOML} bytes")
+        result = load_inventory_toml(text, filename="inventory")
+        return result.doc, [str(e) for e in result.errors], [str(w) for w in result.warnings]
+
+    async def inventory_diff(self, params: dict[str, Any]) -> dict[str, Any]:
+        from ..cli._inventory_cmds import _comparable
+        from ..inventory.diff import diff_docs, format_diff
+
+        doc, errors, warnings = self._parse(params.get("text"))
+        shown = await api_call(self.agent, "inventory.show")
+        if shown.get("doc") is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
+        out: dict[str, Any] = {
+            "errors": errors,
+            "warnings": warnings,
+            "leaves": shown["leaves"],
+            "changes": [],
+            "diff": "",
+        }
+        if doc is not None:
+            if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
+                out["errors"].append("inventory: clan.id is not this clan's id")
+            else:
+                changes = diff_docs(_comparable(shown["doc"]), _comparable(doc))
+                out["changes"] = [
+                    {"kind": c.kind, "path": c.path, "old": c.old, "new": c.new} for c in changes
+                ]
+                out["diff"] = format_diff(changes)
+        return out
+
+    async def inventory_apply(self, params: dict[str, Any]) -> dict[str, Any]:
+        from ..cli._inventory_cmds import CommandError, _comparable, _seal_and_sign
+        from ..inventory.diff import diff_docs
+
+        doc, errors, _ = self._parse(params.get("text"))
+        if errors or doc is None:
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, f"{len(errors)} error(s); nothing was signed: {errors[0]}"
+            )
+        leaves = params.get("leaves")
+        if not isinstance(leaves, list) or not all(isinstance(x, str) for x in leaves):
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, "'leaves' must be the head the diff was shown against"
+            )
+        message = params.get("message") or "edited in the web console"
+        if not isinstance(message, str) or len(message) > 500:
+            raise ControlError(ErrorCode.INVALID_PARAMS, "'message' must be a short text")
+        shown = await api_call(self.agent, "inventory.show")
+        if shown.get("doc") is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
+        if sorted(x.hex() for x in shown["leaves"]) != sorted(x.lower() for x in leaves):
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS,
+                "the inventory changed since this diff was shown: review the new diff, then sign",
+            )
+        if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
+            raise ControlError(ErrorCode.INVALID_PARAMS, "clan.id is not this clan's id")
+        if not diff_docs(_comparable(shown["doc"]), _comparable(doc)):
+            raise ControlError(
+                ErrorCode.INVALID_PARAMS, "nothing to apply: the inventory already says this"
+            )
+        key = await self._key()
+        try:
+            version = await trio.to_thread.run_sync(
+                _seal_and_sign, _ThreadClient(self.agent), copy.deepcopy(doc), shown, [key], message
+            )
+        except CommandError as exc:
+            raise ControlError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        return await api_call(
+            self.agent, "inventory.submit", {"version": version.to_wire(), "init": False}
+        )

@@ -1,0 +1,129 @@
+"""The web console's server: hypercorn's trio worker inside the agent's nursery.
+
+Owns: starting the console once (from the config at start-up, or on the
+first `ui.open`), binding it to 127.0.0.1 only, the login URLs it mints,
+and stopping it cleanly with the agent.  HTTP and WebSocket parsing are
+hypercorn's (h11 and wsproto underneath); the routes are `app.py`'s.
+Must never: listen on anything but loopback, stop the agent when it cannot
+start (the port is taken: it says so and the agent runs on), or outlive
+the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from .._log import kv
+from ..capabilities import Capability
+from ..control.protocol import ControlError, ErrorCode
+from .actions import AdminKeySource, ConsoleActions
+from .app import WebApp
+from .auth import Authenticator
+
+__all__ = ["WebConsole", "BIND_HOST"]
+
+log = logging.getLogger("clanagent.web")
+
+BIND_HOST = "127.0.0.1"
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (port taken, ...) inside what hypercorn's nurseries raised."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+class WebConsole:
+    def __init__(self, agent: Any) -> None:
+        cfg = agent.cfg
+        self.agent = agent
+        self.cfg = cfg.web
+        self.auth = Authenticator()
+        self.keys = AdminKeySource(self.cfg.admin_key)
+        self.actions = ConsoleActions(agent, self.keys)
+        self.app = WebApp(agent, self.auth, self.actions, max_message=cfg.control.max_request)
+        self.port: int | None = None
+        self.reason = "off: 'clanctl ui' starts it for this run (or set web.enabled = true)"
+        self._lock = trio.Lock()
+        self._stopped = trio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self.port is not None
+
+    def capability(self) -> Capability:
+        if self.port is not None:
+            return Capability("web", True, f"console at http://{BIND_HOST}:{self.port}/")
+        return Capability("web", False, self.reason)
+
+    def _hypercorn_config(self, port: int) -> Any:
+        from hypercorn.config import Config
+
+        hc = Config()
+        hc.bind = [f"{BIND_HOST}:{port}"]
+        hc.accesslog = None
+        http_log = logging.getLogger("clanagent.web.http")
+        http_log.setLevel(logging.WARNING)  # its "Running on ... (CTRL + C to quit)" is ours to say
+        hc.errorlog = http_log
+        hc.include_server_header = False
+        hc.graceful_timeout = 1.0
+        # Bigger than the app's own limit, so the app answers an oversized
+        # message with a clear error; beyond this hypercorn closes (1009).
+        hc.websocket_max_message_size = 4 * self.app.limits.max_frame
+        hc.h11_max_incomplete_size = 16 * 1024
+        hc.websocket_ping_interval = 20.0
+        return hc
+
+    async def ensure_running(self, nursery: trio.Nursery) -> int:
+        """Start the console if it is not running; its port. ControlError when it cannot."""
+        async with self._lock:
+            if self.port is not None:
+                return self.port
+            try:
+                binds = await nursery.start(self._serve, self.cfg.port)
+            except (OSError, BaseExceptionGroup) as raised:
+                exc = _os_error(raised)
+                if exc is None:
+                    raise
+                self.reason = (
+                    f"cannot listen on {BIND_HOST}:{self.cfg.port}: {exc.strerror or exc} "
+                    "(set web.port to a free port, or 0 for any)"
+                )
+                log.warning("web console not started", extra=kv(reason=self.reason))
+                raise ControlError(ErrorCode.UNAVAILABLE, self.reason) from None
+            port = int(binds[0].rsplit(":", 1)[1])
+            self.port = self.app.port = port
+            log.info("web console listening", extra=kv(url=f"http://{BIND_HOST}:{port}/"))
+            return port
+
+    async def _serve(self, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.trio import serve
+
+        try:
+            await serve(
+                self.app,
+                self._hypercorn_config(port),
+                shutdown_trigger=self._stopped.wait,
+                task_status=task_status,
+            )
+        finally:
+            self.port = None
+            self.auth.end_all()
+            self.reason = "stopped"
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def login_url(self, now: float) -> str:
+        assert self.port is not None
+        token = self.auth.mint_login(now)
+        return f"http://{BIND_HOST}:{self.port}/login?token={token}"

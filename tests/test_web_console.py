@@ -1,0 +1,269 @@
+"""The web console inside a running agent, behind hypercorn, over real sockets.
+
+`ui.open` over the control socket starts it and mints the login URL; the
+login, the WebSocket API, the inventory editor (diff, then sign with the
+admin key the agent may read), and what happens with a port in use or an
+oversized message.  Also `clanctl ui`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+
+import nacl.signing
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from clanagent.cli import clanctl
+from clanagent.config import Config, ControlConfig, GossipSection, MeshSection, WebSection
+from clanagent.control.client import ClientError
+from clanagent.identity import load_or_create
+from clanagent.inventory import make_version
+
+from .test_inventory_agent import call, genesis, machine_entry, start
+
+pytestmark = pytest.mark.integration
+
+
+def cfg_for(tmp_path, *, enabled: bool = False, port: int = 0) -> Config:
+    return Config(
+        state_dir=str(tmp_path / "s1"),
+        runtime_dir=str(tmp_path / "run1"),
+        control=ControlConfig(socket=str(tmp_path / "c1.sock")),
+        gossip=GossipSection(listen="127.0.0.1:0", profile="local", name="m1"),
+        mesh=MeshSection(wireguard=False, mdns=False),
+        web=WebSection(enabled=enabled, port=port),
+    )
+
+
+def write_key(path, key: nacl.signing.SigningKey) -> str:
+    path.write_text(base64.b64encode(bytes(key)).decode() + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+@asynccontextmanager
+async def founded_agent(tmp_path, **kw):
+    admin = nacl.signing.SigningKey.generate()
+    ident = load_or_create(tmp_path / "s1")[0]
+    doc = genesis(admin, {"m1": machine_entry(ident, ["server"])})
+    version = make_version(doc, [], int(time.time()), "founded", [admin])
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            agent, _ = await start(n, cfg_for(tmp_path, **kw))
+            await call(agent, "inventory.submit", {"version": version.to_wire(), "init": True})
+            yield agent, admin
+            n.cancel_scope.cancel()
+
+
+def _post(url: str, body: dict, **headers: str) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, {"text": raw.decode()}
+
+
+async def login(url: str) -> tuple[str, str]:
+    """(base URL, session) from a login URL, as the page's script does it."""
+    base, _, token = url.partition("/login?token=")
+    status, reply = await trio.to_thread.run_sync(
+        lambda: _post(f"{base}/session", {"token": token}, Origin=base)
+    )
+    assert status == 200, reply
+    return base, reply["session"]
+
+
+class Api:
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.ids = 0
+
+    async def call(self, method: str, params: dict | None = None) -> dict:
+        self.ids += 1
+        await self.ws.send_message(
+            json.dumps({"id": self.ids, "method": method, "params": params or {}})
+        )
+        while True:
+            msg = json.loads(await self.ws.get_message())
+            if msg.get("id") == self.ids:
+                return msg
+
+
+@asynccontextmanager
+async def api(base: str, session: str):
+    ws_url = base.replace("http://", "ws://") + "/api"
+    async with open_websocket_url(ws_url, extra_headers=[("Origin", base)]) as ws:
+        await ws.send_message(json.dumps({"auth": session}))
+        assert json.loads(await ws.get_message())["ok"] is True
+        yield Api(ws)
+
+
+async def test_ui_open_logs_in_and_serves_the_api(tmp_path):
+    async with founded_agent(tmp_path) as (agent, admin):
+        caps = {c["name"]: c for c in (await call(agent, "status"))["capabilities"]}
+        assert caps["web"]["available"] is False and "clanctl ui" in caps["web"]["reason"]
+        opened = await call(agent, "ui.open")
+        assert opened["url"].startswith("http://127.0.0.1:")
+        assert opened["admin_key"]["available"] is False
+        caps = {c["name"]: c for c in (await call(agent, "status"))["capabilities"]}
+        assert caps["web"]["available"] and str(opened["port"]) in caps["web"]["reason"]
+        base, session = await login(opened["url"])
+        # the same link does not work twice
+        token = opened["url"].rpartition("=")[2]
+        status, reply = await trio.to_thread.run_sync(
+            lambda: _post(f"{base}/session", {"token": token}, Origin=base)
+        )
+        assert status == 401 and "clanctl ui" in reply["error"]
+        # a foreign Host (DNS rebinding) gets nothing, even with a valid token
+        token2 = (await call(agent, "ui.open"))["url"].rpartition("=")[2]
+        status, reply = await trio.to_thread.run_sync(
+            lambda: _post(f"{base}/session", {"token": token2}, Origin=base, Host="evil.example:80")
+        )
+        assert status == 403
+        async with api(base, session) as a:
+            topo = (await a.call("topology"))["result"]
+            assert [m["name"] for m in topo["machines"]] == ["m1"] and topo["self"] == "m1"
+            assert (await a.call("machines"))["result"][0]["node_key"] == (
+                agent.identity.public_key.hex()
+            )
+            sess = (await a.call("console.session"))["result"]
+            assert sess["node"] == "m1" and sess["admin_key"]["available"] is False
+        # a WebSocket from another origin is refused by the real server too
+        ws_url = base.replace("http://", "ws://") + "/api"
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket_url(
+                ws_url, extra_headers=[("Origin", "http://evil.example")]
+            ):
+                pass
+
+
+async def test_the_inventory_editor_signs_only_with_the_admin_key(tmp_path):
+    async with founded_agent(tmp_path) as (agent, admin):
+        base, session = await login((await call(agent, "ui.open"))["url"])
+        async with api(base, session) as a:
+            shown = (await a.call("console.inventory_text"))["result"]
+            assert 'tags = ["server"]' in shown["toml"]
+            edited = shown["toml"].replace('tags = ["server"]', 'tags = ["server", "web"]')
+            diff = (await a.call("console.inventory_diff", {"text": edited}))["result"]
+            assert diff["errors"] == [] and "machines.m1.tags" in diff["diff"]
+            bad = (await a.call("console.inventory_diff", {"text": edited + "\n[oops"}))["result"]
+            assert bad["errors"] and "TOML" in bad["errors"][0] and bad["changes"] == []
+            apply = {"text": edited, "leaves": diff["leaves"], "message": "tag m1"}
+            err = (await a.call("console.inventory_apply", apply))["error"]
+            assert err["code"] == "permission_denied" and "no admin key" in err["message"]
+            # a key that is not the clan's admin key is not offered for signing
+            other = write_key(tmp_path / "other.key", nacl.signing.SigningKey.generate())
+            await call(agent, "ui.open", {"admin_key": other})
+            sess = (await a.call("console.session"))["result"]
+            assert not sess["admin_key"]["available"]
+            assert "not an admin key of this clan" in sess["admin_key"]["reason"]
+            # the real admin key, readable by the agent
+            opened = await call(
+                agent, "ui.open", {"admin_key": write_key(tmp_path / "a.key", admin)}
+            )
+            assert opened["admin_key"]["available"] is True
+            stale = {**apply, "leaves": ["00" * 32]}
+            err = (await a.call("console.inventory_apply", stale))["error"]
+            assert "changed since this diff was shown" in err["message"]
+            done = await a.call("console.inventory_apply", apply)
+            assert done["ok"], done
+            assert done["result"]["status"] == "accepted"
+            again = (await a.call("console.inventory_apply", apply))["error"]
+            assert "changed since" in again["message"] or "nothing to apply" in again["message"]
+            # VM orders are signed here and go through vm.request: its checks answer
+            err = (await a.call("console.vm", {"name": "ghost", "action": "stop"}))["error"]
+            assert err["code"] == "invalid_params" and "no VM 'ghost'" in err["message"]
+        shown = await call(agent, "inventory.show")
+        assert shown["doc"]["machines"]["m1"]["tags"] == ["server", "web"]
+        assert (await call(agent, "inventory.history"))[0]["message"] == "tag m1"
+
+
+async def test_an_oversized_message_closes_only_that_socket(tmp_path):
+    async with founded_agent(tmp_path) as (agent, _):
+        base, session = await login((await call(agent, "ui.open"))["url"])
+        limit = agent.cfg.control.max_request
+        async with api(base, session) as a:
+            too_big = json.dumps({"id": 1, "method": "status", "params": {"x": "y" * (limit + 10)}})
+            await a.ws.send_message(too_big)
+            reply = json.loads(await a.ws.get_message())
+            assert reply["error"]["code"] == "too_large" and str(limit) in reply["error"]["message"]
+            assert (await a.call("status"))["ok"]  # the socket lives on
+        async with api(base, session) as a:
+            with pytest.raises(ConnectionClosed) as closed:
+                await a.ws.send_message("x" * (4 * limit + 10))
+                await a.ws.get_message()
+            assert closed.value.reason.code == 1009  # hypercorn's own limit
+        async with api(base, session) as a:
+            assert (await a.call("status"))["ok"]
+        assert (await call(agent, "status"))["name"] == "m1"
+
+
+async def test_enabled_in_config_and_a_port_in_use(tmp_path):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        async with founded_agent(tmp_path, enabled=True, port=port) as (agent, _):
+            caps = {c["name"]: c for c in (await call(agent, "status"))["capabilities"]}
+            assert caps["web"]["available"] is False
+            assert f"cannot listen on 127.0.0.1:{port}" in caps["web"]["reason"]
+            assert "web.port" in caps["web"]["reason"]
+            with pytest.raises(ClientError) as exc:
+                await call(agent, "ui.open")
+            assert exc.value.code == "unavailable" and "web.port" in exc.value.message
+            with pytest.raises(ClientError) as exc:
+                await call(agent, "ui.open", {"admin_key": "relative/admin.key"})
+            assert "absolute path" in exc.value.message
+            blocker.close()
+            opened = await call(agent, "ui.open")  # free now: it starts
+            assert opened["port"] == port
+    finally:
+        blocker.close()
+
+
+async def test_enabled_in_config_serves_from_the_start(tmp_path):
+    async with founded_agent(tmp_path, enabled=True) as (agent, _):
+        caps = {c["name"]: c for c in (await call(agent, "status"))["capabilities"]}
+        assert caps["web"]["available"] and caps["web"]["reason"].startswith("console at http://")
+
+
+async def test_clanctl_ui_prints_the_url(tmp_path, capsys, monkeypatch):
+    async with founded_agent(tmp_path) as (agent, admin):
+        sock = agent.cfg.control.socket
+        monkeypatch.chdir(tmp_path)
+        write_key(tmp_path / "admin.key", admin)
+        code = await trio.to_thread.run_sync(
+            clanctl.main, ["--socket", sock, "ui", "--admin-key", "admin.key"]
+        )
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "web console: http://127.0.0.1:" in out and "/login?token=" in out
+        assert "open it in a browser" in out and "read-only" not in out
+        assert agent.web.keys.given == str(tmp_path / "admin.key")  # made absolute
+        code = await trio.to_thread.run_sync(
+            clanctl.main, ["--socket", sock, "--json", "ui", "--admin-key", "missing.key"]
+        )
+        shown = json.loads(capsys.readouterr().out)
+        assert code == 0 and shown["admin_key"]["available"] is False
+        assert "missing.key" in shown["admin_key"]["reason"]
+        url = shown["url"]
+        base, session = await login(url)
+        assert session
