@@ -233,3 +233,34 @@ def test_a_non_member_learns_no_address_from_the_inventory(tmp_path):
     assert open_doc_endpoints(sealed, ident.public_key, ident.box_key) == {
         "m1": ["198.51.100.77:7946"]
     }
+
+
+async def test_an_idle_agent_does_not_spin(tmp_path):
+    """The gossip timer loop sleeps until its next deadline: an idle agent uses
+    almost no CPU (it once woke itself on every tick and burned a whole core)."""
+    import collections
+
+    steps: collections.Counter[str] = collections.Counter()
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps[task.name.rsplit(".", 1)[-1]] += 1
+
+    admin = nacl.signing.SigningKey.generate()
+    async with trio.open_nursery() as n:
+        agent, _ = await start(n, cfg_for(tmp_path, 1))
+        ident = agent.identity
+        doc = genesis(admin, {"m1": machine_entry(ident, [])})
+        v = make_version(doc, [], int(time.time()), "genesis", [admin])
+        await call(agent, "inventory.submit", {"version": v.to_wire(), "init": True})
+        await trio.sleep(1.5)  # settle: the first records go out
+        counter = CountSteps()
+        trio.lowlevel.add_instrument(counter)
+        t0 = time.process_time()
+        await trio.sleep(2.0)
+        cpu = time.process_time() - t0
+        trio.lowlevel.remove_instrument(counter)
+        n.cancel_scope.cancel()
+    # the local profile's fastest timer is 0.1 s: a few dozen wake-ups, not thousands
+    assert steps["_timer_loop"] < 200, steps.most_common(5)
+    assert cpu < 1.0, f"an idle agent used {cpu:.2f} s of CPU in 2 s"

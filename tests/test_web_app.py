@@ -382,6 +382,11 @@ async def test_bad_input_earns_an_error_and_the_socket_lives_on(app, agent, cloc
         err = await ws.reply()
         assert err["id"] == 8 and err["error"]["code"] == "internal"
         assert "a bug in a handler" in err["error"]["message"]
+        # a terminal session (a VM's serial console) is not for a browser
+        await ws.send({"id": 10, "method": "vm.console", "params": {"request": {}}})
+        err = await ws.reply()
+        assert err["id"] == 10 and err["error"]["code"] == "invalid_params"
+        assert "clanctl vm console" in err["error"]["message"]
         await ws.send({"id": 9, "method": "status"})
         assert (await ws.reply())["ok"] is True
         await ws.disconnect()

@@ -280,6 +280,10 @@ class GossipService:
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
             self._handle(self.node.tick(trio.current_time()))
+            # `_handle` sets the event so that input from peers recomputes the
+            # deadline; our own tick is not news (without this reset the loop
+            # spins and an idle agent burns a whole core).
+            self._wakeup = trio.Event()
 
     async def leave(self) -> None:
         """Announce a graceful leave and give it a moment to go out."""

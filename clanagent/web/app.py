@@ -417,6 +417,13 @@ class _WsSession:
                     f"'{req.method}' changes state and this session has read-only access",
                 )
             check_params(handler, req.params)
+            if getattr(handler, "upgrade", False):
+                # a raw byte session (a VM's serial console) needs a terminal
+                raise ControlError(
+                    ErrorCode.INVALID_PARAMS,
+                    f"'{req.method}' is a terminal session: use 'clanctl vm console' "
+                    "(the web console shows the log instead)",
+                )
             if handler.streaming:
                 await self._stream(req.id, handler.call(app.agent, req.params))
                 return
