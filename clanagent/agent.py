@@ -449,10 +449,12 @@ class Agent:
             raise ControlError(ErrorCode.UNAVAILABLE, "the agent is still starting; try again")
         if self.web is None:
             self.web = WebConsole(self)
-        if admin_key:
-            self.web.keys.given = admin_key
+        signer = self._signer_for(admin_key)
         port = await self.web.ensure_running(self._nursery)
-        url = self.web.login_url(self.web.app.clock())
+        url = self.web.login_url(self.web.app.clock(), signer)
+        from .web.actions import SIGNER
+
+        SIGNER.set(signer)
         key, why = await trio.to_thread.run_sync(self.web.keys.load)
         return {
             "url": url,
@@ -461,9 +463,29 @@ class Agent:
             "admin_key": {
                 "available": key is not None,
                 "reason": why,
-                "path": str(self.web.keys.path()),
+                "path": signer[0] if signer else "",
             },
         }
+
+    def _signer_for(self, admin_key: str) -> tuple[str, int | None] | None:
+        """The admin key a new web session may sign with, for whoever runs `clanctl ui`.
+
+        Root and the agent's own user may name any file, or fall back on
+        web.admin_key / the default path.  Anyone else (a member of the
+        control group) signs only with a key file they own: the agent runs
+        as root and must not lend them another user's key."""
+        from .control.server import CURRENT_PEER
+
+        peer = CURRENT_PEER.get(None)
+        trusted = peer is None or peer.uid in (0, os.getuid())
+        if trusted:
+            if admin_key:
+                return admin_key, None
+            assert self.web is not None
+            return str(self.web.keys.default_path()), None
+        if not admin_key:
+            return None
+        return admin_key, peer.uid
 
     def _inventory_changed(self, inv: Any) -> None:
         self.events_bus.publish(

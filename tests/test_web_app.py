@@ -115,8 +115,8 @@ async def http(
     return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
 
-async def login(app: WebApp, clock: Clock) -> str:
-    token = app.auth.mint_login(clock.now)
+async def login(app: WebApp, clock: Clock, signer=None) -> str:
+    token = app.auth.mint_login(clock.now, signer=signer)
     status, _, body = await http(
         app,
         "POST",
@@ -460,7 +460,17 @@ async def test_a_read_only_session_cannot_change_state(app, agent, clock):
 
 
 async def test_console_actions_without_an_admin_key_say_why(app, clock, tmp_path):
+    # a session without a key says how to get one
     session = await login(app, clock)
+    async with trio.open_nursery() as n:
+        ws = await open_ws(n, app, session)
+        await ws.send({"id": 1, "method": "console.session"})
+        res = (await ws.reply())["result"]
+        assert res["admin_key"]["available"] is False
+        assert "this session has no admin key" in res["admin_key"]["reason"]
+        await ws.disconnect()
+    # a session whose key file is missing names it
+    session = await login(app, clock, signer=(str(tmp_path / "no-admin.key"), None))
     async with trio.open_nursery() as n:
         ws = await open_ws(n, app, session)
         await ws.send({"id": 1, "method": "console.session"})

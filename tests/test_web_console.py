@@ -168,17 +168,19 @@ async def test_the_inventory_editor_signs_only_with_the_admin_key(tmp_path):
             apply = {"text": edited, "leaves": diff["leaves"], "message": "tag m1"}
             err = (await a.call("console.inventory_apply", apply))["error"]
             assert err["code"] == "permission_denied" and "no admin key" in err["message"]
-            # a key that is not the clan's admin key is not offered for signing
-            other = write_key(tmp_path / "other.key", nacl.signing.SigningKey.generate())
-            await call(agent, "ui.open", {"admin_key": other})
+        # a key that is not the clan's admin key is not offered for signing
+        # (each login has its own key: the one `clanctl ui` named for it)
+        other = write_key(tmp_path / "other.key", nacl.signing.SigningKey.generate())
+        base, session = await login((await call(agent, "ui.open", {"admin_key": other}))["url"])
+        async with api(base, session) as a:
             sess = (await a.call("console.session"))["result"]
             assert not sess["admin_key"]["available"]
             assert "not an admin key of this clan" in sess["admin_key"]["reason"]
-            # the real admin key, readable by the agent
-            opened = await call(
-                agent, "ui.open", {"admin_key": write_key(tmp_path / "a.key", admin)}
-            )
-            assert opened["admin_key"]["available"] is True
+        # the real admin key, readable by the agent
+        opened = await call(agent, "ui.open", {"admin_key": write_key(tmp_path / "a.key", admin)})
+        assert opened["admin_key"]["available"] is True
+        base, session = await login(opened["url"])
+        async with api(base, session) as a:
             stale = {**apply, "leaves": ["00" * 32]}
             err = (await a.call("console.inventory_apply", stale))["error"]
             assert "changed since this diff was shown" in err["message"]
@@ -257,7 +259,8 @@ async def test_clanctl_ui_prints_the_url(tmp_path, capsys, monkeypatch):
         assert code == 0
         assert "web console: http://127.0.0.1:" in out and "/login?token=" in out
         assert "open it in a browser" in out and "read-only" not in out
-        assert agent.web.keys.given == str(tmp_path / "admin.key")  # made absolute
+        signers = [sig for _, _, sig in agent.web.auth._logins.values()]
+        assert (str(tmp_path / "admin.key"), None) in signers  # made absolute; root: any owner
         code = await trio.to_thread.run_sync(
             clanctl.main, ["--socket", sock, "--json", "ui", "--admin-key", "missing.key"]
         )
@@ -267,3 +270,54 @@ async def test_clanctl_ui_prints_the_url(tmp_path, capsys, monkeypatch):
         url = shown["url"]
         base, session = await login(url)
         assert session
+
+
+async def test_a_control_group_member_signs_only_with_a_key_of_their_own(tmp_path):
+    """The agent runs as root: `clanctl ui` by someone else must not lend them
+    root's (or anyone's) admin key, by default path, by naming it, or by a symlink."""
+    import os
+
+    from clanagent.control.server import CURRENT_PEER, PeerCred
+    from clanagent.web.actions import SIGNER
+
+    async with founded_agent(tmp_path) as (agent, admin):
+        roots_key = tmp_path / "root-admin.key"
+        write_key(roots_key, admin)  # owned by root (uid 0), like the agent
+        opened = await agent.ui_open(str(roots_key))  # root itself: fine
+        assert opened["admin_key"]["available"] is True
+        nobody = 65534
+        CURRENT_PEER.set(PeerCred(pid=1, uid=nobody, gid=nobody))
+        # no key named: no key at all (no fallback on the agent's default path)
+        assert agent._signer_for("") is None
+        opened = await agent.ui_open("")
+        assert opened["admin_key"]["available"] is False
+        assert "no admin key" in opened["admin_key"]["reason"]
+        # naming root's key: refused when it is read (it is not theirs)
+        opened = await agent.ui_open(str(roots_key))
+        assert opened["admin_key"]["available"] is False
+        assert "belongs to uid 0" in opened["admin_key"]["reason"]
+        # a key file that is theirs works
+        theirs = tmp_path / "their-admin.key"
+        write_key(theirs, admin)
+        os.chown(theirs, nobody, nobody)
+        opened = await agent.ui_open(str(theirs))
+        assert opened["admin_key"]["available"] is True
+        # a symlink of theirs pointing at root's key is not followed
+        link = tmp_path / "link.key"
+        link.symlink_to(roots_key)
+        SIGNER.set((str(link), nobody))
+        key, why = agent.web.keys.load()
+        assert key is None and "cannot read" in why
+        SIGNER.set((str(link), None))
+        key, why = agent.web.keys.load()
+        assert key is None  # not even for root: the console never follows a link
+
+
+async def test_the_browser_cannot_mint_logins(tmp_path):
+    async with founded_agent(tmp_path) as (agent, _):
+        opened = await call(agent, "ui.open")
+        base, session = await login(opened["url"])
+        async with api(base, session) as a:
+            reply = await a.call("ui.open", {})
+        assert reply["ok"] is False and reply["error"]["code"] == "permission_denied"
+        assert "clanctl" in reply["error"]["message"]

@@ -8,6 +8,7 @@ client, block the event loop, or run a handler for a caller it refused.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import grp
 import logging
@@ -51,6 +52,11 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+
+
+# Who the control request being handled comes from (SO_PEERCRED), for the few
+# handlers that act for that user (`ui.open`); unset outside the socket server.
+CURRENT_PEER: contextvars.ContextVar[PeerCred] = contextvars.ContextVar("clanagent_control_peer")
 
 
 def peer_cred(sock: socket.socket | trio.socket.SocketType) -> PeerCred:
@@ -248,6 +254,7 @@ class ControlServer:
         except OSError as exc:
             log.warning("cannot read peer credentials", extra=kv(error=exc))
             return
+        CURRENT_PEER.set(cred)  # this client's task only: handlers may ask who calls
         access, why = self._authorize(cred)
         decoder = FrameDecoder(self.cfg.max_request)
         if access is None:

@@ -13,6 +13,7 @@ head), or reach the agent in any other way than the API table.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import os
 import time
@@ -26,7 +27,7 @@ from ..control.api import Handler, check_params, lookup
 from ..control.protocol import ControlError, ErrorCode
 from ..wire import Limits, pack, unpack
 
-__all__ = ["AdminKeySource", "ConsoleActions", "api_call"]
+__all__ = ["AdminKeySource", "ConsoleActions", "SIGNER", "api_call"]
 
 _RESULT_LIMITS = Limits(max_frame=64 << 20, max_array=1 << 20, max_map=1 << 16)
 MAX_TOML = 1 << 20
@@ -52,40 +53,82 @@ class _ThreadClient:
         return trio.from_thread.run(api_call, self.agent, method, params)
 
 
+# The admin key of the web session whose request runs now: (path, uid that
+# must own the file or None), or None for "this session has no key".  The web
+# app sets it per request from the session; unset (outside a web session, as
+# in tests of the actions alone) means the configured or default path.
+SIGNER: contextvars.ContextVar[tuple[str, int | None] | None] = contextvars.ContextVar(
+    "clanagent_web_signer"
+)
+_UNSET = object()
+
+
 class AdminKeySource:
     """Where the console finds the admin key, and whether it can use it now.
 
-    In order: the file `clanctl ui --admin-key` named, `web.admin_key` from
-    agent.toml, then clanctl's default ($CLANAGENT_ADMIN_KEY, else
-    ~/.config/clanagent/admin.key of the agent's user).  The key is read
-    from its file each time it is needed and never kept, copied or sent.
+    Each web session has its own key, fixed when `clanctl ui` asked for the
+    login link (`SIGNER`): the file that clanctl named, which must belong to
+    the user who ran clanctl unless that is root or the agent's user; only
+    those two may fall back on `web.admin_key` from agent.toml or clanctl's
+    default path of the agent's user.  So a member of the control group can
+    never make the console sign with someone else's key.  The key is read
+    from its file each time it is needed (no symlinks followed, the owner
+    checked again) and never kept, copied or sent.
     """
 
     def __init__(self, configured: str = "") -> None:
         self.configured = configured
-        self.given = ""
 
-    def path(self) -> Path:
+    def default_path(self) -> Path:
         from ..cli._inventory_cmds import _admin_key_path
 
-        return _admin_key_path(self.given or self.configured or None)
+        return _admin_key_path(self.configured or None)
+
+    def _signer(self) -> tuple[str, int | None] | None:
+        signer = SIGNER.get(_UNSET)
+        if signer is _UNSET:
+            return str(self.default_path()), None
+        return signer  # type: ignore[return-value]
+
+    def path(self) -> Path | None:
+        signer = self._signer()
+        return None if signer is None else Path(signer[0])
 
     def load(self) -> tuple[Any, str]:
         """(signing key, "") or (None, why not and how to fix it). Blocking (file I/O)."""
         from ..cli._inventory_cmds import CommandError, load_admin_key
 
-        path = self.path()
-        if not path.exists():
+        signer = self._signer()
+        if signer is None:
+            return None, (
+                "this session has no admin key: run 'clanctl ui --admin-key PATH' "
+                "with a key file of yours"
+            )
+        path, owner = Path(signer[0]), signer[1]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
             return None, (
                 f"no admin key at {path} (read by the agent, as uid {os.getuid()}): "
                 "run 'clanctl ui --admin-key PATH' or set web.admin_key in agent.toml"
             )
-        try:
-            return load_admin_key(path), ""
-        except CommandError as exc:
-            return None, f"{exc} (the agent reads it as uid {os.getuid()})"
         except OSError as exc:
             return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
+        try:
+            st = os.fstat(fd)
+            if owner is not None and st.st_uid != owner:
+                return None, (
+                    f"the admin key {path} belongs to uid {st.st_uid}, not to the user "
+                    f"who opened this console (uid {owner})"
+                )
+            # through the descriptor we checked: the name cannot be swapped meanwhile
+            return load_admin_key(Path(f"/proc/self/fd/{fd}")), ""
+        except CommandError as exc:
+            return None, f"{str(exc).replace(f'/proc/self/fd/{fd}', str(path))}"
+        except OSError as exc:
+            return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
+        finally:
+            os.close(fd)
 
 
 class ConsoleActions:

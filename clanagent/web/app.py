@@ -36,7 +36,7 @@ from ..control.protocol import (
     stream_event,
 )
 from ..wire import Limits
-from .actions import ConsoleActions
+from .actions import SIGNER, ConsoleActions
 from .auth import Authenticator, AuthError, check_host, check_origin
 from .messages import Auth, Cancel, decode_message, encode
 
@@ -406,7 +406,14 @@ class _WsSession:
     async def _dispatch(self, req: Request) -> None:
         """The control socket's `_dispatch`, with JSON instead of frames."""
         app = self.app
+        # console.* methods sign with this session's own admin key (if any)
+        SIGNER.set(app.auth.signer_of(self.session))
         try:
+            if req.method.startswith("ui."):
+                raise ControlError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"'{req.method}' is for clanctl on this machine, not for the browser",
+                )
             if req.method.startswith("console."):
                 handler = app.actions.lookup(req.method)
             else:

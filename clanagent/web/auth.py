@@ -58,6 +58,9 @@ class _Session:
     created: float
     used: float
     access: str
+    # The admin key this session may sign with: (path, uid that must own the
+    # file, or None for any owner), or None for no key.  Fixed at `ui.open`.
+    signer: tuple[str, int | None] | None = None
 
 
 _EXPIRED_LOGIN = "this login link has expired or was already used: run 'clanctl ui' for a new one"
@@ -77,19 +80,22 @@ class Authenticator:
         self.login_ttl = login_ttl
         self.session_ttl = session_ttl
         self.session_idle = session_idle
-        self._logins: dict[str, tuple[float, str]] = {}  # digest -> (expires, access)
+        # digest -> (expires, access, signer)
+        self._logins: dict[str, tuple[float, str, tuple[str, int | None] | None]] = {}
         self._sessions: dict[str, _Session] = {}  # digest -> session
 
     # -- login tokens --------------------------------------------------------------
 
-    def mint_login(self, now: float, access: str = "write") -> str:
+    def mint_login(
+        self, now: float, access: str = "write", signer: tuple[str, int | None] | None = None
+    ) -> str:
         """A new one-time login token (URL-safe), valid for `login_ttl` seconds."""
         self._expire(now)
         while len(self._logins) >= MAX_LOGIN_TOKENS:
             oldest = min(self._logins, key=lambda d: self._logins[d][0])
             del self._logins[oldest]
         token = secrets.token_urlsafe(32)
-        self._logins[_digest(token)] = (now + self.login_ttl, access)
+        self._logins[_digest(token)] = (now + self.login_ttl, access, signer)
         return token
 
     def redeem(self, token: object, now: float) -> str:
@@ -100,12 +106,12 @@ class Authenticator:
         entry = self._logins.pop(_digest(token), None)  # single use, even when it fails below
         if entry is None:
             raise AuthError(_EXPIRED_LOGIN)
-        _, access = entry
+        _, access, signer = entry
         while len(self._sessions) >= MAX_SESSIONS:
             lru = min(self._sessions, key=lambda d: self._sessions[d].used)
             del self._sessions[lru]
         session = secrets.token_urlsafe(32)
-        self._sessions[_digest(session)] = _Session(now, now, access)
+        self._sessions[_digest(session)] = _Session(now, now, access, signer)
         return session
 
     # -- sessions ------------------------------------------------------------------
@@ -121,6 +127,11 @@ class Authenticator:
         s.used = now
         return s.access
 
+    def signer_of(self, session: object) -> tuple[str, int | None] | None:
+        """The admin key a live session may sign with (see `_Session.signer`)."""
+        s = self._sessions.get(_digest(session)) if isinstance(session, str) else None
+        return None if s is None else s.signer
+
     def end(self, session: object) -> bool:
         if not isinstance(session, str):
             return False
@@ -135,7 +146,7 @@ class Authenticator:
         return {"login_tokens": len(self._logins), "sessions": len(self._sessions)}
 
     def _expire(self, now: float) -> None:
-        for d in [d for d, (exp, _) in self._logins.items() if exp <= now]:
+        for d in [d for d, (exp, _, _) in self._logins.items() if exp <= now]:
             del self._logins[d]
         for d in [
             d

@@ -123,7 +123,8 @@ class WebConsole:
     def stop(self) -> None:
         self._stopped.set()
 
-    def login_url(self, now: float) -> str:
+    def login_url(self, now: float, signer: tuple[str, int | None] | None = None) -> str:
+        """A one-time login link; its session signs with `signer` (see AdminKeySource)."""
         assert self.port is not None
-        token = self.auth.mint_login(now)
+        token = self.auth.mint_login(now, signer=signer)
         return f"http://{BIND_HOST}:{self.port}/login?token={token}"
