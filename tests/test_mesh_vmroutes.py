@@ -100,6 +100,9 @@ def test_a_vm_on_two_machines_goes_to_the_first_that_runs_it() -> None:
     assert vm_routes(doc, CLAN, both) == {K1: [vm_ip6(CLAN, "web")]}
     only_m2 = [(K1, "web", _status(state="crashed")), (K2, "web", _status())]
     assert vm_routes(doc, CLAN, only_m2) == {K2: [vm_ip6(CLAN, "web")]}
+    # m1 died with its last word "running": not believed, the route moves to m2
+    assert vm_routes(doc, CLAN, both, frozenset({K1})) == {K2: [vm_ip6(CLAN, "web")]}
+    assert vm_routes(doc, CLAN, both, frozenset({K1, K2})) == {}
 
 
 def test_desired_from_adds_the_vms_to_allowed_ips() -> None:

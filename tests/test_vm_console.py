@@ -250,6 +250,50 @@ def test_process_started_at_reads_proc():
     assert process_started_at(os.getpid()) <= time.time()
 
 
+async def test_console_server_survives_resets_and_floods():
+    """A connection reset at once, and more connections than the cap, hurt nothing."""
+    import struct
+
+    import trio.testing  # noqa: F401
+
+    from clanagent.vmhost.attach import MAX_SESSIONS
+
+    echo = Echo()
+
+    async def authorize(hello):
+        return parse_console(hello, ADMINS).vm
+
+    async with trio.open_nursery() as n:
+        server, port = await _serve(n, authorize, echo.attach)
+        for _ in range(20):  # connect and reset (RST) before the server looks
+            sock = trio.socket.socket(socket.AF_INET6)
+            await sock.connect(("::1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        await trio.sleep(0.2)
+        # a flood of silent connections: those beyond the cap are closed at once
+        flood = []
+        for _ in range(MAX_SESSIONS + 8):
+            sock = trio.socket.socket(socket.AF_INET6)
+            await sock.connect(("::1", port))
+            flood.append(sock)
+        await trio.sleep(0.3)
+        closed = 0
+        for sock in flood:
+            with trio.move_on_after(0.05):
+                if await sock.recv(10) == b"":
+                    closed += 1
+        assert closed >= 8
+        for sock in flood:
+            sock.close()
+        await trio.sleep(0.2)
+        async with open_remote("::1", port, _req().to_wire()) as s:
+            await s.send_all(b"still here")
+            with trio.fail_after(5):
+                assert await s.receive_some() == b"STILL HERE"
+        n.cancel_scope.cancel()
+
+
 async def test_remote_console_unreachable_host_is_a_clear_error():
     with pytest.raises(VmHostLocalError, match="cannot reach"):
         async with open_remote("::1", 1, _req().to_wire(), timeout=2):

@@ -442,6 +442,22 @@ async def test_a_session_ended_elsewhere_stops_the_socket(app, clock):
             await ws.done.wait()
 
 
+async def test_a_listening_socket_is_closed_when_its_session_ends(app, agent, clock):
+    """A socket that only streams events and never sends is closed on logout too."""
+    app.session_check = 0.05
+    session = await login(app, clock)
+    async with trio.open_nursery() as n:
+        ws = await open_ws(n, app, session)
+        await ws.send({"id": 1, "method": "events"})
+        app.auth.end(session)  # logged out in another tab
+        with trio.fail_after(5):
+            while True:
+                msg = await ws.next()
+                if msg.get("code") == CLOSE_UNAUTHORIZED:
+                    break
+            await ws.done.wait()
+
+
 async def test_a_read_only_session_cannot_change_state(app, agent, clock):
     token = app.auth.mint_login(clock.now, access="read")
     session = app.auth.redeem(token, clock.now)

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import nacl.signing
 import pytest
@@ -295,7 +296,7 @@ async def test_a_control_group_member_signs_only_with_a_key_of_their_own(tmp_pat
         # naming root's key: refused when it is read (it is not theirs)
         opened = await agent.ui_open(str(roots_key))
         assert opened["admin_key"]["available"] is False
-        assert "belongs to uid 0" in opened["admin_key"]["reason"]
+        assert "is not yours" in opened["admin_key"]["reason"]
         # a key file that is theirs works
         theirs = tmp_path / "their-admin.key"
         write_key(theirs, admin)
@@ -313,6 +314,44 @@ async def test_a_control_group_member_signs_only_with_a_key_of_their_own(tmp_pat
         assert key is None  # not even for root: the console never follows a link
 
 
+def test_the_console_reads_only_small_regular_key_files(tmp_path):
+    """The agent (root) opens a path someone else named: a FIFO must not block it,
+    a device or directory is refused, a huge or binary file is a clear error."""
+    import os
+
+    from clanagent.web.actions import SIGNER, AdminKeySource
+
+    keys = AdminKeySource()
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)
+    big = tmp_path / "big.key"
+    big.write_bytes(b"A" * 100_000)
+    big.chmod(0o600)
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    binary.chmod(0o600)
+    loose = tmp_path / "loose.key"
+    write_key(loose, nacl.signing.SigningKey.generate())
+    loose.chmod(0o644)
+    for path, why in (
+        (fifo, "not a regular file"),
+        (tmp_path, "not a regular file"),
+        ("/dev/null", "not a regular file"),
+        (big, "too large"),
+        (binary, "not an admin key"),
+        (loose, "chmod 600"),
+    ):
+        SIGNER.set((str(path), None))
+        key, reason = keys.load()  # returns at once: no blocking open
+        assert key is None and why in reason, (path, reason)
+    good = tmp_path / "good.key"
+    admin = nacl.signing.SigningKey.generate()
+    write_key(good, admin)
+    SIGNER.set((str(good), None))
+    key, reason = keys.load()
+    assert key is not None and bytes(key.verify_key) == bytes(admin.verify_key), reason
+
+
 async def test_the_browser_cannot_mint_logins(tmp_path):
     async with founded_agent(tmp_path) as (agent, _):
         opened = await call(agent, "ui.open")
@@ -321,3 +360,33 @@ async def test_the_browser_cannot_mint_logins(tmp_path):
             reply = await a.call("ui.open", {})
         assert reply["ok"] is False and reply["error"]["code"] == "permission_denied"
         assert "clanctl" in reply["error"]["message"]
+
+
+def test_clanctl_ui_open_keeps_the_token_off_command_lines(monkeypatch):
+    """`--open` hands the browser a private redirect file, not the URL itself
+    (a browser's argv is readable by every local user in /proc)."""
+    import os
+    import stat
+    import webbrowser
+
+    from clanagent.cli._ui_cmds import _open_privately
+
+    url = "http://127.0.0.1:7780/login?token=SECRET-TOKEN"
+    seen = {}
+
+    def fake_open(arg):
+        seen["arg"] = arg
+        path = arg.removeprefix("file://")
+        seen["mode"] = stat.S_IMODE(os.stat(path).st_mode)
+        seen["dir_mode"] = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
+        seen["body"] = Path(path).read_text()
+        seen["path"] = path
+        return True
+
+    monkeypatch.setattr(webbrowser, "open", fake_open)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    assert _open_privately(url) is True
+    assert "SECRET-TOKEN" not in seen["arg"] and seen["arg"].startswith("file://")
+    assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700
+    assert "SECRET-TOKEN" in seen["body"] and "refresh" in seen["body"]
+    assert not os.path.exists(seen["path"])  # removed after the browser read it

@@ -55,8 +55,13 @@ def load_admin_key(path: Path) -> nacl.signing.SigningKey:
         raise CommandError(f"cannot read admin key {path}: {exc.strerror}") from None
     if os.stat(path).st_mode & 0o077:
         raise CommandError(f"admin key {path} is readable by others: chmod 600 {path}")
+    return parse_admin_key(text.encode(), path)
+
+
+def parse_admin_key(data: bytes, path: Path) -> nacl.signing.SigningKey:
+    """The key in an admin key file's contents (one line of base64); CommandError if not."""
     try:
-        seed = base64.b64decode(text, validate=True)
+        seed = base64.b64decode(data.strip(), validate=True)
     except (ValueError, binascii.Error):
         seed = b""
     if len(seed) != 32:

@@ -294,6 +294,8 @@ def cmd_vm_console(client: ControlClient, args: argparse.Namespace) -> Any:
         if tty:
             sock.sendall(b"\r")  # a fresh prompt
         _pump(sock, early, args.linger)
+    except OSError as exc:  # reset, broken pipe: the agent or the host went away
+        sys.stderr.write(f"\r\n[console connection lost: {exc.strerror or exc}]\r\n")
     finally:
         if tty:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)

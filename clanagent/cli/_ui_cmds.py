@@ -37,12 +37,44 @@ def cmd_ui(client: ControlClient, args: argparse.Namespace) -> Any:
     admin = result["admin_key"]
     if not admin["available"]:
         print(f"read-only for admin actions (VM start/stop, inventory edits): {admin['reason']}")
-    if args.open:
-        import webbrowser
-
-        if not webbrowser.open(result["url"]):
-            print("could not start a browser here: open the link yourself")
+    if args.open and not _open_privately(result["url"]):
+        print("could not start a browser here: open the link yourself")
     return None
+
+
+def _open_privately(url: str) -> bool:
+    """Open `url` in the desktop's browser without putting it on a command line.
+
+    A browser started with the URL as an argument shows the one-time token
+    in /proc/PID/cmdline to every local user.  Instead the browser gets a
+    file only we can read (0600 in a 0700 directory) that redirects to the
+    URL (the token in it is single use and expires in minutes anyway)."""
+    import contextlib
+    import html
+    import tempfile
+    import time
+    import webbrowser
+
+    d = tempfile.mkdtemp(prefix="clanctl-ui-")  # 0700
+    page = os.path.join(d, "open.html")
+    fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            '<!doctype html><meta http-equiv="refresh" content="0;url='
+            + html.escape(url, quote=True)
+            + '"><title>clanagent</title>'
+        )
+
+    try:
+        opened = webbrowser.open("file://" + page)
+    except Exception:
+        opened = False
+    if opened:
+        time.sleep(3)  # let the browser read it, then remove the only copy
+    for p in (page, d):
+        with contextlib.suppress(OSError):
+            os.unlink(p) if p == page else os.rmdir(p)
+    return opened
 
 
 def add_parsers(sub: Any) -> None:

@@ -553,6 +553,7 @@ class MeshService:
             doc,
             inv.clan_id,
             ((r.origin, r.key, r.body) for r in agent.store.records() if r.kind == VM_STATUS_KIND),
+            self._gone(by_key),
         )
         peers: list[MeshPeer] = []
         for key, (name, m) in sorted(by_key.items()):
@@ -621,6 +622,21 @@ class MeshService:
                 # Without probes, a missing handshake is the only sign of a dead path.
                 self.selector.report_failure(node_key, current, now)
                 self._configured_at[wg_key] = now
+
+    def _gone(self, keys: Any) -> frozenset[bytes]:
+        """Machines the membership knows to be dead or gone (their VM routes lapse)."""
+        from ..gossip.events import MemberState
+        from ..identity import node_id_of
+
+        gossip = self.agent.gossip
+        if gossip is None or gossip.node is None:
+            return frozenset()
+        out = set()
+        for key in keys:
+            info = gossip.node.membership.member(node_id_of(key))
+            if info is not None and info.state in (MemberState.DEAD, MemberState.LEFT):
+                out.add(key)
+        return frozenset(out)
 
     def _rtt_of(self, node_key: bytes) -> float:
         from ..identity import node_id_of

@@ -37,17 +37,24 @@ CLAN_NETWORK = "clan"  # the same name as vmhost.spec.CLAN_NETWORK
 
 
 def vm_routes(
-    doc: dict[str, Any], clan_id: bytes, records: Iterable[tuple[bytes, str, Any]]
+    doc: dict[str, Any],
+    clan_id: bytes,
+    records: Iterable[tuple[bytes, str, Any]],
+    gone: frozenset[bytes] = frozenset(),
 ) -> dict[bytes, list[ipaddress.IPv6Address]]:
     """Node key -> the VM overlay addresses that machine hosts (sorted).
 
     `records` are (origin node key, record key, body) of `vm-status` records,
-    already signature-checked by the store."""
+    already signature-checked by the store.  `gone`: machines known to be
+    dead or to have left; their last "running" is not believed (a VM placed
+    on several machines moves to one that is up)."""
     machine_of = {m["node_key"]: name for name, m in doc["machines"].items()}
     machine_ips = {overlay_ip6(clan_id, k) for k in machine_of}
     running: dict[str, set[str]] = {}  # vm -> machines that report it running at its address
     for origin, key, body in records:
         machine = machine_of.get(origin)
+        if origin in gone:
+            continue
         if machine is None or not isinstance(body, dict) or body.get("vm") != key:
             continue
         entry = doc["vms"].get(key)

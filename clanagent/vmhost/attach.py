@@ -32,6 +32,7 @@ from .spec import VmHostLocalError
 
 __all__ = [
     "MAX_FRAME",
+    "MAX_SESSIONS",
     "HANDSHAKE_TIMEOUT",
     "encode_frame",
     "FrameReader",
@@ -46,6 +47,7 @@ log = logging.getLogger("clanagent.vmhost.console")
 
 MAX_FRAME = 4096
 HANDSHAKE_TIMEOUT = 5.0
+MAX_SESSIONS = 32
 _HEADER = struct.Struct(">I")
 _LIMITS = Limits(
     max_frame=MAX_FRAME, max_depth=4, max_str=MAX_FRAME, max_bin=MAX_FRAME, max_array=16, max_map=16
@@ -160,6 +162,9 @@ class ConsoleServer:
         self.attach = attach
         self.stats = ConsoleStats()
         self.port = 0
+        # Sessions and handshakes in progress; more are closed at once (a peer
+        # or a guest must not run the agent out of file descriptors).
+        self._limiter = trio.CapacityLimiter(MAX_SESSIONS)
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -182,7 +187,26 @@ class ConsoleServer:
         await trio.serve_listeners(self._session, [trio.SocketListener(sock)])
 
     async def _session(self, stream: trio.SocketStream) -> None:
-        peer = stream.socket.getpeername()[0]
+        if self._limiter.available_tokens == 0:
+            self.stats.refused += 1  # too many at once: close at once, hold nothing
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        async with self._limiter:
+            try:
+                await self._one(stream)
+            except Exception as exc:  # one broken session must never reach the agent
+                self.stats.bad_handshakes += 1
+                log.warning("console session failed", extra=kv(error=repr(exc)))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _one(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            return  # reset before we looked: nothing to serve
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hello, rest = await _read_frame(stream)

@@ -441,10 +441,15 @@ class VmService:
         while mesh.overlay6 is None:
             await trio.sleep(1)
         self.console_server = ConsoleServer(self.authorize_console, self.console)
-        try:
-            await self.console_server.serve(str(mesh.overlay6), port)
-        except (OSError, VmHostLocalError) as exc:
-            log.warning("cannot serve VM consoles to other machines", extra=kv(error=exc))
+        while True:  # never let the console server take the agent down
+            try:
+                await self.console_server.serve(str(mesh.overlay6), port)
+            except Exception as exc:
+                log.warning(
+                    "cannot serve VM consoles to other machines; retrying in 10 s",
+                    extra=kv(error=repr(exc)),
+                )
+            await trio.sleep(10)
 
     # -- views --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -96,7 +97,7 @@ class AdminKeySource:
 
     def load(self) -> tuple[Any, str]:
         """(signing key, "") or (None, why not and how to fix it). Blocking (file I/O)."""
-        from ..cli._inventory_cmds import CommandError, load_admin_key
+        from ..cli._inventory_cmds import CommandError, parse_admin_key
 
         signer = self._signer()
         if signer is None:
@@ -105,8 +106,11 @@ class AdminKeySource:
                 "with a key file of yours"
             )
         path, owner = Path(signer[0]), signer[1]
+        # As root, on a path someone else named: never block on a FIFO, take a
+        # terminal as ours, follow a link, or read more than a key's size.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, flags)
         except FileNotFoundError:
             return None, (
                 f"no admin key at {path} (read by the agent, as uid {os.getuid()}): "
@@ -116,19 +120,28 @@ class AdminKeySource:
             return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, f"the admin key {path} is not a regular file"
             if owner is not None and st.st_uid != owner:
                 return None, (
-                    f"the admin key {path} belongs to uid {st.st_uid}, not to the user "
-                    f"who opened this console (uid {owner})"
+                    f"the admin key {path} is not yours (uid {owner}): the console signs "
+                    "only with a key file that belongs to the user who opened it"
                 )
-            # through the descriptor we checked: the name cannot be swapped meanwhile
-            return load_admin_key(Path(f"/proc/self/fd/{fd}")), ""
+            if st.st_mode & 0o077:
+                return None, f"admin key {path} is readable by others: chmod 600 {path}"
+            data = os.read(fd, MAX_KEY_FILE + 1)
+            if len(data) > MAX_KEY_FILE:
+                return None, f"{path} is not an admin key (too large)"
+            return parse_admin_key(data, path), ""
         except CommandError as exc:
-            return None, f"{str(exc).replace(f'/proc/self/fd/{fd}', str(path))}"
+            return None, str(exc)
         except OSError as exc:
             return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
         finally:
             os.close(fd)
+
+
+MAX_KEY_FILE = 4096
 
 
 class ConsoleActions:

@@ -49,6 +49,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 AUTH_TIMEOUT = 10.0  # seconds a new WebSocket has to authenticate
+SESSION_CHECK = 5.0  # seconds between checks that an open socket's session lives
 MAX_BODY = 4096  # bytes in a login or logout request
 MAX_CONNECTIONS = 32  # WebSockets at once
 MAX_IN_FLIGHT = 16  # requests at once on one WebSocket
@@ -132,6 +133,7 @@ class WebApp:
         self.actions = actions
         self.port = 0
         self.clock = clock
+        self.session_check = SESSION_CHECK  # seconds between checks of a socket's session
         self.limits = Limits(max_frame=max_message)
         self.stats = WebStats()
         self.static = _load_static()
@@ -353,12 +355,23 @@ class _WsSession:
             return
         await self.send({"id": 0, "ok": True, "result": {"access": self.access}})
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_session, nursery.cancel_scope)
             while not self.closed:
                 text = await self.receive_text()
                 if text is None:
                     break
                 await self._on_message(nursery, text)
             nursery.cancel_scope.cancel()
+
+    async def _watch_session(self, scope: trio.CancelScope) -> None:
+        """Close the socket once its session ends elsewhere (logout, expiry), even if
+        it only listens to events and never sends."""
+        while True:
+            await trio.sleep(self.app.session_check)
+            if not self.app.auth.alive(self.session, self.app.clock()):
+                await self.close(CLOSE_UNAUTHORIZED, "logged out or the session expired")
+                scope.cancel()
+                return
 
     async def _on_message(self, nursery: trio.Nursery, text: str | bytes) -> None:
         app = self.app

@@ -127,6 +127,13 @@ class Authenticator:
         s.used = now
         return s.access
 
+    def alive(self, session: object, now: float) -> bool:
+        """Whether a session still lives (without counting this as a use)."""
+        if not isinstance(session, str):
+            return False
+        self._expire(now)
+        return _digest(session) in self._sessions
+
     def signer_of(self, session: object) -> tuple[str, int | None] | None:
         """The admin key a live session may sign with (see `_Session.signer`)."""
         s = self._sessions.get(_digest(session)) if isinstance(session, str) else None

@@ -158,8 +158,12 @@ function onMessage(msg) {
     start();
     return;
   }
-  if (msg.id === -1 && msg.ok === false) {
+  if ((msg.id === -1 || msg.id === null || msg.id === undefined) && msg.ok === false) {
+    // The server could not tell which request this answers (too large or
+    // malformed): fail every waiting one, so no button waits forever.
     toast(`${msg.error.code}: ${msg.error.message}`, true);
+    for (const p of state.pending.values()) p.reject(new Error(msg.error.message));
+    state.pending.clear();
     return;
   }
   const stream = state.streams.get(msg.id);
