@@ -283,27 +283,56 @@ def test_m2_pings_a_vm_on_m1_over_wireguard(tmp_path):
         # m2 opens the VM's serial console over the mesh (m2's agent -> m1's
         # agent on its overlay address), and the guest pings m2's overlay address
         m2 = overlay_of(socks[0], "m2")
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "clanagent.cli.clanctl",
-                "--socket",
-                str(socks[1]),
-                "vm",
-                "console",
-                "web",
-                "--admin-key",
-                str(tmp_path / "admin.key"),
-                "--linger",
-                "4",
-            ],
-            input=f"ping -c1 -W3 {m2} >/dev/null && echo GUEST-REACHED-$((40+2))\n".encode(),
-            capture_output=True,
-            timeout=60,
+
+        def over_console(typed: str) -> bytes:
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clanagent.cli.clanctl",
+                    "--socket",
+                    str(socks[1]),
+                    "vm",
+                    "console",
+                    "web",
+                    "--admin-key",
+                    str(tmp_path / "admin.key"),
+                    "--linger",
+                    "5",
+                ],
+                input=typed.encode(),
+                capture_output=True,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+
+        out = over_console(f"ping -c1 -W3 {m2} >/dev/null && echo GUEST-REACHED-$((40+2))\n")
+        assert b"GUEST-REACHED-42" in out, out[-2000:]
+
+        # A guest that claims its host's overlay address must not get a packet
+        # out (m1's policy rules drop it): m2 counts the echo requests it gets.
+        def echos_at_m2() -> int:
+            snmp = subprocess.run(
+                ["ip", "netns", "exec", lan.hosts[1], "cat", "/proc/net/snmp6"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            return int(
+                next(ln.split()[1] for ln in snmp.splitlines() if ln.startswith("Icmp6InEchos "))
+            )
+
+        before = echos_at_m2()
+        out = over_console(
+            f"ip -6 addr add {m1}/128 dev eth0\n"
+            f"ping -c2 -W1 -I {m1} {m2} >/dev/null; echo SPOOF-$((1+1))-TRIED\n"
         )
-        assert r.returncode == 0, r.stderr
-        assert b"GUEST-REACHED-42" in r.stdout, r.stdout[-2000:]
+        assert b"SPOOF-2-TRIED" in out, out[-2000:]
+        assert echos_at_m2() == before, "a spoofed packet from the VM reached m2"
+        rules = subprocess.run(
+            ["ip", "-n", lan.hosts[0], "-6", "rule", "show"], capture_output=True, text=True
+        ).stdout
+        assert f"from {addr} iif vm" in rules and "blackhole" in rules, rules
     finally:
         lan.teardown()
         # VMs outlive their agent on purpose (a restart adopts them): stop ours.

@@ -241,6 +241,7 @@ class QemuBackend:
         create_taps: bool = True,
         netns: str | None = None,
         qmp_timeout: float = 2.0,
+        clan_interface: str = "",
     ) -> None:
         self.binary = binary or shutil.which(QEMU_BINARY) or QEMU_BINARY
         if accel == "auto":
@@ -255,6 +256,8 @@ class QemuBackend:
         # wait for QEMU to exit after `quit`.
         self.qmp_timeout = qmp_timeout
         self.create_taps = create_taps
+        # The mesh's WireGuard interface: the only way in to a clan tap from outside.
+        self.clan_interface = clan_interface
         # QEMU attaches to a tap in its own network namespace, so with `netns`
         # both the taps and QEMU live there (`ip netns exec` execs QEMU, so the
         # pid we hold is QEMU's).
@@ -292,7 +295,7 @@ class QemuBackend:
                 await trio.to_thread.run_sync(self._ensure_tap, tap)
             if spec.overlay_ip6 and CLAN_NETWORK in spec.networks:
                 tap = taps[spec.networks.index(CLAN_NETWORK)]
-                await trio.to_thread.run_sync(self._route_clan_tap, tap, spec.overlay_ip6)
+                await trio.to_thread.run_sync(self._route_clan_tap, tap, spec.overlay_ip6, run)
         argv = build_command(
             spec,
             run,
@@ -376,11 +379,48 @@ class QemuBackend:
             _ip(self.netns, "tuntap", "add", tap, "mode", "tap")
         _ip(self.netns, "link", "set", tap, "up")
 
-    def _route_clan_tap(self, tap: str, addr: str) -> None:
-        # `replace` keeps this idempotent across restarts of the same VM.
+    def _clan_rules(self, tap: str, addr: str) -> list[list[str]]:
+        """Policy rules that keep a clan tap honest (no packet filter needed).
+
+        From the tap only the VM's own address is routed (a guest cannot send
+        as its host or a sibling); to the VM only what comes in over the mesh
+        interface or from this host (a LAN neighbour that routes the clan
+        prefix here reaches nothing).  Local delivery (the `local` table at
+        priority 0) is looked up first, so NDP and the gateway still work."""
+        rules = [
+            ["pref", "30100", "iif", tap, "from", f"{addr}/128", "lookup", "main"],
+            ["pref", "30101", "iif", tap, "blackhole"],
+        ]
+        if self.clan_interface:
+            rules.append(
+                ["pref", "30102", "to", f"{addr}/128", "iif", self.clan_interface, "lookup", "main"]
+            )
+        rules += [
+            ["pref", "30103", "to", f"{addr}/128", "iif", "lo", "lookup", "main"],
+            ["pref", "30104", "to", f"{addr}/128", "blackhole"],
+        ]
+        return rules
+
+    def _del_rules(self, rules: list[list[str]]) -> None:
+        for rule in rules:
+            for _ in range(8):  # duplicates left by a crash: remove them all
+                try:
+                    _ip(self.netns, "-6", "rule", "del", *rule)
+                except (subprocess.CalledProcessError, FileNotFoundError):
+                    break
+
+    def _route_clan_tap(self, tap: str, addr: str, run: RunDir | None = None) -> None:
+        # `replace` and delete-then-add keep this idempotent across restarts.
         try:
             _ip(self.netns, "-6", "addr", "replace", f"{CLAN_GATEWAY}/64", "dev", tap, "nodad")
             _ip(self.netns, "-6", "route", "replace", f"{addr}/128", "dev", tap)
+            rules = self._clan_rules(tap, addr)
+            self._del_rules(rules)
+            if run is not None:
+                with open(os.path.join(run.path, "clan-rules"), "w") as f:
+                    f.write(f"{tap} {addr}\n")
+            for rule in rules:
+                _ip(self.netns, "-6", "rule", "add", *rule)
             _enable_ipv6_forwarding(self.netns)
         except subprocess.CalledProcessError as e:
             err = (e.stderr or b"").decode(errors="replace").strip()
@@ -402,6 +442,14 @@ class QemuBackend:
                 with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
                     _ip(self.netns, "link", "del", tap)
         os.unlink(path)
+        rules_file = os.path.join(run.path, "clan-rules")
+        try:
+            with open(rules_file) as f:
+                tap, addr = f.read().split()
+        except (FileNotFoundError, ValueError):
+            return
+        self._del_rules(self._clan_rules(tap, addr))
+        os.unlink(rules_file)
 
     def _alive(self, handle: VmHandle) -> bool:
         proc = self._children.get(handle.pid)

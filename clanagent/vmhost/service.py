@@ -165,7 +165,7 @@ class VmService:
         from .firecracker import FirecrackerBackend
         from .qemu import QemuBackend
 
-        qemu = QemuBackend()
+        qemu = QemuBackend(clan_interface=self.agent.cfg.mesh.interface)
         if qemu.available():
             self.backends["qemu"] = qemu
         else:
