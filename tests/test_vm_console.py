@@ -453,3 +453,31 @@ async def test_console_of_a_real_vm(tmp_path, vm_assets):  # noqa: F811
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+async def test_splice_drops_a_side_that_stops_reading_and_an_idle_session(autojump_clock):
+    """A stuck client must not stall the guest's serial output; an idle session ends."""
+    from trio.testing import lockstep_stream_pair
+
+    from clanagent.vmhost.attach import splice
+
+    vm_side, vm_peer = lockstep_stream_pair()
+    # lockstep: a send waits for the other end to read, and the client never reads
+    client_side, client_peer = lockstep_stream_pair()
+
+    async def guest_prints() -> None:
+        with trio.move_on_after(60):
+            while True:
+                await vm_peer.send_all(b"x" * 65536)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(guest_prints)
+        with trio.fail_after(30):
+            why = await splice(vm_side, client_side, send_timeout=5, idle_timeout=1000)
+        assert why == "stalled"
+        n.cancel_scope.cancel()
+    a, a_peer = lockstep_stream_pair()
+    b, b_peer = lockstep_stream_pair()
+    with trio.fail_after(120):
+        why = await splice(a, b, send_timeout=5, idle_timeout=60)
+    assert why == "idle"

@@ -123,23 +123,55 @@ class PrefixedStream(trio.abc.Stream):
         await self.stream.aclose()
 
 
-async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
-    """Copy bytes both ways until either side ends or breaks; then stop both copies."""
+SEND_TIMEOUT = 10.0  # a side that takes longer than this to accept bytes is dropped
+IDLE_TIMEOUT = 3600.0  # a session with no byte either way for this long ends
+
+
+async def splice(
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    *,
+    send_timeout: float = SEND_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> str:
+    """Copy bytes both ways until either side ends, breaks, stalls or idles.
+
+    A console's guest blocks when its serial output cannot drain, so a side
+    that stops reading ends the session instead of stalling the VM.  Returns
+    why it ended ("closed", "stalled" or "idle")."""
+    why = "closed"
+    last = trio.current_time()
 
     async def copy(src: trio.abc.Stream, dst: trio.abc.Stream, done: trio.CancelScope) -> None:
+        nonlocal why, last
         try:
             while True:
                 data = await src.receive_some(_CHUNK)
                 if not data:
                     break
-                await dst.send_all(data)
+                last = trio.current_time()
+                with trio.fail_after(send_timeout):
+                    await dst.send_all(data)
+        except trio.TooSlowError:
+            why = "stalled"
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         done.cancel()
 
+    async def watch_idle(done: trio.CancelScope) -> None:
+        nonlocal why
+        while True:
+            await trio.sleep_until(last + idle_timeout)
+            if trio.current_time() >= last + idle_timeout:
+                why = "idle"
+                done.cancel()
+                return
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(copy, a, b, nursery.cancel_scope)
         nursery.start_soon(copy, b, a, nursery.cancel_scope)
+        nursery.start_soon(watch_idle, nursery.cancel_scope)
+    return why
 
 
 @dataclass
@@ -229,7 +261,9 @@ class ConsoleServer:
                 await self._answer(stream, {"ok": True})
                 if rest:
                     await console.send_all(rest)
-                await splice(stream, console)
+                why = await splice(stream, console)
+                if why != "closed":
+                    log.info("console session dropped", extra=kv(vm=vm, peer=peer, reason=why))
         except VmHostLocalError as exc:
             self.stats.refused += 1
             await self._answer(stream, {"ok": False, "error": str(exc)})
