@@ -302,7 +302,7 @@ async def test_remote_console_unreachable_host_is_a_clear_error():
 
 # -- a real VM's shell through the control socket --------------------------------------------
 
-from .test_vmhost_qemu import _missing, vm_assets  # noqa: E402, F401 (a fixture)
+from .test_vmhost_qemu import _missing, vm_assets, vm_decl  # noqa: E402, F401 (a fixture)
 
 
 def _session(sock_path: str, request: dict, send: bytes, until: bytes, timeout=30) -> bytes:
@@ -335,21 +335,7 @@ async def test_console_of_a_real_vm(tmp_path, vm_assets):  # noqa: F811
     vmlinux, initrd = vm_assets
     ident = load_or_create(tmp_path / "s1")[0]
     doc = genesis(ADMIN, {"m1": machine_entry(ident, ["vmhost"])})
-    doc["vms"]["web"] = {
-        "machines": ["m1"],
-        "tags": [],
-        "count": 1,
-        "vcpus": 1,
-        "memory_mb": 128,
-        "kernel": vmlinux,
-        "initrd": initrd,
-        "rootfs": "",
-        "disk_mb": 0,
-        "networks": [],
-        "secrets": [],
-        "backend": "auto",
-        "graphics": False,
-    }
+    doc["vms"]["web"] = vm_decl(vmlinux, initrd)  # on m1, 128 MiB, no network
     v = make_version(doc, [], int(time.time()), "vm", [ADMIN])
     pid = None
     try:

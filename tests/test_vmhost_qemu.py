@@ -435,3 +435,22 @@ async def test_vm_gets_a_tap_in_its_netns_and_cleanup_removes_it(vm_assets, vmdi
             assert not os.path.exists(RunDir(h.rundir).control)
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def vm_decl(kernel: str, initrd: str) -> dict:
+    """An inventory `vms` entry: on m1, 1 vcpu, 128 MiB, no network."""
+    return {
+        "machines": ["m1"],
+        "tags": [],
+        "count": 1,
+        "vcpus": 1,
+        "memory_mb": 128,
+        "kernel": kernel,
+        "initrd": initrd,
+        "rootfs": "",
+        "disk_mb": 0,
+        "networks": [],
+        "secrets": [],
+        "backend": "auto",
+        "graphics": False,
+    }

@@ -28,6 +28,7 @@ from clanagent.identity import load_or_create
 from clanagent.inventory import Anchor, make_version, save_anchor
 
 from .test_inventory_agent import call, genesis, machine_entry, start, wait_until
+from .test_vmhost_qemu import vm_decl
 
 # Imported here, not in the worker thread: importing in a thread while three
 # agents keep the event loop's thread busy waits on the GIL for seconds.
@@ -123,24 +124,6 @@ def vpn_service() -> dict:
                 "public_files": [],
             },
         },
-    }
-
-
-def vm_decl(kernel: str, initrd: str) -> dict:
-    return {
-        "machines": ["m1"],
-        "tags": [],
-        "count": 1,
-        "vcpus": 1,
-        "memory_mb": 128,
-        "kernel": kernel,
-        "initrd": initrd,
-        "rootfs": "",
-        "disk_mb": 0,
-        "networks": [],
-        "secrets": [],
-        "backend": "auto",
-        "graphics": False,
     }
 
 
