@@ -129,3 +129,26 @@ async def test_wrong_clan_and_unadmitted_keys_are_refused(tmp_path):
             await trio.sleep(3)
             assert alive_peers(a6) == set()  # a4 is not admitted by a6
             n.cancel_scope.cancel()
+
+
+async def test_a_session_closed_under_the_writer_ends_only_that_link():
+    """Sending on a session closed meanwhile (a dropped link, a stop) must end that
+    link quietly; raised inside the link's nursery it took the whole agent down."""
+    from types import SimpleNamespace
+
+    from clanagent.gossip.errors import PeerDisconnected
+    from clanagent.gossip.service import GossipService
+
+    class ClosedSession:
+        peer_node_id = "x" * 52
+
+        async def send(self, data: bytes) -> None:
+            raise PeerDisconnected("session is closed: closed locally")
+
+    send, recv = trio.open_memory_channel(4)
+    link = SimpleNamespace(recv=recv, session=ClosedSession(), in_flight=0)
+    await send.send(b"gossip")
+    svc = GossipService.__new__(GossipService)  # _writer needs no other state
+    with trio.CancelScope() as scope:
+        await svc._writer(link, scope)
+    assert scope.cancel_called and link.in_flight == 0

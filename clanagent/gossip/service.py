@@ -471,7 +471,7 @@ class GossipService:
         session = link.session
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, link)
+                nursery.start_soon(self._writer, link, nursery.cancel_scope)
                 await self._reader(session)
                 nursery.cancel_scope.cancel()
         except (PeerDisconnected, RemoteProtocolError) as exc:
@@ -486,12 +486,22 @@ class GossipService:
                 cs.shield = True
                 await session.aclose()
 
-    async def _writer(self, link: _Link) -> None:
+    async def _writer(self, link: _Link, done: trio.CancelScope) -> None:
+        # A session closed under us (dropped link, stop) ends this link only:
+        # raised inside the nursery it would arrive as an ExceptionGroup that
+        # `_serve_link`'s except clause cannot match, and take the agent down.
         async with link.recv:
             async for data in link.recv:
                 link.in_flight += 1
                 try:
                     await link.session.send(data)
+                except (PeerDisconnected, RemoteProtocolError) as exc:
+                    log.debug(
+                        "peer session ended while sending",
+                        extra=kv(peer=link.session.peer_node_id[:10], reason=exc.reason),
+                    )
+                    done.cancel()
+                    return
                 finally:
                     link.in_flight -= 1
 
