@@ -14,13 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clanagent.control.client import ClientError, ControlClient
-from clanagent.vmhost.attach import (
-    MAX_FRAME,
-    ConsoleServer,
-    FrameReader,
-    encode_frame,
-    open_remote,
-)
+from clanagent.vmhost.attach import ConsoleServer, open_remote
+from clanagent.vmhost.console_codec import MAX_FRAME, FrameReader, encode_frame
 from clanagent.vmhost.requests import (
     NONCE_LEN,
     NonceCache,

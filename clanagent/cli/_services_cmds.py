@@ -304,17 +304,6 @@ def cmd_vm_console(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
-def _age(since: Any) -> str:
-    """'42s', '7m', '3h', '2d' since a unix time; '-' for none."""
-    if not isinstance(since, int) or since <= 0:
-        return "-"
-    s = max(0, int(time.time()) - since)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s // size}{unit}"
-    return f"{s}s"
-
-
 def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("vm.list")
     if args.json:
@@ -330,7 +319,7 @@ def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
                     r["vm"],
                     r["machine"],
                     r["state"],
-                    _age(r.get("booted")),
+                    _ago(int(time.time()) - r["booted"] if r.get("booted") else None),
                     r.get("overlay") or "-",
                     r["accel"] or "-",
                     r["crashes"] or 0,

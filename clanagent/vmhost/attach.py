@@ -6,8 +6,8 @@ agent to the hosting agent's overlay address (so it travels inside
 WireGuard): one length-prefixed msgpack *hello* (the admin-signed console
 request), one length-prefixed *answer* (``{"ok": true}`` or ``{"ok": false,
 "error": "..."}``), then raw console bytes both ways until either side
-closes.  The framing is sans-IO (`encode_frame`, `FrameReader`); the trio
-parts are `ConsoleServer`, `open_remote` and `splice`.
+closes.  The framing is the sans-IO `console_codec`; this module is the
+trio side: `ConsoleServer`, `open_remote` and `splice`.
 Must never: attach a VM's console before the request is verified by the
 caller-supplied `authorize`, read more than `MAX_FRAME` bytes of handshake,
 or let one broken session touch the VM or other sessions.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -27,15 +26,13 @@ from typing import Any
 import trio
 
 from .._log import kv
-from ..wire import Limits, WireError, pack, unpack
+from ..wire import WireError
+from .console_codec import FrameReader, encode_frame
 from .spec import VmHostLocalError
 
 __all__ = [
-    "MAX_FRAME",
     "MAX_SESSIONS",
     "HANDSHAKE_TIMEOUT",
-    "encode_frame",
-    "FrameReader",
     "PrefixedStream",
     "splice",
     "ConsoleServer",
@@ -45,48 +42,9 @@ __all__ = [
 
 log = logging.getLogger("clanagent.vmhost.console")
 
-MAX_FRAME = 4096
 HANDSHAKE_TIMEOUT = 5.0
 MAX_SESSIONS = 32
-_HEADER = struct.Struct(">I")
-_LIMITS = Limits(
-    max_frame=MAX_FRAME, max_depth=4, max_str=MAX_FRAME, max_bin=MAX_FRAME, max_array=16, max_map=16
-)
 _CHUNK = 16384
-
-
-def encode_frame(body: dict[str, Any]) -> bytes:
-    data = pack(body)
-    if len(data) > MAX_FRAME:
-        raise ValueError(f"console frame of {len(data)} bytes exceeds {MAX_FRAME}")
-    return _HEADER.pack(len(data)) + data
-
-
-class FrameReader:
-    """Reads exactly one handshake frame; what follows it is kept as `rest`."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> dict[str, Any] | None:
-        """The frame's map once complete, else None; WireError on bad input."""
-        self._buf += data
-        if len(self._buf) < _HEADER.size:
-            return None
-        (length,) = _HEADER.unpack_from(self._buf)
-        if length > MAX_FRAME:
-            raise WireError(f"console handshake of {length} bytes exceeds {MAX_FRAME}")
-        if len(self._buf) < _HEADER.size + length:
-            return None
-        body = unpack(bytes(self._buf[_HEADER.size : _HEADER.size + length]), _LIMITS)
-        del self._buf[: _HEADER.size + length]
-        if not isinstance(body, dict):
-            raise WireError("console handshake: expected a map")
-        return body
-
-    @property
-    def rest(self) -> bytes:
-        return bytes(self._buf)
 
 
 async def _read_frame(stream: trio.abc.ReceiveStream) -> tuple[dict[str, Any], bytes]:

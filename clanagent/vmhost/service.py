@@ -416,18 +416,23 @@ class VmService:
 
     async def authorize_console(self, hello: Any) -> str:
         """The VM a console request may open here; WireError/VmHostLocalError says why not."""
-        from ..wire import WireError
         from .requests import parse_console
 
         inv = self.agent.inventory.inventory
         if inv is None:
             raise VmHostLocalError("this machine has no inventory yet")
         req = parse_console(hello, frozenset(inv.doc["clan"]["admins"]))
+        self.admit_console(req)
+        return req.vm
+
+    def admit_console(self, req: Any) -> None:
+        """A verified console request may open here: our machine, fresh, nonce unused."""
+        from ..wire import WireError
+
         me = self.my_machine()
         if req.machine != me:
             raise WireError(f"console request is for machine {req.machine}, this is {me}")
         self.console_nonces.check(req, int(time.time()))
-        return req.vm
 
     async def serve_consoles(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve console sessions to other agents on our overlay address (inside WireGuard)."""
