@@ -131,12 +131,29 @@ class SessionCipher:
         """Authenticate and decrypt the next incoming frame.
 
         Raises `RemoteProtocolError` (and closes the cipher for good) if the
-        frame is not exactly the next one the peer sealed.
+        frame is not exactly the next one the peer sealed: of the wrong type,
+        too short or too long, or failing authentication.  It is the only
+        error a received frame can cause: whatever else goes wrong while
+        opening one (a library refusing an input) is a bad frame too, with
+        the original as `__cause__`.
         """
         if self._closed_reason is not None:
             raise RemoteProtocolError(f"cannot open: {self._closed_reason}")
+        try:
+            return self._open(frame)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:
+            # Only the type in the reason: it may travel in a close frame.
+            reason = f"frame could not be opened ({type(exc).__name__})"
+            self._fail(reason)
+            raise RemoteProtocolError(reason) from exc
+
+    def _open(self, frame: object) -> bytes:
+        # A frame comes off the network, so a wrong type is the peer's fault
+        # (or the transport's), never a local misuse.
         if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise LocalProtocolError("frame must be bytes")
+            self._fail_remote("frame is not bytes")
         if len(frame) < TAG_BYTES:
             self._fail_remote("frame shorter than its authentication tag")
         if len(frame) > self.max_frame:
@@ -147,7 +164,7 @@ class SessionCipher:
             plaintext = crypto_aead_xchacha20poly1305_ietf_decrypt(
                 bytes(frame), _AAD, _nonce(self._recv_counter), self._recv_key
             )
-        except CryptoError:
+        except (CryptoError, ValueError, TypeError):
             # One reason for every cause (forged, replayed, reordered, other
             # session): the AEAD cannot tell them apart, and neither should we.
             self._fail_remote("frame failed authentication")
