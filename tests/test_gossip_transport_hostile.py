@@ -99,9 +99,15 @@ def at(role: Role, state: State, seed: int = 0) -> tuple[Handshake, bytes]:
     raise AssertionError(f"no {role} in {state}")
 
 
+BOUNDARY = "could not be processed"  # the last-resort boundary's reason
+
+
 def assert_refused(h: Handshake, data: bytes) -> None:
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError) as info:
         h.receive(data)
+    # Refused by a check that expected it, not caught by the last resort.
+    assert BOUNDARY not in info.value.reason
+    assert info.value.__cause__ is None
     assert h.state is State.ERROR
     assert not h.done
     with pytest.raises(RemoteProtocolError, match="already failed"):
@@ -287,15 +293,29 @@ def test_small_order_ephemerals_fail_on_both_sides() -> None:
 
 
 def test_every_field_of_every_message_is_checked_at_decode() -> None:
-    # One wrong type per field, so a failure names the field that slipped.
+    # Systematic, so a failure names the field that slipped: each message
+    # type x each field x (each wrong type, each wrong size, dropped), plus an
+    # extra field, against the state that expects the message.
+    wrong_types: list[Any] = [None, True, False, -1, 2**64 - 1, 1.5, "x", [], [1, 1], {}]
     for role, state in RECEIVING_STATES:
-        _, genuine = at(role, state)
-        for field, value in unpack(genuine).items():
-            for wrong in (None, True, -1, 1.5, "x", [], {}, b""):
-                if wrong == value and type(wrong) is type(value):
-                    continue
-                h, _ = at(role, state)
-                assert_refused(h, pack({**unpack(genuine), field: wrong}))
+        _, genuine_raw = at(role, state)
+        genuine = unpack(genuine_raw)
+        variants: list[dict[str, Any]] = [{**genuine, "z": 0}, {**genuine, "": b""}]
+        for field, value in genuine.items():
+            variants.append({k: v for k, v in genuine.items() if k != field})
+            variants += [{**genuine, field: w} for w in wrong_types]
+            if isinstance(value, bytes):
+                n = len(value)
+                sizes = {0, 1, n - 1, n + 1, 2 * n, TAG_BYTES - 1, TAG_BYTES, 256}
+                variants += [{**genuine, field: bytes(k)} for k in sorted(sizes - {n})]
+            else:
+                variants += [{**genuine, field: w} for w in (0, 2, 65535, 65536, b"\x01")]
+        for msg in variants:
+            data = pack(msg)
+            if data == genuine_raw:  # (True == 1 in Python, not on the wire)
+                continue
+            h, _ = at(role, state)
+            assert_refused(h, data)
 
 
 # -- the session cipher --------------------------------------------------------

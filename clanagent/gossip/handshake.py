@@ -7,8 +7,10 @@ WebSocket message to `Handshake.receive` and sends back what it returns.
 
 Must never: do I/O or read a clock, send a node key in the clear, put a key
 or the clan id into an error reason (reasons travel in clear close frames),
-accept a message that is not exactly the next one of *this* session, or keep
-going after an error (the ERROR state is sticky).
+accept a message that is not exactly the next one of *this* session, keep
+going after an error (the ERROR state is sticky), or let the peer's bytes
+raise anything but `RemoteProtocolError` (every field is checked at decode,
+and `receive` turns anything unforeseen into a handshake failure).
 
 The flow (SIGMA-I, shaped like Noise XX, plus a key confirmation)::
 

@@ -7,7 +7,8 @@ dropped, truncated, forged or taken from another session fails
 authentication; after the first failure the cipher is closed for good.
 
 Must never: reuse a (key, nonce) pair, hand out plaintext that did not
-authenticate, keep working after a failure, or do any I/O.
+authenticate, keep working after a failure, let a received frame raise
+anything but `RemoteProtocolError`, or do any I/O.
 """
 
 from __future__ import annotations
