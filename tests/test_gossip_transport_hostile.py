@@ -256,7 +256,7 @@ def wrong_messages(draw: st.DrawFn) -> tuple[MsgType, dict[str, Any]]:
     return msg_type, msg
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=wrong_messages())
 def test_structured_but_wrong_messages_only_ever_fail_the_handshake(
     case: tuple[MsgType, dict[str, Any]],
