@@ -25,6 +25,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from .._log import kv
 from ._faults import Faults
 
 __all__ = ["Listener", "MAX_WEB_CONNECTIONS", "KEEP_ALIVE"]
@@ -35,6 +36,7 @@ MAX_WEB_CONNECTIONS = 64  # HTTP connections (WebSockets included) at once
 KEEP_ALIVE = 2.0  # seconds an idle keep-alive connection (or one sending headers) may stay
 MAX_REFUSING = 16  # connections being answered 503 at once; beyond, closed unanswered
 REFUSE_LINGER = 0.5  # seconds a refused client has to read its 503
+CAP_LOG_INTERVAL = 60.0  # seconds between log lines about refusing at the cap
 
 _BUSY_BODY = b"the web console is busy: too many connections; try again\n"
 BUSY_RESPONSE = (
@@ -83,6 +85,7 @@ class Listener:
         self.faults = Faults(self.counters)
         self._app = app
         self._refusing = 0
+        self._quiet_until = float("-inf")
 
     async def serve(
         self,
@@ -124,6 +127,13 @@ class Listener:
         c = self.counters
         if c["connections"] >= self.max_connections:
             c["refused"] += 1
+            now = trio.current_time()
+            if now >= self._quiet_until:  # one line per burst, not one per connection
+                self._quiet_until = now + CAP_LOG_INTERVAL
+                log.warning(
+                    "web console at its connection cap: refusing (503)",
+                    extra=kv(limit=self.max_connections, refused=c["refused"]),
+                )
             await self._refuse(stream)
             return
         c["connections"] += 1
