@@ -178,6 +178,7 @@ async def test_idle_and_slow_connections_are_closed_soon(tmp_path):
         for stream in (idle, slow, kept):
             await stream.aclose()
         await wait_until(lambda: web.counters()["connections"] == 0)
+        assert web.counters()["idle_closed"] == 3
 
 
 async def test_a_body_must_arrive_in_time(tmp_path, monkeypatch):

@@ -59,6 +59,13 @@ class _Connection(TCPServer):
     """
 
     _reading_done = False
+    counters: dict[str, int]
+
+    async def _initiate_server_close(self) -> None:
+        # the keep-alive timer ran out: idle between requests, or headers too slow
+        if not self.context.terminated.is_set():
+            self.counters["idle_closed"] += 1
+        await super()._initiate_server_close()
 
     async def _read_data(self) -> None:
         await super()._read_data()
@@ -81,6 +88,7 @@ class Listener:
             "accepted": 0,
             "refused": 0,  # over the cap: 503 (or closed unanswered)
             "internal_errors": 0,
+            "idle_closed": 0,  # no request within KEEP_ALIVE (or headers not done by then)
         }
         self.faults = Faults(self.counters)
         self._app = app
@@ -139,7 +147,9 @@ class Listener:
         c["connections"] += 1
         c["accepted"] += 1
         try:
-            await _Connection(app, config, context, ConnectionState({}), stream).run()
+            conn = _Connection(app, config, context, ConnectionState({}), stream)
+            conn.counters = c
+            await conn.run()
         except Exception as exc:  # a bug under one connection ends that connection only
             self.faults.report("connection", exc)
         finally:
