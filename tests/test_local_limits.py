@@ -74,6 +74,22 @@ def test_slot_limits_come_from_the_config():
     assert defaults.max_connections_per_user == 8
 
 
+def test_bad_slot_settings_are_refused_with_the_key():
+    from clanagent.config import ConfigError, load_config
+
+    missing = Path("/nonexistent/agent.toml")
+    for key, value, words in (
+        ("control.reserved_connections", 64, "below control.max_connections (64)"),
+        ("control.reserved_connections", -1, "0 or more"),
+        ("control.max_connections_per_user", 0, "at least 1"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as exc:
+            load_config(missing, overrides={key: value})
+        assert words in str(exc.value)
+    cfg = load_config(missing, overrides={"control.max_connections": 16})
+    assert cfg.control.max_connections == 16
+
+
 # -- real users holding every slot they may --------------------------------------
 
 
