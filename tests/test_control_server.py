@@ -392,6 +392,28 @@ async def test_a_fault_outside_any_handler_ends_that_connection_only(tmp_path):
             n.cancel_scope.cancel()
 
 
+async def test_a_fault_while_accepting_drops_that_caller_only(tmp_path, monkeypatch):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, _ = await start_server(n, tmp_path)
+            acquire = server.slots.acquire
+            calls = []
+
+            def flaky(uid, privileged):
+                calls.append(uid)
+                if len(calls) == 1:
+                    raise RuntimeError("injected: slot table bug")
+                return acquire(uid, privileged)
+
+            monkeypatch.setattr(server.slots, "acquire", flaky)
+            with pytest.raises(ClientError) as exc:
+                await call(server.path, "status")
+            assert exc.value.code == "disconnected"
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            assert server.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
 async def test_a_handler_fault_is_logged_once_per_uid_and_counted_each_time(
     tmp_path, monkeypatch, caplog
 ):

@@ -445,7 +445,11 @@ class ControlServer:
                 out_of_fds = True
             else:
                 accept_failing = False
-            self._admit(conn, nursery, out_of_fds)
+            try:
+                self._admit(conn, nursery, out_of_fds)
+            except Exception as exc:  # a bug admitting one caller must not stop the loop
+                self._fault(PeerCred(0, -1, -1), exc, "accept")
+                conn.close()
 
     def _admit(self, conn: socket.socket, nursery: trio.Nursery, out_of_fds: bool) -> None:
         """Give the new connection a slot and a task, or answer it and close it at once."""
