@@ -259,7 +259,7 @@ async def test_idle_slow_and_stalled_connections_are_closed(tmp_path):
 # -- at the fd limit ---------------------------------------------------------------
 
 # A control server in its own process, at a low RLIMIT_NOFILE, that then takes
-# every fd left, as a flood on another listener would.
+# every fd left and any that frees up, as a flood on another listener would.
 _SERVER = r"""
 import json, os, resource, sys
 from pathlib import Path
@@ -286,13 +286,19 @@ async def main():
     async with trio.open_nursery() as n:
         await n.start(server.serve)
         hog = []
-        while True:
-            try:
-                hog.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
+
+        def grab():
+            while True:
+                try:
+                    hog.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    return
+
+        grab()
         print("ready", len(hog), flush=True)
-        await trio.sleep_forever()
+        while True:  # and keeps taking any fd that frees up
+            await trio.sleep(0.02)
+            grab()
 
 
 trio.run(main)

@@ -525,9 +525,12 @@ class ControlServer:
                 )
         finally:
             self.slots.release(cred.uid, privileged)
+            # Close now and take the freed fd as the spare before any other task
+            # runs: at the fd limit another listener would grab it otherwise.
+            stream.socket.close()
+            self._keep_spare()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            self._keep_spare()
 
     async def _serve_client(self, stream: trio.SocketStream, cred: PeerCred) -> None:
         access, why = self._authorize(cred)
