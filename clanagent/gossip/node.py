@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import math
 import random
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from .broadcast_queue import BroadcastQueue
 from .config import GossipConfig, push_pull_scale
 from .events import (
     Ack,
+    AeReply,
+    AeRequest,
     Alive,
     Dead,
     IndirectPing,
@@ -45,6 +48,7 @@ from .events import (
     Nack,
     Ping,
     PushPull,
+    RecordMessage,
     Send,
     Suspect,
 )
@@ -63,6 +67,8 @@ __all__ = [
     "NodeAction",
     "DATAGRAM_LIMITS",
 ]
+
+log = logging.getLogger("clanagent.gossip.node")
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -121,6 +127,9 @@ RECONNECT_TIMEOUT = 24 * 3600.0
 # Peer scoring: each offence costs this much; below the floor we ignore the peer.
 OFFENCE_COST = 10
 SCORE_FLOOR = -100
+# Internal faults are logged once per (sender, exception type, message type);
+# this many keys are remembered (oldest forgotten first).
+FAULT_LOG_KEYS = 256
 
 _COMPOUND_OVERHEAD = 16
 
@@ -222,6 +231,31 @@ def decode_node_meta(meta: bytes) -> str:
     return name if isinstance(name, str) else ""
 
 
+def decode_message(mtype: Any, body: Any) -> Message | RecordMessage | AeRequest | AeReply | None:
+    """One `[type, body]` item as a typed, fully checked message.
+
+    None for a type we do not know (a newer peer's); WireError for anything
+    malformed.  Nothing else escapes: this runs before any state is touched.
+    """
+    if type(mtype) is not int:
+        raise WireError("message type must be an int")
+    cls = _MEMBERSHIP_CLASSES.get(mtype)
+    if cls is not None:
+        msg: Message = cls.from_wire(body)
+        return msg
+    if mtype == MsgType.RECORD:
+        return RecordMessage(body)
+    if mtype == MsgType.AE_REQUEST:
+        return AeRequest(ae.decode_digest(body))
+    if mtype == MsgType.AE_REPLY:
+        if type(body) is not dict or body.keys() != {"d", "g"}:
+            raise WireError("anti-entropy reply must be {d, g}")
+        delta = ae.decode_delta(body["d"], DATAGRAM_LIMITS)
+        digest = None if body["g"] is None else ae.decode_digest(body["g"])
+        return AeReply(delta.records, delta.complete_through, digest)
+    return None
+
+
 @dataclass
 class _Continuation:
     claims: dict[bytes, int] | None = None  # anti-entropy completeness claims to apply
@@ -287,7 +321,9 @@ class GossipNode:
             "records_accepted": 0,
             "ae_exchanges": 0,
             "ignored_peer": 0,
+            "internal_errors": 0,
         }
+        self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
         # state and get a larger retransmit budget (see RECORD_RETRANSMIT_FACTOR).
         self._bq = BroadcastQueue(config.retransmit_mult, self._num_nodes)
@@ -431,6 +467,7 @@ class GossipNode:
             self._offence(out, from_node, from_addr, f"malformed datagram: {exc.reason}")
             return out
         for item in items:
+            mtype: Any = None
             try:
                 if type(item) is not list or len(item) != 2:
                     raise WireError("message must be [type, body]")
@@ -439,7 +476,32 @@ class GossipNode:
             except WireError as exc:
                 self.stats["malformed"] += 1
                 self._offence(out, from_node, from_addr, f"malformed message: {exc.reason}")
+            except Exception as exc:  # noqa: BLE001 -- the fault boundary
+                # A bug of ours, triggered by this peer's message: count it, log
+                # it once, drop the rest of the datagram, keep the node running.
+                self._internal_error(from_node, from_addr, mtype, exc)
+                break
         return out
+
+    def _internal_error(
+        self, from_node: str | None, from_addr: str, mtype: Any, exc: Exception
+    ) -> None:
+        self.stats["internal_errors"] += 1
+        mname = str(mtype) if type(mtype) is int else type(mtype).__name__
+        key = (from_node or from_addr, type(exc).__name__, mname)
+        logged = self._faults_logged
+        if key in logged:
+            return
+        logged[key] = None
+        if len(logged) > FAULT_LOG_KEYS:
+            logged.popitem(last=False)
+        log.error(
+            "internal error handling message type %s from %s (%s); datagram rest dropped",
+            mname,
+            key[0],
+            from_addr,
+            exc_info=exc,
+        )
 
     def _dispatch(
         self,
@@ -450,38 +512,35 @@ class GossipNode:
         body: Any,
         out: list[NodeAction],
     ) -> None:
-        cls = _MEMBERSHIP_CLASSES.get(mtype) if type(mtype) is int else None
-        if cls is not None:
-            if type(body) is list and len(body) >= 3:
-                m = self._membership
-                if (mtype == MsgType.ALIVE and m.alive_is_stale(body[1], body[0], body[2])) or (
-                    mtype == MsgType.SUSPECT and m.suspect_is_stale(body[1], body[0], body[2])
-                ):
-                    self.stats["stale"] = self.stats.get("stale", 0) + 1
-                    return
-            msg = cls.from_wire(body)
+        # Decode (every field checked) before anything touches state.
+        msg = decode_message(mtype, body)
+        if msg is None:
+            # Unknown types from a newer peer are skipped, not punished.
+            self.stats["unknown_type"] = self.stats.get("unknown_type", 0) + 1
+            return
+        if isinstance(msg, RecordMessage):
+            self._on_record(now, from_addr, from_node, msg.data, out)
+        elif isinstance(msg, AeRequest):
+            self._reply_ae(out, from_node, from_addr, msg.digest, with_digest=True)
+        elif isinstance(msg, AeReply):
+            self.stats["ae_exchanges"] += 1
+            delta = ae.WireDelta(msg.records, msg.claims)
+            self._on_delta(now, from_addr, from_node, delta, out)
+            if msg.digest is not None:
+                self._reply_ae(out, from_node, from_addr, msg.digest, with_digest=False)
+        else:
+            m = self._membership
+            if (
+                isinstance(msg, Alive) and m.alive_is_stale(msg.node, msg.incarnation, msg.addr)
+            ) or (
+                isinstance(msg, Suspect)
+                and m.suspect_is_stale(msg.node, msg.incarnation, msg.from_node)
+            ):
+                self.stats["stale"] = self.stats.get("stale", 0) + 1
+                return
             if from_node is not None:
                 self._last_seen[from_node] = now
             self._handle_membership_actions(self._membership.receive(now, from_addr, msg), out)
-        elif mtype == MsgType.RECORD:
-            if type(body) is not bytes:
-                raise WireError("record body must be bin")
-            self._on_record(now, from_addr, from_node, body, out)
-        elif mtype == MsgType.AE_REQUEST:
-            digest = ae.decode_digest(body)
-            self._reply_ae(out, from_node, from_addr, digest, with_digest=True)
-        elif mtype == MsgType.AE_REPLY:
-            if type(body) is not dict or set(body) != {"d", "g"}:
-                raise WireError("anti-entropy reply must be {d, g}")
-            delta = ae.decode_delta(body["d"], DATAGRAM_LIMITS)
-            peer_digest = None if body["g"] is None else ae.decode_digest(body["g"])
-            self.stats["ae_exchanges"] += 1
-            self._on_delta(now, from_addr, from_node, delta, out)
-            if peer_digest is not None:
-                self._reply_ae(out, from_node, from_addr, peer_digest, with_digest=False)
-        else:
-            # Unknown types from a newer peer are skipped, not punished.
-            self.stats["unknown_type"] = self.stats.get("unknown_type", 0) + 1
 
     # -- records --------------------------------------------------------------
 
@@ -825,6 +884,10 @@ class GossipNode:
                 }
             )
         return out
+
+    def counters(self) -> dict[str, int]:
+        """The node's stats (a copy): traffic, drops by reason, internal errors."""
+        return dict(self.stats)
 
     def peer_scores(self) -> dict[str, int]:
         return {k: v.score for k, v in self._scores.items()}
