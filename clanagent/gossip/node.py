@@ -26,7 +26,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..wire import Limits, SignedRecord, WireError, pack, pack_plain, unpack, unpack_shallow
+from ..identity import node_id_of
+from ..wire import (
+    MAX_RECORD_VERSION,
+    Limits,
+    SignedRecord,
+    WireError,
+    pack,
+    pack_plain,
+    unpack,
+    unpack_shallow,
+)
 from . import antientropy as ae
 from .broadcast_queue import BroadcastQueue
 from .config import GossipConfig, push_pull_scale
@@ -127,6 +137,14 @@ RECONNECT_TIMEOUT = 24 * 3600.0
 # Peer scoring: each offence costs this much; below the floor we ignore the peer.
 OFFENCE_COST = 10
 SCORE_FLOOR = -100
+# Scores recover: one point per SCORE_DECAY_INTERVAL toward 0, so a peer that
+# stops misbehaving is heard again (from the floor: after about a minute, and
+# fully after 100 minutes).  At most MAX_SCORES peers are tracked; the one
+# whose last offence is oldest is forgotten first.
+SCORE_DECAY_INTERVAL = 60.0
+MAX_SCORES = 4096
+# Longest text of a validation refusal kept in a PeerMisbehaved reason.
+_MAX_REASON = 200
 # Internal faults are logged once per (sender, exception type, message type);
 # this many keys are remembered (oldest forgotten first).
 FAULT_LOG_KEYS = 256
@@ -268,6 +286,14 @@ class _PeerScore:
     score: int = 0
     offences: int = 0
     last_reason: str = ""
+    since: float = 0.0  # decay is applied up to here
+
+    def decay(self, now: float) -> None:
+        steps = int((now - self.since) // SCORE_DECAY_INTERVAL)
+        if steps <= 0:
+            return
+        self.since += steps * SCORE_DECAY_INTERVAL
+        self.score = min(0, self.score + steps)
 
 
 @dataclass
@@ -293,6 +319,7 @@ class GossipNode:
         now: float,
         name: str = "",
         admit: Callable[[SignedRecord], bool] | None = None,
+        validate: Callable[[SignedRecord], None] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
         regossip_push_pull_replies: bool = True,
@@ -307,6 +334,13 @@ class GossipNode:
         self.origin: bytes = bytes(identity.public_key)
         self._rng = rng
         self._admit = admit
+        # Checks a verified record's body (kind, schema, semantics): returns
+        # None to accept, raises to refuse (transient=True: cannot decide yet).
+        self._validate = validate
+        reserve = getattr(store, "reserve", None)
+        if reserve is not None:
+            # The store's totals must never stop us publishing our own records.
+            reserve(self.origin)
         self._eager = eager_gossip
         self.stats: dict[str, int] = {
             "bytes_sent": 0,
@@ -322,6 +356,10 @@ class GossipNode:
             "ae_exchanges": 0,
             "ignored_peer": 0,
             "internal_errors": 0,
+            "records_refused": 0,
+            "records_deferred": 0,
+            "records_over_quota": 0,
+            "records_over_version": 0,
         }
         self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
@@ -348,7 +386,7 @@ class GossipNode:
         self._ae = ae.AntiEntropy(store, self.origin)
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._pending: dict[int, tuple[tuple[SignedRecord, ...], _Continuation]] = {}
-        self._scores: dict[str, _PeerScore] = {}
+        self._scores: OrderedDict[str, _PeerScore] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         # Bodies we published in this run, so we can re-assert them when a
         # peer shows us an older run's record of ours with a higher version.
@@ -410,7 +448,17 @@ class GossipNode:
         self, out: list[NodeAction], from_node: str | None, from_addr: str, reason: str
     ) -> None:
         peer = from_node or from_addr
-        sc = self._scores.setdefault(peer, _PeerScore())
+        scores = self._scores
+        sc = scores.get(peer)
+        if sc is None:
+            sc = scores[peer] = _PeerScore(since=self._now)
+            if len(scores) > MAX_SCORES:
+                scores.popitem(last=False)
+        else:
+            sc.decay(self._now)
+            if sc.score == 0:
+                sc.since = self._now
+            scores.move_to_end(peer)
         sc.score -= OFFENCE_COST
         sc.offences += 1
         sc.last_reason = reason
@@ -418,7 +466,52 @@ class GossipNode:
 
     def _ignored(self, from_node: str | None, from_addr: str) -> bool:
         sc = self._scores.get(from_node or from_addr)
-        return sc is not None and sc.score <= SCORE_FLOOR
+        if sc is None:
+            return False
+        sc.decay(self._now)
+        return sc.score <= SCORE_FLOOR
+
+    def _refuse(
+        self,
+        out: list[NodeAction],
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        counter: str,
+        reason: str,
+    ) -> None:
+        """Count a record refused for its signed content.  The content is the
+        origin's doing: only a sender that is the origin is scored down (a relay
+        forwarding someone else's record is not)."""
+        self.stats[counter] += 1
+        if from_node is not None and from_node == node_id_of(rec.origin):
+            self._offence(out, from_node, from_addr, reason)
+
+    def _accept_body(
+        self,
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        out: list[NodeAction],
+    ) -> bool:
+        """The checks of a verified record's content: the validate hook, then quotas."""
+        if self._validate is not None:
+            try:
+                self._validate(rec)
+            except Exception as exc:  # noqa: BLE001 -- any refusal of the hook
+                if getattr(exc, "transient", False) is True:
+                    # Cannot decide yet: drop unscored; anti-entropy brings it back.
+                    self.stats["records_deferred"] += 1
+                    return False
+                why = f"refused record {rec.kind!r}: {exc}"[:_MAX_REASON]
+                self._refuse(out, rec, from_node, from_addr, "records_refused", why)
+                return False
+        over_quota = getattr(self.store, "over_quota", None)
+        reason = over_quota(rec) if over_quota is not None else None
+        if reason is not None:
+            self._refuse(out, rec, from_node, from_addr, "records_over_quota", reason)
+            return False
+        return True
 
     def _remember(self, rid: bytes) -> None:
         seen = self._seen
@@ -578,8 +671,17 @@ class GossipNode:
         try:
             rec.verify()
         except WireError as exc:
+            # A bad signature is the sender's doing, whoever the origin claims to be.
             self.stats["records_invalid"] += 1
             self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return
+        if rec.version >= MAX_RECORD_VERSION:
+            self._remember(rid)
+            self._refuse(
+                out, rec, from_node, from_addr, "records_over_version", "version at or over 2**53"
+            )
+            return
+        if not self._accept_body(rec, from_node, from_addr, out):
             return
         self._remember(rid)
         self._persist(now, (rec,), _Continuation(from_addr=from_addr), out)
@@ -650,8 +752,20 @@ class GossipNode:
             out.append(RecordAccepted(rec))
         if cont.claims is not None:
             # Anti-entropy: account for the batch (the store already holds it,
-            # so apply() only moves watermarks) with the sender's claims.
-            self._ae.apply(records, cont.claims, verify=False)
+            # so apply() only moves watermarks) with the sender's claims.  A
+            # record the store refused (quota) is not held: its origin's claim
+            # must not move our watermark past it.
+            claims = cont.claims
+            held: list[SignedRecord] = []
+            for rec, stored in zip(records, results, strict=True):
+                if not stored:
+                    have = self.store.get(rec.origin, rec.kind, rec.key)
+                    if have is None or have.version < rec.version:
+                        self.stats["records_over_quota"] += 1
+                        claims.pop(rec.origin, None)
+                        continue
+                held.append(rec)
+            self._ae.apply(held, claims, verify=False)
             # Everything the peer sent is durable now: a sync completed.
             self.stats["ae_synced"] = self.stats.get("ae_synced", 0) + 1
         if fresh and self._eager:
@@ -672,13 +786,25 @@ class GossipNode:
     ) -> tuple[SignedRecord, list[NodeAction]]:
         """Sign and spread a new record of ours (version = our highest + 1)."""
         self._now = now
-        version = self.store.max_version(self.origin) + 1
+        top = self.store.max_version(self.origin)
+        if top >= MAX_RECORD_VERSION - 1:
+            # A store that holds one of ours at the bound (one that does not
+            # quarantine such records itself): continue after the valid ones.
+            top = max(
+                (
+                    r.version
+                    for r in self.store.by_origin(self.origin)
+                    if r.version < MAX_RECORD_VERSION - 1
+                ),
+                default=0,
+            )
+        version = top + 1
         pending_max = max(
             (
                 r.version
                 for recs, _ in self._pending.values()
                 for r in recs
-                if r.origin == self.origin
+                if r.origin == self.origin and r.version < MAX_RECORD_VERSION - 1
             ),
             default=0,
         )
@@ -722,7 +848,8 @@ class GossipNode:
         delta: ae.WireDelta,
         out: list[NodeAction],
     ) -> None:
-        claims = dict(delta.complete_through)
+        # A claim at or over the version bound can never be backed by records.
+        claims = {o: v for o, v in delta.complete_through.items() if v < MAX_RECORD_VERSION}
         fresh: list[SignedRecord] = []
         valid: list[SignedRecord] = []
         taint_all = False
@@ -734,6 +861,14 @@ class GossipNode:
                 held = self.store.get(rec.origin, rec.kind, rec.key)
                 if held is None or held.version < rec.version:
                     rec.verify()
+                    if rec.version >= MAX_RECORD_VERSION:
+                        reason = "version at or over 2**53"
+                        self._refuse(out, rec, from_node, from_addr, "records_over_version", reason)
+                        claims.pop(rec.origin, None)
+                        continue
+                    if not self._accept_body(rec, from_node, from_addr, out):
+                        claims.pop(rec.origin, None)
+                        continue
                     fresh.append(rec)
                     self._remember(rec.record_id)
                 valid.append(rec)
@@ -890,4 +1025,6 @@ class GossipNode:
         return dict(self.stats)
 
     def peer_scores(self) -> dict[str, int]:
+        for sc in self._scores.values():
+            sc.decay(self._now)
         return {k: v.score for k, v in self._scores.items()}
