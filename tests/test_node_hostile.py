@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from clanagent.gossip.config import GossipConfig, RecordLimits
 from clanagent.gossip.node import GossipNode, MsgType, PeerMisbehaved, Persist, SendTo, compound
-from clanagent.identity import Identity
+from clanagent.identity import Identity, node_id_of
 from clanagent.store import Store, file_name
 from clanagent.wire import (
     MAX_RECORD_VERSION,
@@ -548,3 +548,78 @@ def test_counters_name_every_drop_reason():
         "records_invalid",
     ):
         assert c[k] == 0
+
+
+# -- 5. a junk flood ------------------------------------------------------------------
+
+FLOOD = 30_000
+_FLOOD_CACHE: list[SignedRecord] = []
+
+
+def _flood_records() -> list[SignedRecord]:
+    if not _FLOOD_CACHE:
+        flooder = Identity.generate()
+        _FLOOD_CACHE.extend(
+            SignedRecord.create(flooder, "junk", f"j{i}", i + 1, {"pad": "x" * 64}, clan=CLAN)
+            for i in range(FLOOD)
+        )
+    return _FLOOD_CACHE
+
+
+def _push_flood(node: GossipNode, recs, from_node: str, per_datagram: int = 100) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    for i in range(0, len(recs), per_datagram):
+        out = node.receive(
+            1.0, from_node, _records_datagram(recs[i : i + per_datagram]), from_node=from_node
+        )
+        for a in out:
+            if isinstance(a, Persist):
+                node.persisted(1.0, a.records)
+    return time.perf_counter() - t0
+
+
+def _legit_still_stored(node: GossipNode) -> None:
+    legit = Identity.generate()
+    recs = [SignedRecord.create(legit, "svc", f"k{i}", i + 1, i, clan=CLAN) for i in range(20)]
+    node.receive(2.0, "friend", _records_datagram(recs), from_node=legit.node_id)
+    assert all(node.store.get(r.origin, r.kind, r.key) == r for r in recs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["unknown-kind", "over-quota"])
+@pytest.mark.parametrize("sender", ["origin", "relay"])
+def test_a_30000_record_flood_is_bounded_and_legit_records_still_get_in(how, sender, capsys):
+    recs = _flood_records()
+    quota = RecordLimits()
+
+    def validate(rec):
+        if rec.kind != "svc":
+            raise Refusal(f"unknown kind {rec.kind!r}")
+
+    node = _node(
+        store=Store.open(None, quota=quota),
+        validate=validate if how == "unknown-kind" else None,
+    )
+    from_node = node_id_of(recs[0].origin) if sender == "origin" else "relay"
+    elapsed = _push_flood(node, recs, from_node)
+    held, size = node.store.usage(recs[0].origin)
+    c = node.counters()
+    if how == "unknown-kind":
+        assert held == 0
+    else:
+        assert held <= quota.max_records_per_origin and size <= quota.max_bytes_per_origin
+    if sender == "relay":
+        # Every record was looked at: all counted, the relay never scored.
+        dropped = c["records_refused"] + c["records_over_quota"]
+        assert dropped == FLOOD - held
+        assert node.peer_scores() == {}
+    else:
+        # The origin is silenced at the score floor after ten refusals.
+        assert c["ignored_peer"] > 0 and node.peer_scores()[from_node] <= -100
+    # Memory bounded: the dedup cache and the rebroadcast queue stay bounded.
+    assert len(node._seen) <= 65536 and len(node._rq) <= quota.max_records_per_origin
+    _legit_still_stored(node)
+    with capsys.disabled():
+        print(f"\nflood {how} via {sender}: {FLOOD} records in {elapsed:.2f} s, stored {held}")

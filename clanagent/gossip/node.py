@@ -493,8 +493,9 @@ class GossipNode:
         from_node: str | None,
         from_addr: str,
         out: list[NodeAction],
-    ) -> bool:
-        """The checks of a verified record's content: the validate hook, then quotas."""
+    ) -> str | None:
+        """The checks of a verified record's content: the validate hook, then
+        quotas.  None to accept, else the counter it was dropped under."""
         if self._validate is not None:
             try:
                 self._validate(rec)
@@ -502,16 +503,16 @@ class GossipNode:
                 if getattr(exc, "transient", False) is True:
                     # Cannot decide yet: drop unscored; anti-entropy brings it back.
                     self.stats["records_deferred"] += 1
-                    return False
+                    return "records_deferred"
                 why = f"refused record {rec.kind!r}: {exc}"[:_MAX_REASON]
                 self._refuse(out, rec, from_node, from_addr, "records_refused", why)
-                return False
+                return "records_refused"
         over_quota = getattr(self.store, "over_quota", None)
         reason = over_quota(rec) if over_quota is not None else None
         if reason is not None:
             self._refuse(out, rec, from_node, from_addr, "records_over_quota", reason)
-            return False
-        return True
+            return "records_over_quota"
+        return None
 
     def _remember(self, rid: bytes) -> None:
         seen = self._seen
@@ -681,7 +682,12 @@ class GossipNode:
                 out, rec, from_node, from_addr, "records_over_version", "version at or over 2**53"
             )
             return
-        if not self._accept_body(rec, from_node, from_addr, out):
+        dropped = self._accept_body(rec, from_node, from_addr, out)
+        if dropped == "records_refused":
+            # Refused for good: its copies cost a hash from now on.  (Deferred
+            # and over-quota records may be taken later, so they are not remembered.)
+            self._remember(rid)
+        if dropped is not None:
             return
         self._remember(rid)
         self._persist(now, (rec,), _Continuation(from_addr=from_addr), out)
@@ -866,7 +872,7 @@ class GossipNode:
                         self._refuse(out, rec, from_node, from_addr, "records_over_version", reason)
                         claims.pop(rec.origin, None)
                         continue
-                    if not self._accept_body(rec, from_node, from_addr, out):
+                    if self._accept_body(rec, from_node, from_addr, out) is not None:
                         claims.pop(rec.origin, None)
                         continue
                     fresh.append(rec)
