@@ -623,3 +623,14 @@ def test_a_30000_record_flood_is_bounded_and_legit_records_still_get_in(how, sen
     _legit_still_stored(node)
     with capsys.disabled():
         print(f"\nflood {how} via {sender}: {FLOOD} records in {elapsed:.2f} s, stored {held}")
+
+
+def test_a_batch_the_store_refuses_for_quota_is_counted_and_keeps_the_watermark():
+    node = _node(store=Store.open(None, quota=RecordLimits(max_records_per_origin=2)))
+    origin = Identity.generate()
+    recs = [SignedRecord.create(origin, "svc", f"k{i}", i + 1, i, clan=CLAN) for i in range(3)]
+    delta = {"c": [[origin.public_key, 3]], "r": [r.encode() for r in recs]}
+    node.receive(1.0, "r", compound([pack([int(MsgType.AE_REPLY), {"d": delta, "g": None}])]))
+    assert node.store.usage(origin.public_key)[0] == 2
+    assert node.counters()["records_over_quota"] == 1
+    assert node.antientropy.digest().get(origin.public_key, 0) == 2

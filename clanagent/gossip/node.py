@@ -741,9 +741,21 @@ class GossipNode:
         out: list[NodeAction],
     ) -> None:
         fresh = False
+        held: list[SignedRecord] = []
+        unheld: set[bytes] = set()  # origins with a record the store refused (quota)
         for rec, stored in zip(records, results, strict=True):
             if not stored:
+                have = self.store.get(rec.origin, rec.kind, rec.key)
+                if have is None or have.version < rec.version:
+                    # Refused by the store itself (its quota, racing our check):
+                    # counted, and forgotten so that it may come again.
+                    self.stats["records_over_quota"] += 1
+                    self._seen.pop(rec.record_id, None)
+                    unheld.add(rec.origin)
+                else:
+                    held.append(rec)
                 continue
+            held.append(rec)
             self.stats["records_accepted"] += 1
             if rec.origin == self.origin:
                 self._reassert_own(now, rec, out)
@@ -759,18 +771,9 @@ class GossipNode:
         if cont.claims is not None:
             # Anti-entropy: account for the batch (the store already holds it,
             # so apply() only moves watermarks) with the sender's claims.  A
-            # record the store refused (quota) is not held: its origin's claim
-            # must not move our watermark past it.
-            claims = cont.claims
-            held: list[SignedRecord] = []
-            for rec, stored in zip(records, results, strict=True):
-                if not stored:
-                    have = self.store.get(rec.origin, rec.kind, rec.key)
-                    if have is None or have.version < rec.version:
-                        self.stats["records_over_quota"] += 1
-                        claims.pop(rec.origin, None)
-                        continue
-                held.append(rec)
+            # record the store refused is not held: its origin's claim must not
+            # move our watermark past it.
+            claims = {o: v for o, v in cont.claims.items() if o not in unheld}
             self._ae.apply(held, claims, verify=False)
             # Everything the peer sent is durable now: a sync completed.
             self.stats["ae_synced"] = self.stats.get("ae_synced", 0) + 1
