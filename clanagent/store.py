@@ -270,6 +270,8 @@ class Store:
             use[1] += rec.size
             total[0] += 1
             total[1] += rec.size
+        if (self._dir / _CORRUPT_DIR).exists():
+            _fsync_dir(self._dir / _CORRUPT_DIR)
         _fsync_dir(self._dir)
         log.error("store: %d records beyond the quota moved to %s", dropped, _CORRUPT_DIR)
 
@@ -284,7 +286,8 @@ class Store:
             # Suffix so an earlier quarantined file of the same name is kept too.
             dest = corrupt / f"{name}.{time.time_ns()}"
             os.replace(self._dir / name, dest)
-            _fsync_dir(corrupt)
+            if not quiet:  # quiet callers fsync once for the whole batch
+                _fsync_dir(corrupt)
         except OSError as exc:
             log.error("store file %s is corrupt (%s) and could not be moved: %s", name, why, exc)
             return
