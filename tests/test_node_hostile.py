@@ -634,3 +634,18 @@ def test_a_batch_the_store_refuses_for_quota_is_counted_and_keeps_the_watermark(
     assert node.store.usage(origin.public_key)[0] == 2
     assert node.counters()["records_over_quota"] == 1
     assert node.antientropy.digest().get(origin.public_key, 0) == 2
+
+
+def test_every_wrong_body_is_dropped_and_counted_exhaustively():
+    """The same property as the hypothesis test, over the whole table once."""
+    node = _shared_node()
+    for mtype, body in WRONG_BODIES:
+        _STATE["n"] += 1
+        sender = f"x{_STATE['n']}"
+        before = node.counters()
+        node.receive(_STATE["now"], sender, compound([_item(mtype, body)]))
+        after = node.counters()
+        dropped = (after["malformed"] - before["malformed"]) + (
+            after["records_invalid"] - before["records_invalid"]
+        )
+        assert dropped == 1 and after["internal_errors"] == 0, (mtype, body)
