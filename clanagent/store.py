@@ -6,7 +6,10 @@ disk, one file per key holding the record's own signed encoding.  A write is
 acknowledged (``put`` returns True) only once it would survive ``kill -9``
 and, as far as the OS promises, a power cut: temp file, fsync, rename, fsync
 of the directory.  Opening a directory cleans what a crash left behind and
-quarantines anything unreadable into ``corrupt/``.
+quarantines anything unreadable into ``corrupt/``.  It bounds what it holds
+(`RecordLimits`: records and bytes per origin and in total, accounted by delta
+when a newer version replaces a key) and never holds a record at or over
+`MAX_RECORD_VERSION`, so an origin's versions cannot run out.
 
 Must never: acknowledge a write before it is durable, let an older or equal
 version replace a newer one, crash on (or silently drop) a damaged file, or

@@ -3,13 +3,16 @@
 Owns: the datagram format (a compound of typed messages), the append-only
 message-type table, piggybacking queued broadcasts on every small message,
 the gossip and anti-entropy timers, verification of every record before it
-is stored or forwarded, and peer scoring.  The trio shell (`service.py`) and
+is stored or forwarded (signature, version bound, the `validate` hook on its
+body, the store's quotas), and peer scoring (decaying, bounded table).  The trio shell (`service.py`) and
 the simulator (`tests/sim/`) drive the same object: bytes and `now` in,
 actions out.
 
 Must never: read a clock, sleep, open a socket, import trio, forward or store
-a record it has not verified, or let a peer's bytes raise anything out of
-`receive` (bad input is counted, scored and dropped).
+a record it has not verified, let a message touch state before it is decoded
+and checked field by field (`decode_message`), or let a peer's bytes raise
+anything out of `receive` (bad input is counted, scored and dropped; a fault
+of ours is counted, logged once and drops the rest of that datagram).
 
 Datagram:  [PROTOCOL_VERSION, [[type, body], [type, body], ...]]
 """
