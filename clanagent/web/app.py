@@ -8,6 +8,8 @@ WebSocket session: authenticate with the first message (within
 AUTH_TIMEOUT), only then take one of the MAX_CONNECTIONS slots, then run
 control API requests through the same table, checks and handlers as the
 control socket (`control.api`), plus the console's own `console.*` methods.
+It tells the listener which connections carried a valid login or session (evicted
+last at the connection cap) and which WebSockets still wait to authenticate.
 Must never: answer a request with a foreign Host, let anything through the
 WebSocket before it has authenticated, give a slot to a socket that has not,
 let one browser's bad input or one handler's bug reach beyond its own
