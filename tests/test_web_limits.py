@@ -3,8 +3,10 @@
 A WebConsole (hypercorn's connections under our listener) bound to
 127.0.0.1 in front of the stand-in agent of test_web_app.py.  Issue 12: a
 POST loop must not leave sockets in CLOSE-WAIT (nor use up fds), idle and
-slow connections are closed soon, the connection cap answers 503 and the
-console serves again once the holders leave, an unauthenticated WebSocket
+slow connections are closed soon, at the connection cap idle connections
+(and WebSockets still to authenticate) make room for newcomers, the
+never-authenticated first, and only requests in flight at every slot make
+it answer 503 (the console serves again once they leave), an unauthenticated WebSocket
 holds no slot, and a bug under one request or connection ends that one only.
 """
 
@@ -22,6 +24,7 @@ from trio_websocket import ConnectionClosed, connect_websocket_url
 from clanagent.config import Config, WebSection
 from clanagent.web import WebConsole, _listener
 from clanagent.web import app as web_app
+from clanagent.web import server as web_server
 from clanagent.web._listener import KEEP_ALIVE, MAX_WEB_CONNECTIONS
 from clanagent.web.app import AUTH_TIMEOUT, CLOSE_BUSY, CLOSE_UNAUTHORIZED, MAX_CONNECTIONS
 
@@ -198,16 +201,112 @@ async def test_a_body_must_arrive_in_time(tmp_path, monkeypatch):
 # -- the connection cap -----------------------------------------------------------------
 
 
-async def test_the_connection_cap_answers_503_and_frees_up(tmp_path):
+async def hold_idle(held: AsyncExitStack, port: int, count: int) -> list[trio.SocketStream]:
+    """`count` connections that never send a byte (a local user's slot holders)."""
+    streams = []
+    for _ in range(count):
+        streams.append(
+            await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+        )
+    return streams
+
+
+async def closed_by_server(stream: trio.SocketStream) -> bool:
+    """Whether the server has closed `stream` (EOF or reset), without waiting long."""
+    with trio.move_on_after(0.5):
+        try:
+            return await stream.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            return True
+    return False
+
+
+async def test_at_the_cap_an_idle_connection_makes_room_for_the_admin(tmp_path, monkeypatch):
+    # idle holders stay as long as the test likes (a local user reconnecting every
+    # ~2 s keeps them as full as this)
+    monkeypatch.setattr(web_server, "KEEP_ALIVE", 30.0)
+    async with console(tmp_path) as (web, port), AsyncExitStack() as held:
+        holders = await hold_idle(held, port, MAX_WEB_CONNECTIONS)
+        await wait_until(lambda: web.counters()["connections"] == MAX_WEB_CONNECTIONS)
+        start = trio.current_time()
+        with trio.fail_after(1):
+            session = await login(web, port)
+        elapsed = trio.current_time() - start
+        c = web.counters()
+        assert c["evicted"] == 1 and c["refused"] == 0, c
+        # the login's connection is closed by now, or will be: a slot for this one,
+        # or another eviction
+        assert (await exchange(port, request(port, "GET", "/")))[0] == 200
+        c = web.counters()
+        assert c["evicted"] in (1, 2) and c["refused"] == 0, c
+        assert c["connections"] <= MAX_WEB_CONNECTIONS
+        # the oldest holder made room
+        assert [await closed_by_server(s) for s in holders[:3]] == [True, c["evicted"] == 2, False]
+        print(f"login with {MAX_WEB_CONNECTIONS} idle holders: {elapsed * 1000:.0f} ms")
+        async with trio.open_nursery() as n:
+            ws = await open_ws(n, port)
+            assert (await authenticate(ws, session))["ok"] is True
+            await ws.aclose()
+
+
+async def test_an_authenticated_idle_connection_is_evicted_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(web_server, "KEEP_ALIVE", 30.0)
+    async with console(tmp_path) as (web, port), AsyncExitStack() as held:
+        # the admin's keep-alive connection: logged in on it, now idle (the oldest)
+        admin = await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+        token = web.auth.mint_login(web.app.clock())
+        await admin.send_all(post(port, "/session", {"token": token}))
+        assert (await read_response(admin))[0] == 200
+        holders = await hold_idle(held, port, MAX_WEB_CONNECTIONS - 1)
+        await wait_until(lambda: web.counters()["connections"] == MAX_WEB_CONNECTIONS)
+        for _ in range(5):  # newcomers that stay (keep-alive)
+            stream = await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+            await stream.send_all(request(port, "GET", "/"))
+            assert (await read_response(stream))[0] == 200
+        assert web.counters()["evicted"] == 5
+        assert [await closed_by_server(s) for s in holders[:6]] == [True] * 5 + [False]
+        # the admin's connection is still there and serves
+        await admin.send_all(request(port, "GET", "/"))
+        with trio.fail_after(1):
+            assert (await read_response(admin))[0] == 200
+
+
+async def test_unauthenticated_websockets_make_room_not_authenticated_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(web_app, "AUTH_TIMEOUT", 30.0)
+    async with console(tmp_path) as (web, port):
+        session = await login(web, port)
+        async with trio.open_nursery() as n:
+            admin = await open_ws(n, port)
+            assert (await authenticate(admin, session))["ok"] is True
+            silent = [await open_ws(n, port) for _ in range(MAX_WEB_CONNECTIONS - 1)]
+            await wait_until(lambda: web.counters()["connections"] == MAX_WEB_CONNECTIONS)
+            with trio.fail_after(1):
+                session2 = await login(web, port)
+                second = await open_ws(n, port)
+                assert (await authenticate(second, session2))["ok"] is True
+            assert web.counters()["evicted"] == 2 and web.counters()["refused"] == 0
+            for ws in (admin, second):  # both authenticated sockets serve on
+                await ws.send_message(json.dumps({"id": 1, "method": "status", "params": {}}))
+                assert json.loads(await ws.get_message())["result"]["name"] == "m1"
+            for ws in (admin, second, *silent):
+                await ws.aclose()
+
+
+async def test_the_cap_answers_503_when_every_connection_has_a_request_in_flight(tmp_path):
     async with console(tmp_path) as (web, port):
         async with AsyncExitStack() as held:
+            raw = post(port, "/session", {"token": "x" * 40})
             for _ in range(MAX_WEB_CONNECTIONS):
-                await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
-            await wait_until(lambda: web.counters()["connections"] == MAX_WEB_CONNECTIONS)
+                stream = await held.enter_async_context(
+                    await trio.open_tcp_stream("127.0.0.1", port)
+                )
+                await stream.send_all(raw[:-10])  # headers sent, the body pending
+            await wait_until(lambda: web.counters()["http_requests"] == MAX_WEB_CONNECTIONS)
             for _ in range(3):
                 status, body = await exchange(port, request(port, "GET", "/"))
                 assert status == 503 and b"busy" in body
-            assert web.counters()["refused"] == 3
+            c = web.counters()
+            assert c["refused"] == 3 and c["evicted"] == 0, c
         await wait_until(lambda: web.counters()["connections"] == 0)
         # the holders are gone: an admin logs in and uses the API
         session = await login(web, port)
@@ -325,6 +424,6 @@ async def test_counters_are_plain_ints(tmp_path):
         await exchange(port, request(port, "GET", "/"))
         c = web.counters()
         assert all(type(v) is int for v in c.values())
-        for key in ("connections", "accepted", "refused", "internal_errors", "timeouts"):
+        for key in ("connections", "accepted", "refused", "evicted", "internal_errors", "timeouts"):
             assert key in c
         assert c["http_requests"] == 1

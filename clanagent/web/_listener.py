@@ -1,20 +1,24 @@
 """The console's HTTP listener: hypercorn's per-connection server, with the limits
 hypercorn itself lacks.
 
-Owns: accepting on the console's socket, the cap on connections at once (beyond
-it a short 503 and close), closing a connection as soon as its client has closed
+Owns: accepting on the console's socket, the cap on connections at once (at it,
+a newcomer takes the slot of the connection worth least: an idle one, or a
+WebSocket still to authenticate, that never carried an authenticated request,
+the longest idle first; only when every one has a request in flight, a short 503
+and close), closing a connection as soon as its client has closed
 (hypercorn keeps it until its keep-alive timer ends: CLOSE-WAIT for seconds, so a
 local POST loop could use up the agent's fds), and the error boundary around each
 connection.  HTTP and WebSocket parsing stay hypercorn's (h11 and wsproto).
 Must never: let one connection's fault reach the listener or the agent, keep a
-socket its client has closed, or hold more than `max_connections` (plus a few
-being refused) at once.
+socket its client has closed, hold more than `max_connections` (plus a few
+being refused or closing) at once, or let idle sockets keep a request out.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -28,7 +32,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from .._log import kv
 from ._faults import Faults
 
-__all__ = ["Listener", "MAX_WEB_CONNECTIONS", "KEEP_ALIVE"]
+__all__ = ["Listener", "Slot", "slot_of", "MAX_WEB_CONNECTIONS", "KEEP_ALIVE"]
 
 log = logging.getLogger("clanagent.web")
 
@@ -36,7 +40,8 @@ MAX_WEB_CONNECTIONS = 64  # HTTP connections (WebSockets included) at once
 KEEP_ALIVE = 2.0  # seconds an idle keep-alive connection (or one sending headers) may stay
 MAX_REFUSING = 16  # connections being answered 503 at once; beyond, closed unanswered
 REFUSE_LINGER = 0.5  # seconds a refused client has to read its 503
-CAP_LOG_INTERVAL = 60.0  # seconds between log lines about refusing at the cap
+CAP_LOG_INTERVAL = 60.0  # seconds between log lines about the cap (per kind: evict, refuse)
+SLOT_KEY = "clanagent.slot"  # the connection's Slot, in each request's scope["state"]
 
 _BUSY_BODY = b"the web console is busy: too many connections; try again\n"
 BUSY_RESPONSE = (
@@ -46,6 +51,35 @@ BUSY_RESPONSE = (
     b"retry-after: 1\r\n"
     b"connection: close\r\n\r\n" + _BUSY_BODY
 )
+
+
+@dataclass(eq=False)
+class Slot:
+    """What the listener knows of one open connection, to choose whom to evict.
+
+    `idle`: no request in flight (waiting for the first request head, or for the
+    next one on keep-alive); `since`: when it last became idle.  The app sets
+    `authenticated` once the connection carried a valid login or session, and
+    `awaiting_auth` while a WebSocket waits for its authentication message (it
+    holds no app slot yet, so it may be evicted like an idle one).
+    """
+
+    since: float
+    idle: bool = True
+    authenticated: bool = False
+    awaiting_auth: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def evictable(self) -> bool:
+        return self.idle or self.awaiting_auth
+
+
+def slot_of(scope: dict[str, Any]) -> Slot | None:
+    """The Slot of the connection a request came on (None outside the listener)."""
+    state = scope.get("state")
+    slot = state.get(SLOT_KEY) if isinstance(state, dict) else None
+    return slot if isinstance(slot, Slot) else None
 
 
 class _Connection(TCPServer):
@@ -60,6 +94,7 @@ class _Connection(TCPServer):
 
     _reading_done = False
     counters: dict[str, int]
+    slot: Slot
 
     async def _initiate_server_close(self) -> None:
         # the keep-alive timer ran out: idle between requests, or headers too slow
@@ -73,8 +108,13 @@ class _Connection(TCPServer):
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Any) -> None:
-        if self._reading_done and isinstance(event, Updated) and event.idle:
-            return
+        if isinstance(event, Updated):
+            if self._reading_done and event.idle:
+                return
+            # a request head has arrived (idle=False), or its answer is done (idle=True)
+            self.slot.idle = event.idle
+            if event.idle:
+                self.slot.since = trio.current_time()
         await super().protocol_send(event)
 
 
@@ -86,14 +126,16 @@ class Listener:
         self.counters: dict[str, int] = {
             "connections": 0,  # open now
             "accepted": 0,
-            "refused": 0,  # over the cap: 503 (or closed unanswered)
+            "refused": 0,  # at the cap with every request in flight: 503 (or closed unanswered)
+            "evicted": 0,  # idle (or unauthenticated WebSocket) closed to make room at the cap
             "internal_errors": 0,
             "idle_closed": 0,  # no request within KEEP_ALIVE (or headers not done by then)
         }
         self.faults = Faults(self.counters)
         self._app = app
         self._refusing = 0
-        self._quiet_until = float("-inf")
+        self._slots: set[Slot] = set()  # open connections, evicted ones removed at once
+        self._quiet_until: dict[str, float] = {}
 
     async def serve(
         self,
@@ -129,31 +171,65 @@ class Listener:
                 await context.terminated.set()  # ends keep-alive waits: close when idle
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
+    def _log_burst(self, kind: str, message: str, **fields: Any) -> None:
+        """One line per burst (per kind), not one per connection."""
+        now = trio.current_time()
+        if now >= self._quiet_until.get(kind, float("-inf")):
+            self._quiet_until[kind] = now + CAP_LOG_INTERVAL
+            log.warning(message, extra=kv(limit=self.max_connections, **fields))
+
+    def _evict_one(self) -> bool:
+        """Close the open connection worth least, if one is idle; False if none is.
+
+        Never-authenticated before authenticated, then the longest idle first.
+        Its slot is free at once: its socket closes as its task unwinds.
+        """
+        candidates = [s for s in self._slots if s.evictable]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: (s.authenticated, s.since))
+        self._slots.discard(victim)
+        self.counters["connections"] -= 1
+        self.counters["evicted"] += 1
+        victim.scope.cancel()
+        return True
+
     async def _handle(
         self, app: Any, config: Any, context: WorkerContext, stream: trio.SocketStream
     ) -> None:
         c = self.counters
-        if c["connections"] >= self.max_connections:
-            c["refused"] += 1
-            now = trio.current_time()
-            if now >= self._quiet_until:  # one line per burst, not one per connection
-                self._quiet_until = now + CAP_LOG_INTERVAL
-                log.warning(
-                    "web console at its connection cap: refusing (503)",
-                    extra=kv(limit=self.max_connections, refused=c["refused"]),
+        if len(self._slots) >= self.max_connections:
+            if self._evict_one():
+                self._log_burst(
+                    "evict",
+                    "web console at its connection cap: closing idle connections",
+                    evicted=c["evicted"],
                 )
-            await self._refuse(stream)
-            return
+            else:
+                c["refused"] += 1
+                self._log_burst(
+                    "refuse",
+                    "web console at its connection cap: refusing (503)",
+                    refused=c["refused"],
+                )
+                await self._refuse(stream)
+                return
+        slot = Slot(since=trio.current_time())
+        self._slots.add(slot)
         c["connections"] += 1
         c["accepted"] += 1
         try:
-            conn = _Connection(app, config, context, ConnectionState({}), stream)
-            conn.counters = c
-            await conn.run()
+            with slot.scope:
+                conn = _Connection(app, config, context, ConnectionState({SLOT_KEY: slot}), stream)
+                conn.counters = c
+                conn.slot = slot
+                await conn.run()
         except Exception as exc:  # a bug under one connection ends that connection only
             self.faults.report("connection", exc)
         finally:
-            c["connections"] -= 1
+            if slot in self._slots:  # else evicted: its slot is already someone else's
+                self._slots.discard(slot)
+                c["connections"] -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

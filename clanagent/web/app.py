@@ -8,6 +8,8 @@ WebSocket session: authenticate with the first message (within
 AUTH_TIMEOUT), only then take one of the MAX_CONNECTIONS slots, then run
 control API requests through the same table, checks and handlers as the
 control socket (`control.api`), plus the console's own `console.*` methods.
+It tells the listener which connections carried a valid login or session (evicted
+last at the connection cap) and which WebSockets still wait to authenticate.
 Must never: answer a request with a foreign Host, let anything through the
 WebSocket before it has authenticated, give a slot to a socket that has not,
 let one browser's bad input or one handler's bug reach beyond its own
@@ -40,6 +42,7 @@ from ..control.protocol import (
 )
 from ..wire import Limits
 from ._faults import Faults
+from ._listener import slot_of
 from .actions import SIGNER, ConsoleActions
 from .auth import Authenticator, AuthError, check_host, check_origin
 from .messages import Auth, Cancel, decode_message, encode
@@ -122,6 +125,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
+
+
+def _mark_authenticated(scope: Scope) -> None:
+    """The connection carried a valid login or session: the listener evicts it last."""
+    slot = slot_of(scope)
+    if slot is not None:
+        slot.authenticated = True
 
 
 _ROUTES = ("/", "/login", "/index.html", "/session", "/logout", "/api")
@@ -291,12 +301,14 @@ class WebApp:
                     await self._json(send, 401, {"error": exc.message})
                     return
                 self.stats.logins += 1
+                _mark_authenticated(scope)
                 log.info("web console login")
                 await self._json(
                     send, 200, {"session": session, "idle_timeout": self.auth.session_idle}
                 )
                 return
-            self.auth.end(data.get("session"))
+            if self.auth.end(data.get("session")):
+                _mark_authenticated(scope)  # it was a live session
             await self._json(send, 200, {"ok": True})
             return
         await self._respond(send, 405 if path in ("/", "/session", "/logout") else 404, b"no")
@@ -320,8 +332,16 @@ class WebApp:
         self.stats.websockets += 1
         await send({"type": "websocket.accept"})
         session = _WsSession(self, receive, send)
-        if not await session.authenticate():
-            return
+        slot = slot_of(scope)
+        if slot is not None:
+            slot.awaiting_auth = True  # no slot of ours yet: the listener may evict it
+        try:
+            if not await session.authenticate():
+                return
+        finally:
+            if slot is not None:
+                slot.awaiting_auth = False
+        _mark_authenticated(scope)
         # Only now a slot: sockets that never authenticate (they are closed after
         # AUTH_TIMEOUT) cannot keep an admin's browser out.
         try:
