@@ -32,7 +32,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from clanagent.gossip import peer as peer_mod
 from clanagent.gossip.admission import (
     AdmissionLimits,
     FaultLog,
@@ -607,8 +606,10 @@ async def test_a_flood_of_idle_connections_stays_within_the_cap() -> None:
                 a2.gossip._publish("test", "under-flood", {"n": 1})
                 a1.gossip._publish("test", "under-flood", {"n": 2})
                 await wait_until(
-                    lambda: a1.store.get(a2.identity.public_key, "test", "under-flood")
-                    and a2.store.get(a1.identity.public_key, "test", "under-flood"),
+                    lambda: (
+                        a1.store.get(a2.identity.public_key, "test", "under-flood")
+                        and a2.store.get(a1.identity.public_key, "test", "under-flood")
+                    ),
                     "records",
                     30,
                 )

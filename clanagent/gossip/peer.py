@@ -691,6 +691,13 @@ class PeerListener:
             await trio.aclose_forcefully(conn.stream)
 
     async def _handshake_and_serve(self, conn: _Conn) -> None:
+        # Build the WebSocket machinery only once the peer says something: an
+        # idle connection (most of a flood) costs one waiting task, nothing more.
+        with trio.move_on_at(conn.deadline) as idle:
+            await trio.lowlevel.wait_readable(conn.stream.socket)
+        if idle.cancelled_caught:
+            self._counts["handshake_timeouts"] += 1
+            return
         async with trio.open_nursery() as nursery:
 
             def reader_done() -> None:
