@@ -633,3 +633,19 @@ async def test_a_flood_of_idle_connections_stays_within_the_cap() -> None:
     assert max_fds <= cap + 32  # + the second agent's own sockets and store
     assert c["pending_refused"] + c["pending_evicted"] > 0
     assert c["internal_errors"] == 0
+
+
+async def test_a_flood_of_refused_handshakes_is_logged_once(caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="clanagent.gossip.peer")
+    with trio.fail_after(GUARD):
+        async with listening() as listener:
+            for _ in range(10):
+                with pytest.raises(PeerDisconnected):
+                    async with open_peer_session(url_of(listener), ALICE, b"other", always):
+                        pass
+            assert listener.counters()["handshake_failures"] == 10
+    refused = [r for r in caplog.records if r.getMessage() == "peer handshake refused"]
+    assert len(refused) == 10
+    assert [r.levelno for r in refused].count(logging.INFO) == 1

@@ -4,10 +4,15 @@ Owns: moving handshake messages and session frames between a `Handshake` /
 `SessionCipher` and a trio-websocket connection, with a deadline on the
 handshake, a lock that keeps frames in counter order, and the translation of
 I/O failures into `PeerDisconnected`.  Model: trio-websocket `_impl.py`.
+Also the listener (`PeerListener`): its own accept loop that asks the
+admission table (admission.py) before a connection gets a task, the
+handshake deadline of unauthenticated connections, and a fault boundary
+around every connection (ours and the dialer's).
 
 Must never: make a protocol decision (that is handshake.py / session.py),
 send a byte outside a binary WebSocket message, let one bad peer stop the
-server, or put a key into a close reason (reasons travel in the clear).
+server or hold a slot past the deadline, or put a key into a close reason
+(reasons travel in the clear).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,7 +36,7 @@ from trio_websocket import (
 )
 
 from clanagent._log import kv
-from clanagent.gossip.admission import AdmissionLimits, FaultLog, PendingTable
+from clanagent.gossip.admission import AdmissionLimits, FaultLog, PendingTable, source_of
 from clanagent.gossip.errors import LocalProtocolError, PeerDisconnected, RemoteProtocolError
 from clanagent.gossip.handshake import Handshake, Role, SigningIdentity
 from clanagent.gossip.session import DEFAULT_MAX_PLAINTEXT, TAG_BYTES, SessionCipher
@@ -60,6 +66,7 @@ HANDSHAKE_DEADLINE = 5.0
 PENDING_CLOSE_TIMEOUT = 0.5
 # At the descriptor limit accept fails until a connection ends: wait this long.
 ACCEPT_BACKOFF = 0.1
+_REFUSALS_LOGGED = 1024  # (source, reason) pairs remembered: each is logged once
 _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long we wait for the peer to answer our close frame before we drop the
 # TCP connection anyway.
@@ -242,11 +249,15 @@ async def _handshake(
     deadline: float,
     *,
     close_timeout: float = CLOSE_TIMEOUT,
+    worth_logging: Callable[[str], bool] | None = None,
 ) -> PeerSession:
     """Run `hs` over `ws` until it is done; close `ws` on any failure.
 
     On failure we tell the peer why and wait at most `close_timeout` for its
-    answer to our close frame.
+    answer to our close frame.  A refusal is logged at INFO when
+    `worth_logging(reason)` says so (the listener: once per source and
+    reason, so a flood of bad handshakes cannot flood the journal), else at
+    DEBUG.
     """
     remote = _remote_of(ws)
     try:
@@ -261,7 +272,9 @@ async def _handshake(
                 if reply is not None:
                     await ws.send_message(reply)
     except RemoteProtocolError as exc:
-        log.info(
+        loud = worth_logging is None or worth_logging(exc.reason)
+        log.log(
+            logging.INFO if loud else logging.DEBUG,
             "peer handshake refused",
             extra=kv(
                 role=hs.role.value,
@@ -598,6 +611,7 @@ class PeerListener:
         self._conns: dict[int, _Conn] = {}
         self._next_id = 0
         self._accept_logged = False
+        self._refusals: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.port: int | None = None
         self._counts = {
             "accepted": 0,
@@ -606,6 +620,15 @@ class PeerListener:
             "handshake_failures": 0,
             "sessions_accepted": 0,
         }
+
+    def _first_refusal(self, remote: str, reason: str) -> bool:
+        key = (source_of(remote)[0], reason)
+        if key in self._refusals:
+            return False
+        self._refusals[key] = None
+        while len(self._refusals) > _REFUSALS_LOGGED:
+            self._refusals.popitem(last=False)
+        return True
 
     @property
     def open_connections(self) -> int:
@@ -714,7 +737,11 @@ class PeerListener:
                     ws = await request.accept()
                 hs = Handshake(Role.RESPONDER, self._identity, self._clan_id, self._admit)
                 session = await _handshake(
-                    ws, hs, conn.deadline, close_timeout=PENDING_CLOSE_TIMEOUT
+                    ws,
+                    hs,
+                    conn.deadline,
+                    close_timeout=PENDING_CLOSE_TIMEOUT,
+                    worth_logging=partial(self._first_refusal, conn.remote),
                 )
             except (trio.TooSlowError, _HandshakeTimedOut):
                 self._counts["handshake_timeouts"] += 1
