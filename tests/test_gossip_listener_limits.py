@@ -649,3 +649,103 @@ async def test_a_flood_of_refused_handshakes_is_logged_once(caplog) -> None:
     refused = [r for r in caplog.records if r.getMessage() == "peer handshake refused"]
     assert len(refused) == 10
     assert [r.levelno for r in refused].count(logging.INFO) == 1
+
+
+# -- at the descriptor limit, for real -----------------------------------------------
+
+# A listener whose process is left with 24 free descriptors; it writes its
+# counters and CPU time to a file ten times a second.
+LIMITED = textwrap.dedent(
+    """
+    import json, os, resource, sys, trio
+    from clanagent.gossip.peer import PeerListener
+    from clanagent.identity import Identity
+
+    async def echo(session):
+        while True:
+            await session.send(b"echo:" + await session.receive())
+
+    async def main():
+        listener = PeerListener(
+            "127.0.0.1", 0, Identity.generate(), sys.argv[1].encode(), lambda k: True, echo
+        )
+        async with trio.open_nursery() as n:
+            await n.start(listener.run)
+            used = len(os.listdir("/proc/self/fd")) + 1
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (used + 24, hard))
+            print(listener.port, flush=True)
+            report = open(sys.argv[2], "w")  # opened before the limit bites
+            while True:
+                ru = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = ru.ru_utime + ru.ru_stime
+                report.seek(0)
+                report.write(json.dumps({**listener.counters(), "cpu": cpu}) + "\\n")
+                report.truncate()
+                report.flush()
+                await trio.sleep(0.1)
+
+    trio.run(main)
+    """
+)
+
+
+async def test_at_the_descriptor_limit_accept_backs_off_and_recovers(tmp_path) -> None:
+    import json
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    path = tmp_path / "counters.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIMITED, CLAN.decode(), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+    async def report() -> dict[str, float]:
+        while True:  # a read can meet a half-written report: read again
+            await trio.sleep(0.15)
+            text = path.read_text()
+            if text.endswith("\n"):
+                return json.loads(text)
+
+    idle: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(30):
+            port = int(await trio.to_thread.run_sync(proc.stdout.readline))
+            for _ in range(100):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", port))
+            await trio.sleep(0.5)
+            before = await report()
+            await trio.sleep(2)
+            after = await report()
+            for s in idle:
+                await s.aclose()
+            # Descriptors come back as connections end; a real peer gets through.
+            t0 = trio.current_time()
+            while True:
+                try:
+                    async with open_peer_session(
+                        f"ws://127.0.0.1:{port}/", ALICE, CLAN, always, timeout=3
+                    ) as s:
+                        await s.send(b"hello")
+                        assert await s.receive() == b"echo:hello"
+                        break
+                except PeerDisconnected:
+                    await trio.sleep(0.2)
+            recovered = trio.current_time() - t0
+            final = await report()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    errors = after["accept_errors"] - before["accept_errors"]
+    cpu = after["cpu"] - before["cpu"]
+    print(
+        f"\nat EMFILE: {errors} accept errors and {cpu:.2f} s CPU in ~2 s; "
+        f"a real peer got through {recovered:.2f} s after the idle ones closed"
+    )
+    assert before["accepted"] <= 30  # the limit bit: most of the 100 wait in the backlog
+    assert 10 <= errors <= 30  # one try per 0.1 s, not a spin
+    assert cpu < 0.5
+    assert final["sessions_accepted"] == 1 and final["internal_errors"] == 0
