@@ -509,7 +509,9 @@ class GossipService:
                     self.stats["dropped"] += 1
         except BaseException as exc:
             self._dialing.pop(addr, None)
-            with trio.CancelScope(shield=True):
+            self._forget(session)
+            with trio.move_on_after(0.5) as cs:
+                cs.shield = True
                 await session.aclose()
             self._fault(session.peer_node_id[:10], exc, "a dialed peer session")
             return
@@ -530,22 +532,28 @@ class GossipService:
             # the peer dial again, and again).
             old.send.close()
         # At most a few sessions per peer and MAX_SESSIONS in all: the oldest go.
-        for stale in self._sessions.open(link, node_id):
-            self._close_link(stale)  # type: ignore[arg-type]
+        for stale in self._sessions.open(session, node_id):
+            self._close_session(stale)  # type: ignore[arg-type]
         return link
 
-    def _close_link(self, link: _Link) -> None:
-        node_id = link.session.peer_node_id
-        if self._links.get(node_id) is link:
-            del self._links[node_id]
-        link.send.close()
+    def _forget(self, session: PeerSession) -> None:
+        """Take `session` out of the tables (idempotent)."""
+        self._sessions.close(session)
+        link = self._links.get(session.peer_node_id)
+        if link is not None and link.session is session:
+            del self._links[session.peer_node_id]
+            link.send.close()
+
+    def _close_session(self, session: PeerSession) -> None:
+        # Its link's reader then sees the session end, and `_serve_link` ends.
+        self._forget(session)
         assert self._nursery is not None
-        self._nursery.start_soon(link.session.aclose)
+        self._nursery.start_soon(session.aclose)
 
     def _drop_link(self, node_id: str) -> None:
         link = self._links.get(node_id)
         if link is not None:
-            self._close_link(link)
+            self._close_session(link.session)
 
     async def _serve_link(self, link: _Link) -> None:
         session = link.session
@@ -561,9 +569,7 @@ class GossipService:
         except BaseException as exc:
             self._fault(session.peer_node_id[:10], exc, "a peer session")
         finally:
-            self._sessions.close(link)
-            if self._links.get(session.peer_node_id) is link:
-                del self._links[session.peer_node_id]
+            self._forget(session)
             # A clean close waits for the peer; a dead peer must not hold up a stop.
             with trio.move_on_after(0.5) as cs:
                 cs.shield = True
