@@ -749,3 +749,22 @@ async def test_at_the_descriptor_limit_accept_backs_off_and_recovers(tmp_path) -
     assert 10 <= errors <= 30  # one try per 0.1 s, not a spin
     assert cpu < 0.5
     assert final["sessions_accepted"] == 1 and final["internal_errors"] == 0
+
+
+async def test_a_fault_while_admitting_does_not_end_the_accept_loop(monkeypatch) -> None:
+    with trio.fail_after(GUARD):
+        async with listening() as listener:
+            real = listener._pending.admit
+            boom = [True]
+
+            def admit(conn, host):
+                if boom and boom.pop():
+                    raise RuntimeError("a bug in admission")
+                return real(conn, host)
+
+            monkeypatch.setattr(listener._pending, "admit", admit)
+            s = await trio.open_tcp_stream("127.0.0.1", listener.port)
+            assert await closed_after(s) < 1.0
+            await s.aclose()
+            await good_client_works(listener)
+            assert listener.counters()["internal_errors"] == 1

@@ -678,7 +678,11 @@ class PeerListener:
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 self._counts["accepted"] += 1
-                self._admit_conn(stream, nursery)
+                try:
+                    self._admit_conn(stream, nursery)
+                except Exception as exc:  # a bug here must not end the accept loop
+                    stream.socket.close()
+                    _log_faults(self._faults, "listener", exc, "admitting a connection")
 
     def _admit_conn(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
         try:
