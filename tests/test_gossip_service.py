@@ -152,3 +152,145 @@ async def test_a_session_closed_under_the_writer_ends_only_that_link():
     with trio.CancelScope() as scope:
         await svc._writer(link, scope)
     assert scope.cancel_called and link.in_flight == 0
+
+
+# -- issue 12: a fault in one peer's connection never stops the agent ----------------
+
+
+def fail_once(real, exc: Exception):
+    """`real`, except that its first call raises `exc`."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return real(*args, **kwargs)
+
+    wrapper.calls = calls
+    return wrapper
+
+
+async def join_and_exchange(n, tmp_path, a1, prepare=None) -> Agent:
+    """A second agent joins `a1`: both see each other and a record crosses."""
+    a2, _ = await start_agent(n, make_cfg(tmp_path, 2, [a1.gossip.addr]))
+    if prepare is not None:
+        prepare(a2)  # before its first dial has finished the handshake
+    await wait_until(lambda: alive_peers(a1) == {"m2"} and alive_peers(a2) == {"m1"}, "join")
+    a2.gossip._publish("test", "after-fault", {"n": 2})
+    await wait_until(
+        lambda: a1.store.get(a2.identity.public_key, "test", "after-fault"), "record", 20
+    )
+    return a2
+
+
+async def test_a_fault_in_the_incoming_handler_ends_only_that_connection(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            svc = a1.gossip
+            svc._add_link = fail_once(svc._add_link, RuntimeError("bug on accept"))
+            await join_and_exchange(n, tmp_path, a1)
+            assert svc._add_link.calls and svc.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
+async def test_a_fault_while_handling_a_peers_bytes_ends_only_that_session(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            node = a1.gossip.node
+            # Raised inside the link's nursery: it arrives as an ExceptionGroup.
+            node.receive = fail_once(node.receive, TypeError("unhashable type: 'list'"))
+            await join_and_exchange(n, tmp_path, a1)
+            assert node.receive.calls and a1.gossip.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
+async def test_a_fault_in_the_dialer_ends_only_that_dial(tmp_path, monkeypatch):
+    from clanagent.gossip import service
+
+    monkeypatch.setattr(service, "connect", fail_once(service.connect, KeyError("bug in dial")))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+
+            def prepare(a2):
+                # ...and then its first new session (dialed or accepted) fails.
+                a2.gossip._add_link = fail_once(a2.gossip._add_link, RuntimeError("bug"))
+
+            a2 = await join_and_exchange(n, tmp_path, a1, prepare)  # a2's first dial fails
+            c = a2.gossip.counters()
+            assert c["internal_errors"] == 2 and c["dial_failures"] >= 1
+            n.cancel_scope.cancel()
+
+
+async def test_at_most_two_sessions_per_peer(tmp_path):
+    from clanagent.gossip.errors import PeerDisconnected
+    from clanagent.gossip.peer import open_peer_session
+    from clanagent.identity import Identity
+
+    carol = Identity.generate()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            url = f"ws://{a1.gossip.addr}/"
+            clan = a1.gossip.clan
+            async with (
+                open_peer_session(url, carol, clan, lambda k: True) as s1,
+                open_peer_session(url, carol, clan, lambda k: True) as s2,
+            ):
+                await wait_until(lambda: a1.gossip.counters()["sessions"] == 2, "two", 5)
+                async with open_peer_session(url, carol, clan, lambda k: True):
+                    # The third session with the same node closes its oldest.
+                    with trio.fail_after(3), pytest.raises(PeerDisconnected):
+                        while True:
+                            await s1.receive()
+                    assert not s2.closed
+                    c = a1.gossip.counters()
+                    assert c["sessions"] == 2 and c["sessions_evicted"] == 1
+            n.cancel_scope.cancel()
+
+
+async def test_outgoing_dials_are_capped(tmp_path, monkeypatch):
+    from clanagent.gossip import service
+    from clanagent.gossip.node import SendTo
+
+    async def hang(*args, **kwargs):
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(service, "connect", hang)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            svc = a1.gossip
+            for i in range(service.MAX_DIALS + 6):
+                svc._send(SendTo(None, f"192.0.2.{i % 250}:{7000 + i}", b"ping"))
+            c = svc.counters()
+            assert c["dials_in_progress"] == service.MAX_DIALS
+            assert c["dials_refused"] == 6
+            n.cancel_scope.cancel()
+
+
+async def test_counters_merge_the_service_listener_and_node(tmp_path):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            svc = a1.gossip
+            svc.node.counters = lambda: {"records_refused": 3, "dropped": 1}
+            svc.stats["dropped"] = 2
+            c = svc.counters()
+            assert c["records_refused"] == 3 and c["dropped"] == 3
+            for key in (
+                "dial_failures",
+                "persist_failures",
+                "internal_errors",
+                "accept_errors",
+                "handshake_timeouts",
+                "pending_connections",
+                "dials_refused",
+                "sessions",
+            ):
+                assert c[key] == 0, key
+            assert all(isinstance(v, int) for v in c.values())
+            n.cancel_scope.cancel()

@@ -4,16 +4,23 @@ Owns: moving handshake messages and session frames between a `Handshake` /
 `SessionCipher` and a trio-websocket connection, with a deadline on the
 handshake, a lock that keeps frames in counter order, and the translation of
 I/O failures into `PeerDisconnected`.  Model: trio-websocket `_impl.py`.
+Also the listener (`PeerListener`): its own accept loop that asks the
+admission table (admission.py) before a connection gets a task, the
+handshake deadline of unauthenticated connections, and a fault boundary
+around every connection (ours and the dialer's).
 
 Must never: make a protocol decision (that is handshake.py / session.py),
 send a byte outside a binary WebSocket message, let one bad peer stop the
-server, or put a key into a close reason (reasons travel in the clear).
+server or hold a slot past the deadline, or put a key into a close reason
+(reasons travel in the clear).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,31 +31,43 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    WebSocketRequest,
-    serve_websocket,
     wrap_client_stream,
+    wrap_server_stream,
 )
 
 from clanagent._log import kv
+from clanagent.gossip.admission import AdmissionLimits, FaultLog, PendingTable, source_of
 from clanagent.gossip.errors import LocalProtocolError, PeerDisconnected, RemoteProtocolError
 from clanagent.gossip.handshake import Handshake, Role, SigningIdentity
 from clanagent.gossip.session import DEFAULT_MAX_PLAINTEXT, TAG_BYTES, SessionCipher
 
 __all__ = [
+    "PeerListener",
     "PeerSession",
     "connect",
+    "connect_stream",
     "open_peer_session",
     "serve_peers",
     "establish_session",
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "HANDSHAKE_DEADLINE",
     "CLOSE_POLICY_VIOLATION",
 ]
 
 log = logging.getLogger(__name__)
 
-# Long enough for a Tor circuit round trip or two, short enough that a silent
-# peer cannot pin a server slot for long.
+# Dialing: long enough for a Tor circuit round trip or two.
 DEFAULT_HANDSHAKE_TIMEOUT = 20.0
+# Accepting: an unauthenticated connection holds one of few pending slots, so
+# it gets 5 s from accept to a finished handshake (a few round trips, even
+# over Tor); a silent or slow one is closed.
+HANDSHAKE_DEADLINE = 5.0
+# How long a pending connection that failed may take to answer our close frame.
+PENDING_CLOSE_TIMEOUT = 0.5
+# At the descriptor limit accept fails until a connection ends: wait this long.
+ACCEPT_BACKOFF = 0.1
+_REFUSALS_LOGGED = 1024  # (source, reason) pairs remembered: each is logged once
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long we wait for the peer to answer our close frame before we drop the
 # TCP connection anyway.
 CLOSE_TIMEOUT = 5.0
@@ -68,6 +87,9 @@ _IO_ERRORS = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
 )
+
+# How a connection ends in the ordinary course of things: not a fault.
+_EXPECTED = (*_IO_ERRORS, PeerDisconnected, RemoteProtocolError)
 
 Admit = Callable[[bytes], bool]
 
@@ -93,10 +115,12 @@ def _remote_of(ws: WebSocketConnection) -> str:
         return "unknown"
 
 
-async def _close_ws(ws: WebSocketConnection, code: int, reason: str) -> None:
+async def _close_ws(
+    ws: WebSocketConnection, code: int, reason: str, timeout: float = CLOSE_TIMEOUT
+) -> None:
     # Best effort: the link may already be gone, and a peer that never
     # answers our close frame must not hold us up.
-    with trio.move_on_after(CLOSE_TIMEOUT):
+    with trio.move_on_after(timeout):
         try:
             await ws.aclose(code, _close_reason(reason))
         except _IO_ERRORS:
@@ -215,8 +239,26 @@ class PeerSession:
         await self._released.wait()
 
 
-async def _handshake(ws: WebSocketConnection, hs: Handshake, deadline: float) -> PeerSession:
-    """Run `hs` over `ws` until it is done; close `ws` on any failure."""
+class _HandshakeTimedOut(PeerDisconnected):
+    """The handshake did not finish before its deadline."""
+
+
+async def _handshake(
+    ws: WebSocketConnection,
+    hs: Handshake,
+    deadline: float,
+    *,
+    close_timeout: float = CLOSE_TIMEOUT,
+    worth_logging: Callable[[str], bool] | None = None,
+) -> PeerSession:
+    """Run `hs` over `ws` until it is done; close `ws` on any failure.
+
+    On failure we tell the peer why and wait at most `close_timeout` for its
+    answer to our close frame.  A refusal is logged at INFO when
+    `worth_logging(reason)` says so (the listener: once per source and
+    reason, so a flood of bad handshakes cannot flood the journal), else at
+    DEBUG.
+    """
     remote = _remote_of(ws)
     try:
         with trio.fail_at(deadline):
@@ -230,7 +272,9 @@ async def _handshake(ws: WebSocketConnection, hs: Handshake, deadline: float) ->
                 if reply is not None:
                     await ws.send_message(reply)
     except RemoteProtocolError as exc:
-        log.info(
+        loud = worth_logging is None or worth_logging(exc.reason)
+        log.log(
+            logging.INFO if loud else logging.DEBUG,
             "peer handshake refused",
             extra=kv(
                 role=hs.role.value,
@@ -239,13 +283,13 @@ async def _handshake(ws: WebSocketConnection, hs: Handshake, deadline: float) ->
                 reason=exc.reason,
             ),
         )
-        await _close_ws(ws, CLOSE_POLICY_VIOLATION, exc.reason)
+        await _close_ws(ws, CLOSE_POLICY_VIOLATION, exc.reason, close_timeout)
         raise
     except trio.TooSlowError:
-        await _close_ws(ws, CLOSE_POLICY_VIOLATION, "handshake timed out")
-        raise PeerDisconnected("handshake timed out") from None
+        await _close_ws(ws, CLOSE_POLICY_VIOLATION, "handshake timed out", close_timeout)
+        raise _HandshakeTimedOut("handshake timed out") from None
     except _IO_ERRORS as exc:
-        await _close_ws(ws, _CLOSE_NORMAL, "")
+        await _close_ws(ws, _CLOSE_NORMAL, "", close_timeout)
         raise _disconnected(exc, "handshake failed") from None
     assert hs.peer_public_key is not None and hs.peer_node_id is not None
     assert hs.version is not None
@@ -306,30 +350,51 @@ async def establish_session(
     return await _handshake(ws, hs, trio.current_time() + timeout)
 
 
+OpenStream = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+def _log_faults(faults: FaultLog, peer: str, exc: BaseException, what: str) -> None:
+    """The fault boundary of one connection: count and log what it raised
+    unexpectedly; re-raise only what is not an error (a cancellation)."""
+    to_log, rest = faults.absorb(peer, exc, _EXPECTED)
+    for err in to_log:
+        log.error(
+            f"{what} failed unexpectedly; closed that connection",
+            extra=kv(peer=peer, error=type(err).__name__),
+            exc_info=(type(err), err, err.__traceback__),
+        )
+    if rest is not None:
+        raise rest
+
+
 async def _run_client(
-    url: str,
+    open_stream: OpenStream,
+    where: str,
+    host_header: str,
+    resource: str,
     identity: SigningIdentity,
     clan_id: bytes,
     admit: Admit,
     timeout: float,
+    faults: FaultLog,
     *,
     task_status: trio.TaskStatus[PeerSession] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # Owns the connection for its whole life: trio-websocket needs a nursery
     # for its reader task, and this task is where that nursery lives.  We open
-    # (and always close) the TCP stream ourselves because trio-websocket's
+    # (and always close) the stream ourselves because trio-websocket's
     # client leaves it open when the server closes first.
-    host, port, resource, host_header = _parse_url(url)
     deadline = trio.current_time() + timeout
     hs = Handshake(Role.INITIATOR, identity, clan_id, admit)
     started = False
+    session: PeerSession | None = None
     try:
         with trio.fail_at(deadline):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await open_stream()
     except trio.TooSlowError:
-        raise PeerDisconnected(f"timed out connecting to {url}") from None
+        raise PeerDisconnected(f"timed out connecting to {where}") from None
     except OSError as exc:
-        raise PeerDisconnected(f"cannot connect to {url}: {exc.strerror or exc}") from None
+        raise PeerDisconnected(f"cannot connect to {where}: {exc.strerror or exc}") from None
     try:
         async with trio.open_nursery() as nursery:
             with trio.move_on_at(deadline) as upgrade:
@@ -338,7 +403,7 @@ async def _run_client(
                 )
             if upgrade.cancelled_caught:
                 nursery.cancel_scope.cancel()  # else the reader task keeps it open
-                raise PeerDisconnected(f"timed out opening a WebSocket to {url}")
+                raise PeerDisconnected(f"timed out opening a WebSocket to {where}")
             session = await _handshake(ws, hs, deadline)
             task_status.started(session)
             started = True
@@ -348,16 +413,56 @@ async def _run_client(
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         exc = _only_error(group)
+        if not started:
+            if isinstance(exc, _IO_ERRORS):
+                raise _disconnected(exc, f"cannot connect to {where}") from None
+            raise exc from None
         if isinstance(exc, _IO_ERRORS):
-            if not started:
-                raise _disconnected(exc, f"cannot connect to {url}") from None
             # After start the session reports its own failures; a close that
             # goes wrong here must not take the caller's nursery down.
-            log.debug("peer link closed uncleanly", extra=kv(url=url, error=type(exc).__name__))
+            log.debug("peer link closed uncleanly", extra=kv(url=where, error=type(exc).__name__))
         else:
-            raise exc from None
+            # The caller's nursery holds this task: nothing may escape it.
+            _log_faults(faults, session.peer_node_id if session else where, group, "peer link")
     finally:
+        if session is not None and started:
+            session._mark_closed("connection ended")
+            session._released.set()
         await trio.aclose_forcefully(stream)
+
+
+async def connect_stream(
+    nursery: trio.Nursery,
+    open_stream: OpenStream,
+    host_header: str,
+    resource: str,
+    identity: SigningIdentity,
+    clan_id: bytes,
+    admit: Admit,
+    *,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    faults: FaultLog | None = None,
+) -> PeerSession:
+    """`connect` over a stream that `open_stream()` opens (e.g. through SOCKS).
+
+    `timeout` covers opening the stream, the WebSocket upgrade and the
+    handshake.  After the session is returned, an unexpected error of the
+    connection's task is counted in `faults` and ends that session only.
+    """
+    if timeout <= 0:
+        raise LocalProtocolError("timeout must be positive")
+    return await nursery.start(
+        _run_client,
+        open_stream,
+        host_header,
+        host_header,
+        resource,
+        identity,
+        clan_id,
+        admit,
+        timeout,
+        faults if faults is not None else FaultLog(),
+    )
 
 
 async def connect(
@@ -368,6 +473,7 @@ async def connect(
     admit: Admit,
     *,
     timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    faults: FaultLog | None = None,
 ) -> PeerSession:
     """Dial `url`, run the handshake, and return the session.
 
@@ -379,7 +485,19 @@ async def connect(
     """
     if timeout <= 0:
         raise LocalProtocolError("timeout must be positive")
-    return await nursery.start(_run_client, url, identity, clan_id, admit, timeout)
+    host, port, resource, host_header = _parse_url(url)
+    return await nursery.start(
+        _run_client,
+        partial(trio.open_tcp_stream, host, port),
+        url,
+        host_header,
+        resource,
+        identity,
+        clan_id,
+        admit,
+        timeout,
+        faults if faults is not None else FaultLog(),
+    )
 
 
 @asynccontextmanager
@@ -412,6 +530,251 @@ async def open_peer_session(
         raise
 
 
+# -- the listener ---------------------------------------------------------------
+
+
+class _WatchedNursery:
+    """A nursery for trio-websocket's reader task that calls `on_exit` when the
+    reader ends: before the handshake is done, that means the connection is
+    dead (garbage instead of HTTP, a reset), and nobody should wait for it."""
+
+    def __init__(self, nursery: trio.Nursery, on_exit: Callable[[], None]) -> None:
+        self._nursery = nursery
+        self._on_exit = on_exit
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name=None) -> None:
+        async def watched() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._on_exit()
+
+        self._nursery.start_soon(watched, name=name or fn)
+
+
+class _Conn:
+    """One accepted TCP connection, from accept to close."""
+
+    __slots__ = ("id", "stream", "remote", "deadline", "scope", "authenticated")
+
+    def __init__(self, conn_id: int, stream: trio.SocketStream, remote: str, deadline: float):
+        self.id = conn_id
+        self.stream = stream
+        self.remote = remote
+        self.deadline = deadline
+        self.scope = trio.CancelScope()
+        self.authenticated = False
+
+
+class PeerListener:
+    """Accept peer sessions on (host, port) and run `handler(session)` for each.
+
+    Our own accept loop, so that admission (`PendingTable`) decides before any
+    task exists for a connection: a refused connection is closed at once, and
+    making room for a newcomer closes an older pending one synchronously, so
+    the listener never holds more than `limits.max_pending` unauthenticated
+    connections.  Each admitted connection must finish the WebSocket upgrade
+    and the handshake within `timeout` seconds of its accept, or it is closed.
+    At the process's file descriptor limit (EMFILE/ENFILE) accept backs off
+    for 0.1 s instead of spinning.
+
+    Every connection runs inside a fault boundary: an unexpected exception
+    (also inside an exception group) from the handshake, trio-websocket or
+    `handler` ends that connection only, is counted (`internal_errors`) and
+    logged once per (peer, exception type).  `PeerDisconnected` /
+    `RemoteProtocolError` escaping `handler` end the session quietly.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        identity: SigningIdentity,
+        clan_id: bytes,
+        admit: Admit,
+        handler: Callable[[PeerSession], Awaitable[None]],
+        *,
+        timeout: float = HANDSHAKE_DEADLINE,
+        limits: AdmissionLimits | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise LocalProtocolError("timeout must be positive")
+        self._host = host
+        self._port = port
+        self._identity = identity
+        self._clan_id = clan_id
+        self._admit = admit
+        self._handler = handler
+        self.timeout = timeout
+        self._pending = PendingTable(limits)
+        self._faults = FaultLog()
+        self._conns: dict[int, _Conn] = {}
+        self._next_id = 0
+        self._accept_logged = False
+        self._refusals: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.port: int | None = None
+        self._counts = {
+            "accepted": 0,
+            "accept_errors": 0,
+            "handshake_timeouts": 0,
+            "handshake_failures": 0,
+            "sessions_accepted": 0,
+        }
+
+    def _first_refusal(self, remote: str, reason: str) -> bool:
+        key = (source_of(remote)[0], reason)
+        if key in self._refusals:
+            return False
+        self._refusals[key] = None
+        while len(self._refusals) > _REFUSALS_LOGGED:
+            self._refusals.popitem(last=False)
+        return True
+
+    @property
+    def open_connections(self) -> int:
+        """Accepted connections not closed yet (pending and authenticated)."""
+        return len(self._conns)
+
+    @property
+    def pending(self) -> int:
+        """Connections that have not finished the handshake yet."""
+        return len(self._pending)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            **self._counts,
+            **self._pending.counts,
+            **self._faults.counts,
+            "pending_connections": len(self._pending),
+            "open_connections": len(self._conns),
+        }
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started(self.port)
+        raise AssertionError("the accept loops returned")  # they only end by raising
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # EMFILE/ENFILE (out of descriptors), ENOBUFS/ENOMEM: a
+                    # connection ending frees one; until then, don't spin.
+                    self._counts["accept_errors"] += 1
+                    if not self._accept_logged or exc.errno not in _FD_ERRNOS:
+                        self._accept_logged = True
+                        log.error(
+                            "cannot accept peer connections; retrying",
+                            extra=kv(error=errno.errorcode.get(exc.errno or 0, str(exc))),
+                        )
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                self._counts["accepted"] += 1
+                try:
+                    self._admit_conn(stream, nursery)
+                except Exception as exc:  # a bug here must not end the accept loop
+                    stream.socket.close()
+                    _log_faults(self._faults, "listener", exc, "admitting a connection")
+
+    def _admit_conn(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:  # already reset
+            stream.socket.close()
+            return
+        remote = peer[0] if isinstance(peer, tuple) else str(peer)
+        conn_id = self._next_id
+        self._next_id += 1
+        verdict = self._pending.admit(conn_id, remote)
+        if verdict.evict is not None:
+            old = self._conns.pop(verdict.evict, None)  # type: ignore[arg-type]
+            if old is not None:
+                old.scope.cancel()
+                old.stream.socket.close()  # the descriptor is free now, not later
+        if not verdict.admitted:
+            stream.socket.close()
+            return
+        conn = _Conn(conn_id, stream, remote, trio.current_time() + self.timeout)
+        self._conns[conn_id] = conn
+        nursery.start_soon(self._serve_conn, conn, name=f"peer {remote}")
+
+    async def _serve_conn(self, conn: _Conn) -> None:
+        try:
+            with conn.scope:
+                await self._handshake_and_serve(conn)
+        except BaseException as exc:
+            _log_faults(self._faults, conn.remote, exc, "incoming peer connection")
+        finally:
+            self._pending.release(conn.id)
+            self._conns.pop(conn.id, None)
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _handshake_and_serve(self, conn: _Conn) -> None:
+        # Build the WebSocket machinery only once the peer says something: an
+        # idle connection (most of a flood) costs one waiting task, nothing more.
+        with trio.move_on_at(conn.deadline) as idle:
+            await trio.lowlevel.wait_readable(conn.stream.socket)
+        if idle.cancelled_caught:
+            self._counts["handshake_timeouts"] += 1
+            return
+        async with trio.open_nursery() as nursery:
+
+            def reader_done() -> None:
+                if not conn.authenticated:
+                    nursery.cancel_scope.cancel()
+
+            try:
+                with trio.fail_at(conn.deadline):
+                    request = await wrap_server_stream(
+                        _WatchedNursery(nursery, reader_done),  # type: ignore[arg-type]
+                        conn.stream,
+                        max_message_size=_MAX_MESSAGE,
+                    )
+                    ws = await request.accept()
+                hs = Handshake(Role.RESPONDER, self._identity, self._clan_id, self._admit)
+                session = await _handshake(
+                    ws,
+                    hs,
+                    conn.deadline,
+                    close_timeout=PENDING_CLOSE_TIMEOUT,
+                    worth_logging=partial(self._first_refusal, conn.remote),
+                )
+            except (trio.TooSlowError, _HandshakeTimedOut):
+                self._counts["handshake_timeouts"] += 1
+                log.debug("incoming peer too slow", extra=kv(remote=conn.remote))
+                nursery.cancel_scope.cancel()
+                return
+            except (*_IO_ERRORS, RemoteProtocolError, PeerDisconnected) as exc:
+                self._counts["handshake_failures"] += 1
+                reason = getattr(exc, "reason", type(exc).__name__)
+                log.debug("incoming peer dropped", extra=kv(remote=conn.remote, reason=reason))
+                nursery.cancel_scope.cancel()
+                return
+            conn.authenticated = True
+            self._pending.release(conn.id)
+            self._counts["sessions_accepted"] += 1
+            try:
+                await self._handler(session)
+            except (PeerDisconnected, RemoteProtocolError) as exc:
+                log.debug(
+                    "peer session ended", extra=kv(peer=session.peer_node_id, reason=exc.reason)
+                )
+            finally:
+                await session.aclose()
+            nursery.cancel_scope.cancel()
+        if not conn.authenticated:
+            # The reader ended before the handshake: not HTTP, or a reset.
+            self._counts["handshake_failures"] += 1
+
+
 async def serve_peers(
     host: str,
     port: int,
@@ -420,50 +783,12 @@ async def serve_peers(
     admit: Admit,
     handler: Callable[[PeerSession], Awaitable[None]],
     *,
-    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    timeout: float = HANDSHAKE_DEADLINE,
+    limits: AdmissionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Accept peer sessions on (host, port) and run `handler(session)` for each.
-
-    Calls `task_status.started(actual_port)` once listening (so port 0
-    works).  A peer that fails or is refused in the handshake is logged and
-    dropped; `PeerDisconnected` / `RemoteProtocolError` escaping `handler`
-    end only that session.  Any other exception from `handler` is a bug and
-    propagates.  The session is closed when `handler` returns.
-    """
-
-    async def on_request(request: WebSocketRequest) -> None:
-        deadline = trio.current_time() + timeout
-        try:
-            ws = await request.accept()
-        except _IO_ERRORS:
-            return
-        remote = _remote_of(ws)
-        hs = Handshake(Role.RESPONDER, identity, clan_id, admit)
-        try:
-            session = await _handshake(ws, hs, deadline)
-        except (RemoteProtocolError, PeerDisconnected) as exc:
-            log.debug("incoming peer dropped", extra=kv(remote=remote, reason=exc.reason))
-            return
-        try:
-            await handler(session)
-        except (PeerDisconnected, RemoteProtocolError) as exc:
-            log.debug("peer session ended", extra=kv(peer=session.peer_node_id, reason=exc.reason))
-        finally:
-            await session.aclose()
-
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket,
-                on_request,
-                host,
-                port,
-                None,
-                max_message_size=_MAX_MESSAGE,
-                connect_timeout=timeout,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
-        )
-        task_status.started(server.port)
-    raise AssertionError("serve_websocket returned")  # it only ever ends by raising
+    """Run a `PeerListener` (see there); `task_status.started(actual_port)`."""
+    listener = PeerListener(
+        host, port, identity, clan_id, admit, handler, timeout=timeout, limits=limits
+    )
+    await listener.run(task_status=task_status)

@@ -23,10 +23,11 @@ import trio
 from .. import __version__
 from .._log import kv
 from ..capabilities import Capability
-from ..config import split_hostport
+from ..config import ConfigError, split_hostport
 from ..wire import NodeInfo
+from .admission import MAX_SESSIONS, AdmissionLimits, FaultLog, SessionTable
 from .config import GossipConfig
-from .errors import PeerDisconnected, RemoteProtocolError
+from .errors import GossipError, PeerDisconnected, RemoteProtocolError
 from .node import (
     SCORE_FLOOR,
     GossipNode,
@@ -37,7 +38,7 @@ from .node import (
     RecordAccepted,
     SendTo,
 )
-from .peer import PeerSession, connect, serve_peers
+from .peer import HANDSHAKE_DEADLINE, PeerListener, PeerSession, connect
 
 __all__ = ["GossipService", "DEFAULT_CLAN_ID", "profile_config", "addr_to_url"]
 
@@ -46,8 +47,12 @@ log = logging.getLogger("clanagent.gossip")
 # Until the inventory names a clan, agents that set no clan id share this one.
 DEFAULT_CLAN_ID = b"clanagent-default-clan"
 OUTBOX = 256  # datagrams queued per peer before we drop (like a full socket buffer)
-MAX_SESSIONS = 512
+MAX_DIALS = 64  # outgoing dials in progress at once; beyond, the datagram is dropped
 DIAL_TIMEOUT = 5.0
+ONION_DIAL_TIMEOUT = 120.0  # a Tor circuit to an onion service, then the handshake
+# How a dial fails in the ordinary course of things (a bad address from a peer,
+# DNS, a refused or silent port, a refused handshake): counted, not a fault.
+_DIAL_FAILURES = (GossipError, ConfigError, OSError)
 JOIN_RETRY = 2.0
 
 
@@ -123,6 +128,11 @@ class GossipService:
         self._wakeup = trio.Event()
         self._joined = False
         self.stats = {"dial_failures": 0, "dropped": 0, "persist_failures": 0}
+        self.listener: PeerListener | None = None
+        self.limits = AdmissionLimits(max_sessions=MAX_SESSIONS)
+        self._sessions = SessionTable(self.limits)  # every live session, incoming and dialed
+        self._faults = FaultLog()
+        self._counts = {"dials_refused": 0}
 
     # -- policy ----------------------------------------------------------------
 
@@ -184,6 +194,23 @@ class GossipService:
         rows.sort(key=lambda r: (r["name"], r["node_id"]))
         return rows
 
+    def counters(self) -> dict[str, int]:
+        """Every counter of the gossip part: the service's, the listener's and
+        the node's (keys that appear in several are summed)."""
+        out: dict[str, int] = {}
+        parts = [self.stats, self._counts, self._faults.counts, self._sessions.counts]
+        if self.listener is not None:
+            parts.append(self.listener.counters())
+        node_counters = getattr(self.node, "counters", None)
+        if callable(node_counters):
+            parts.append(node_counters())
+        for part in parts:
+            for key, value in part.items():
+                out[key] = out.get(key, 0) + value
+        out["sessions"] = len(self._sessions)
+        out["dials_in_progress"] = len(self._dialing)
+        return out
+
     # -- running ----------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -198,9 +225,17 @@ class GossipService:
             port = 0
             if self.cfg.listen:
                 host, want = split_hostport(self.cfg.listen, "gossip.listen")
-                port = await nursery.start(
-                    serve_peers, host, want, identity, self.clan, self.admit, self._on_incoming
+                self.listener = PeerListener(
+                    host,
+                    want,
+                    identity,
+                    self.clan,
+                    self.admit,
+                    self._on_incoming,
+                    timeout=getattr(self.cfg, "handshake_timeout", HANDSHAKE_DEADLINE),
+                    limits=self.limits,
                 )
+                port = await nursery.start(self.listener.run)
                 if host in ("", "0.0.0.0", "::"):
                     host_ip = await trio.to_thread.run_sync(_wildcard_host)
                 else:
@@ -385,28 +420,58 @@ class GossipService:
             if len(waiting) < OUTBOX:
                 waiting.append(action.data)
             return
+        if len(self._dialing) >= MAX_DIALS:
+            self._counts["dials_refused"] += 1
+            self.stats["dropped"] += 1
+            return
         self._dialing[action.addr] = [action.data]
         assert self._nursery is not None
         self._nursery.start_soon(self._dial, action.addr)
 
     async def _connect_onion(self, addr: str) -> PeerSession:
         """A session to an onion address, through our tor's SOCKS port."""
-        from trio_websocket import wrap_client_stream
-
-        from .handshake import Role
-        from .peer import establish_session
+        from ..mesh.socks_codec import SocksError
+        from ..mesh.tor import TorError
+        from .peer import connect_stream
 
         mesh = getattr(self.agent, "mesh", None)
         tor = getattr(mesh, "tor", None)
         if tor is None or not tor.available:
             raise PeerDisconnected("no tor running here to reach an onion address")
         host, port = split_hostport(addr, "address")
+
+        async def open_stream() -> trio.abc.Stream:
+            try:
+                return await tor.dial(host, port, timeout=ONION_DIAL_TIMEOUT / 2)
+            except (TorError, SocksError) as exc:
+                raise PeerDisconnected(f"cannot reach {addr} through tor: {exc}") from None
+
         assert self._nursery is not None
-        stream = await tor.dial(host, port, timeout=60)
-        ws = await wrap_client_stream(self._nursery, stream, host, "/")
-        return await establish_session(
-            ws, Role.INITIATOR, self.agent.identity, self.clan, self.admit, timeout=60
+        return await connect_stream(
+            self._nursery,
+            open_stream,
+            host,
+            "/",
+            self.agent.identity,
+            self.clan,
+            self.admit,
+            timeout=ONION_DIAL_TIMEOUT,
+            faults=self._faults,
         )
+
+    def _fault(self, peer: str, exc: BaseException, what: str) -> None:
+        """The fault boundary of one peer's task: an unexpected error ends that
+        dial or session only; it is counted and logged once per (peer, type).
+        A cancellation (the service stopping) goes on."""
+        to_log, rest = self._faults.absorb(peer, exc, (PeerDisconnected, RemoteProtocolError))
+        for err in to_log:
+            log.error(
+                f"{what} failed unexpectedly; closed that connection",
+                extra=kv(peer=peer, error=type(err).__name__),
+                exc_info=(type(err), err, err.__traceback__),
+            )
+        if rest is not None:
+            raise rest
 
     async def _dial(self, addr: str) -> None:
         assert self._nursery is not None
@@ -421,24 +486,35 @@ class GossipService:
                     self.clan,
                     self.admit,
                     timeout=DIAL_TIMEOUT,
+                    faults=self._faults,
                 )
-        except (PeerDisconnected, RemoteProtocolError) as exc:
+        except _DIAL_FAILURES as exc:  # a malformed address, DNS, a refusal, ...
             self.stats["dial_failures"] += 1
-            log.debug("dial failed", extra=kv(addr=addr, reason=exc.reason))
+            log.debug("dial failed", extra=kv(addr=addr, reason=getattr(exc, "reason", exc)))
             self._dialing.pop(addr, None)  # what waited is lost, like datagrams
             return
-        except Exception as exc:  # a malformed address, DNS failure, ...
-            self.stats["dial_failures"] += 1
-            log.debug("dial failed", extra=kv(addr=addr, error=exc))
+        except BaseException as exc:
             self._dialing.pop(addr, None)
+            if isinstance(exc, Exception):
+                self.stats["dial_failures"] += 1
+            self._fault(addr, exc, "dialing a peer")
             return
-        self._by_addr[addr] = session.peer_node_id
-        link = self._add_link(session)
-        for data in self._dialing.pop(addr, []):
-            try:
-                link.send.send_nowait(data)
-            except trio.WouldBlock:
-                self.stats["dropped"] += 1
+        try:
+            self._by_addr[addr] = session.peer_node_id
+            link = self._add_link(session)
+            for data in self._dialing.pop(addr, []):
+                try:
+                    link.send.send_nowait(data)
+                except trio.WouldBlock:
+                    self.stats["dropped"] += 1
+        except BaseException as exc:
+            self._dialing.pop(addr, None)
+            self._forget(session)
+            with trio.move_on_after(0.5) as cs:
+                cs.shield = True
+                await session.aclose()
+            self._fault(session.peer_node_id[:10], exc, "a dialed peer session")
+            return
         await self._serve_link(link)
 
     async def _on_incoming(self, session: PeerSession) -> None:
@@ -455,17 +531,29 @@ class GossipService:
             # stays open for what the peer sends on it (closing it would make
             # the peer dial again, and again).
             old.send.close()
-        while len(self._links) > MAX_SESSIONS:
-            oldest = next(iter(self._links))
-            self._drop_link(oldest)
+        # At most a few sessions per peer and MAX_SESSIONS in all: the oldest go.
+        for stale in self._sessions.open(session, node_id):
+            self._close_session(stale)  # type: ignore[arg-type]
         return link
 
-    def _drop_link(self, node_id: str) -> None:
-        link = self._links.pop(node_id, None)
-        if link is not None:
+    def _forget(self, session: PeerSession) -> None:
+        """Take `session` out of the tables (idempotent)."""
+        self._sessions.close(session)
+        link = self._links.get(session.peer_node_id)
+        if link is not None and link.session is session:
+            del self._links[session.peer_node_id]
             link.send.close()
-            assert self._nursery is not None
-            self._nursery.start_soon(link.session.aclose)
+
+    def _close_session(self, session: PeerSession) -> None:
+        # Its link's reader then sees the session end, and `_serve_link` ends.
+        self._forget(session)
+        assert self._nursery is not None
+        self._nursery.start_soon(session.aclose)
+
+    def _drop_link(self, node_id: str) -> None:
+        link = self._links.get(node_id)
+        if link is not None:
+            self._close_session(link.session)
 
     async def _serve_link(self, link: _Link) -> None:
         session = link.session
@@ -478,9 +566,10 @@ class GossipService:
             log.debug(
                 "peer session ended", extra=kv(peer=session.peer_node_id[:10], reason=exc.reason)
             )
+        except BaseException as exc:
+            self._fault(session.peer_node_id[:10], exc, "a peer session")
         finally:
-            if self._links.get(session.peer_node_id) is link:
-                del self._links[session.peer_node_id]
+            self._forget(session)
             # A clean close waits for the peer; a dead peer must not hold up a stop.
             with trio.move_on_after(0.5) as cs:
                 cs.shield = True
