@@ -8,6 +8,7 @@ start (no tor, no root) stop the others; it reports it as a capability.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from ._sdnotify import Notifier, watchdog_interval
 from .capabilities import Capability, probe_all
 from .config import Config
 from .control.server import ControlServer
+from .gossip.config import RecordLimits
 from .identity import Identity, load_or_create
 from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
@@ -602,7 +604,13 @@ class Agent:
         self.identity, created = await trio.to_thread.run_sync(load_or_create, state)
         if created:
             log.info("generated node keys", extra=kv(state_dir=state))
-        self.store = await trio.to_thread.run_sync(Store.open, state / "records")
+        g = self.cfg.gossip
+        quota = RecordLimits(
+            g.max_records_per_origin, g.max_bytes_per_origin, g.max_records, g.max_bytes
+        )
+        self.store = await trio.to_thread.run_sync(
+            functools.partial(Store.open, state / "records", quota=quota)
+        )
         self.anchor = await trio.to_thread.run_sync(load_anchor, state)
         self.inventory = InventoryManager(self.anchor)
         self.inventory.listeners.append(self._inventory_changed)

@@ -68,6 +68,15 @@ class GossipSection:
     admitted_keys: list[str] = field(default_factory=list)
     # Human-friendly name announced to peers; "" = the host name.
     name: str = ""
+    # Seconds an incoming peer connection may take from accept to a finished
+    # handshake (raise it for clans that reach each other over slow Tor paths).
+    handshake_timeout: float = 5.0
+    # Store quotas: records and bytes one origin may have stored here, and in
+    # all (docs/security.md). Beyond them a record is refused and counted.
+    max_records_per_origin: int = 4096
+    max_bytes_per_origin: int = 8 * 1024 * 1024
+    max_records: int = 200_000
+    max_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"log_level: '{cfg.log_level}' is not one of {', '.join(LOG_LEVELS)}")
     if cfg.gossip.profile not in ("lan", "wan", "local"):
         raise ConfigError(f"gossip.profile: '{cfg.gossip.profile}' is not lan, wan or local")
+    if not 0 < cfg.gossip.handshake_timeout <= 60:
+        raise ConfigError("gossip.handshake_timeout: must be in (0, 60] seconds")
+    for key in ("max_records_per_origin", "max_bytes_per_origin", "max_records", "max_bytes"):
+        if getattr(cfg.gossip, key) < 1:
+            raise ConfigError(f"gossip.{key}: must be at least 1")
+    if cfg.gossip.max_records_per_origin > cfg.gossip.max_records:
+        raise ConfigError("gossip.max_records_per_origin: must not exceed gossip.max_records")
+    if cfg.gossip.max_bytes_per_origin > cfg.gossip.max_bytes:
+        raise ConfigError("gossip.max_bytes_per_origin: must not exceed gossip.max_bytes")
     if cfg.shutdown_timeout <= 0:
         raise ConfigError("shutdown_timeout: must be > 0")
     if cfg.control.max_request < 1024:

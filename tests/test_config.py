@@ -63,6 +63,16 @@ profile = "wan"
         ("[gossip]\nadmitted_keys = ['abc']", "gossip.admitted_keys[0]"),
         ("[gossip]\nclan_id = 'zz'", "gossip.clan_id: must be hex"),
         ("this is not toml", "not valid TOML"),
+        ("[gossip]\nhandshake_timeout = 0", "gossip.handshake_timeout: must be in (0, 60]"),
+        ("[gossip]\nmax_records = 0", "gossip.max_records: must be at least 1"),
+        (
+            "[gossip]\nmax_records = 10\nmax_records_per_origin = 11",
+            "gossip.max_records_per_origin: must not exceed gossip.max_records",
+        ),
+        (
+            "[gossip]\nmax_bytes = 100\nmax_bytes_per_origin = 101",
+            "gossip.max_bytes_per_origin: must not exceed gossip.max_bytes",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, needle):
