@@ -578,9 +578,7 @@ class Agent:
         log.log(
             logging.WARNING if own or not exc.transient else logging.INFO,
             "own record not published" if own else "record refused",
-            extra=kv(
-                kind=key[0], origin=key[1], reason=exc.reason, transient=exc.transient
-            ),
+            extra=kv(kind=key[0], origin=key[1], reason=exc.reason, transient=exc.transient),
         )
 
     def check_own_record(self, kind: str, key: str, body: Any) -> bool:

@@ -413,9 +413,7 @@ def _registry() -> dict[str, KindSpec]:
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
         KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest),
         KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules),
-        KindSpec(
-            VM_STATUS_KIND, _schema_parse(VmStatusBody), _vm_status_rules, VmStatusBody
-        ),
+        KindSpec(VM_STATUS_KIND, _schema_parse(VmStatusBody), _vm_status_rules, VmStatusBody),
         KindSpec(
             LOGS_REQUEST_KIND,
             _schema_parse(VmLogsRequestBody),
@@ -425,7 +423,7 @@ def _registry() -> dict[str, KindSpec]:
         KindSpec(LOGS_KIND, _schema_parse(VmLogsBody), _vm_logs_rules, VmLogsBody),
     ]
     for s in specs:
-        if s.schema is not None and s.schema.KIND != s.kind:
+        if s.schema is not None and s.kind != s.schema.KIND:
             raise AssertionError(f"{s.kind}: schema {s.schema.__name__} is for {s.schema.KIND}")
     return {s.kind: s for s in specs}
 
