@@ -26,7 +26,7 @@ from clanagent.agent import Agent
 from clanagent.identity import Identity, load_or_create
 from clanagent.inventory import Anchor, make_version
 from clanagent.inventory.manager import InventoryManager
-from clanagent.records import MAX_FUTURE_SKEW, Refusal, RecordContext, validate
+from clanagent.records import MAX_FUTURE_SKEW, RecordContext, Refusal, validate
 from clanagent.secrets.planner import plan
 from clanagent.secrets.record import build_rotate_request
 from clanagent.store import Store
@@ -210,7 +210,9 @@ async def test_far_future_timestamps_refused(tmp_path):
         # ... and the agent will not publish such a record of its own
         assert not await maker.publish_record(kind, rec.key, body)
     near = {**made["topology"].body, "at": int(time.time()) + MAX_FUTURE_SKEW - 10}
-    ok = SignedRecord.create(agents[1].identity, "topology", "", 99, near, clan=made["topology"].clan)
+    ok = SignedRecord.create(
+        agents[1].identity, "topology", "", 99, near, clan=made["topology"].clan
+    )
     judge.validate_record(ok)
 
 
@@ -260,7 +262,9 @@ def test_rotate_request_rules_in_the_planner():
     recs = {"svc/shared": [publish(clan, g, SHARED, 3, T0)]}
 
     def asks(generation, requested, now=T0 + 100):
-        r = {"svc/shared": [build_rotate_request(clan.ids["d"], "svc/shared", generation, requested)]}
+        r = {
+            "svc/shared": [build_rotate_request(clan.ids["d"], "svc/shared", generation, requested)]
+        }
         return [t.reason for t in tasks(plan(clan.doc, g, online, recs, r, now))]
 
     assert asks(3, T0 + 10) == ["requested"]
@@ -355,10 +359,14 @@ async def test_vm_logs_with_huge_since_cannot_freeze_the_tail(tmp_path):
     vms.local_tail = lambda name, max_bytes=16 * 1024: next(tails)
     await vms._answer_log_requests()
     first = a1.store.get(a1.identity.public_key, "vm-logs", "web")
-    assert first.body["tail"] == b"first\n" and first.body["at"] <= time.time() + 1  # our clock, not the request's
+    assert (
+        first.body["tail"] == b"first\n" and first.body["at"] <= time.time() + 1
+    )  # our clock, not the request's
     # a later ordinary request gets a newer tail (the answer did not stand for it)
     later = int(time.time()) + 2
-    a1.store.put(SignedRecord.create(agents[2].identity, "vm-logs-request", "web", 5, {"at": later}))
+    a1.store.put(
+        SignedRecord.create(agents[2].identity, "vm-logs-request", "web", 5, {"at": later})
+    )
     vms._logs_answered.clear()
     while int(time.time()) < later:
         await trio.sleep(0.1)
@@ -424,3 +432,22 @@ def test_wrong_bodies_are_refused_never_crash(made_records, data):
         agents[3].validate_record(forged)
     except Refusal:
         pass
+
+
+async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path):
+    from clanagent.topology import TopologyService
+
+    agents, made = await produce_every_kind(tmp_path)
+    a1, a2 = agents[1], agents[2]
+    links = [{"peer": "m3", "kind": "lan", "rtt_ms": 1.0}]
+    real = a1.machines
+    a1.machines = lambda: [{**r, "online": True} for r in real()]
+
+    def m2_m3_seen_by(at: int) -> set[str]:
+        body = {"at": at, "links": links, "capabilities": []}
+        a1.store.put(SignedRecord.create(a2.identity, "topology", "", at, body))
+        edges = TopologyService(a1).view()["links"]
+        return {m for e in edges if (e["a"], e["b"]) == ("m2", "m3") for m in e["seen_by"]}
+
+    assert m2_m3_seen_by(int(time.time())) == {"m2"}  # a fresh view counts
+    assert m2_m3_seen_by(int(time.time()) + 10**6) == set()  # one from the future does not
