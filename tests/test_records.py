@@ -451,3 +451,21 @@ async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path)
 
     assert m2_m3_seen_by(int(time.time())) == {"m2"}  # a fresh view counts
     assert m2_m3_seen_by(int(time.time()) + 10**6) == set()  # one from the future does not
+
+
+def test_a_holders_generation_beyond_the_bound_never_counts():
+    from clanagent.records import MAX_GENERATION
+
+    clan = make_clan()
+    online = ["a", "b", "c"]
+    g = _chosen(clan, online)
+    holder = next(m for m in ("a", "b", "c") if m != g)
+    recs = {
+        "svc/shared": [
+            publish(clan, g, SHARED, 3, T0),
+            publish(clan, holder, SHARED, MAX_GENERATION + 1, T0 + 5),
+        ]
+    }
+    req = {"svc/shared": [build_rotate_request(clan.ids["d"], "svc/shared", 3, T0 + 10)]}
+    (t,) = tasks(plan(clan.doc, g, online, recs, req, T0 + 20))
+    assert t.reason == "requested" and t.generation == 4

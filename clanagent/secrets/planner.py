@@ -47,6 +47,7 @@ from clanagent.secrets.record import (
     parse_rotate_request,
     parse_secret_record,
 )
+from clanagent.records import MAX_GENERATION
 from clanagent.wire import SignedRecord, WireError
 
 __all__ = [
@@ -118,7 +119,22 @@ def current_of(
 ) -> Current | None:
     """The current generation of `inst`: only records by its current holders count."""
     allowed = [nk for nk, _ in holder_keys(doc, inst).values()]
-    return choose_current(records, allowed, opens=opens, verify=verify)
+    return choose_current(_sane(records), allowed, opens=opens, verify=verify)
+
+
+def _sane(records: Iterable[SignedRecord]) -> list[SignedRecord]:
+    """Records whose generation a real history can reach (records.MAX_GENERATION).
+
+    One beyond it (signed by a holder) must not become current nor set the
+    next generation: generations would run out."""
+    out = []
+    for rec in records:
+        body = rec.body
+        gen = body.get("generation") if type(body) is dict else None
+        if type(gen) is int and gen > MAX_GENERATION:
+            continue
+        out.append(rec)
+    return out
 
 
 def _max_generation(doc: dict, records: Iterable[SignedRecord], verify: bool) -> int:
@@ -126,7 +142,7 @@ def _max_generation(doc: dict, records: Iterable[SignedRecord], verify: bool) ->
     # have made the highest generation), so the next one is always new.
     members = {m["node_key"] for m in doc["machines"].values()}
     best = 0
-    for rec in records:
+    for rec in _sane(records):
         if rec.origin not in members:
             continue
         try:
