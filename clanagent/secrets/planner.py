@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from clanagent.records import MAX_GENERATION
 from clanagent.secrets.model import (
     SecretInstance,
     dependency_instance,
@@ -47,7 +48,6 @@ from clanagent.secrets.record import (
     parse_rotate_request,
     parse_secret_record,
 )
-from clanagent.records import MAX_GENERATION
 from clanagent.wire import SignedRecord, WireError
 
 __all__ = [
