@@ -413,6 +413,19 @@ def _mutations(body):
     )
 
 
+def _deep(data, value):
+    """`value` with one nested item (in a map or a list, at any depth) replaced or dropped."""
+    if isinstance(value, dict) and value and data.draw(st.integers(0, 3)) > 0:
+        k = data.draw(st.sampled_from(sorted(value, key=repr)))
+        if data.draw(st.integers(0, 5)) == 0:
+            return {x: v for x, v in value.items() if x != k}
+        return {**value, k: _deep(data, value[k])}
+    if isinstance(value, list) and value and data.draw(st.integers(0, 3)) > 0:
+        i = data.draw(st.integers(0, len(value) - 1))
+        return [*value[:i], _deep(data, value[i]), *value[i + 1 :]]
+    return data.draw(_wire)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_wrong_bodies_are_refused_never_crash(made_records, data):
@@ -420,6 +433,8 @@ def test_wrong_bodies_are_refused_never_crash(made_records, data):
     kind = data.draw(st.sampled_from(sorted(made)))
     rec = made[kind]
     body = data.draw(_mutations(rec.body))
+    if data.draw(st.booleans()):
+        body = _deep(data, rec.body)
     key = data.draw(st.one_of(st.just(rec.key), st.text(max_size=10)))
     signer = agents[1] if rec.origin == agents[1].identity.public_key else agents[2]
     if rec.origin not in (agents[1].identity.public_key, agents[2].identity.public_key):
