@@ -484,3 +484,36 @@ def test_a_holders_generation_beyond_the_bound_never_counts():
     req = {"svc/shared": [build_rotate_request(clan.ids["d"], "svc/shared", 3, T0 + 10)]}
     (t,) = tasks(plan(clan.doc, g, online, recs, req, T0 + 20))
     assert t.reason == "requested" and t.generation == 4
+
+
+async def test_vm_logs_over_the_control_socket_publishes_only_bounded_requests(tmp_path):
+    """A real agent: `vm.logs` with a huge `since`, many times, from the control socket."""
+    from .test_inventory_agent import call, start, submit, wait_until
+
+    admin = nacl.signing.SigningKey.generate()
+    ident = load_or_create(tmp_path / "s1")[0]
+    doc = genesis(admin, {"m1": machine_entry(ident, ["server"])})
+    doc["vms"]["web"] = vm_decl()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            a1, _ = await start(n, cfg_for(tmp_path, 1))
+            await submit(a1, doc, [], [admin], init=True)
+            await wait_until(lambda: a1.vms is not None, "the VM service", 20)
+            asked = []
+            publish = a1.publish_record
+
+            async def counting(kind, key, body):
+                asked.append(kind)
+                return await publish(kind, key, body)
+
+            a1.publish_record = counting
+            for _ in range(30):
+                assert await call(a1, "vm.logs", {"name": "web", "since": 2**62}) == {
+                    "pending": True
+                }
+            req = a1.store.get(ident.public_key, "vm-logs-request", "web")
+            assert req is not None and req.body["at"] <= time.time() + 1
+            # 30 reads, at most a couple of requests (once per second per VM)
+            assert 1 <= asked.count("vm-logs-request") <= 3
+            assert a1.record_stats["own_refusals"] == 0
+            n.cancel_scope.cancel()
