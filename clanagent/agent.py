@@ -569,6 +569,10 @@ class Agent:
             self._log_refusal(record, exc, own=False)
             raise
 
+    def record_counters(self) -> dict[str, int]:
+        """Record body checks: checked, refused, deferred (transient), own_refusals."""
+        return dict(self.record_stats)
+
     def _log_refusal(self, record: SignedRecord, exc: Any, *, own: bool) -> None:
         key = (record.kind[:64], record.origin.hex()[:16], own)
         if key in self._refusals_logged:

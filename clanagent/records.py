@@ -49,8 +49,11 @@ MAX_TEXT = 4096  # a free-text field (a reason, a state)
 class Refusal(ValueError):
     """A record this agent does not take.  `transient`: we cannot decide yet (retry later)."""
 
-    def __init__(self, kind: str, reason: str, *, transient: bool = False) -> None:
-        super().__init__(f"{kind}: {reason}")
+    def __init__(self, kind: str, reason: str | None = None, *, transient: bool = False) -> None:
+        # Refusal(kind, reason), or Refusal(reason) where no kind applies.
+        if reason is None:
+            kind, reason = "", kind
+        super().__init__(f"{kind}: {reason}" if kind else reason)
         self.kind = kind
         self.reason = reason
         self.transient = transient

@@ -517,3 +517,16 @@ async def test_vm_logs_over_the_control_socket_publishes_only_bounded_requests(t
             assert 1 <= asked.count("vm-logs-request") <= 3
             assert a1.record_stats["own_refusals"] == 0
             n.cancel_scope.cancel()
+
+
+def test_refusal_shapes():
+    r = Refusal("vm-status", "not from its host")
+    assert (r.kind, r.reason, r.transient, str(r)) == (
+        "vm-status",
+        "not from its host",
+        False,
+        "vm-status: not from its host",
+    )
+    t = Refusal("no inventory yet", transient=True)
+    assert (t.kind, t.reason, t.transient) == ("", "no inventory yet", True)
+    assert isinstance(t, ValueError)
