@@ -45,6 +45,13 @@ class ControlConfig:
     read_group: str = ""
     # Largest request accepted on the control socket, in bytes.
     max_request: int = 1 << 20
+    # Connections open at once on the control socket, all users together.
+    max_connections: int = 64
+    # Of those, how many only root and the agent's own user may take, so a
+    # local user holding every other slot cannot lock the admin out.
+    reserved_connections: int = 8
+    # Connections one other user (uid) may hold at once.
+    max_connections_per_user: int = 8
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("shutdown_timeout: must be > 0")
     if cfg.control.max_request < 1024:
         raise ConfigError("control.max_request: must be at least 1024 bytes")
+    ctl = cfg.control
+    if not 0 <= ctl.reserved_connections < ctl.max_connections:
+        raise ConfigError(
+            "control.reserved_connections: must be 0 or more and below "
+            f"control.max_connections ({ctl.max_connections})"
+        )
+    if ctl.max_connections_per_user < 1:
+        raise ConfigError("control.max_connections_per_user: must be at least 1")
     for i, addr in enumerate(cfg.gossip.join):
         _split_hostport(addr, f"gossip.join[{i}]")
     if cfg.gossip.listen:

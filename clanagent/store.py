@@ -6,7 +6,10 @@ disk, one file per key holding the record's own signed encoding.  A write is
 acknowledged (``put`` returns True) only once it would survive ``kill -9``
 and, as far as the OS promises, a power cut: temp file, fsync, rename, fsync
 of the directory.  Opening a directory cleans what a crash left behind and
-quarantines anything unreadable into ``corrupt/``.
+quarantines anything unreadable into ``corrupt/``.  It bounds what it holds
+(`RecordLimits`: records and bytes per origin and in total, accounted by delta
+when a newer version replaces a key) and never holds a record at or over
+`MAX_RECORD_VERSION`, so an origin's versions cannot run out.
 
 Must never: acknowledge a write before it is durable, let an older or equal
 version replace a newer one, crash on (or silently drop) a damaged file, or
@@ -33,7 +36,15 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from clanagent.wire import DEFAULT_LIMITS, Limits, SignedRecord, WireError, pack
+from clanagent.gossip.config import RecordLimits
+from clanagent.wire import (
+    DEFAULT_LIMITS,
+    MAX_RECORD_VERSION,
+    Limits,
+    SignedRecord,
+    WireError,
+    pack,
+)
 
 __all__ = ["StoreError", "Store"]
 
@@ -82,9 +93,20 @@ class Store:
     store per node.
     """
 
-    def __init__(self, path: Path | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        quota: RecordLimits | None = None,
+    ) -> None:
         self._dir = path
         self._limits = limits
+        self._quota = quota if quota is not None else RecordLimits()
+        # Usage by origin ([records, bytes]) and in total, kept with the maps.
+        self._usage: dict[bytes, list[int]] = {}
+        self._bytes = 0
+        # Origins checked against the per-origin quota only (our own).
+        self._reserved: set[bytes] = set()
         # origin -> {(kind, key): record}.  Nested so that by_origin / max_version
         # (asked for by anti-entropy on every round) do not scan every record.
         self._by_origin: dict[bytes, dict[tuple[str, str], SignedRecord]] = {}
@@ -99,20 +121,34 @@ class Store:
             "written": 0,
             "deleted": 0,
             "temp_removed": 0,
+            "over_version": 0,  # quarantined at load: version at or over the bound
+            "over_quota": 0,  # quarantined at load: beyond the quota
+            "refused_over_version": 0,
+            "refused_quota": 0,
         }
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path | str | None, limits: Limits = DEFAULT_LIMITS) -> Store:
+    def open(
+        cls,
+        path: Path | str | None,
+        limits: Limits = DEFAULT_LIMITS,
+        quota: RecordLimits | None = None,
+    ) -> Store:
         """Open (creating, mode 0700) the store under `path`, or an in-memory one
-        for ``None``.  Raises `StoreError` if the directory cannot be used."""
+        for ``None``.  Raises `StoreError` if the directory cannot be used.
+
+        Records at or over `MAX_RECORD_VERSION`, and records beyond `quota`
+        (lowest versions are kept, as a running store would have), are moved
+        aside into ``corrupt/`` and logged; they never stop the open."""
         if path is None:
-            return cls(None, limits)
-        store = cls(Path(path), limits)
+            return cls(None, limits, quota)
+        store = cls(Path(path), limits, quota)
         try:
             store._prepare_dir()
             store._load()
+            store._enforce_quota_after_load()
         except OSError as exc:
             raise StoreError(f"cannot open store at {path}: {exc}") from exc
         return store
@@ -164,6 +200,13 @@ class Store:
                 self._quarantine(entry.name, "content does not match file name")
                 quarantined = True
                 continue
+            if rec.version >= MAX_RECORD_VERSION:
+                # Versions must never run out: a record at the bound would stop
+                # its origin (maybe us) from ever publishing that key again.
+                self.stats["over_version"] += 1
+                self._quarantine(entry.name, f"version {rec.version} is at or over 2**53")
+                quarantined = True
+                continue
             if triple in sources:
                 # Unreachable while names are derived from content; kept so that a
                 # future layout change can never load an older version over a newer.
@@ -195,19 +238,63 @@ class Store:
         except WireError as exc:
             return None, f"does not decode: {exc.reason}"
 
-    def _quarantine(self, name: str, why: str) -> None:
+    def _enforce_quota_after_load(self) -> None:
+        """Move aside what is beyond the quota (e.g. written before quotas, or
+        under larger ones), keeping each origin's lowest versions first."""
+        q = self._quota
+        over = self._bytes > q.max_bytes or self._count > q.max_records
+        over = over or any(
+            c > q.max_records_per_origin or b > q.max_bytes_per_origin
+            for c, b in self._usage.values()
+        )
+        if not over:
+            return
+        assert self._dir is not None
+        recs = sorted(self.records(), key=lambda r: (r.version, r.origin, r.kind, r.key))
+        keep: dict[bytes, list[int]] = {}
+        total = [0, 0]
+        dropped = 0
+        for rec in recs:
+            use = keep.setdefault(rec.origin, [0, 0])
+            if (
+                use[0] + 1 > q.max_records_per_origin
+                or use[1] + rec.size > q.max_bytes_per_origin
+                or total[0] + 1 > q.max_records
+                or total[1] + rec.size > q.max_bytes
+            ):
+                triple = (rec.origin, rec.kind, rec.key)
+                with self._lock:
+                    self._del_nolock(triple)
+                self._quarantine(file_name(*triple), "beyond the quota", quiet=True)
+                self.stats["over_quota"] += 1
+                dropped += 1
+                continue
+            use[0] += 1
+            use[1] += rec.size
+            total[0] += 1
+            total[1] += rec.size
+        if (self._dir / _CORRUPT_DIR).exists():
+            _fsync_dir(self._dir / _CORRUPT_DIR)
+        _fsync_dir(self._dir)
+        log.error("store: %d records beyond the quota moved to %s", dropped, _CORRUPT_DIR)
+
+    def _quarantine(self, name: str, why: str, *, quiet: bool = False) -> None:
         assert self._dir is not None
         corrupt = self._dir / _CORRUPT_DIR
-        self.stats["corrupt"] += 1
+        if not quiet:
+            self.stats["corrupt"] += 1
         try:
             if not corrupt.exists():
                 corrupt.mkdir(mode=0o700)
             # Suffix so an earlier quarantined file of the same name is kept too.
             dest = corrupt / f"{name}.{time.time_ns()}"
             os.replace(self._dir / name, dest)
-            _fsync_dir(corrupt)
+            if not quiet:  # quiet callers fsync once for the whole batch
+                _fsync_dir(corrupt)
         except OSError as exc:
             log.error("store file %s is corrupt (%s) and could not be moved: %s", name, why, exc)
+            return
+        if quiet:
             return
         log.error("store file %s is corrupt (%s); moved to %s", name, why, dest)
 
@@ -219,9 +306,77 @@ class Store:
 
     def _set_nolock(self, triple: Triple, rec: SignedRecord) -> None:
         per = self._by_origin.setdefault(triple[0], {})
-        if (triple[1], triple[2]) not in per:
+        use = self._usage.setdefault(triple[0], [0, 0])
+        old = per.get((triple[1], triple[2]))
+        if old is None:
             self._count += 1
+            use[0] += 1
+        else:
+            use[1] -= old.size
+            self._bytes -= old.size
+        use[1] += rec.size
+        self._bytes += rec.size
         per[(triple[1], triple[2])] = rec
+
+    def _del_nolock(self, triple: Triple) -> None:
+        per = self._by_origin[triple[0]]
+        old = per.pop((triple[1], triple[2]))
+        use = self._usage[triple[0]]
+        use[0] -= 1
+        use[1] -= old.size
+        self._bytes -= old.size
+        self._count -= 1
+        if not per:
+            del self._by_origin[triple[0]]
+            del self._usage[triple[0]]
+
+    def _over_quota_nolock(self, rec: SignedRecord, pending: dict[bytes, list[int]]) -> str | None:
+        """Why storing `rec` would exceed the quota (None if it fits).
+
+        `pending` holds usage deltas of a batch not yet applied (key None for
+        the totals).  A newer version of a held key costs only its size delta,
+        and an update that does not grow never counts as over."""
+        q = self._quota
+        origin = rec.origin
+        old = self._get_nolock((origin, rec.kind, rec.key))
+        dcount = 0 if old is not None else 1
+        dbytes = rec.size - (old.size if old is not None else 0)
+        use = self._usage.get(origin, (0, 0))
+        pend = pending.get(origin, (0, 0))
+        if dcount and use[0] + pend[0] + 1 > q.max_records_per_origin:
+            return f"more than {q.max_records_per_origin} records from one origin"
+        if dbytes > 0 and use[1] + pend[1] + dbytes > q.max_bytes_per_origin:
+            return f"more than {q.max_bytes_per_origin} bytes from one origin"
+        if origin not in self._reserved:
+            tot = pending.get(b"", (0, 0))
+            if dcount and self._count + tot[0] + 1 > q.max_records:
+                return f"more than {q.max_records} records in the store"
+            if dbytes > 0 and self._bytes + tot[1] + dbytes > q.max_bytes:
+                return f"more than {q.max_bytes} bytes in the store"
+        return None
+
+    def over_quota(self, rec: SignedRecord) -> str | None:
+        """Why `rec` would be refused for the quota now, or None if it fits."""
+        with self._lock:
+            return self._over_quota_nolock(rec, {})
+
+    def reserve(self, origin: bytes) -> None:
+        """Check `origin` (our own) against the per-origin quota only: others
+        filling the store's totals must never stop us publishing."""
+        with self._lock:
+            self._reserved.add(origin)
+
+    @property
+    def quota(self) -> RecordLimits:
+        return self._quota
+
+    def usage(self, origin: bytes | None = None) -> tuple[int, int]:
+        """(records, bytes) held from `origin`, or in total for None."""
+        with self._lock:
+            if origin is None:
+                return self._count, self._bytes
+            use = self._usage.get(origin)
+            return (use[0], use[1]) if use else (0, 0)
 
     def get(self, origin: bytes, kind: str, key: str) -> SignedRecord | None:
         with self._lock:
@@ -285,6 +440,9 @@ class Store:
             winners: dict[Triple, int] = {}  # triple -> index in recs
             with self._lock:
                 for i, rec in enumerate(recs):
+                    if rec.version >= MAX_RECORD_VERSION:
+                        self.stats["refused_over_version"] += 1
+                        continue
                     triple = (rec.origin, rec.kind, rec.key)
                     best = winners.get(triple)
                     held = recs[best] if best is not None else self._get_nolock(triple)
@@ -294,6 +452,21 @@ class Store:
                     if best is not None:
                         self.stats["refused_older"] += 1  # superseded within the batch
                     winners[triple] = i
+                # Quotas, with the usage of this batch's earlier winners.
+                pending: dict[bytes, list[int]] = {}
+                for triple, i in list(winners.items()):
+                    rec = recs[i]
+                    if self._over_quota_nolock(rec, pending) is not None:
+                        self.stats["refused_quota"] += 1
+                        del winners[triple]
+                        continue
+                    old = self._get_nolock(triple)
+                    dc = 0 if old is not None else 1
+                    db = rec.size - (old.size if old is not None else 0)
+                    for k in (rec.origin, b""):
+                        p = pending.setdefault(k, [0, 0])
+                        p[0] += dc
+                        p[1] += db
             if not winners:
                 return results
             if self._dir is None:
@@ -362,11 +535,7 @@ class Store:
                 except OSError as exc:
                     raise StoreError(f"delete in {self._dir} failed: {exc}") from exc
             with self._lock:
-                per = self._by_origin[origin]
-                del per[(kind, key)]
-                if not per:
-                    del self._by_origin[origin]
-                self._count -= 1
+                self._del_nolock(triple)
                 self.stats["deleted"] += 1
             return True
 

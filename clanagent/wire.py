@@ -44,6 +44,7 @@ __all__ = [
     "SignedRecord",
     "RECORD_SIGNATURE_DOMAIN",
     "MAX_VERSION",
+    "MAX_RECORD_VERSION",
 ]
 
 
@@ -531,6 +532,12 @@ class NodeInfo(Record):
 # replayed as (or forged from) a signature made by another part of the system.
 RECORD_SIGNATURE_DOMAIN = b"clanagent-record-v1\0"
 MAX_VERSION = 2**63 - 1
+# Records are created and accepted only below this version.  Versions count
+# one per publish, so 2**53 never runs out (a million publishes a second for
+# 285 years), leaves the rest of MAX_VERSION as margin, and is exact as a
+# float for JSON consumers.  Decoding still admits up to MAX_VERSION (peers
+# refuse such records by policy: counted, not a malformed envelope).
+MAX_RECORD_VERSION = 2**53
 _HEADER_KEYS = frozenset({"clan", "kind", "key", "version", "body"})
 _ENV_SIGNER_HEAD = b"\x93\xc4\x20"  # fixarray(3), bin8(32)
 _ENV_SIG_HEAD = b"\xc4\x40"  # bin8(64)
@@ -671,6 +678,8 @@ class SignedRecord:
             body = body.to_wire()
         header = {"clan": clan, "kind": kind, "key": key, "version": version, "body": body}
         _check_header(header, DEFAULT_LIMITS)
+        if version >= MAX_RECORD_VERSION:
+            raise WireError(f"header.version: {version} is at or over 2**53")
         payload = pack(header)
         signature = identity.sign(RECORD_SIGNATURE_DOMAIN + payload)
         return cls(bytes(identity.public_key), payload, signature)

@@ -148,7 +148,7 @@ async def test_errors_get_replies_and_the_connection_survives(tmp_path):
             ]
             assert replies[-1]["ok"] is True
             assert "known: " in replies[0]["error"]["message"]
-            assert server.stats.errors["unknown_method"] == 1
+            assert server.counters()["error_unknown_method"] == 1
             n.cancel_scope.cancel()
 
 
@@ -191,7 +191,7 @@ async def test_refused_caller_gets_a_clear_error(tmp_path):
                 await call(server.path, "status")
             assert exc.value.code == "permission_denied"
             assert "go away" in exc.value.message
-            assert server.stats.refused == 1
+            assert server.counters()["refused_group"] == 1
             n.cancel_scope.cancel()
 
 
@@ -282,13 +282,8 @@ GIDS = {"ops": 1000, "viewers": 1001}
 
 
 def auth(cred, groups=()):
-    return authorize(
-        cred,
-        CFG,
-        agent_uid=500,
-        groups_of=lambda pid: set(groups),
-        gid_of=lambda name: GIDS.get(name),
-    )
+    cred = PeerCred(cred.pid, cred.uid, cred.gid, frozenset(groups))
+    return authorize(cred, CFG, agent_uid=500, gid_of=lambda name: GIDS.get(name))
 
 
 def test_authorize_table():
@@ -371,3 +366,137 @@ async def test_real_peer_credentials_of_another_user():
             assert out == "OK n1", out
             n.cancel_scope.cancel()
     shutil.rmtree(tmp_path)
+
+
+# -- fault isolation ----------------------------------------------------------
+
+
+async def test_a_fault_outside_any_handler_ends_that_connection_only(tmp_path):
+    """A bug while admitting one caller (here: its group lookup) must not stop the server."""
+    calls = []
+
+    def flaky(cred):
+        calls.append(cred.uid)
+        if len(calls) == 1:
+            raise RuntimeError("injected: group database fell over")
+        return "write", "test"
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, _ = await start_server(n, tmp_path, authorizer=flaky)
+            with pytest.raises(ClientError) as exc:
+                await call(server.path, "status")
+            assert exc.value.code == "internal"  # told, not just hung up on
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            assert server.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
+async def test_a_fault_while_accepting_drops_that_caller_only(tmp_path, monkeypatch):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, _ = await start_server(n, tmp_path)
+            acquire = server.slots.acquire
+            calls = []
+
+            def flaky(uid, privileged):
+                calls.append(uid)
+                if len(calls) == 1:
+                    raise RuntimeError("injected: slot table bug")
+                return acquire(uid, privileged)
+
+            monkeypatch.setattr(server.slots, "acquire", flaky)
+            with pytest.raises(ClientError) as exc:
+                await call(server.path, "status")
+            assert exc.value.code == "disconnected"
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            assert server.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
+async def test_a_handler_fault_is_logged_once_per_uid_and_counted_each_time(
+    tmp_path, monkeypatch, caplog
+):
+    def boom():
+        raise KeyError("kaput")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, agent = await start_server(n, tmp_path)
+            monkeypatch.setattr(agent, "status", boom)
+            for _ in range(3):
+                with pytest.raises(ClientError) as exc:
+                    await call(server.path, "status")
+                assert exc.value.code == "internal"
+                assert "KeyError" in exc.value.message
+            assert (await call(server.path, "whoami"))["node_id"] == "n1"
+            assert server.counters()["internal_errors"] == 3
+            n.cancel_scope.cancel()
+    logged = [r for r in caplog.records if "control request failed" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None and logged[0].exc_info[0] is KeyError
+
+
+async def test_a_broken_event_source_ends_that_stream_with_an_error(tmp_path, monkeypatch):
+    async def events():
+        yield {"type": "first"}
+        raise ValueError("injected: event source broke")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, agent = await start_server(n, tmp_path)
+            monkeypatch.setattr(agent, "events", events)
+            got = []
+
+            def consume():
+                with ControlClient(server.path, timeout=5) as c:
+                    for ev in c.stream("events", timeout=5):
+                        got.append(ev)
+
+            with pytest.raises(ClientError) as exc:
+                await trio.to_thread.run_sync(consume)
+            assert exc.value.code == "internal"
+            assert got == [{"type": "first"}]
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            assert server.counters()["internal_errors"] == 1
+            n.cancel_scope.cancel()
+
+
+# -- clanctl status ----------------------------------------------------------
+
+
+async def test_clanctl_status_shows_the_counters(tmp_path, monkeypatch, capsys):
+    from clanagent.cli import clanctl
+
+    status = {
+        "name": "m1",
+        "short_id": "abc",
+        "node_id": "n1",
+        "version": "0.1",
+        "pid": 1,
+        "uptime_s": 5,
+        "state_dir": "/s",
+        "records": 3,
+        "capabilities": [],
+        "counters": {
+            "control": {"accepted": 12, "internal_errors": 0, "refused_slots": 2},
+            "gossip": {f"counter_{i:02d}": i for i in range(12)},
+        },
+    }
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, agent = await start_server(n, tmp_path)
+            monkeypatch.setattr(agent, "status", lambda: status)
+            rc = await trio.to_thread.run_sync(
+                clanctl.main, ["--socket", str(server.path), "status"]
+            )
+            n.cancel_scope.cancel()
+    assert rc == 0
+    out = capsys.readouterr().out
+    section = out[out.index("\ncounters\n") :].splitlines()[2:]
+    assert section[0].split() == [
+        "control", "accepted", "12,", "internal_errors", "0,", "refused_slots", "2"
+    ]  # fmt: skip
+    assert section[1].startswith("  gossip   counter_00 0, counter_01 1")
+    assert len(section) > 2 and all(len(line) <= 96 for line in section)  # wrapped
+    assert "counter_11 11" in " ".join(section)

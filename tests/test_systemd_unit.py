@@ -72,3 +72,43 @@ def test_the_check_would_catch_a_bad_unit(tmp_path):
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert "clanagent.service" in r.stdout + r.stderr
+
+
+def test_the_unit_lifts_the_open_file_limit():
+    # systemd's default soft limit (1024) is what 1,100 idle connections exhausted.
+    assert parse_unit()["Service"]["LimitNOFILE"] == ["65536"]
+
+
+def _limits_after(code: str) -> list[int]:
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.split()]
+
+
+def test_the_agent_raises_its_soft_fd_limit_to_the_cap():
+    # In a child: the limit is per process, and a lowered hard limit cannot come back.
+    soft, hard, ret_soft = _limits_after(
+        "import resource\n"
+        "from clanagent.cli.agent_main import raise_fd_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))\n"
+        "got = raise_fd_limit(cap=1500)\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE), got[0])\n"
+    )
+    assert (soft, hard, ret_soft) == (1500, 2048, 1500)
+    # below the cap, the hard limit bounds it; a higher soft limit is never lowered
+    assert _limits_after(
+        "import resource\n"
+        "from clanagent.cli.agent_main import raise_fd_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1000))\n"
+        "raise_fd_limit(cap=65536)\n"
+        "a = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (900, 1000))\n"
+        "raise_fd_limit(cap=512)\n"
+        "print(a, resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    ) == [1000, 900]

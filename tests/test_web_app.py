@@ -17,6 +17,7 @@ from clanagent._eventbus import EventBus
 from clanagent.web.actions import AdminKeySource, ConsoleActions
 from clanagent.web.app import (
     AUTH_TIMEOUT,
+    CLOSE_BUSY,
     CLOSE_FORBIDDEN,
     CLOSE_UNAUTHORIZED,
     MAX_BODY,
@@ -503,3 +504,65 @@ async def test_console_actions_without_an_admin_key_say_why(app, clock, tmp_path
         await ws.send({"id": 4, "method": "console.nope"})
         assert (await ws.reply())["error"]["code"] == "unknown_method"
         await ws.disconnect()
+
+
+# -- limits and faults (issue 12; the same over real sockets: test_web_limits.py) ----------
+
+
+async def test_a_bug_under_a_route_answers_500_counted(app, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in the login route")
+
+    monkeypatch.setattr(app.auth, "redeem", broken)
+    for _ in range(2):
+        status, _, body = await http(
+            app,
+            "POST",
+            "/session",
+            b'{"token": "t"}',
+            origin=ORIGIN,
+            content_type="application/json",
+        )
+        assert status == 500 and b"internal error" in body
+    assert app.faults.counters["internal_errors"] == 2
+    status, _, _ = await http(app, "GET", "/")
+    assert status == 200
+
+
+async def test_a_slow_body_gets_408(app, autojump_clock):
+    async def receive() -> dict[str, Any]:
+        await trio.sleep_forever()
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/session",
+        "headers": headers(origin=ORIGIN, content_type="application/json"),
+    }
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 408 and app.stats.timeouts == 1
+
+
+async def test_a_slot_is_taken_only_once_authenticated(app, clock, monkeypatch):
+    monkeypatch.setattr(app, "_connections", trio.CapacityLimiter(1))
+    session = await login(app, clock)
+    async with trio.open_nursery() as n:
+        silent = Ws(app, origin=ORIGIN)
+        n.start_soon(silent.run)
+        assert (await silent.next())["type"] == "websocket.accept"
+        first = await open_ws(n, app, session)  # the silent one holds no slot
+        assert app.stats.websockets_open == 1
+        second = Ws(app, origin=ORIGIN)
+        n.start_soon(second.run)
+        await second.next()
+        await second.send({"auth": session})
+        assert (await second.reply())["error"]["code"] == "unavailable"
+        assert (await second.next())["code"] == CLOSE_BUSY
+        assert app.stats.websockets_busy == 1
+        await first.disconnect()
+        await silent.disconnect()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,30 @@ from .._log import kv, setup_logging
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 log = logging.getLogger("clanagent.cli")
+
+FD_LIMIT_CAP = 65536  # the unit's LimitNOFILE; more buys nothing but kernel memory
+
+
+def raise_fd_limit(cap: int = FD_LIMIT_CAP) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to min(hard, cap); the (soft, hard) now in force.
+
+    Every peer, control client and console connection costs an fd, and the default
+    soft limit (1024) is low enough that a flood on one listener could leave the
+    agent unable to open its store.  Never lowers the limit; a refusal is logged
+    and the agent runs on with what it has.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit", extra=kv(soft=soft, error=str(exc)))
+            return soft, hard
+        log.info("open file limit raised", extra=kv(was=soft, now=want, hard=hard))
+        return want, hard
+    log.info("open file limit", extra=kv(soft=soft, hard=hard))
+    return soft, hard
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"clanagent: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
+    raise_fd_limit()
     try:
         try:
             return trio.run(_run_agent, cfg)

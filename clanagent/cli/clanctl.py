@@ -66,6 +66,32 @@ def _print_status(st: dict[str, Any]) -> None:
         for c in st["capabilities"]
     ]
     print(table(["CAPABILITY", "STATUS", "DETAIL"], rows))
+    _print_counters(st.get("counters"))
+
+
+def _print_counters(counters: Any, width: int = 96) -> None:
+    """One block per part ("gossip", "control", ...), its counters wrapped to `width`."""
+    if not isinstance(counters, dict) or not counters:
+        return
+    print()
+    print("counters")
+    indent = max(len(str(part)) for part in counters) + 4
+    for part in sorted(counters, key=str):
+        values = counters[part]
+        items = (
+            [f"{name} {value}" for name, value in sorted(values.items(), key=lambda kv: str(kv[0]))]
+            if isinstance(values, dict)
+            else [str(values)]
+        )
+        lines: list[str] = []
+        for item in items or ["-"]:
+            if lines and indent + len(lines[-1]) + 2 + len(item) <= width:
+                lines[-1] += ", " + item
+            else:
+                lines.append(item)
+        print(f"  {str(part):<{indent - 4}}  {lines[0]}")
+        for line in lines[1:]:
+            print(" " * indent + line)
 
 
 def _print_whoami(w: dict[str, Any]) -> None:

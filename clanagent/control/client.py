@@ -71,7 +71,8 @@ class ControlClient:
             raise ClientError(
                 "permission_denied",
                 f"permission denied opening {self.path}: run as root, as the agent's user, "
-                "or as a member of the control group (control.group in agent.toml)",
+                "or as a member of the control group (control.group in agent.toml; "
+                "control.read_group for read-only access)",
             ) from None
         except OSError as exc:
             s.close()

@@ -51,6 +51,7 @@ class ErrorCode:
     PERMISSION_DENIED = "permission_denied"
     INVALID_PARAMS = "invalid_params"
     UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"
     INTERNAL = "internal"
 
 

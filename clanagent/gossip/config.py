@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-__all__ = ["GossipConfig", "push_pull_scale"]
+__all__ = ["GossipConfig", "RecordLimits", "push_pull_scale"]
 
 _INT_FIELDS = (
     "indirect_checks",
@@ -172,3 +172,30 @@ def push_pull_scale(interval: float, n: int) -> float:
         return interval
     multiplier = math.ceil(math.log2(n) - math.log2(_PUSH_PULL_SCALE_THRESHOLD)) + 1.0
     return multiplier * interval
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLimits:
+    """Quotas of the record store, per origin and in total.
+
+    Sized from what one real machine publishes -- its node and endpoint
+    records, one status and one log tail per VM, its service exports and
+    secrets, an admin's inventory: tens to a few hundred records, most under
+    1 KiB, a few up to the 1 MiB frame limit -- with more than 10x room:
+    4096 records and 8 MiB per origin.  The totals hold a clan of ~50 such
+    machines at their full per-origin quota (200,000 records, 256 MiB), far
+    beyond what real clans reach, while bounding what a flood can cost.
+    The store's own origin is checked against the per-origin limits only, so
+    other origins filling the totals can never stop an agent publishing.
+    """
+
+    max_records_per_origin: int = 4096
+    max_bytes_per_origin: int = 8 * 1024 * 1024
+    max_records: int = 200_000
+    max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RecordLimits.{f.name} must be a positive int")

@@ -44,6 +44,10 @@ __all__ = [
     "PushPull",
     "Message",
     "MESSAGE_CLASSES",
+    # record and anti-entropy messages, decoded
+    "RecordMessage",
+    "AeRequest",
+    "AeReply",
     # actions
     "Send",
     # member events
@@ -350,6 +354,40 @@ Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull
 
 # Every message class, for the composer's type table and for tests.
 MESSAGE_CLASSES: tuple[type, ...] = (Ping, IndirectPing, Ack, Nack, Suspect, Alive, Dead, PushPull)
+
+
+# -- record and anti-entropy messages ----------------------------------------
+#
+# Decoded (and checked field by field) by `clanagent.gossip.node.decode_message`
+# with the anti-entropy shape checks, before anything reaches node state.
+
+
+@dataclass(frozen=True, slots=True)
+class RecordMessage:
+    """One signed record envelope, still encoded (its signature is checked later)."""
+
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.data) is not bytes or not self.data:
+            raise WireError("record body must be non-empty bin")
+
+
+@dataclass(frozen=True, slots=True)
+class AeRequest:
+    """A peer's anti-entropy digest: origin -> watermark."""
+
+    digest: dict[bytes, int]
+
+
+@dataclass(frozen=True, slots=True)
+class AeReply:
+    """A delta for us (records still encoded, plus completeness claims) and,
+    when the peer wants ours too, its digest."""
+
+    records: tuple[bytes, ...]
+    claims: dict[bytes, int]
+    digest: dict[bytes, int] | None
 
 
 # -- actions ----------------------------------------------------------------

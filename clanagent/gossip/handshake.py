@@ -7,8 +7,10 @@ WebSocket message to `Handshake.receive` and sends back what it returns.
 
 Must never: do I/O or read a clock, send a node key in the clear, put a key
 or the clan id into an error reason (reasons travel in clear close frames),
-accept a message that is not exactly the next one of *this* session, or keep
-going after an error (the ERROR state is sticky).
+accept a message that is not exactly the next one of *this* session, keep
+going after an error (the ERROR state is sticky), or let the peer's bytes
+raise anything but `RemoteProtocolError` (every field is checked at decode,
+and `receive` turns anything unforeseen into a handshake failure).
 
 The flow (SIGMA-I, shaped like Noise XX, plus a key confirmation)::
 
@@ -51,8 +53,8 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
-from clanagent.gossip.errors import LocalProtocolError, RemoteProtocolError
-from clanagent.gossip.session import SessionCipher
+from clanagent.gossip.errors import GossipError, LocalProtocolError, RemoteProtocolError
+from clanagent.gossip.session import TAG_BYTES, SessionCipher
 from clanagent.identity import node_id_of
 from clanagent.wire import Limits, WireError, pack, unpack
 
@@ -89,6 +91,12 @@ HANDSHAKE_LIMITS = Limits(
 _PAYLOAD_LIMITS = Limits(
     max_frame=128, max_depth=1, max_str=1, max_bin=_SIG_BYTES, max_array=0, max_map=2
 )
+# Both fields are fixed-size bins, so the payload has one length, and its
+# ciphertext (REPLY's and FINISH's `x`) exactly one more: anything else is
+# refused before it reaches the AEAD, which raises ValueError (not
+# CryptoError) for input shorter than its tag.
+_PAYLOAD_BYTES = len(pack({"k": bytes(_KEY_BYTES), "s": bytes(_SIG_BYTES)}))
+_IDENTITY_CIPHERTEXT_BYTES = _PAYLOAD_BYTES + TAG_BYTES
 
 _NONCE = bytes(24)  # each handshake key encrypts exactly one message
 _PERSON_TRANSCRIPT = b"clanagent hs v1 "
@@ -204,6 +212,42 @@ def _is_uint16(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF
 
 
+def _is_version_range(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and _is_uint16(value[0])
+        and _is_uint16(value[1])
+        and value[0] <= value[1]
+    )
+
+
+def _bin(size: int) -> Callable[[Any], bool]:
+    return lambda value: _is_bin(value, size)
+
+
+# The schema of every message: its exact set of fields and the check of each
+# one's type and size, all applied at decode, before any handler acts.  What
+# a field's value *means* (a common version, our clan tag, a point of large
+# order, a valid ciphertext) is checked by the handler.
+_SCHEMAS: Mapping[MsgType, Mapping[str, Callable[[Any], bool]]] = {
+    MsgType.HELLO: {
+        "t": _is_uint16,
+        "v": _is_version_range,
+        "c": _bin(CLAN_TAG_BYTES),
+        "e": _bin(_KEY_BYTES),
+    },
+    MsgType.REPLY: {
+        "t": _is_uint16,
+        "v": _is_uint16,
+        "e": _bin(_KEY_BYTES),
+        "x": _bin(_IDENTITY_CIPHERTEXT_BYTES),
+    },
+    MsgType.FINISH: {"t": _is_uint16, "x": _bin(_IDENTITY_CIPHERTEXT_BYTES)},
+    MsgType.CONFIRM: {"t": _is_uint16, "m": _bin(_MAC_BYTES)},
+}
+
+
 class Handshake:
     """One side of one handshake.
 
@@ -311,7 +355,27 @@ class Handshake:
 
         Returns the bytes to send back, or None.  Raises RemoteProtocolError
         (and enters the sticky ERROR state) on anything unacceptable.
+
+        This is also the last-resort boundary for the peer's bytes: any
+        exception that is not one of ours (a library refusing an input we
+        failed to check, a bug, a raising `admit`) fails this handshake like
+        any bad message, with the original as `__cause__` for the shell's
+        log, so a caller only ever sees handshake failures.
         """
+        try:
+            return self._receive(data)
+        except GossipError:
+            raise
+        except Exception as exc:
+            # Only the type in the reason: the reason travels in clear to the
+            # peer, and a library's message could hold anything.
+            reason = f"handshake message could not be processed ({type(exc).__name__})"
+            try:
+                self._fail(reason)
+            except RemoteProtocolError as err:
+                raise err from exc
+
+    def _receive(self, data: bytes) -> bytes | None:
         if self._state is State.ERROR:
             raise RemoteProtocolError(f"handshake already failed: {self._error}")
         if self._state is State.DONE:
@@ -374,20 +438,25 @@ class Handshake:
         t = msg.get("t")
         if not _is_uint16(t) or t not in MsgType._value2member_map_:
             self._fail("unknown handshake message type")
+        msg_type = MsgType(t)
+        schema = _SCHEMAS[msg_type]
+        if set(msg) != set(schema):
+            self._fail(f"{msg_type.name} message has wrong fields")
+        for field, check in schema.items():
+            if not check(msg[field]):
+                self._fail(f"{msg_type.name} message has a malformed '{field}' field")
         # Canonical encoding only: one value, one byte string, so nothing in a
         # message can be changed without changing what both sides hash.
         if pack(msg) != raw:
             self._fail("handshake message is not canonically encoded")
         return msg, raw
 
-    def _check_fields(self, msg: dict[str, Any], fields: set[str], name: str) -> None:
-        if set(msg) != fields:
-            self._fail(f"{name} message has wrong fields")
-
     def _decode_identity(self, key: bytes, ciphertext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        if len(ciphertext) != _IDENTITY_CIPHERTEXT_BYTES:  # the schema checked it already
+            self._fail("handshake ciphertext has the wrong length")
         try:
             plaintext = crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, _NONCE, key)
-        except CryptoError:
+        except (CryptoError, ValueError, TypeError):
             self._fail("handshake message failed authentication")
         try:
             payload = unpack(plaintext, _PAYLOAD_LIMITS)
@@ -454,13 +523,11 @@ class Handshake:
 
     # -- the four messages -------------------------------------------------
 
+    # Each handler gets a message whose fields `_decode` checked against
+    # `_SCHEMAS`; it checks what the values mean, and acts.
+
     def _on_hello(self, msg: dict[str, Any], raw: bytes) -> bytes:
-        self._check_fields(msg, {"t", "v", "c", "e"}, "HELLO")
         v = msg["v"]
-        if not (isinstance(v, list) and len(v) == 2 and all(map(_is_uint16, v)) and v[0] <= v[1]):
-            self._fail("HELLO has a malformed version range")
-        if not _is_bin(msg["c"], CLAN_TAG_BYTES) or not _is_bin(msg["e"], _KEY_BYTES):
-            self._fail("HELLO has malformed fields")
         lo, hi = self._versions
         version = min(v[1], hi)
         if version < max(v[0], lo):
@@ -484,10 +551,7 @@ class Handshake:
         return pack({"t": int(MsgType.REPLY), "v": version, "e": self.ephemeral_public_key, "x": x})
 
     def _on_reply(self, msg: dict[str, Any]) -> bytes:
-        self._check_fields(msg, {"t", "v", "e", "x"}, "REPLY")
         version, eph_r, x = msg["v"], msg["e"], msg["x"]
-        if not _is_uint16(version) or not _is_bin(eph_r, _KEY_BYTES) or not isinstance(x, bytes):
-            self._fail("REPLY has malformed fields")
         lo, hi = self._versions
         if not lo <= version <= hi:
             self._fail(f"peer chose protocol version {version}, we speak {lo}..{hi}")
@@ -511,9 +575,6 @@ class Handshake:
         return pack({"t": int(MsgType.FINISH), "x": x3})
 
     def _on_finish(self, msg: dict[str, Any]) -> bytes:
-        self._check_fields(msg, {"t", "x"}, "FINISH")
-        if not isinstance(msg["x"], bytes):
-            self._fail("FINISH has malformed fields")
         assert self._k_hs_i2r is not None
         static_i, sig_i = self._decode_identity(self._k_hs_i2r, msg["x"], self._transcript.digest())
         self._transcript.mix(b"key i", static_i)
@@ -523,9 +584,6 @@ class Handshake:
         return pack({"t": int(MsgType.CONFIRM), "m": mac})
 
     def _on_confirm(self, msg: dict[str, Any]) -> None:
-        self._check_fields(msg, {"t", "m"}, "CONFIRM")
-        if not _is_bin(msg["m"], _MAC_BYTES):
-            self._fail("CONFIRM has malformed fields")
         if self._expected_mac is None or not hmac.compare_digest(msg["m"], self._expected_mac):
             self._fail("key confirmation failed")
         return None

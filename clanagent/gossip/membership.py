@@ -376,7 +376,7 @@ class Membership:
         """True when a Suspect would change nothing (the table's Suspect rows):
         unknown member, older incarnation, a confirmation we already counted or
         no longer need, or a member that is neither alive nor suspected."""
-        if type(incarnation) is not int or not isinstance(node_id, str):
+        if type(incarnation) is not int or type(node_id) is not str or type(from_node) is not str:
             return False
         node = self._nodes.get(node_id)
         if node is None or incarnation < node.incarnation:

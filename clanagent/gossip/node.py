@@ -3,13 +3,16 @@
 Owns: the datagram format (a compound of typed messages), the append-only
 message-type table, piggybacking queued broadcasts on every small message,
 the gossip and anti-entropy timers, verification of every record before it
-is stored or forwarded, and peer scoring.  The trio shell (`service.py`) and
+is stored or forwarded (signature, version bound, the `validate` hook on its
+body, the store's quotas), and peer scoring (decaying, bounded table).  The trio shell (`service.py`) and
 the simulator (`tests/sim/`) drive the same object: bytes and `now` in,
 actions out.
 
 Must never: read a clock, sleep, open a socket, import trio, forward or store
-a record it has not verified, or let a peer's bytes raise anything out of
-`receive` (bad input is counted, scored and dropped).
+a record it has not verified, let a message touch state before it is decoded
+and checked field by field (`decode_message`), or let a peer's bytes raise
+anything out of `receive` (bad input is counted, scored and dropped; a fault
+of ours is counted, logged once and drops the rest of that datagram).
 
 Datagram:  [PROTOCOL_VERSION, [[type, body], [type, body], ...]]
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import math
 import random
 from collections import OrderedDict
@@ -25,12 +29,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..wire import Limits, SignedRecord, WireError, pack, pack_plain, unpack, unpack_shallow
+from ..identity import node_id_of
+from ..wire import (
+    MAX_RECORD_VERSION,
+    Limits,
+    SignedRecord,
+    WireError,
+    pack,
+    pack_plain,
+    unpack,
+    unpack_shallow,
+)
 from . import antientropy as ae
 from .broadcast_queue import BroadcastQueue
 from .config import GossipConfig, push_pull_scale
 from .events import (
     Ack,
+    AeReply,
+    AeRequest,
     Alive,
     Dead,
     IndirectPing,
@@ -45,6 +61,7 @@ from .events import (
     Nack,
     Ping,
     PushPull,
+    RecordMessage,
     Send,
     Suspect,
 )
@@ -63,6 +80,8 @@ __all__ = [
     "NodeAction",
     "DATAGRAM_LIMITS",
 ]
+
+log = logging.getLogger("clanagent.gossip.node")
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
@@ -121,6 +140,17 @@ RECONNECT_TIMEOUT = 24 * 3600.0
 # Peer scoring: each offence costs this much; below the floor we ignore the peer.
 OFFENCE_COST = 10
 SCORE_FLOOR = -100
+# Scores recover: one point per SCORE_DECAY_INTERVAL toward 0, so a peer that
+# stops misbehaving is heard again (from the floor: after about a minute, and
+# fully after 100 minutes).  At most MAX_SCORES peers are tracked; the one
+# whose last offence is oldest is forgotten first.
+SCORE_DECAY_INTERVAL = 60.0
+MAX_SCORES = 4096
+# Longest text of a validation refusal kept in a PeerMisbehaved reason.
+_MAX_REASON = 200
+# Internal faults are logged once per (sender, exception type, message type);
+# this many keys are remembered (oldest forgotten first).
+FAULT_LOG_KEYS = 256
 
 _COMPOUND_OVERHEAD = 16
 
@@ -222,6 +252,31 @@ def decode_node_meta(meta: bytes) -> str:
     return name if isinstance(name, str) else ""
 
 
+def decode_message(mtype: Any, body: Any) -> Message | RecordMessage | AeRequest | AeReply | None:
+    """One `[type, body]` item as a typed, fully checked message.
+
+    None for a type we do not know (a newer peer's); WireError for anything
+    malformed.  Nothing else escapes: this runs before any state is touched.
+    """
+    if type(mtype) is not int:
+        raise WireError("message type must be an int")
+    cls = _MEMBERSHIP_CLASSES.get(mtype)
+    if cls is not None:
+        msg: Message = cls.from_wire(body)
+        return msg
+    if mtype == MsgType.RECORD:
+        return RecordMessage(body)
+    if mtype == MsgType.AE_REQUEST:
+        return AeRequest(ae.decode_digest(body))
+    if mtype == MsgType.AE_REPLY:
+        if type(body) is not dict or body.keys() != {"d", "g"}:
+            raise WireError("anti-entropy reply must be {d, g}")
+        delta = ae.decode_delta(body["d"], DATAGRAM_LIMITS)
+        digest = None if body["g"] is None else ae.decode_digest(body["g"])
+        return AeReply(delta.records, delta.complete_through, digest)
+    return None
+
+
 @dataclass
 class _Continuation:
     claims: dict[bytes, int] | None = None  # anti-entropy completeness claims to apply
@@ -234,6 +289,14 @@ class _PeerScore:
     score: int = 0
     offences: int = 0
     last_reason: str = ""
+    since: float = 0.0  # decay is applied up to here
+
+    def decay(self, now: float) -> None:
+        steps = int((now - self.since) // SCORE_DECAY_INTERVAL)
+        if steps <= 0:
+            return
+        self.since += steps * SCORE_DECAY_INTERVAL
+        self.score = min(0, self.score + steps)
 
 
 @dataclass
@@ -259,6 +322,7 @@ class GossipNode:
         now: float,
         name: str = "",
         admit: Callable[[SignedRecord], bool] | None = None,
+        validate: Callable[[SignedRecord], None] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
         regossip_push_pull_replies: bool = True,
@@ -273,6 +337,13 @@ class GossipNode:
         self.origin: bytes = bytes(identity.public_key)
         self._rng = rng
         self._admit = admit
+        # Checks a verified record's body (kind, schema, semantics): returns
+        # None to accept, raises to refuse (transient=True: cannot decide yet).
+        self._validate = validate
+        reserve = getattr(store, "reserve", None)
+        if reserve is not None:
+            # The store's totals must never stop us publishing our own records.
+            reserve(self.origin)
         self._eager = eager_gossip
         self.stats: dict[str, int] = {
             "bytes_sent": 0,
@@ -287,7 +358,13 @@ class GossipNode:
             "records_accepted": 0,
             "ae_exchanges": 0,
             "ignored_peer": 0,
+            "internal_errors": 0,
+            "records_refused": 0,
+            "records_deferred": 0,
+            "records_over_quota": 0,
+            "records_over_version": 0,
         }
+        self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
         # state and get a larger retransmit budget (see RECORD_RETRANSMIT_FACTOR).
         self._bq = BroadcastQueue(config.retransmit_mult, self._num_nodes)
@@ -312,7 +389,7 @@ class GossipNode:
         self._ae = ae.AntiEntropy(store, self.origin)
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._pending: dict[int, tuple[tuple[SignedRecord, ...], _Continuation]] = {}
-        self._scores: dict[str, _PeerScore] = {}
+        self._scores: OrderedDict[str, _PeerScore] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         # Bodies we published in this run, so we can re-assert them when a
         # peer shows us an older run's record of ours with a higher version.
@@ -374,7 +451,17 @@ class GossipNode:
         self, out: list[NodeAction], from_node: str | None, from_addr: str, reason: str
     ) -> None:
         peer = from_node or from_addr
-        sc = self._scores.setdefault(peer, _PeerScore())
+        scores = self._scores
+        sc = scores.get(peer)
+        if sc is None:
+            sc = scores[peer] = _PeerScore(since=self._now)
+            if len(scores) > MAX_SCORES:
+                scores.popitem(last=False)
+        else:
+            sc.decay(self._now)
+            if sc.score == 0:
+                sc.since = self._now
+            scores.move_to_end(peer)
         sc.score -= OFFENCE_COST
         sc.offences += 1
         sc.last_reason = reason
@@ -382,7 +469,53 @@ class GossipNode:
 
     def _ignored(self, from_node: str | None, from_addr: str) -> bool:
         sc = self._scores.get(from_node or from_addr)
-        return sc is not None and sc.score <= SCORE_FLOOR
+        if sc is None:
+            return False
+        sc.decay(self._now)
+        return sc.score <= SCORE_FLOOR
+
+    def _refuse(
+        self,
+        out: list[NodeAction],
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        counter: str,
+        reason: str,
+    ) -> None:
+        """Count a record refused for its signed content.  The content is the
+        origin's doing: only a sender that is the origin is scored down (a relay
+        forwarding someone else's record is not)."""
+        self.stats[counter] += 1
+        if from_node is not None and from_node == node_id_of(rec.origin):
+            self._offence(out, from_node, from_addr, reason)
+
+    def _accept_body(
+        self,
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        out: list[NodeAction],
+    ) -> str | None:
+        """The checks of a verified record's content: the validate hook, then
+        quotas.  None to accept, else the counter it was dropped under."""
+        if self._validate is not None:
+            try:
+                self._validate(rec)
+            except Exception as exc:  # noqa: BLE001 -- any refusal of the hook
+                if getattr(exc, "transient", False) is True:
+                    # Cannot decide yet: drop unscored; anti-entropy brings it back.
+                    self.stats["records_deferred"] += 1
+                    return "records_deferred"
+                why = f"refused record {rec.kind!r}: {exc}"[:_MAX_REASON]
+                self._refuse(out, rec, from_node, from_addr, "records_refused", why)
+                return "records_refused"
+        over_quota = getattr(self.store, "over_quota", None)
+        reason = over_quota(rec) if over_quota is not None else None
+        if reason is not None:
+            self._refuse(out, rec, from_node, from_addr, "records_over_quota", reason)
+            return "records_over_quota"
+        return None
 
     def _remember(self, rid: bytes) -> None:
         seen = self._seen
@@ -431,6 +564,7 @@ class GossipNode:
             self._offence(out, from_node, from_addr, f"malformed datagram: {exc.reason}")
             return out
         for item in items:
+            mtype: Any = None
             try:
                 if type(item) is not list or len(item) != 2:
                     raise WireError("message must be [type, body]")
@@ -439,7 +573,32 @@ class GossipNode:
             except WireError as exc:
                 self.stats["malformed"] += 1
                 self._offence(out, from_node, from_addr, f"malformed message: {exc.reason}")
+            except Exception as exc:  # noqa: BLE001 -- the fault boundary
+                # A bug of ours, triggered by this peer's message: count it, log
+                # it once, drop the rest of the datagram, keep the node running.
+                self._internal_error(from_node, from_addr, mtype, exc)
+                break
         return out
+
+    def _internal_error(
+        self, from_node: str | None, from_addr: str, mtype: Any, exc: Exception
+    ) -> None:
+        self.stats["internal_errors"] += 1
+        mname = str(mtype) if type(mtype) is int else type(mtype).__name__
+        key = (from_node or from_addr, type(exc).__name__, mname)
+        logged = self._faults_logged
+        if key in logged:
+            return
+        logged[key] = None
+        if len(logged) > FAULT_LOG_KEYS:
+            logged.popitem(last=False)
+        log.error(
+            "internal error handling message type %s from %s (%s); datagram rest dropped",
+            mname,
+            key[0],
+            from_addr,
+            exc_info=exc,
+        )
 
     def _dispatch(
         self,
@@ -450,38 +609,35 @@ class GossipNode:
         body: Any,
         out: list[NodeAction],
     ) -> None:
-        cls = _MEMBERSHIP_CLASSES.get(mtype) if type(mtype) is int else None
-        if cls is not None:
-            if type(body) is list and len(body) >= 3:
-                m = self._membership
-                if (mtype == MsgType.ALIVE and m.alive_is_stale(body[1], body[0], body[2])) or (
-                    mtype == MsgType.SUSPECT and m.suspect_is_stale(body[1], body[0], body[2])
-                ):
-                    self.stats["stale"] = self.stats.get("stale", 0) + 1
-                    return
-            msg = cls.from_wire(body)
+        # Decode (every field checked) before anything touches state.
+        msg = decode_message(mtype, body)
+        if msg is None:
+            # Unknown types from a newer peer are skipped, not punished.
+            self.stats["unknown_type"] = self.stats.get("unknown_type", 0) + 1
+            return
+        if isinstance(msg, RecordMessage):
+            self._on_record(now, from_addr, from_node, msg.data, out)
+        elif isinstance(msg, AeRequest):
+            self._reply_ae(out, from_node, from_addr, msg.digest, with_digest=True)
+        elif isinstance(msg, AeReply):
+            self.stats["ae_exchanges"] += 1
+            delta = ae.WireDelta(msg.records, msg.claims)
+            self._on_delta(now, from_addr, from_node, delta, out)
+            if msg.digest is not None:
+                self._reply_ae(out, from_node, from_addr, msg.digest, with_digest=False)
+        else:
+            m = self._membership
+            if (
+                isinstance(msg, Alive) and m.alive_is_stale(msg.node, msg.incarnation, msg.addr)
+            ) or (
+                isinstance(msg, Suspect)
+                and m.suspect_is_stale(msg.node, msg.incarnation, msg.from_node)
+            ):
+                self.stats["stale"] = self.stats.get("stale", 0) + 1
+                return
             if from_node is not None:
                 self._last_seen[from_node] = now
             self._handle_membership_actions(self._membership.receive(now, from_addr, msg), out)
-        elif mtype == MsgType.RECORD:
-            if type(body) is not bytes:
-                raise WireError("record body must be bin")
-            self._on_record(now, from_addr, from_node, body, out)
-        elif mtype == MsgType.AE_REQUEST:
-            digest = ae.decode_digest(body)
-            self._reply_ae(out, from_node, from_addr, digest, with_digest=True)
-        elif mtype == MsgType.AE_REPLY:
-            if type(body) is not dict or set(body) != {"d", "g"}:
-                raise WireError("anti-entropy reply must be {d, g}")
-            delta = ae.decode_delta(body["d"], DATAGRAM_LIMITS)
-            peer_digest = None if body["g"] is None else ae.decode_digest(body["g"])
-            self.stats["ae_exchanges"] += 1
-            self._on_delta(now, from_addr, from_node, delta, out)
-            if peer_digest is not None:
-                self._reply_ae(out, from_node, from_addr, peer_digest, with_digest=False)
-        else:
-            # Unknown types from a newer peer are skipped, not punished.
-            self.stats["unknown_type"] = self.stats.get("unknown_type", 0) + 1
 
     # -- records --------------------------------------------------------------
 
@@ -519,8 +675,22 @@ class GossipNode:
         try:
             rec.verify()
         except WireError as exc:
+            # A bad signature is the sender's doing, whoever the origin claims to be.
             self.stats["records_invalid"] += 1
             self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return
+        if rec.version >= MAX_RECORD_VERSION:
+            self._remember(rid)
+            self._refuse(
+                out, rec, from_node, from_addr, "records_over_version", "version at or over 2**53"
+            )
+            return
+        dropped = self._accept_body(rec, from_node, from_addr, out)
+        if dropped == "records_refused":
+            # Refused for good: its copies cost a hash from now on.  (Deferred
+            # and over-quota records may be taken later, so they are not remembered.)
+            self._remember(rid)
+        if dropped is not None:
             return
         self._remember(rid)
         self._persist(now, (rec,), _Continuation(from_addr=from_addr), out)
@@ -574,9 +744,21 @@ class GossipNode:
         out: list[NodeAction],
     ) -> None:
         fresh = False
+        held: list[SignedRecord] = []
+        unheld: set[bytes] = set()  # origins with a record the store refused (quota)
         for rec, stored in zip(records, results, strict=True):
             if not stored:
+                have = self.store.get(rec.origin, rec.kind, rec.key)
+                if have is None or have.version < rec.version:
+                    # Refused by the store itself (its quota, racing our check):
+                    # counted, and forgotten so that it may come again.
+                    self.stats["records_over_quota"] += 1
+                    self._seen.pop(rec.record_id, None)
+                    unheld.add(rec.origin)
+                else:
+                    held.append(rec)
                 continue
+            held.append(rec)
             self.stats["records_accepted"] += 1
             if rec.origin == self.origin:
                 self._reassert_own(now, rec, out)
@@ -591,8 +773,11 @@ class GossipNode:
             out.append(RecordAccepted(rec))
         if cont.claims is not None:
             # Anti-entropy: account for the batch (the store already holds it,
-            # so apply() only moves watermarks) with the sender's claims.
-            self._ae.apply(records, cont.claims, verify=False)
+            # so apply() only moves watermarks) with the sender's claims.  A
+            # record the store refused is not held: its origin's claim must not
+            # move our watermark past it.
+            claims = {o: v for o, v in cont.claims.items() if o not in unheld}
+            self._ae.apply(held, claims, verify=False)
             # Everything the peer sent is durable now: a sync completed.
             self.stats["ae_synced"] = self.stats.get("ae_synced", 0) + 1
         if fresh and self._eager:
@@ -613,13 +798,25 @@ class GossipNode:
     ) -> tuple[SignedRecord, list[NodeAction]]:
         """Sign and spread a new record of ours (version = our highest + 1)."""
         self._now = now
-        version = self.store.max_version(self.origin) + 1
+        top = self.store.max_version(self.origin)
+        if top >= MAX_RECORD_VERSION - 1:
+            # A store that holds one of ours at the bound (one that does not
+            # quarantine such records itself): continue after the valid ones.
+            top = max(
+                (
+                    r.version
+                    for r in self.store.by_origin(self.origin)
+                    if r.version < MAX_RECORD_VERSION - 1
+                ),
+                default=0,
+            )
+        version = top + 1
         pending_max = max(
             (
                 r.version
                 for recs, _ in self._pending.values()
                 for r in recs
-                if r.origin == self.origin
+                if r.origin == self.origin and r.version < MAX_RECORD_VERSION - 1
             ),
             default=0,
         )
@@ -663,7 +860,8 @@ class GossipNode:
         delta: ae.WireDelta,
         out: list[NodeAction],
     ) -> None:
-        claims = dict(delta.complete_through)
+        # A claim at or over the version bound can never be backed by records.
+        claims = {o: v for o, v in delta.complete_through.items() if v < MAX_RECORD_VERSION}
         fresh: list[SignedRecord] = []
         valid: list[SignedRecord] = []
         taint_all = False
@@ -675,6 +873,14 @@ class GossipNode:
                 held = self.store.get(rec.origin, rec.kind, rec.key)
                 if held is None or held.version < rec.version:
                     rec.verify()
+                    if rec.version >= MAX_RECORD_VERSION:
+                        reason = "version at or over 2**53"
+                        self._refuse(out, rec, from_node, from_addr, "records_over_version", reason)
+                        claims.pop(rec.origin, None)
+                        continue
+                    if self._accept_body(rec, from_node, from_addr, out) is not None:
+                        claims.pop(rec.origin, None)
+                        continue
                     fresh.append(rec)
                     self._remember(rec.record_id)
                 valid.append(rec)
@@ -826,5 +1032,11 @@ class GossipNode:
             )
         return out
 
+    def counters(self) -> dict[str, int]:
+        """The node's stats (a copy): traffic, drops by reason, internal errors."""
+        return dict(self.stats)
+
     def peer_scores(self) -> dict[str, int]:
+        for sc in self._scores.values():
+            sc.decay(self._now)
         return {k: v.score for k, v in self._scores.items()}

@@ -7,7 +7,8 @@ dropped, truncated, forged or taken from another session fails
 authentication; after the first failure the cipher is closed for good.
 
 Must never: reuse a (key, nonce) pair, hand out plaintext that did not
-authenticate, keep working after a failure, or do any I/O.
+authenticate, keep working after a failure, let a received frame raise
+anything but `RemoteProtocolError`, or do any I/O.
 """
 
 from __future__ import annotations
@@ -131,12 +132,29 @@ class SessionCipher:
         """Authenticate and decrypt the next incoming frame.
 
         Raises `RemoteProtocolError` (and closes the cipher for good) if the
-        frame is not exactly the next one the peer sealed.
+        frame is not exactly the next one the peer sealed: of the wrong type,
+        too short or too long, or failing authentication.  It is the only
+        error a received frame can cause: whatever else goes wrong while
+        opening one (a library refusing an input) is a bad frame too, with
+        the original as `__cause__`.
         """
         if self._closed_reason is not None:
             raise RemoteProtocolError(f"cannot open: {self._closed_reason}")
+        try:
+            return self._open(frame)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:
+            # Only the type in the reason: it may travel in a close frame.
+            reason = f"frame could not be opened ({type(exc).__name__})"
+            self._fail(reason)
+            raise RemoteProtocolError(reason) from exc
+
+    def _open(self, frame: object) -> bytes:
+        # A frame comes off the network, so a wrong type is the peer's fault
+        # (or the transport's), never a local misuse.
         if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise LocalProtocolError("frame must be bytes")
+            self._fail_remote("frame is not bytes")
         if len(frame) < TAG_BYTES:
             self._fail_remote("frame shorter than its authentication tag")
         if len(frame) > self.max_frame:
@@ -147,7 +165,7 @@ class SessionCipher:
             plaintext = crypto_aead_xchacha20poly1305_ietf_decrypt(
                 bytes(frame), _AAD, _nonce(self._recv_counter), self._recv_key
             )
-        except CryptoError:
+        except (CryptoError, ValueError, TypeError):
             # One reason for every cause (forged, replayed, reordered, other
             # session): the AEAD cannot tell them apart, and neither should we.
             self._fail_remote("frame failed authentication")

@@ -2,13 +2,16 @@
 
 Owns: routing (the page, its static assets, the login exchange, and the
 `/api` WebSocket), the request checks (Host against DNS rebinding, Origin
-against other sites, sizes), security headers, and each WebSocket session:
-authenticate with the first message, then run control API requests through
-the same table, checks and handlers as the control socket (`control.api`),
-plus the console's own `console.*` methods.  Must never: answer a request
-with a foreign Host, let anything through the WebSocket before it has
-authenticated, let one browser's bad input reach beyond an error reply, or
-serve a file that is not one of the packaged assets.
+against other sites, sizes, the time a body may take), security headers,
+the error boundary around each request (500, or close 1011), and each
+WebSocket session: authenticate with the first message (within
+AUTH_TIMEOUT), only then take one of the MAX_CONNECTIONS slots, then run
+control API requests through the same table, checks and handlers as the
+control socket (`control.api`), plus the console's own `console.*` methods.
+Must never: answer a request with a foreign Host, let anything through the
+WebSocket before it has authenticated, give a slot to a socket that has not,
+let one browser's bad input or one handler's bug reach beyond its own
+request, or serve a file that is not one of the packaged assets.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..control.protocol import (
     stream_event,
 )
 from ..wire import Limits
+from ._faults import Faults
 from .actions import SIGNER, ConsoleActions
 from .auth import Authenticator, AuthError, check_host, check_origin
 from .messages import Auth, Cancel, decode_message, encode
@@ -48,10 +52,11 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-AUTH_TIMEOUT = 10.0  # seconds a new WebSocket has to authenticate
+AUTH_TIMEOUT = 3.0  # seconds a new WebSocket has to authenticate (it holds no slot meanwhile)
+BODY_TIMEOUT = 10.0  # seconds a login or logout request's body may take to arrive (else 408)
 SESSION_CHECK = 5.0  # seconds between checks that an open socket's session lives
 MAX_BODY = 4096  # bytes in a login or logout request
-MAX_CONNECTIONS = 32  # WebSockets at once
+MAX_CONNECTIONS = 32  # authenticated WebSockets at once
 MAX_IN_FLIGHT = 16  # requests at once on one WebSocket
 MAX_STREAMS = 4  # streams (events) at once on one WebSocket
 
@@ -103,6 +108,9 @@ class WebStats:
     failed_logins: int = 0
     websockets: int = 0
     requests: int = 0
+    timeouts: int = 0  # a request body or a WebSocket's authentication too slow
+    websockets_open: int = 0  # authenticated, holding a slot now
+    websockets_busy: int = 0  # authenticated but no slot free
     errors: dict[str, int] = field(default_factory=dict)
 
     def count_error(self, code: str) -> None:
@@ -114,6 +122,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
+
+
+_ROUTES = ("/", "/login", "/index.html", "/session", "/logout", "/api")
+
+
+def _route(path: str) -> str:
+    """A path as a bounded label (for the log-once key): the route, not what was asked."""
+    if path in _ROUTES:
+        return path
+    return "/static/" if path.startswith("/static/") else "(other)"
 
 
 class WebApp:
@@ -137,16 +155,38 @@ class WebApp:
         self.limits = Limits(max_frame=max_message)
         self.stats = WebStats()
         self.static = _load_static()
+        self.faults = Faults({"internal_errors": 0})  # the console shares its listener's
         self._connections = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+                started = True
+            await send(message)
+
+        try:
+            if kind == "http":
+                await self._http(scope, receive, tracked)
+            elif kind == "websocket":
+                await self._websocket(scope, receive, tracked)
+        except Exception as exc:
+            # A bug under one request ends that request: 500 (close 1011 for a
+            # WebSocket), logged once per (route, type), counted; the console serves on.
+            self.faults.report(f"{kind} {_route(scope.get('path', ''))}", exc)
+            try:
+                if kind == "http" and not started:
+                    await self._respond(send, 500, b"internal error (see the agent's log)")
+                elif kind == "websocket":
+                    await send({"type": "websocket.close", "code": 1011})
+            except Exception:  # the connection is gone or already answered
+                pass
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -179,16 +219,19 @@ class WebApp:
         await self._respond(send, status, encode(value).encode(), "application/json")
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """The body, or None if it is too big or the client left; TooSlowError after
+        BODY_TIMEOUT (a client trickling bytes must not hold its connection)."""
         body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return None
-            body += msg.get("body", b"")
-            if len(body) > MAX_BODY:
-                return None
-            if not msg.get("more_body"):
-                return bytes(body)
+        with trio.fail_after(BODY_TIMEOUT):
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return None
+                body += msg.get("body", b"")
+                if len(body) > MAX_BODY:
+                    return None
+                if not msg.get("more_body"):
+                    return bytes(body)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats.http_requests += 1
@@ -222,7 +265,14 @@ class WebApp:
             if ctype != "application/json":
                 await self._json(send, 415, {"error": "send JSON (Content-Type: application/json)"})
                 return
-            raw = await self._read_body(receive)
+            try:
+                raw = await self._read_body(receive)
+            except trio.TooSlowError:
+                self.stats.timeouts += 1
+                await self._json(
+                    send, 408, {"error": f"the request body took over {BODY_TIMEOUT:g} s"}
+                )
+                return
             try:
                 data = json.loads(raw) if raw is not None else None
             except (ValueError, RecursionError):
@@ -267,16 +317,27 @@ class WebApp:
             log.info("web console WebSocket refused", extra=kv(reason=exc.message))
             await send({"type": "websocket.close", "code": CLOSE_FORBIDDEN})
             return
+        self.stats.websockets += 1
+        await send({"type": "websocket.accept"})
+        session = _WsSession(self, receive, send)
+        if not await session.authenticate():
+            return
+        # Only now a slot: sockets that never authenticate (they are closed after
+        # AUTH_TIMEOUT) cannot keep an admin's browser out.
         try:
             self._connections.acquire_nowait()
         except trio.WouldBlock:
-            await send({"type": "websocket.close", "code": CLOSE_BUSY})
+            self.stats.websockets_busy += 1
+            text = f"too many console connections (limit {MAX_CONNECTIONS}); close another tab"
+            await session.send(session.error(None, ErrorCode.UNAVAILABLE, text))
+            await session.close(CLOSE_BUSY, text[:120])
             return
+        self.stats.websockets_open += 1
         try:
-            self.stats.websockets += 1
-            await send({"type": "websocket.accept"})
-            await _WsSession(self, receive, send).run()
+            await session.send({"id": 0, "ok": True, "result": {"access": session.access}})
+            await session.serve()
         finally:
+            self.stats.websockets_open -= 1
             self._connections.release()
 
 
@@ -335,13 +396,16 @@ class _WsSession:
         self.app.stats.count_error(code)
         return reply_error(rid, code, message)
 
-    async def run(self) -> None:
+    async def authenticate(self) -> bool:
+        """Wait (AUTH_TIMEOUT at most) for the auth message; False once closed."""
         app = self.app
         with trio.move_on_after(AUTH_TIMEOUT) as timer:
             text = await self.receive_text()
+        if timer.cancelled_caught:
+            app.stats.timeouts += 1
         if timer.cancelled_caught or text is None:
             await self.close(CLOSE_UNAUTHORIZED, "authenticate first")
-            return
+            return False
         try:
             msg = decode_message(text, app.limits)
             if not isinstance(msg, Auth):
@@ -352,8 +416,11 @@ class _WsSession:
             text_ = exc.message
             await self.send(self.error(None, ErrorCode.PERMISSION_DENIED, text_))
             await self.close(CLOSE_UNAUTHORIZED, text_[:120])
-            return
-        await self.send({"id": 0, "ok": True, "result": {"access": self.access}})
+            return False
+        return True
+
+    async def serve(self) -> None:
+        """Requests until the socket closes or its session ends."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_session, nursery.cancel_scope)
             while not self.closed:

@@ -1,12 +1,13 @@
-"""The web console's server: hypercorn's trio worker inside the agent's nursery.
+"""The web console's server: hypercorn's connections inside the agent's nursery.
 
 Owns: starting the console once (from the config at start-up, or on the
 first `ui.open`), binding it to 127.0.0.1 only, the login URLs it mints,
-and stopping it cleanly with the agent.  HTTP and WebSocket parsing are
-hypercorn's (h11 and wsproto underneath); the routes are `app.py`'s.
+its counters, and stopping it cleanly with the agent.  HTTP and WebSocket
+parsing are hypercorn's (h11 and wsproto underneath); connection limits are
+`_listener.py`'s; the routes are `app.py`'s.
 Must never: listen on anything but loopback, stop the agent when it cannot
-start (the port is taken: it says so and the agent runs on), or outlive
-the agent.
+start (the port is taken: it says so and the agent runs on) or when it fails
+later, or outlive the agent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from .._log import kv
 from ..capabilities import Capability
 from ..control.protocol import ControlError, ErrorCode
+from ._listener import KEEP_ALIVE, Listener
 from .actions import AdminKeySource, ConsoleActions
 from .app import WebApp
 from .auth import Authenticator
@@ -51,6 +53,8 @@ class WebConsole:
         self.keys = AdminKeySource(self.cfg.admin_key)
         self.actions = ConsoleActions(agent, self.keys)
         self.app = WebApp(agent, self.auth, self.actions, max_message=cfg.control.max_request)
+        self.listener = Listener(self.app)
+        self.app.faults = self.listener.faults  # one count, one log-once set
         self.port: int | None = None
         self.reason = "off: 'clanctl ui' starts it for this run (or set web.enabled = true)"
         self._lock = trio.Lock()
@@ -59,6 +63,23 @@ class WebConsole:
     @property
     def running(self) -> bool:
         return self.port is not None
+
+    def counters(self) -> dict[str, int]:
+        """Connections and requests since the agent started (plain ints, for `status`)."""
+        stats = self.app.stats
+        return {
+            **self.listener.counters,
+            "http_requests": stats.http_requests,
+            "forbidden": stats.refused,  # foreign Host or Origin
+            "timeouts": stats.timeouts,
+            "logins": stats.logins,
+            "failed_logins": stats.failed_logins,
+            "websockets": stats.websockets,
+            "websockets_open": stats.websockets_open,
+            "websockets_busy": stats.websockets_busy,
+            "requests": stats.requests,
+            "errors": sum(stats.errors.values()),
+        }
 
     def capability(self) -> Capability:
         if self.port is not None:
@@ -81,6 +102,9 @@ class WebConsole:
         hc.websocket_max_message_size = 4 * self.app.limits.max_frame
         hc.h11_max_incomplete_size = 16 * 1024
         hc.websocket_ping_interval = 20.0
+        # Headers within this of connecting, the next request within this of the
+        # last answer: idle sockets are closed soon (request bodies: the app's limit).
+        hc.keep_alive_timeout = KEEP_ALIVE
         return hc
 
     async def ensure_running(self, nursery: trio.Nursery) -> int:
@@ -106,19 +130,21 @@ class WebConsole:
             return port
 
     async def _serve(self, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from hypercorn.trio import serve
-
+        reason = "stopped"
         try:
-            await serve(
-                self.app,
-                self._hypercorn_config(port),
-                shutdown_trigger=self._stopped.wait,
-                task_status=task_status,
+            await self.listener.serve(
+                self._hypercorn_config(port), self._stopped.wait, task_status=task_status
             )
+        except Exception as exc:
+            if self.port is None:
+                raise  # it never started: ensure_running says why
+            # A fault in the listener itself ends the console, never the agent.
+            self.listener.faults.report("listener", exc)
+            reason = "stopped after an internal error (see the agent's log)"
         finally:
             self.port = None
             self.auth.end_all()
-            self.reason = "stopped"
+            self.reason = reason
 
     def stop(self) -> None:
         self._stopped.set()
