@@ -38,6 +38,8 @@ __all__ = ["Agent"]
 
 log = logging.getLogger("clanagent.agent")
 
+LOGS_ASK_INTERVAL = 1.0  # seconds between two console-tail requests of ours for one VM
+
 
 class Agent:
     def __init__(self, cfg: Config, *, notifier: Notifier | None = None) -> None:
@@ -63,6 +65,15 @@ class Agent:
         self.web: Any = None  # the web console, once enabled (config or `clanctl ui`)
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Record body checks (clanagent.records): peers' records and our own.
+        self.record_stats: dict[str, int] = {
+            "checked": 0,
+            "refused": 0,
+            "deferred": 0,
+            "own_refusals": 0,
+        }
+        self._refusals_logged: set[tuple[str, str, bool]] = set()  # (kind, origin, own)
+        self._logs_asked: dict[str, float] = {}  # VM -> monotonic time of our last logs request
 
     # -- AgentView (the control API calls these) ----------------------------
 
@@ -325,23 +336,36 @@ class Agent:
         if name in self.vms.handles:
             tail = await trio.to_thread.run_sync(self.vms.local_tail, name)
             return {"tail": tail or b"", "machine": me.name if me else "", "at": int(_time.time())}
+        from .records import placed_on
+
+        # A read: what we ask of the host is bounded.  `since` never runs
+        # ahead of our clock (a request "newer than the future" would let the
+        # host's answer stand for every later one, freezing the tail
+        # clan-wide), and we ask at most once per LOGS_ASK_INTERVAL per VM.
+        now = int(_time.time())
+        since = min(since, now)
+        hosts = placed_on(inv, name) or frozenset()
         best = None
-        for rec in self.store.records():
-            if (
-                rec.kind == LOGS_KIND
-                and rec.key == name
-                and isinstance(rec.body, dict)
-                and (best is None or rec.body.get("at", 0) > best.get("at", 0))
-            ):
-                best = rec.body
-        if best is not None and best.get("at", 0) >= since:
-            return {
-                "tail": best.get("tail", b""),
-                "machine": best.get("machine", ""),
-                "at": best.get("at", 0),
-            }
+        for origin in hosts:
+            rec = self.store.get(origin, LOGS_KIND, name)
+            m = inv.machine_by_node_key(origin)
+            # Only the hosting machine's own word about its VM counts.
+            if rec is None or m is None or not isinstance(rec.body, dict):
+                continue
+            at = rec.body.get("at")
+            if rec.body.get("machine") != m.name or type(at) is not int:
+                continue
+            if best is None or at > best["at"]:
+                best = {"tail": rec.body.get("tail", b""), "machine": m.name, "at": at}
+        if best is not None and best["at"] >= since:
+            return best
         mine = self.store.get(self.identity.public_key, LOGS_REQUEST_KIND, name)
-        if mine is None or not isinstance(mine.body, dict) or mine.body.get("at", 0) < since:
+        asked = self._logs_asked.get(name)
+        mono = _time.monotonic()
+        if (mine is None or not isinstance(mine.body, dict) or mine.body.get("at", 0) < since) and (
+            asked is None or mono - asked >= LOGS_ASK_INTERVAL
+        ):
+            self._logs_asked[name] = mono
             await self.publish_record(LOGS_REQUEST_KIND, name, {"at": since})
         return {"pending": True}
 
@@ -506,11 +530,89 @@ class Agent:
         if self.vms is not None:
             self.vms.wake()
 
-    async def publish_record(self, kind: str, key: str, body: Any) -> None:
-        """Store a record of ours and gossip it (store only, when gossip is off)."""
+    # -- record bodies (clanagent.records) -----------------------------------------
+
+    def record_context(self) -> Any:
+        from .records import RecordContext
+
+        return RecordContext(
+            now=time.time(),
+            inventory=self.inventory.inventory,
+            secret_generation=self._secret_generation,
+        )
+
+    def _secret_generation(self, instance_id: str) -> int:
+        """The highest generation of a secret instance any clan machine has published."""
+        from .secrets.record import SECRET_KIND
+
+        inv = self.inventory.inventory
+        if inv is None or self.store is None:
+            return 0
+        best = 0
+        for nk in inv.node_keys():
+            rec = self.store.get(nk, SECRET_KIND, instance_id)
+            gen = rec.body.get("generation") if rec is not None and type(rec.body) is dict else None
+            if type(gen) is int and gen > best:
+                best = gen
+        return best
+
+    def validate_record(self, record: SignedRecord) -> None:
+        """The gossip node's `validate=` hook: None to take the record, Refusal to refuse it.
+
+        A transient Refusal (`.transient`) means "not now" (no inventory yet,
+        or it names a generation or placement we may not know yet)."""
+        from .records import Refusal, validate
+
+        self.record_stats["checked"] += 1
+        try:
+            validate(record, self.record_context())
+        except Refusal as exc:
+            self.record_stats["deferred" if exc.transient else "refused"] += 1
+            self._log_refusal(record, exc, own=False)
+            raise
+
+    def record_counters(self) -> dict[str, int]:
+        """Record body checks: checked, refused, deferred (transient), own_refusals."""
+        return dict(self.record_stats)
+
+    def _log_refusal(self, record: SignedRecord, exc: Any, *, own: bool) -> None:
+        key = (record.kind[:64], record.origin.hex()[:16], own)
+        if key in self._refusals_logged:
+            return
+        if len(self._refusals_logged) < 1024:
+            self._refusals_logged.add(key)
+        log.log(
+            logging.WARNING if own or not exc.transient else logging.INFO,
+            "own record not published" if own else "record refused",
+            extra=kv(kind=key[0], origin=key[1], reason=exc.reason, transient=exc.transient),
+        )
+
+    def check_own_record(self, kind: str, key: str, body: Any) -> bool:
+        """Would our peers take this record of ours?  False (counted, logged once) if not."""
+        from .records import Refusal, validate
+
+        assert self.identity is not None
+        clan = self.anchor.clan_id if self.anchor else b""
+        try:
+            trial = SignedRecord.create(self.identity, kind, key, 1, body, clan=clan)
+            validate(trial, self.record_context())
+        except Refusal as exc:
+            self.record_stats["own_refusals"] += 1
+            self._log_refusal(trial, exc, own=True)
+            return False
+        return True
+
+    async def publish_record(self, kind: str, key: str, body: Any) -> bool:
+        """Store a record of ours and gossip it (store only, when gossip is off).
+
+        The record passes the same body check as a peer's first: one our
+        peers would refuse is not published (False, counted in
+        record_stats["own_refusals"])."""
+        if not self.check_own_record(kind, key, body):
+            return False
         if self.gossip is not None and self.gossip.node is not None:
             self.gossip.publish(kind, key, body)
-            return
+            return True
         assert self.store is not None and self.identity is not None
         store, ident = self.store, self.identity
         clan = self.anchor.clan_id if self.anchor else b""
@@ -518,6 +620,7 @@ class Agent:
             ident, kind, key, store.max_version(ident.public_key) + 1, body, clan=clan
         )
         await trio.to_thread.run_sync(store.put, rec)
+        return True
 
     async def set_anchor(self, anchor: Anchor) -> None:
         """Join (or found) a clan: remember it and restart gossip under its id."""

@@ -33,6 +33,7 @@ REFRESH = 300.0  # republish an unchanged view this often (so it is never stale 
 MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
 MAX_CAPS = 32
 STALE = 3 * REFRESH  # a record older than this no longer describes links
+FUTURE_SKEW = 300  # a view dated further ahead than this is ignored (records.MAX_FUTURE_SKEW)
 
 
 def classify_addr(addr: str) -> str:
@@ -247,7 +248,8 @@ class TopologyService:
                     continue
                 caps[name] = body["capabilities"]
                 reported[name] = body["at"]
-                if now - body["at"] < STALE:
+                # A view dated in the future is never "fresh": it would stay forever.
+                if 0 <= now - body["at"] < STALE or 0 < body["at"] - now <= FUTURE_SKEW:
                     views[name] = [link for link in body["links"] if link["peer"] in machines]
         vms: dict[str, list[dict[str, Any]]] = {}
         for row in agent.vm_list():

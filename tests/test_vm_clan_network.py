@@ -199,6 +199,8 @@ def test_clan_vms_rows_show_the_overlay_address(tmp_path):
 
     rec = SimpleNamespace(
         kind="vm-status",
+        key="web",
+        origin=b"\x01" * 32,  # m1's node key: a host speaks for its own VMs only
         body={"vm": "web", "machine": "m1", "state": "running", "reason": "", "accel": "tcg"},
     )
     agent, _ = _fake_agent(tmp_path, [rec])

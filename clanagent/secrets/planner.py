@@ -13,7 +13,8 @@ installed on disk, and `now`.  For each instance:
   recipients or admins differ from the holders' and the doc's: a removed
   machine must not read the next one, a new one must), "due" (created +
   rotate_days * 86400 <= now), "requested" (a member's rotate request for
-  the current generation or later), "dependency" (a dependency's current
+  the current generation, or the next, made after the current generation
+  was created and not after now: each request rotates at most once), "dependency" (a dependency's current
   generation differs from the one recorded in `inputs`);
 * we wait when a dependency has no current generation we can read, or is
   itself being generated this round;
@@ -30,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from clanagent.records import MAX_GENERATION
 from clanagent.secrets.model import (
     SecretInstance,
     dependency_instance,
@@ -117,7 +119,22 @@ def current_of(
 ) -> Current | None:
     """The current generation of `inst`: only records by its current holders count."""
     allowed = [nk for nk, _ in holder_keys(doc, inst).values()]
-    return choose_current(records, allowed, opens=opens, verify=verify)
+    return choose_current(_sane(records), allowed, opens=opens, verify=verify)
+
+
+def _sane(records: Iterable[SignedRecord]) -> list[SignedRecord]:
+    """Records whose generation a real history can reach (records.MAX_GENERATION).
+
+    One beyond it (signed by a holder) must not become current nor set the
+    next generation: generations would run out."""
+    out = []
+    for rec in records:
+        body = rec.body
+        gen = body.get("generation") if type(body) is dict else None
+        if type(gen) is int and gen > MAX_GENERATION:
+            continue
+        out.append(rec)
+    return out
 
 
 def _max_generation(doc: dict, records: Iterable[SignedRecord], verify: bool) -> int:
@@ -125,7 +142,7 @@ def _max_generation(doc: dict, records: Iterable[SignedRecord], verify: bool) ->
     # have made the highest generation), so the next one is always new.
     members = {m["node_key"] for m in doc["machines"].values()}
     best = 0
-    for rec in records:
+    for rec in _sane(records):
         if rec.origin not in members:
             continue
         try:
@@ -135,17 +152,30 @@ def _max_generation(doc: dict, records: Iterable[SignedRecord], verify: bool) ->
     return best
 
 
-def _requested(doc: dict, requests: Iterable[SignedRecord], generation: int, verify: bool) -> bool:
+def _requested(
+    doc: dict, requests: Iterable[SignedRecord], current: SecretBody, now: int, verify: bool
+) -> bool:
+    """Does a member's rotate request ask for the generation after `current`?
+
+    A request counts once: it must name the current generation (or the one
+    after it, from a member that saw a newer one first) and be made after
+    the current generation was created and not after `now`.  The generation
+    it causes is created later than the request, so the request is spent:
+    no request, whatever its numbers, rotates a secret more than once."""
     members = {m["node_key"] for m in doc["machines"].values()}
     members.update(doc["clan"].get("admins", ()))
     for rec in requests:
         if rec.origin not in members:
             continue
         try:
-            if parse_rotate_request(rec, verify=verify).generation >= generation:
-                return True
+            req = parse_rotate_request(rec, verify=verify)
         except WireError:
             continue
+        if (
+            current.generation <= req.generation <= current.generation + 1
+            and current.created < req.requested <= now
+        ):
+            return True
     return False
 
 
@@ -267,7 +297,7 @@ def _reason(
         return "recipients"
     if spec["rotate_days"] and body.created + spec["rotate_days"] * DAY <= now:
         return "due"
-    if _requested(doc, rotate_requests.get(inst.id, ()), body.generation, verify):
+    if _requested(doc, rotate_requests.get(inst.id, ()), body, now, verify):
         return "requested"
     for dep_id, gen in body.inputs.items():
         try:

@@ -56,7 +56,8 @@ log = logging.getLogger("clanagent.vmhost")
 VM_STATUS_KIND = "vm-status"
 LOGS_REQUEST_KIND = "vm-logs-request"  # key = VM name; body {"at": unix}
 LOGS_KIND = "vm-logs"  # key = VM name; body {"at", "machine", "tail"}
-LOG_TAIL = 16 * 1024
+LOG_TAIL = 16 * 1024  # records.MAX_LOG_TAIL bounds a peer's
+LOGS_ANSWER_INTERVAL = 1.0  # seconds between two published tails of one VM
 TICK = 2.0
 
 
@@ -87,6 +88,7 @@ class VmService:
         self._overlay: dict[str, str] = {}  # vm -> its overlay address (clan network only)
         self._boot_times: dict[int, int] = {}  # pid -> unix time it started
         self._consoles: set[str] = set()  # VMs with an interactive console session open
+        self._logs_answered: dict[str, float] = {}  # vm -> monotonic time of our last tail
         self.console_server: Any = None
         from .requests import NonceCache
 
@@ -351,26 +353,38 @@ class VmService:
         return ConsoleLog(console).tail(max_bytes)
 
     async def _answer_log_requests(self) -> None:
-        """Publish the console tail of our VMs that someone asked for (newer than ours)."""
+        """Publish the console tail of our VMs that someone asked for (newer than ours).
+
+        A request's time counts only up to our clock, and the answer carries
+        our clock: a request dated in the future can never make our answer
+        stand for later requests (which would freeze the tail clan-wide).
+        One answer per VM per LOGS_ANSWER_INTERVAL at most."""
+        now = int(time.time())
         asked: dict[str, int] = {}
         for rec in self.agent.store.records():
             if rec.kind == LOGS_REQUEST_KIND and isinstance(rec.body, dict):
                 at = rec.body.get("at")
                 if type(at) is int and rec.key in self.handles:
-                    asked[rec.key] = max(asked.get(rec.key, 0), at)
+                    asked[rec.key] = max(asked.get(rec.key, 0), min(at, now))
         inv = self.agent.inventory.inventory
         me = inv.machine_by_node_key(self.agent.identity.public_key) if inv else None
+        mono = time.monotonic()
         for name, at in asked.items():
             held = self.agent.store.get(self.agent.identity.public_key, LOGS_KIND, name)
-            if held is not None and isinstance(held.body, dict) and held.body.get("at", 0) >= at:
+            if held is not None and isinstance(held.body, dict):
+                held_at = held.body.get("at", 0)
+                if type(held_at) is int and now >= held_at >= at:
+                    continue
+            if mono - self._logs_answered.get(name, -LOGS_ANSWER_INTERVAL) < LOGS_ANSWER_INTERVAL:
                 continue
             tail = await trio.to_thread.run_sync(self.local_tail, name)
             if tail is None:
                 continue
+            self._logs_answered[name] = mono
             await self.agent.publish_record(
                 LOGS_KIND,
                 name,
-                {"at": max(at, int(time.time())), "machine": me.name if me else "", "tail": tail},
+                {"at": now, "machine": me.name if me else "", "tail": tail[-LOG_TAIL:]},
             )
 
     # -- interactive consoles ---------------------------------------------------------------
@@ -473,6 +487,11 @@ class VmService:
                 continue
             b = rec.body
             key = (str(b.get("vm", "")), str(b.get("machine", "")))
+            # Only a host's word about its own VM: signed by the machine the
+            # body names, which the inventory places that VM on.
+            signer = inv.machine_by_node_key(rec.origin) if inv is not None else None
+            if signer is None or signer.name != key[1] or rec.key != key[0]:
+                continue
             if key[0] in placed and key[1] in placed[key[0]]:
                 rows[key] = {
                     k: b.get(k)

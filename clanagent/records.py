@@ -1,0 +1,484 @@
+"""Every record kind the agent publishes, and the check a record's body must pass.
+
+Owns: the one registry (`KINDS`) of record kinds, each a `KindSpec` with its
+body schema (a `wire.Record` where the kind has one, else the kind's own
+strict parser) and its semantic rules; `validate(record, ctx)`, which the
+gossip node calls before it stores or forwards a record and the agent
+calls before it publishes one of its own.
+
+The rules: no timestamp beyond `now + MAX_FUTURE_SKEW`; a rotate request
+asks for at most the generation after the current one (and never beyond
+`MAX_GENERATION`); `vm-status` / `vm-logs` count only from a machine the
+inventory places that VM on; a log tail is at most `MAX_LOG_TAIL` bytes.
+
+Must never: raise anything but `Refusal` (a malformed body of any shape is a
+Refusal), or decide on anything but the record and the `RecordContext`
+(no I/O, no clock: `ctx.now` is the time).  A rule that needs state we do
+not have yet (no inventory) raises a *transient* Refusal: the sender is
+not to blame, the record is simply not taken now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .wire import NodeInfo, Record, SignedRecord, WireError, record_type
+
+__all__ = [
+    "MAX_FUTURE_SKEW",
+    "MAX_GENERATION",
+    "MAX_LOG_TAIL",
+    "KINDS",
+    "KindSpec",
+    "Refusal",
+    "RecordContext",
+    "VmStatusBody",
+    "VmLogsBody",
+    "VmLogsRequestBody",
+    "validate",
+]
+
+MAX_FUTURE_SKEW = 300  # seconds a record's timestamp may run ahead of our clock
+MAX_GENERATION = 2**48  # no secret ever gets this far by rotating (1/s for 8 million years)
+MAX_LOG_TAIL = 16 * 1024  # bytes of console tail in a vm-logs record (the host's LOG_TAIL)
+MAX_TEXT = 4096  # a free-text field (a reason, a state)
+
+
+class Refusal(ValueError):
+    """A record this agent does not take.  `transient`: we cannot decide yet (retry later)."""
+
+    def __init__(self, kind: str, reason: str | None = None, *, transient: bool = False) -> None:
+        # Refusal(kind, reason), or Refusal(reason) where no kind applies.
+        if reason is None:
+            kind, reason = "", kind
+        super().__init__(f"{kind}: {reason}" if kind else reason)
+        self.kind = kind
+        self.reason = reason
+        self.transient = transient
+
+
+@dataclass(frozen=True, slots=True)
+class RecordContext:
+    """What the rules need to know about the agent's state.
+
+    `inventory`: the current inventory (clanagent.inventory.model.Inventory)
+    or None before one is known.  `secret_generation(instance_id)`: the
+    current (highest known) generation of a secret instance, 0 before the
+    first.  `vm_hosts(vm)`: the node keys of the machines the inventory
+    places `vm` on, None when the inventory is not known; defaults to the
+    inventory's placement."""
+
+    now: float
+    inventory: Any = None
+    secret_generation: Callable[[str], int] = lambda _id: 0
+    vm_hosts: Callable[[str], frozenset[bytes] | None] | None = None
+
+    def hosts_of(self, vm: str) -> frozenset[bytes] | None:
+        if self.vm_hosts is not None:
+            return self.vm_hosts(vm)
+        return placed_on(self.inventory, vm)
+
+
+def placed_on(inv: Any, vm: str) -> frozenset[bytes] | None:
+    """Node keys of the machines `inv` places `vm` on; None without an inventory."""
+    if inv is None:
+        return None
+    from .inventory.select import placement
+
+    machines = inv.doc["machines"]
+    return frozenset(machines[m]["node_key"] for m in placement(inv.doc, vm) if m in machines)
+
+
+# --------------------------------------------------------------- body schemas
+
+
+@record_type
+@dataclass(frozen=True, slots=True)
+class VmStatusBody(Record):
+    """A host's word on one of its VMs (key = the VM name)."""
+
+    KIND: ClassVar[str] = "vm-status"
+    vm: str
+    machine: str
+    state: str
+    reason: str
+    accel: str
+    pid: int
+    crashes: int
+    booted: int
+    overlay: str
+    at: int
+
+    def __post_init__(self) -> None:
+        for name in ("vm", "machine", "accel", "overlay"):
+            if len(getattr(self, name)) > 255:
+                raise WireError(f"body.{name}: too long")
+        for name in ("state", "reason"):
+            if len(getattr(self, name)) > MAX_TEXT:
+                raise WireError(f"body.{name}: too long")
+        for name in ("pid", "crashes", "booted", "at"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise WireError(f"body.{name}: out of range")
+
+
+@record_type
+@dataclass(frozen=True, slots=True)
+class VmLogsRequestBody(Record):
+    """Someone asks the VM's host for a console tail at least as new as `at`."""
+
+    KIND: ClassVar[str] = "vm-logs-request"
+    at: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.at < 2**63:
+            raise WireError("body.at: out of range")
+
+
+@record_type
+@dataclass(frozen=True, slots=True)
+class VmLogsBody(Record):
+    """The host's console tail of a VM (key = the VM name)."""
+
+    KIND: ClassVar[str] = "vm-logs"
+    at: int
+    machine: str
+    tail: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.at < 2**63:
+            raise WireError("body.at: out of range")
+        if len(self.machine) > 255:
+            raise WireError("body.machine: too long")
+        if len(self.tail) > MAX_LOG_TAIL:
+            raise WireError(f"body.tail: more than {MAX_LOG_TAIL} bytes")
+
+
+# --------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One record kind: how its body parses and what must hold of it.
+
+    `parse(body)` returns the checked body or raises WireError (any other
+    exception from a malformed body is a bug the tests look for);
+    `rules(record, parsed, ctx)` raises Refusal."""
+
+    kind: str
+    parse: Callable[[Any], Any]
+    rules: Callable[[SignedRecord, Any, RecordContext], None]
+    schema: type[Record] | None = None
+
+
+def _future(kind: str, what: str, t: int, ctx: RecordContext) -> None:
+    if t > ctx.now + MAX_FUTURE_SKEW:
+        raise Refusal(kind, f"{what} {t} is more than {MAX_FUTURE_SKEW} s in the future")
+
+
+def _key_is(kind: str, rec: SignedRecord, expected: str) -> None:
+    if rec.key != expected:
+        raise Refusal(kind, f"record key {rec.key[:64]!r} is not {expected[:64]!r}")
+
+
+def _no_rules(rec: SignedRecord, parsed: Any, ctx: RecordContext) -> None:
+    return None
+
+
+def _schema_parse(cls: type[Record]) -> Callable[[Any], Any]:
+    return lambda body: cls.from_wire(body, path="body")
+
+
+# -- inventory
+
+
+def _parse_inventory(body: Any) -> Any:
+    from .inventory.versions import InventoryVersion
+
+    return InventoryVersion.from_wire(body)
+
+
+def _inventory_rules(rec: SignedRecord, v: Any, ctx: RecordContext) -> None:
+    # The admins' signatures and the history are the inventory manager's
+    # check (admit_record); here only what ties the record to its body.
+    _key_is(rec.kind, rec, v.hash.hex())
+
+
+# -- node-info, endpoints, topology
+
+
+def _singleton(rec: SignedRecord, parsed: Any, ctx: RecordContext) -> None:
+    _key_is(rec.kind, rec, "")
+
+
+def _node_info_rules(rec: SignedRecord, info: NodeInfo, ctx: RecordContext) -> None:
+    _singleton(rec, info, ctx)
+    if len(info.name) > 255 or len(info.version) > 64 or len(info.addrs) > 64:
+        raise Refusal(rec.kind, "name, version or addresses too long")
+    if any(len(a) > 300 for a in info.addrs):
+        raise Refusal(rec.kind, "an address is too long")
+
+
+def _parse_endpoints(body: Any) -> Any:
+    from .mesh.candidates import parse_endpoints_body
+
+    return parse_endpoints_body(body)
+
+
+_TOPOLOGY_KEYS = frozenset({"at", "links", "capabilities"})
+
+
+def _parse_topology(body: Any) -> dict[str, Any]:
+    from .topology import LINK_KINDS, MAX_CAPS, MAX_LINKS
+
+    if type(body) is not dict or body.keys() != _TOPOLOGY_KEYS:
+        raise WireError("topology: expected {at, links, capabilities}")
+    at, links, caps = body["at"], body["links"], body["capabilities"]
+    if type(at) is not int or not 0 <= at < 2**63:
+        raise WireError("topology.at: expected a unix time")
+    if type(links) is not list or len(links) > MAX_LINKS:
+        raise WireError(f"topology.links: expected a list of at most {MAX_LINKS}")
+    for link in links:
+        if type(link) is not dict or link.keys() != {"peer", "kind", "rtt_ms"}:
+            raise WireError("topology.links: expected {peer, kind, rtt_ms}")
+        rtt = link["rtt_ms"]
+        if type(link["peer"]) is not str or len(link["peer"]) > 255:
+            raise WireError("topology.links.peer: expected a machine name")
+        if link["kind"] not in LINK_KINDS or type(link["kind"]) is not str:
+            raise WireError("topology.links.kind: unknown")
+        if rtt is not None and (type(rtt) not in (int, float) or not 0 <= rtt < 1e9):
+            raise WireError("topology.links.rtt_ms: expected a number or nil")
+    if type(caps) is not list or len(caps) > MAX_CAPS:
+        raise WireError(f"topology.capabilities: expected a list of at most {MAX_CAPS}")
+    for c in caps:
+        if type(c) is not dict or c.keys() != {"name", "available", "reason"}:
+            raise WireError("topology.capabilities: expected {name, available, reason}")
+        if type(c["name"]) is not str or len(c["name"]) > 64:
+            raise WireError("topology.capabilities.name: expected a short str")
+        if type(c["available"]) is not bool:
+            raise WireError("topology.capabilities.available: expected bool")
+        if type(c["reason"]) is not str or len(c["reason"]) > 300:
+            raise WireError("topology.capabilities.reason: expected a str of at most 300")
+    return body
+
+
+def _topology_rules(rec: SignedRecord, body: dict[str, Any], ctx: RecordContext) -> None:
+    _singleton(rec, body, ctx)
+    _future(rec.kind, "at", body["at"], ctx)
+
+
+# -- services
+
+
+def _parse_export(body: Any) -> Any:
+    from .services.wiring import parse_export_body
+
+    return parse_export_body(body)
+
+
+def _export_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
+    _key_is(rec.kind, rec, f"{body.service}.{body.role}")
+    inv = ctx.inventory
+    if inv is None:
+        return  # the services part checks the signer against the inventory it has
+    m = inv.machine_by_node_key(rec.origin)
+    if m is not None and m.name != body.machine:
+        raise Refusal(rec.kind, f"signed by {m.name}, not by the machine it names")
+
+
+# -- secrets
+
+
+def _parse_secret(body: Any) -> Any:
+    from .secrets.record import SecretBody
+
+    return SecretBody.from_wire(body, path="body")
+
+
+def _secret_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
+    _key_is(rec.kind, rec, body.instance.id)
+    if body.generation > MAX_GENERATION:
+        raise Refusal(rec.kind, f"generation beyond {MAX_GENERATION}")
+    _future(rec.kind, "created", body.created, ctx)
+
+
+def _parse_rotate(body: Any) -> Any:
+    from .secrets.record import RotateRequest
+
+    return RotateRequest.from_wire(body, path="body")
+
+
+def _rotate_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
+    from .secrets.model import parse_instance_id
+
+    if body.generation > MAX_GENERATION:
+        raise Refusal(rec.kind, f"generation beyond {MAX_GENERATION}")
+    _future(rec.kind, "requested", body.requested, ctx)
+    if ctx.inventory is None:
+        raise Refusal(rec.kind, "no inventory yet to check the secret against", transient=True)
+    try:
+        parse_instance_id(rec.key, ctx.inventory.doc)
+    except WireError as exc:
+        raise Refusal(rec.kind, f"key: {exc.reason}") from None
+    current = ctx.secret_generation(rec.key)
+    if body.generation > current + 1:
+        # A member may know a generation that has not reached us yet: not its fault.
+        raise Refusal(
+            rec.kind,
+            f"asks to rotate generation {body.generation}, the current one is {current}",
+            transient=True,
+        )
+
+
+# -- VMs
+
+
+def _parse_vm_request(body: Any) -> Any:
+    if type(body) is not dict or body.keys() != {"vm", "action", "at", "admin", "sig"}:
+        raise WireError("vm request: expected {vm, action, at, admin, sig}")
+    from .vmhost.requests import ACTIONS
+
+    vm, action, at, admin, sig = (body[k] for k in ("vm", "action", "at", "admin", "sig"))
+    if type(vm) is not str or not 0 < len(vm) <= 63:
+        raise WireError("vm request: bad vm name")
+    if type(action) is not str or action not in ACTIONS:
+        raise WireError("vm request: bad action")
+    if type(at) is not int or not 0 <= at < 2**63:
+        raise WireError("vm request: bad time")
+    if type(admin) is not bytes or len(admin) != 32 or type(sig) is not bytes or len(sig) != 64:
+        raise WireError("vm request: bad admin key or signature")
+    return body
+
+
+def _vm_request_rules(rec: SignedRecord, body: dict[str, Any], ctx: RecordContext) -> None:
+    from .vmhost.requests import parse_request
+
+    _key_is(rec.kind, rec, body["vm"])
+    _future(rec.kind, "at", body["at"], ctx)
+    if ctx.inventory is None:
+        raise Refusal(rec.kind, "no inventory yet to check the admin against", transient=True)
+    try:
+        parse_request(body, frozenset(ctx.inventory.admins))
+    except WireError as exc:
+        raise Refusal(rec.kind, exc.reason) from None
+
+
+def _from_host(rec: SignedRecord, machine: str, ctx: RecordContext) -> None:
+    """The record comes from the machine it names, and the inventory places the VM there."""
+    if ctx.inventory is None:
+        raise Refusal(rec.kind, "no inventory yet to say where the VM runs", transient=True)
+    m = ctx.inventory.machine_by_node_key(rec.origin)
+    if m is None or m.name != machine:
+        raise Refusal(rec.kind, f"names machine {machine[:64]!r} but is signed by another")
+    hosts = ctx.hosts_of(rec.key)
+    if not hosts or rec.origin not in hosts:
+        # An honest host whose VM the admins just moved (or declared) may see
+        # another inventory than ours: not taken, but not held against it.
+        raise Refusal(
+            rec.kind,
+            f"{machine[:64]} is not where the inventory places VM {rec.key[:64]!r}",
+            transient=True,
+        )
+
+
+def _vm_status_rules(rec: SignedRecord, body: VmStatusBody, ctx: RecordContext) -> None:
+    _key_is(rec.kind, rec, body.vm)
+    _future(rec.kind, "at", body.at, ctx)
+    _from_host(rec, body.machine, ctx)
+
+
+def _vm_logs_rules(rec: SignedRecord, body: VmLogsBody, ctx: RecordContext) -> None:
+    _future(rec.kind, "at", body.at, ctx)
+    _from_host(rec, body.machine, ctx)
+
+
+def _vm_logs_request_rules(rec: SignedRecord, body: VmLogsRequestBody, ctx: RecordContext) -> None:
+    # A request "newer than the future" would hold every host's answer hostage.
+    _future(rec.kind, "at", body.at, ctx)
+
+
+def _registry() -> dict[str, KindSpec]:
+    from .inventory.manager import RECORD_KIND
+    from .mesh.candidates import ENDPOINTS_KIND
+    from .secrets.record import ROTATE_KIND, SECRET_KIND, RotateRequest, SecretBody
+    from .services.wiring import EXPORT_KIND
+    from .topology import TOPOLOGY_KIND
+    from .vmhost.requests import REQUEST_KIND
+    from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND, VM_STATUS_KIND
+
+    specs = [
+        KindSpec(RECORD_KIND, _parse_inventory, _inventory_rules),
+        KindSpec(NodeInfo.KIND, _schema_parse(NodeInfo), _node_info_rules, NodeInfo),
+        KindSpec(ENDPOINTS_KIND, _parse_endpoints, _singleton),
+        KindSpec(TOPOLOGY_KIND, _parse_topology, _topology_rules),
+        KindSpec(EXPORT_KIND, _parse_export, _export_rules),
+        KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
+        KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest),
+        KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules),
+        KindSpec(VM_STATUS_KIND, _schema_parse(VmStatusBody), _vm_status_rules, VmStatusBody),
+        KindSpec(
+            LOGS_REQUEST_KIND,
+            _schema_parse(VmLogsRequestBody),
+            _vm_logs_request_rules,
+            VmLogsRequestBody,
+        ),
+        KindSpec(LOGS_KIND, _schema_parse(VmLogsBody), _vm_logs_rules, VmLogsBody),
+    ]
+    for s in specs:
+        if s.schema is not None and s.kind != s.schema.KIND:
+            raise AssertionError(f"{s.kind}: schema {s.schema.__name__} is for {s.schema.KIND}")
+    return {s.kind: s for s in specs}
+
+
+_KINDS: dict[str, KindSpec] | None = None
+
+
+def kinds() -> dict[str, KindSpec]:
+    """The registry, kind -> KindSpec (built on first use: its modules import us lazily)."""
+    global _KINDS
+    if _KINDS is None:
+        _KINDS = _registry()
+    return _KINDS
+
+
+class _Kinds:
+    """`KINDS[kind]` / `kind in KINDS` / iteration over the registry."""
+
+    def __getitem__(self, kind: str) -> KindSpec:
+        return kinds()[kind]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in kinds()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(kinds())
+
+    def __len__(self) -> int:
+        return len(kinds())
+
+
+KINDS = _Kinds()
+
+
+def validate(record: SignedRecord, ctx: RecordContext) -> Any:
+    """The record's checked body; Refusal (and nothing else) when it is not taken."""
+    spec = kinds().get(record.kind)
+    if spec is None:
+        raise Refusal(record.kind[:64], "unknown record kind")
+    try:
+        parsed = spec.parse(record.body)
+    except WireError as exc:
+        raise Refusal(record.kind, exc.reason) from None
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        # A parser that trips on a shape it did not foresee still refuses.
+        raise Refusal(record.kind, f"malformed body ({type(exc).__name__})") from None
+    try:
+        spec.rules(record, parsed, ctx)
+    except Refusal:
+        raise
+    except WireError as exc:
+        raise Refusal(record.kind, exc.reason) from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise Refusal(record.kind, f"malformed body ({type(exc).__name__})") from None
+    return parsed
