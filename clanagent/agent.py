@@ -112,7 +112,23 @@ class Agent:
             if self.anchor is None
             else {"id": self.anchor.clan_id.hex(), "name": self.anchor.name},
             "capabilities": caps,
+            "counters": self.counters(),
         }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Each part's limit and fault counters (`clanctl status` shows them).
+
+        Built from memory only, so `status` still answers at the fd limit."""
+        out: dict[str, dict[str, int]] = {}
+        for name, part in (("control", self.control), ("gossip", self.gossip), ("web", self.web)):
+            counters = getattr(part, "counters", None)
+            if callable(counters):
+                out[name] = dict(counters())
+        records = self.record_counters()
+        if self.store is not None:
+            records.update({f"store_{k}": v for k, v in self.store.stats.items()})
+        out["records"] = records
+        return out
 
     def whoami(self) -> dict[str, Any]:
         ident = self.identity

@@ -50,6 +50,7 @@ from clanagent.gossip.peer import (
     open_peer_session,
 )
 from clanagent.identity import Identity
+from clanagent.mesh.candidates import endpoints_body
 
 ALICE = Identity.generate()
 BOB = Identity.generate()  # the listener
@@ -603,13 +604,15 @@ async def test_a_flood_of_idle_connections_stays_within_the_cap() -> None:
                 t0 = trio.current_time()
                 a2, _ = await start_agent(n, make_cfg(tmp, 2, [a1.gossip.addr]))
                 await wait_until(lambda: alive_peers(a1) == {"m2"}, "joined", 30)
-                a2.gossip._publish("test", "under-flood", {"n": 1})
-                a1.gossip._publish("test", "under-flood", {"n": 2})
+                a2.gossip._publish("endpoints", "", endpoints_body(["192.0.2.2:1"], [], None))
+                a1.gossip._publish("endpoints", "", endpoints_body(["192.0.2.1:1"], [], None))
+
+                def crossed(a, b, addr: str) -> bool:
+                    r = a.store.get(b.identity.public_key, "endpoints", "")
+                    return r is not None and addr in repr(r.body)
+
                 await wait_until(
-                    lambda: (
-                        a1.store.get(a2.identity.public_key, "test", "under-flood")
-                        and a2.store.get(a1.identity.public_key, "test", "under-flood")
-                    ),
+                    lambda: crossed(a1, a2, "192.0.2.2:1") and crossed(a2, a1, "192.0.2.1:1"),
                     "records",
                     30,
                 )

@@ -69,10 +69,13 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
             # each agent's node-info record reaches every store
             await wait_until(lambda: all(len(a.store) >= 3 for a in agents), "node-info records")
             # a new record published on one agent reaches the others, verified and durable
-            a2.gossip._publish("test", "hello", {"n": 1})
+            # (a kind the agent knows: records of unknown kinds are refused)
+            from clanagent.mesh.candidates import endpoints_body
+
+            a2.gossip._publish("endpoints", "", endpoints_body(["127.0.0.1:1"], [], None))
             origin = a2.identity.public_key
             await wait_until(
-                lambda: all(a.store.get(origin, "test", "hello") for a in agents), "new record"
+                lambda: all(a.store.get(origin, "endpoints", "") for a in agents), "new record"
             )
             peers = {p["name"]: p for p in a1.peers()}
             assert peers["m2"]["incarnation"] >= 1 and peers["m2"]["addr"] == a2.gossip.addr
@@ -89,12 +92,13 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
             kinds = [(e["type"], e.get("name")) for e in events]
             assert ("member.joined", "m2") in kinds and ("member.joined", "m3") in kinds
             assert ("member.dead", "m3") in kinds or ("member.suspect", "m3") in kinds
-            assert any(e["type"] == "record.accepted" and e["key"] == "hello" for e in events)
+            assert any(e["type"] == "record.accepted" and e["kind"] == "endpoints" for e in events)
             n.cancel_scope.cancel()
     # the record survived on disk: a fresh store over agent 1's state dir holds it
     from clanagent.store import Store
 
-    assert Store.open(tmp_path / "s1" / "records").get(origin, "test", "hello").body == {"n": 1}
+    held = Store.open(tmp_path / "s1" / "records").get(origin, "endpoints", "")
+    assert held.body == endpoints_body(["127.0.0.1:1"], [], None)
 
 
 async def test_wrong_clan_and_unadmitted_keys_are_refused(tmp_path):
@@ -177,9 +181,16 @@ async def join_and_exchange(n, tmp_path, a1, prepare=None) -> Agent:
     if prepare is not None:
         prepare(a2)  # before its first dial has finished the handshake
     await wait_until(lambda: alive_peers(a1) == {"m2"} and alive_peers(a2) == {"m1"}, "join")
-    a2.gossip._publish("test", "after-fault", {"n": 2})
+    from clanagent.mesh.candidates import endpoints_body
+
+    a2.gossip._publish("endpoints", "", endpoints_body(["192.0.2.2:7946"], [], None))
     await wait_until(
-        lambda: a1.store.get(a2.identity.public_key, "test", "after-fault"), "record", 20
+        lambda: (
+            (r := a1.store.get(a2.identity.public_key, "endpoints", "")) is not None
+            and "192.0.2.2:7946" in repr(r.body)
+        ),
+        "record",
+        20,
     )
     return a2
 

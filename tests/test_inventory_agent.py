@@ -161,9 +161,15 @@ async def test_found_join_admit_and_remove(tmp_path):
             )
             await wait_until(lambda: m3_id not in a2.gossip._links, "m3 cut off at m2", 5)
             # ... its new records are refused, and it cannot come back
-            a3.gossip.publish("test", "after-removal", 1)
+            # (a kind every agent takes from a member: only the removal refuses it)
+            from clanagent.mesh.candidates import endpoints_body
+
+            held = a1.store.get(idents[3].public_key, "endpoints", "")
+            before = None if held is None else held.version
+            a3.gossip.publish("endpoints", "", endpoints_body(["192.0.2.33:7946"], [], None))
             await trio.sleep(1.5)
-            assert a1.store.get(idents[3].public_key, "test", "after-removal") is None
+            held = a1.store.get(idents[3].public_key, "endpoints", "")
+            assert (None if held is None else held.version) == before
             assert a1.admit_peer(idents[3].public_key) is False
             assert a1.admit_peer(idents[2].public_key) is True
             # a new version cannot be made without the admin key

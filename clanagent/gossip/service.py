@@ -256,6 +256,9 @@ class GossipService:
                 now=trio.current_time(),
                 name=agent.name,
                 admit=self.admit_record,
+                # every record body is checked (clanagent/records.py) before
+                # it is stored or forwarded
+                validate=getattr(agent, "validate_record", None),
             )
             log.info(
                 "gossip started",

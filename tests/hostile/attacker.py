@@ -1,0 +1,158 @@
+"""Our own attacker: raw connections, malformed handshakes and a malicious member.
+
+Everything here talks only to the hostile clan's agents on 127.0.0.0/8, in
+bounded loops.  `Mallory` holds a member's real keys, so what it sends is
+authenticated and signed: only the agents' checks of bodies, bounds and
+quotas stand between it and the clan.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from clanagent.gossip.errors import PeerDisconnected
+from clanagent.gossip.handshake import Handshake, Role, clan_tag
+from clanagent.gossip.node import PROTOCOL_VERSION, MsgType
+from clanagent.gossip.peer import PeerSession, open_peer_session
+from clanagent.gossip.service import addr_to_url
+from clanagent.identity import Identity
+from clanagent.wire import RECORD_SIGNATURE_DOMAIN, SignedRecord, pack
+
+
+def split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def datagram(*items: tuple[int, Any]) -> bytes:
+    """One gossip datagram: [version, [[type, body], ...]]."""
+    return pack([PROTOCOL_VERSION, [[int(t), body] for t, body in items]])
+
+
+def record_item(rec: SignedRecord) -> tuple[int, bytes]:
+    return (MsgType.RECORD, rec.encode())
+
+
+class Mallory:
+    """A member gone bad: its keys are admitted, its software is ours."""
+
+    def __init__(self, identity: Identity, clan_id: bytes) -> None:
+        self.identity = identity
+        self.clan_id = clan_id
+        self.version = 1 << 20  # above anything an honest run of its keys published
+
+    def sign(self, kind: str, key: str, body: Any, version: int | None = None) -> SignedRecord:
+        if version is None:
+            self.version += 1
+            version = self.version
+        # Signed by hand, not with SignedRecord.create: mallory's software
+        # skips the checks our create() applies (the version bound, say).
+        header = {"clan": self.clan_id, "kind": kind, "key": key, "version": version, "body": body}
+        payload = pack(header)
+        signature = self.identity.sign(RECORD_SIGNATURE_DOMAIN + payload)
+        return SignedRecord(bytes(self.identity.public_key), payload, signature)
+
+    @asynccontextmanager
+    async def session(self, addr: str) -> AsyncIterator[PeerSession]:
+        async with open_peer_session(
+            addr_to_url(addr), self.identity, self.clan_id, lambda _key: True, timeout=10
+        ) as s:
+            yield s
+
+    async def send_records(self, addr: str, records: Iterable[SignedRecord], per: int = 200) -> int:
+        """Push records to one agent, `per` to a datagram; returns how many
+        were sent before the agent closed the session (its right, once it
+        has scored mallory down to the floor)."""
+        batch: list[tuple[int, bytes]] = []
+        sent = 0
+        try:
+            async with self.session(addr) as s:
+                for rec in records:
+                    batch.append(record_item(rec))
+                    if len(batch) >= per:
+                        await s.send(datagram(*batch))
+                        sent += len(batch)
+                        batch = []
+                if batch:
+                    await s.send(datagram(*batch))
+                    sent += len(batch)
+                await trio.sleep(0.5)  # let the frames drain before we close
+        except PeerDisconnected:
+            pass
+        return sent
+
+
+# What a refused or dead connection raises: the attack goes on; the test then
+# checks that the agent is still up.
+_REFUSED = (ConnectionClosed, HandshakeError, OSError)
+
+
+async def finish_with_short_ciphertext(addr: str, clan_id: bytes, x: bytes = b"\x00") -> None:
+    """The no-key attack: a proper HELLO, then a FINISH whose ciphertext is `x`."""
+    try:
+        await _finish_with(addr, clan_id, x)
+    except _REFUSED:
+        pass
+
+
+async def _finish_with(addr: str, clan_id: bytes, x: bytes) -> None:
+    me = Identity.generate()
+    hs = Handshake(Role.INITIATOR, me, clan_id, lambda _key: True)
+    async with open_websocket_url(addr_to_url(addr)) as ws:
+        await ws.send_message(hs.start())
+        with trio.move_on_after(5):
+            await ws.get_message()  # REPLY: we ignore what it says
+        await ws.send_message(pack({"t": 3, "x": x}))
+        with trio.move_on_after(2):
+            await ws.get_message()
+
+
+async def raw_handshake_message(addr: str, messages: list[bytes]) -> None:
+    """Send handshake messages as they are, whatever the agent answers."""
+    try:
+        async with open_websocket_url(addr_to_url(addr)) as ws:
+            for m in messages:
+                await ws.send_message(m)
+                with trio.move_on_after(1):
+                    await ws.get_message()
+    except _REFUSED:
+        pass
+
+
+def hello(clan_id: bytes, eph: bytes | None = None) -> bytes:
+    return pack({"t": 1, "v": [1, 1], "c": clan_tag(clan_id), "e": eph or os.urandom(32)})
+
+
+def tcp_connections(addr: str, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """Open up to `n` idle TCP connections; stops at the first refusal."""
+    host, port = split(addr)
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(2)
+        try:
+            s.bind((source, 0))
+            s.connect((host, port))
+        except OSError:
+            s.close()
+            break
+        out.append(s)
+    return out
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """True when the other side has closed this connection (EOF or reset)."""
+    s.setblocking(False)
+    try:
+        return s.recv(1 << 16) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
