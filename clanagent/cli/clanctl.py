@@ -70,11 +70,16 @@ def _print_status(st: dict[str, Any]) -> None:
 
 
 def _print_counters(counters: Any, width: int = 96) -> None:
-    """One block per part ("gossip", "control", ...), its counters wrapped to `width`."""
+    """One block per part ("gossip", "control", ...), its counters wrapped to
+    `width`. Counters at 0 are left out (`--json` has them all)."""
     if not isinstance(counters, dict) or not counters:
         return
+    counters = {
+        part: {k: v for k, v in values.items() if v} if isinstance(values, dict) else values
+        for part, values in counters.items()
+    }
     print()
-    print("counters")
+    print("counters (those not 0; --json shows all)")
     indent = max(len(str(part)) for part in counters) + 4
     for part in sorted(counters, key=str):
         values = counters[part]
