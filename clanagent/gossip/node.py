@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..identity import node_id_of
+from .. import limits as sizes
 from ..wire import (
     MAX_RECORD_VERSION,
+    RECORD_LIMITS,
     Limits,
     SignedRecord,
     WireError,
@@ -115,23 +117,28 @@ _MEMBERSHIP_TYPES: dict[type, MsgType] = {
 }
 _MEMBERSHIP_CLASSES: dict[int, Any] = {int(t): c for c, t in _MEMBERSHIP_TYPES.items()}
 
-# Named limits on what a peer controls.
-MAX_DATAGRAM = 1 << 20  # one session frame (see session.DEFAULT_MAX_PLAINTEXT)
+# Named limits on what a peer controls, from the clan-size targets
+# (clanagent.limits).  A datagram is [version, [[type, body], ...]]: its own
+# maps are a few keys (an anti-entropy reply), its arrays the message list,
+# a digest (MAX_DIGEST_ORIGINS pairs) or a delta's records; the records in it
+# are bins, each decoded again under RECORD_LIMITS -- the limits every record
+# is created under, so no record a peer could create is refused here.
+MAX_DATAGRAM = sizes.MAX_FRAME  # one session frame (see session.DEFAULT_MAX_PLAINTEXT)
 MAX_ITEMS = 4096  # messages in one compound
 DATAGRAM_LIMITS = Limits(
     max_frame=MAX_DATAGRAM,
     max_depth=12,
     max_str=64 * 1024,
-    max_bin=1 << 20,
-    max_array=16 * 1024,
+    max_bin=MAX_DATAGRAM,  # a record: judged by RECORD_LIMITS, not here
+    max_array=sizes.MAX_TABLE,
     max_map=64,
 )
 # Records we remember having seen (by id), so the many duplicate copies an
 # epidemic delivers cost a hash, not a signature check.
 SEEN_CACHE = 65536
 # Byte budgets: gossip datagrams and anti-entropy replies.
-GOSSIP_BUDGET = 64 * 1024
-AE_BUDGET = 512 * 1024  # leaves room for our digest in the same reply
+GOSSIP_BUDGET = sizes.GOSSIP_BUDGET
+AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
 # How often we try to reach one member declared dead, and for how long.
@@ -360,6 +367,7 @@ class GossipNode:
             "ignored_peer": 0,
             "internal_errors": 0,
             "records_refused": 0,
+            "records_undecodable": 0,
             "records_deferred": 0,
             "records_over_quota": 0,
             "records_over_version": 0,
@@ -489,6 +497,58 @@ class GossipNode:
         self.stats[counter] += 1
         if from_node is not None and from_node == node_id_of(rec.origin):
             self._offence(out, from_node, from_addr, reason)
+
+    def _undecodable(
+        self,
+        out: list[NodeAction],
+        rid: bytes | None,
+        data: bytes,
+        from_node: str | None,
+        from_addr: str,
+        exc: WireError,
+    ) -> bytes | None:
+        """A record that does not decode under RECORD_LIMITS.  When its origin's
+        signature still covers the payload, the origin made it so (a record
+        too big for our limits, say, from a peer with other limits): counted
+        and logged once, only the origin scored down -- never the relay that
+        forwarded it.  Else the bytes are the sender's doing.  Returns the
+        origin when known."""
+        origin = SignedRecord.signed_by(data)
+        if origin is None:
+            self.stats["records_invalid"] += 1
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return None
+        self.stats["records_undecodable"] += 1
+        if rid is not None:
+            self._remember(rid)
+        key = (origin.hex(), "undecodable", exc.reason[:60])
+        if key not in self._faults_logged:
+            self._faults_logged[key] = None
+            if len(self._faults_logged) > FAULT_LOG_KEYS:
+                self._faults_logged.popitem(last=False)
+            log.warning(
+                "record of origin %s is over our limits or unreadable (%s); not taken",
+                origin.hex()[:16],
+                exc.reason,
+            )
+        if from_node is not None and from_node == node_id_of(origin):
+            self._offence(out, from_node, from_addr, f"undecodable record: {exc.reason}")
+        return origin
+
+    def _unchecked(
+        self,
+        out: list[NodeAction],
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        exc: WireError,
+    ) -> None:
+        """A record of another clan or of an origin we do not admit (yet: an
+        inventory that admits it may still be on its way to us).  Counted; a
+        member relaying it is not scored down, any other sender is."""
+        self.stats["records_invalid"] += 1
+        if from_node is None or from_node == node_id_of(rec.origin):
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
 
     def _accept_body(
         self,
@@ -661,11 +721,14 @@ class GossipNode:
             self.stats["records_duplicate"] += 1
             return
         try:
-            rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+            rec = SignedRecord.decode(data, RECORD_LIMITS, verify=False)
+        except WireError as exc:
+            self._undecodable(out, rid, data, from_node, from_addr, exc)
+            return
+        try:
             self._check_record(rec)
         except WireError as exc:
-            self.stats["records_invalid"] += 1
-            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            self._unchecked(out, rec, from_node, from_addr, exc)
             return
         held = self.store.get(rec.origin, rec.kind, rec.key)
         if held is not None and held.version >= rec.version:
@@ -866,10 +929,22 @@ class GossipNode:
         valid: list[SignedRecord] = []
         taint_all = False
         for data in delta.records:
-            rec: SignedRecord | None = None
             try:
-                rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+                rec = SignedRecord.decode(data, RECORD_LIMITS, verify=False)
+            except WireError as exc:
+                origin = self._undecodable(out, None, data, from_node, from_addr, exc)
+                if origin is None:
+                    taint_all = True
+                else:
+                    claims.pop(origin, None)
+                continue
+            try:
                 self._check_record(rec)
+            except WireError as exc:
+                self._unchecked(out, rec, from_node, from_addr, exc)
+                claims.pop(rec.origin, None)
+                continue
+            try:
                 held = self.store.get(rec.origin, rec.kind, rec.key)
                 if held is None or held.version < rec.version:
                     rec.verify()
@@ -884,13 +959,10 @@ class GossipNode:
                     fresh.append(rec)
                     self._remember(rec.record_id)
                 valid.append(rec)
-            except WireError as exc:
+            except WireError as exc:  # a bad signature: the sender's doing
                 self.stats["records_invalid"] += 1
                 self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
-                if rec is None:
-                    taint_all = True
-                else:
-                    claims.pop(rec.origin, None)
+                claims.pop(rec.origin, None)
         if taint_all:
             claims = {}
         fresh_ids = {id(r) for r in fresh}
