@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..identity import node_id_of
 from .. import limits as sizes
+from ..identity import node_id_of
 from ..wire import (
     MAX_RECORD_VERSION,
     RECORD_LIMITS,
