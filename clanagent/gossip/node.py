@@ -139,6 +139,8 @@ SEEN_CACHE = 65536
 # Byte budgets: gossip datagrams and anti-entropy replies.
 GOSSIP_BUDGET = sizes.GOSSIP_BUDGET
 AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
+# Push-pull rounds a node starts on taking a record too big to gossip.
+EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
 # How often we try to reach one member declared dead, and for how long.
@@ -160,6 +162,8 @@ _MAX_REASON = 200
 FAULT_LOG_KEYS = 256
 
 _COMPOUND_OVERHEAD = 16
+# The largest record item a gossip round can carry (get_broadcasts' 2-byte overhead).
+_PUSH_MAX = GOSSIP_BUDGET - 2
 
 
 # -- actions ------------------------------------------------------------------
@@ -367,6 +371,7 @@ class GossipNode:
             "ignored_peer": 0,
             "internal_errors": 0,
             "records_refused": 0,
+            "eager_pulls": 0,
             "records_undecodable": 0,
             "records_deferred": 0,
             "records_over_quota": 0,
@@ -403,6 +408,8 @@ class GossipNode:
         # peer shows us an older run's record of ours with a higher version.
         self._own: dict[tuple[str, str], Any] = {}
         self._next_gossip_at = now + rng.random() * config.gossip_interval
+        self._next_eager_pull_at = 0.0
+        self._eager_rounds = 0
         self._next_ae_at = self._ae_interval_from(now, first=True)
         self._now = now
 
@@ -806,7 +813,7 @@ class GossipNode:
         cont: _Continuation,
         out: list[NodeAction],
     ) -> None:
-        fresh = False
+        fresh = big = False
         held: list[SignedRecord] = []
         unheld: set[bytes] = set()  # origins with a record the store refused (quota)
         for rec, stored in zip(records, results, strict=True):
@@ -827,12 +834,15 @@ class GossipNode:
                 self._reassert_own(now, rec, out)
             elif cont.claims is None:
                 self._ae.note_stored(rec)
-            if cont.rebroadcast:
-                self._rq.queue(
-                    ("r", rec.origin, rec.kind, rec.key),
-                    pack_plain([int(MsgType.RECORD), rec.encode()]),
-                )
-                fresh = True
+            if cont.rebroadcast or rec.size > _PUSH_MAX:
+                item = pack_plain([int(MsgType.RECORD), rec.encode()])
+                if len(item) <= _PUSH_MAX:
+                    self._rq.queue(("r", rec.origin, rec.kind, rec.key), item)
+                    fresh = True
+                else:
+                    # Too big for a gossip datagram: it would wait in the
+                    # queue forever.  Spread it by pull instead, at once.
+                    big = True
             out.append(RecordAccepted(rec))
         if cont.claims is not None:
             # Anti-entropy: account for the batch (the store already holds it,
@@ -846,6 +856,28 @@ class GossipNode:
         if fresh and self._eager:
             # Start spreading at once instead of waiting for the next tick.
             self._next_gossip_at = min(self._next_gossip_at, now)
+        if big:
+            # A record over the gossip budget (an inventory of a few hundred
+            # machines and up): push-pull with `gossip_nodes` members now and
+            # in the next EAGER_PULL_ROUNDS - 1 gossip rounds, so each fetches
+            # it from us if it lacks it.  An epidemic that moves the record
+            # about once per member, where pushing it would move it
+            # `transmit_limit` times per member; after 3 rounds of fanout 3 a
+            # member is missed with probability about e**-9 (anti-entropy
+            # brings it later).
+            self._eager_rounds = EAGER_PULL_ROUNDS
+            if now >= self._next_eager_pull_at:
+                self._eager_pull(now, cont.from_addr, out)
+
+    def _eager_pull(self, now: float, from_addr: str, out: list[NodeAction]) -> None:
+        self._eager_rounds -= 1
+        self._next_eager_pull_at = now + self.config.gossip_interval
+        self.stats["eager_pulls"] += 1
+        k = self.config.gossip_nodes
+        # One more than needed: the member that sent it to us has it.
+        peers = [p for p in self._membership.random_members(k + 1) if p[1] != from_addr]
+        for node_id, addr in peers[:k]:
+            self._send_ae_request(out, node_id, addr)
 
     def _reassert_own(self, now: float, rec: SignedRecord, out: list[NodeAction]) -> None:
         """A peer showed us our own record from an earlier run (we restarted
@@ -988,6 +1020,8 @@ class GossipNode:
         if now >= self._next_gossip_at:
             self._next_gossip_at = now + self.config.gossip_interval
             self._gossip(out)
+        if self._eager_rounds > 0 and now >= self._next_eager_pull_at:
+            self._eager_pull(now, "", out)
         if self._failed and now >= self._next_reconnect_at:
             self._next_reconnect_at = now + RECONNECT_INTERVAL
             self._reconnect(now, out)
@@ -1057,6 +1091,8 @@ class GossipNode:
         t = self._next_gossip_at if (len(self._bq) or len(self._rq)) else math.inf
         if self._failed:
             t = min(t, self._next_reconnect_at)
+        if self._eager_rounds > 0:
+            t = min(t, self._next_eager_pull_at)
         if best is not None:
             t = min(t, best)
         return min(t, self._next_ae_at)
