@@ -15,6 +15,8 @@ import time
 
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clanagent import limits as sizes
 from clanagent.gossip.antientropy import MAX_DIGEST_ORIGINS, encode_digest
@@ -44,6 +46,7 @@ from clanagent.wire import (
     SignedRecord,
     WireError,
     pack,
+    unpack,
 )
 from tests.test_gossip_node import Router
 
@@ -419,3 +422,37 @@ def test_a_small_record_still_rides_the_gossip_epidemic():
     assert nodes["n0"].counters()["eager_pulls"] == 0
     router.run_until(t0 + 1.0)
     assert all(n.store.get(origin.public_key, "node-info", "") == info for n in nodes.values())
+
+
+def test_an_onion_address_sealed_to_a_thousand_members_is_a_valid_endpoints_body():
+    # It was capped at 8 KiB: a Tor machine's endpoints record was refused by
+    # every peer in a clan of more than 55 machines.
+    from clanagent.mesh.candidates import endpoints_body, parse_endpoints_body
+
+    members = {i.public_key: i.box_public for i in _idents(1000)}
+    onion = seal_endpoints(["x" * 56 + ".onion:7946"], members)
+    assert len(onion) > 8192
+    body = endpoints_body(["192.0.2.1:7946"], [], 51820, onion)
+    assert parse_endpoints_body(body) == body
+    rec = SignedRecord.create(_idents(1000)[0], "endpoints", "", 1, body, clan=CLAN_ID)
+    assert validate(rec, RecordContext(now=0.0)) == body
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_signed_by_never_raises_and_names_only_a_real_signer(data):
+    signer = SignedRecord.signed_by(data)
+    if signer is not None:
+        _, payload, sig = unpack(data)
+        nacl.signing.VerifyKey(signer).verify(RECORD_SIGNATURE_DOMAIN + payload, sig)
+
+
+def test_signed_by_names_the_origin_of_a_record_however_its_payload_is_broken():
+    origin = Identity.generate()
+    assert SignedRecord.signed_by(_raw(origin, "k", OVER_LIMITS["array"])) == origin.public_key
+    rec = SignedRecord.create(origin, "svc", "k", 1, 1, clan=CLAN_ID)
+    assert SignedRecord.signed_by(rec.encode()) == origin.public_key
+    broken = bytearray(rec.encode())
+    broken[40] ^= 1  # inside the payload: the signature no longer covers it
+    assert SignedRecord.signed_by(bytes(broken)) is None
+    assert SignedRecord.signed_by(pack([rec.signer, rec.payload])) is None
