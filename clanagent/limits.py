@@ -73,7 +73,7 @@ MACHINES_PER_RECORD = MAX_RECORD_BYTES // MACHINE_ENTRY_BYTES
 # One machine's sealed endpoints, sealed to every member of the target clan.
 MAX_SEALED = 1024 + TARGET_MACHINES * SEALED_PER_RECIPIENT  # 149,024 bytes
 # One gossip (push) datagram: small records ride the epidemic; a record over
-# this (an inventory of more than about 320 machines) travels by
+# this (an inventory of more than about 350 machines) travels by
 # anti-entropy pull only, so each node fetches it about once instead of
 # every node pushing it to `gossip_nodes` peers `transmit_limit` times.
 GOSSIP_BUDGET = 64 * 1024
