@@ -30,10 +30,13 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from clanagent import limits as _sizes
+
 __all__ = [
     "WireError",
     "Limits",
     "DEFAULT_LIMITS",
+    "RECORD_LIMITS",
     "pack",
     "unpack",
     "Record",
@@ -58,20 +61,27 @@ class WireError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Named bounds for everything that untrusted input controls."""
+    """Named bounds for everything that untrusted input controls.
 
-    max_frame: int = 1 << 20  # bytes in one encoded message
+    The defaults follow from the clan-size targets (clanagent.limits): a map
+    or array holds the planned clan's machine table."""
+
+    max_frame: int = _sizes.MAX_FRAME  # bytes in one encoded message
     max_depth: int = 16  # nesting of arrays/maps
     max_str: int = 64 * 1024  # bytes in one string
-    max_bin: int = 1 << 20  # bytes in one bin
-    max_array: int = 16 * 1024  # items in one array
-    max_map: int = 4 * 1024  # pairs in one map
+    max_bin: int = _sizes.MAX_FRAME  # bytes in one bin
+    max_array: int = _sizes.MAX_TABLE  # items in one array
+    max_map: int = _sizes.MAX_TABLE  # pairs in one map
     max_kind: int = 64  # UTF-8 bytes in a signed record's kind
     max_key: int = 256  # UTF-8 bytes in a signed record's key
     max_clan: int = 64  # bytes in a signed record's clan id
 
 
 DEFAULT_LIMITS = Limits()
+# What a signed record may hold: created and accepted under the same bounds,
+# so no peer refuses a record another created.  At most MAX_RECORD_BYTES so
+# that anti-entropy can always carry it (see clanagent.limits).
+RECORD_LIMITS = Limits(max_frame=_sizes.MAX_RECORD_BYTES)
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
@@ -541,6 +551,8 @@ MAX_RECORD_VERSION = 2**53
 _HEADER_KEYS = frozenset({"clan", "kind", "key", "version", "body"})
 _ENV_SIGNER_HEAD = b"\x93\xc4\x20"  # fixarray(3), bin8(32)
 _ENV_SIG_HEAD = b"\xc4\x40"  # bin8(64)
+# The envelope alone: [signer, payload, signature], three bins in one frame.
+_ENVELOPE_LIMITS = Limits(max_depth=1, max_str=0, max_array=3, max_map=0)
 
 
 class Signer(Protocol):
@@ -608,7 +620,7 @@ class SignedRecord:
     signer: bytes
     payload: bytes
     signature: bytes
-    limits: InitVar[Limits] = DEFAULT_LIMITS
+    limits: InitVar[Limits] = RECORD_LIMITS
     clan: bytes = field(init=False, compare=False)
     kind: str = field(init=False, compare=False)
     key: str = field(init=False, compare=False)
@@ -668,7 +680,7 @@ class SignedRecord:
     ) -> SignedRecord:
         """Sign a new record; a Record body is converted with to_wire().
 
-        Applies the same checks (and DEFAULT_LIMITS) as `decode`, so we never
+        Applies the same checks (and RECORD_LIMITS) as `decode`, so we never
         emit a record our peers would drop.
         """
         if isinstance(body, Record):
@@ -690,7 +702,7 @@ class SignedRecord:
 
     @classmethod
     def decode(
-        cls, data: bytes, limits: Limits = DEFAULT_LIMITS, *, verify: bool = True
+        cls, data: bytes, limits: Limits = RECORD_LIMITS, *, verify: bool = True
     ) -> SignedRecord:
         """Parse and (unless verify=False, for data we stored after verifying) verify a record.
 
@@ -709,6 +721,33 @@ class SignedRecord:
         if verify:
             record.verify()
         return record
+
+    @staticmethod
+    def signed_by(data: bytes) -> bytes | None:
+        """The signer of `data` when its envelope carries a payload that this
+        signer's signature covers, whatever the payload holds; else None.
+
+        For telling a record refused for its signed content (over our limits,
+        not canonical: the origin's doing, a relay only forwarded it) from
+        bytes that a sender forged or broke (that sender's doing).  Costs one
+        signature check, so callers remember the answer by record id.
+        """
+        try:
+            env = unpack(data, _ENVELOPE_LIMITS)
+        except WireError:
+            return None
+        if type(env) is not list or len(env) != 3:
+            return None
+        signer, payload, signature = env
+        if type(signer) is not bytes or type(payload) is not bytes or type(signature) is not bytes:
+            return None
+        if len(signer) != 32 or len(signature) != 64:
+            return None
+        try:
+            nacl.signing.VerifyKey(signer).verify(RECORD_SIGNATURE_DOMAIN + payload, signature)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            return None
+        return signer
 
     def verify(self) -> None:
         """Check the signature (raises WireError("bad signature"))."""

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from clanagent import limits as sizes
 from clanagent.wire import DEFAULT_LIMITS, MAX_VERSION, Limits, SignedRecord, WireError
 
 __all__ = [
@@ -77,7 +78,9 @@ __all__ = [
 ]
 
 # Named limits for what a peer controls in the two push-pull messages.
-MAX_DIGEST_ORIGINS = 8192
+# Origins: as many as fit half a frame, >= the planned clan (clanagent.limits).
+MAX_DIGEST_ORIGINS = sizes.MAX_DIGEST_ORIGINS
+# Records: a full AE_BUDGET of the smallest records (138 bytes each: 3800).
 MAX_DELTA_RECORDS = 4096
 ORIGIN_LEN = 32
 

@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import limits as sizes
 from ..identity import node_id_of
 from ..wire import (
     MAX_RECORD_VERSION,
+    RECORD_LIMITS,
     Limits,
     SignedRecord,
     WireError,
@@ -115,23 +117,30 @@ _MEMBERSHIP_TYPES: dict[type, MsgType] = {
 }
 _MEMBERSHIP_CLASSES: dict[int, Any] = {int(t): c for c, t in _MEMBERSHIP_TYPES.items()}
 
-# Named limits on what a peer controls.
-MAX_DATAGRAM = 1 << 20  # one session frame (see session.DEFAULT_MAX_PLAINTEXT)
+# Named limits on what a peer controls, from the clan-size targets
+# (clanagent.limits).  A datagram is [version, [[type, body], ...]]: its own
+# maps are a few keys (an anti-entropy reply), its arrays the message list,
+# a digest (MAX_DIGEST_ORIGINS pairs) or a delta's records; the records in it
+# are bins, each decoded again under RECORD_LIMITS -- the limits every record
+# is created under, so no record a peer could create is refused here.
+MAX_DATAGRAM = sizes.MAX_FRAME  # one session frame (see session.DEFAULT_MAX_PLAINTEXT)
 MAX_ITEMS = 4096  # messages in one compound
 DATAGRAM_LIMITS = Limits(
     max_frame=MAX_DATAGRAM,
     max_depth=12,
     max_str=64 * 1024,
-    max_bin=1 << 20,
-    max_array=16 * 1024,
+    max_bin=MAX_DATAGRAM,  # a record: judged by RECORD_LIMITS, not here
+    max_array=sizes.MAX_TABLE,
     max_map=64,
 )
 # Records we remember having seen (by id), so the many duplicate copies an
 # epidemic delivers cost a hash, not a signature check.
 SEEN_CACHE = 65536
 # Byte budgets: gossip datagrams and anti-entropy replies.
-GOSSIP_BUDGET = 64 * 1024
-AE_BUDGET = 512 * 1024  # leaves room for our digest in the same reply
+GOSSIP_BUDGET = sizes.GOSSIP_BUDGET
+AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
+# Push-pull rounds a node starts on taking a record too big to gossip.
+EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
 # How often we try to reach one member declared dead, and for how long.
@@ -153,6 +162,8 @@ _MAX_REASON = 200
 FAULT_LOG_KEYS = 256
 
 _COMPOUND_OVERHEAD = 16
+# The largest record item a gossip round can carry (get_broadcasts' 2-byte overhead).
+_PUSH_MAX = GOSSIP_BUDGET - 2
 
 
 # -- actions ------------------------------------------------------------------
@@ -360,6 +371,8 @@ class GossipNode:
             "ignored_peer": 0,
             "internal_errors": 0,
             "records_refused": 0,
+            "eager_pulls": 0,
+            "records_undecodable": 0,
             "records_deferred": 0,
             "records_over_quota": 0,
             "records_over_version": 0,
@@ -395,6 +408,8 @@ class GossipNode:
         # peer shows us an older run's record of ours with a higher version.
         self._own: dict[tuple[str, str], Any] = {}
         self._next_gossip_at = now + rng.random() * config.gossip_interval
+        self._next_eager_pull_at = 0.0
+        self._eager_rounds = 0
         self._next_ae_at = self._ae_interval_from(now, first=True)
         self._now = now
 
@@ -489,6 +504,58 @@ class GossipNode:
         self.stats[counter] += 1
         if from_node is not None and from_node == node_id_of(rec.origin):
             self._offence(out, from_node, from_addr, reason)
+
+    def _undecodable(
+        self,
+        out: list[NodeAction],
+        rid: bytes | None,
+        data: bytes,
+        from_node: str | None,
+        from_addr: str,
+        exc: WireError,
+    ) -> bytes | None:
+        """A record that does not decode under RECORD_LIMITS.  When its origin's
+        signature still covers the payload, the origin made it so (a record
+        too big for our limits, say, from a peer with other limits): counted
+        and logged once, only the origin scored down -- never the relay that
+        forwarded it.  Else the bytes are the sender's doing.  Returns the
+        origin when known."""
+        origin = SignedRecord.signed_by(data)
+        if origin is None:
+            self.stats["records_invalid"] += 1
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            return None
+        self.stats["records_undecodable"] += 1
+        if rid is not None:
+            self._remember(rid)
+        key = (origin.hex(), "undecodable", exc.reason[:60])
+        if key not in self._faults_logged:
+            self._faults_logged[key] = None
+            if len(self._faults_logged) > FAULT_LOG_KEYS:
+                self._faults_logged.popitem(last=False)
+            log.warning(
+                "record of origin %s is over our limits or unreadable (%s); not taken",
+                origin.hex()[:16],
+                exc.reason,
+            )
+        if from_node is not None and from_node == node_id_of(origin):
+            self._offence(out, from_node, from_addr, f"undecodable record: {exc.reason}")
+        return origin
+
+    def _unchecked(
+        self,
+        out: list[NodeAction],
+        rec: SignedRecord,
+        from_node: str | None,
+        from_addr: str,
+        exc: WireError,
+    ) -> None:
+        """A record of another clan or of an origin we do not admit (yet: an
+        inventory that admits it may still be on its way to us).  Counted; a
+        member relaying it is not scored down, any other sender is."""
+        self.stats["records_invalid"] += 1
+        if from_node is None or from_node == node_id_of(rec.origin):
+            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
 
     def _accept_body(
         self,
@@ -661,11 +728,14 @@ class GossipNode:
             self.stats["records_duplicate"] += 1
             return
         try:
-            rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+            rec = SignedRecord.decode(data, RECORD_LIMITS, verify=False)
+        except WireError as exc:
+            self._undecodable(out, rid, data, from_node, from_addr, exc)
+            return
+        try:
             self._check_record(rec)
         except WireError as exc:
-            self.stats["records_invalid"] += 1
-            self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
+            self._unchecked(out, rec, from_node, from_addr, exc)
             return
         held = self.store.get(rec.origin, rec.kind, rec.key)
         if held is not None and held.version >= rec.version:
@@ -743,7 +813,7 @@ class GossipNode:
         cont: _Continuation,
         out: list[NodeAction],
     ) -> None:
-        fresh = False
+        fresh = big = False
         held: list[SignedRecord] = []
         unheld: set[bytes] = set()  # origins with a record the store refused (quota)
         for rec, stored in zip(records, results, strict=True):
@@ -764,12 +834,15 @@ class GossipNode:
                 self._reassert_own(now, rec, out)
             elif cont.claims is None:
                 self._ae.note_stored(rec)
-            if cont.rebroadcast:
-                self._rq.queue(
-                    ("r", rec.origin, rec.kind, rec.key),
-                    pack_plain([int(MsgType.RECORD), rec.encode()]),
-                )
-                fresh = True
+            if cont.rebroadcast or rec.size > _PUSH_MAX:
+                item = pack_plain([int(MsgType.RECORD), rec.encode()])
+                if len(item) <= _PUSH_MAX:
+                    self._rq.queue(("r", rec.origin, rec.kind, rec.key), item)
+                    fresh = True
+                else:
+                    # Too big for a gossip datagram: it would wait in the
+                    # queue forever.  Spread it by pull instead, at once.
+                    big = True
             out.append(RecordAccepted(rec))
         if cont.claims is not None:
             # Anti-entropy: account for the batch (the store already holds it,
@@ -783,6 +856,28 @@ class GossipNode:
         if fresh and self._eager:
             # Start spreading at once instead of waiting for the next tick.
             self._next_gossip_at = min(self._next_gossip_at, now)
+        if big:
+            # A record over the gossip budget (an inventory of a few hundred
+            # machines and up): push-pull with `gossip_nodes` members now and
+            # in the next EAGER_PULL_ROUNDS - 1 gossip rounds, so each fetches
+            # it from us if it lacks it.  An epidemic that moves the record
+            # about once per member, where pushing it would move it
+            # `transmit_limit` times per member; after 3 rounds of fanout 3 a
+            # member is missed with probability about e**-9 (anti-entropy
+            # brings it later).
+            self._eager_rounds = EAGER_PULL_ROUNDS
+            if now >= self._next_eager_pull_at:
+                self._eager_pull(now, cont.from_addr, out)
+
+    def _eager_pull(self, now: float, from_addr: str, out: list[NodeAction]) -> None:
+        self._eager_rounds -= 1
+        self._next_eager_pull_at = now + self.config.gossip_interval
+        self.stats["eager_pulls"] += 1
+        k = self.config.gossip_nodes
+        # One more than needed: the member that sent it to us has it.
+        peers = [p for p in self._membership.random_members(k + 1) if p[1] != from_addr]
+        for node_id, addr in peers[:k]:
+            self._send_ae_request(out, node_id, addr)
 
     def _reassert_own(self, now: float, rec: SignedRecord, out: list[NodeAction]) -> None:
         """A peer showed us our own record from an earlier run (we restarted
@@ -866,10 +961,22 @@ class GossipNode:
         valid: list[SignedRecord] = []
         taint_all = False
         for data in delta.records:
-            rec: SignedRecord | None = None
             try:
-                rec = SignedRecord.decode(data, DATAGRAM_LIMITS, verify=False)
+                rec = SignedRecord.decode(data, RECORD_LIMITS, verify=False)
+            except WireError as exc:
+                origin = self._undecodable(out, None, data, from_node, from_addr, exc)
+                if origin is None:
+                    taint_all = True
+                else:
+                    claims.pop(origin, None)
+                continue
+            try:
                 self._check_record(rec)
+            except WireError as exc:
+                self._unchecked(out, rec, from_node, from_addr, exc)
+                claims.pop(rec.origin, None)
+                continue
+            try:
                 held = self.store.get(rec.origin, rec.kind, rec.key)
                 if held is None or held.version < rec.version:
                     rec.verify()
@@ -884,13 +991,10 @@ class GossipNode:
                     fresh.append(rec)
                     self._remember(rec.record_id)
                 valid.append(rec)
-            except WireError as exc:
+            except WireError as exc:  # a bad signature: the sender's doing
                 self.stats["records_invalid"] += 1
                 self._offence(out, from_node, from_addr, f"invalid record: {exc.reason}")
-                if rec is None:
-                    taint_all = True
-                else:
-                    claims.pop(rec.origin, None)
+                claims.pop(rec.origin, None)
         if taint_all:
             claims = {}
         fresh_ids = {id(r) for r in fresh}
@@ -916,6 +1020,8 @@ class GossipNode:
         if now >= self._next_gossip_at:
             self._next_gossip_at = now + self.config.gossip_interval
             self._gossip(out)
+        if self._eager_rounds > 0 and now >= self._next_eager_pull_at:
+            self._eager_pull(now, "", out)
         if self._failed and now >= self._next_reconnect_at:
             self._next_reconnect_at = now + RECONNECT_INTERVAL
             self._reconnect(now, out)
@@ -985,6 +1091,8 @@ class GossipNode:
         t = self._next_gossip_at if (len(self._bq) or len(self._rq)) else math.inf
         if self._failed:
             t = min(t, self._next_reconnect_at)
+        if self._eager_rounds > 0:
+            t = min(t, self._next_eager_pull_at)
         if best is not None:
             t = min(t, best)
         return min(t, self._next_ae_at)

@@ -118,7 +118,9 @@ class InventoryManager:
                 extra={"kv": {"issue": str(head.issues[0])}},
             )
             return
-        self._inventory = Inventory(head.doc)
+        # The history validated head.doc with validate_doc (a leaf when it
+        # was offered, a merged doc in head()), and found no issue.
+        self._inventory = Inventory(head.doc, checked=True)
         log.info(
             "inventory head",
             extra={

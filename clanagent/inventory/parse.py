@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clanagent import limits as sizes
+
 __all__ = [
     "FORMAT",
     "NAME_RE",
@@ -61,10 +63,14 @@ DEFAULT_NETWORKS = ["lan", "public", "tor"]
 NO_PUBLIC_TAG = "no-public"
 
 # Named bounds: nothing an admin (or a forged-but-signed doc) writes is unbounded.
-MAX_LIST = 1024
-MAX_ENTRIES = 4096  # machines, services, ... per table: the wire's max_map
+# Tables and lists hold the planned clan (clanagent.limits): a role may name
+# every machine, a table may list every machine.  The record bound
+# (MAX_RECORD_BYTES) caps the document as a whole.
+MAX_LIST = sizes.MAX_TABLE  # items in one array
+MAX_ENTRIES = sizes.MAX_TABLE  # machines, services, ... per table: the wire's max_map
+MAX_COUNT = 1024  # a signing threshold, a VM's instance count: not clan-sized
 MAX_STR = 4096
-MAX_SEALED = 64 * 1024
+MAX_SEALED = sizes.MAX_SEALED  # one machine's endpoints sealed to the target clan
 MAX_SETTINGS_DEPTH = 8
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -502,7 +508,7 @@ _CLAN = {
     "id": _Field(_hexkey(16, "clan id")),
     "name": _Field(_name),
     "admins": _Field(_array(_hexkey(32, "admin key"), sort=True, nonempty=True)),
-    "threshold": _Field(_integer(1, MAX_LIST), 1),
+    "threshold": _Field(_integer(1, MAX_COUNT), 1),
 }
 
 _MACHINE = {
@@ -581,7 +587,7 @@ _SERVICE = {
 _VM = {
     "machines": _Field(_names, []),
     "tags": _Field(_names, []),
-    "count": _Field(_integer(1, MAX_LIST), 1),
+    "count": _Field(_integer(1, MAX_COUNT), 1),
     "vcpus": _Field(_integer(1, 256), 1),
     "memory_mb": _Field(_integer(16, 1 << 22), 256),
     "kernel": _Field(_string(nonempty=True)),

@@ -32,6 +32,7 @@ import nacl.public
 import nacl.secret
 import nacl.utils
 
+from clanagent import limits as sizes
 from clanagent.wire import Limits, WireError, pack, unpack
 
 __all__ = [
@@ -45,7 +46,14 @@ __all__ = [
 ]
 
 MAX_ENDPOINTS = 64
-_LIMITS = Limits(max_frame=1 << 20, max_depth=4, max_str=512, max_map=4096, max_array=MAX_ENDPOINTS)
+# A blob holds one wrapped key per member: as many as a clan has machines.
+_LIMITS = Limits(
+    max_frame=sizes.MAX_SEALED,
+    max_depth=4,
+    max_str=512,
+    max_map=sizes.MAX_TABLE,
+    max_array=MAX_ENDPOINTS,
+)
 
 
 class SealError(ValueError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..limits import MAX_SEALED
 from ..wire import WireError
 from .paths import Candidate
 
@@ -55,7 +56,8 @@ def parse_endpoints_body(body: Any) -> dict[str, Any]:
     port = body["wg_port"]
     if type(port) is not int or not 0 <= port < 65536:
         raise WireError("endpoints.wg_port: expected 0..65535")
-    if not isinstance(body["onion"], bytes) or len(body["onion"]) > 8192:
+    # Sealed to every member (148 bytes each): sized for the target clan.
+    if not isinstance(body["onion"], bytes) or len(body["onion"]) > MAX_SEALED:
         raise WireError("endpoints.onion: expected sealed bytes")
     return body
 
