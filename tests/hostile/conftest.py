@@ -163,7 +163,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def found_clan(work: Path) -> Clan:
+def found_clan(work: Path, control: str = "") -> Clan:
+    """`control`: extra lines for each agent's [control] section (read_group, say)."""
     work.chmod(0o755)
     clan = Clan(work=work, admin_key=work / "admin.key")
     for m in MACHINES:
@@ -173,7 +174,7 @@ def found_clan(work: Path) -> Clan:
         (home / "agent.toml").write_text(
             f'state_dir = "{home / "state"}"\n'
             f'runtime_dir = "{home / "run"}"\n'
-            f'[control]\nsocket = "{clan.socks[m]}"\n'
+            f'[control]\nsocket = "{clan.socks[m]}"\n{control}'
             # a fixed port, so that an agent started again is found where it was
             f'[gossip]\nlisten = "127.0.0.1:{_free_port()}"\nprofile = "local"\nname = "{m}"\n'
             "[mesh]\nwireguard = false\nmdns = false\n"
@@ -217,10 +218,14 @@ def found_clan(work: Path) -> Clan:
 
 
 @pytest.fixture(scope="module")
-def _clans(tmp_path_factory):
-    held: list[Clan] = [found_clan(tmp_path_factory.mktemp("hostile"))]
+def _clans(request, tmp_path_factory):
+    # A test module may set up its clan: `clan_setup()` returns extra lines
+    # for the agents' [control] section.
+    setup = getattr(request.module, "clan_setup", None)
+    control = setup() if setup is not None else ""
+    held: list[Clan] = [found_clan(tmp_path_factory.mktemp("hostile"), control)]
     try:
-        yield held, tmp_path_factory
+        yield held, tmp_path_factory, control
     finally:
         held[-1].stop()
 
@@ -230,8 +235,8 @@ def clan(_clans):
     """The module's clan; founded anew when an earlier test left an agent
     stopped (that test has failed already; the next attack deserves a
     healthy target)."""
-    held, factory = _clans
+    held, factory, control = _clans
     if any(p.poll() is not None for p in held[-1].procs.values()):
         held[-1].stop()
-        held.append(found_clan(factory.mktemp("hostile")))
+        held.append(found_clan(factory.mktemp("hostile"), control))
     return held[-1]
