@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,14 +222,26 @@ def found_clan(work: Path, control: str = "") -> Clan:
 @pytest.fixture(scope="module")
 def _clans(request, tmp_path_factory):
     # A test module may set up its clan: `clan_setup()` returns extra lines
-    # for the agents' [control] section.
+    # for the agents' [control] section (read_group, say) and whether the
+    # clan must live where every local user can reach its sockets (pytest's
+    # own tmp directories are 0700).
     setup = getattr(request.module, "clan_setup", None)
-    control = setup() if setup is not None else ""
-    held: list[Clan] = [found_clan(tmp_path_factory.mktemp("hostile"), control)]
+    control, shared = setup() if setup is not None else ("", False)
+    made: list[Path] = []
+
+    def workdir() -> Path:
+        if not shared:
+            return tmp_path_factory.mktemp("hostile")
+        made.append(Path(tempfile.mkdtemp(prefix="clanhostile-")))
+        return made[-1]
+
+    held: list[Clan] = [found_clan(workdir(), control)]
     try:
-        yield held, tmp_path_factory, control
+        yield held, workdir, control
     finally:
         held[-1].stop()
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -235,8 +249,8 @@ def clan(_clans):
     """The module's clan; founded anew when an earlier test left an agent
     stopped (that test has failed already; the next attack deserves a
     healthy target)."""
-    held, factory, control = _clans
+    held, workdir, control = _clans
     if any(p.poll() is not None for p in held[-1].procs.values()):
         held[-1].stop()
-        held.append(found_clan(factory.mktemp("hostile"), control))
+        held.append(found_clan(workdir(), control))
     return held[-1]
