@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 FLOOD = 2000  # HELLOs per agent
 FLOOD_CONCURRENCY = 32  # connections at once, per agent
-FLOOD_SECONDS = 25  # none started after: 3 agents and 3 attackers share the test box's cores
+FLOOD_SECONDS = 15  # none started after: 3 agents and 3 attackers share the test box's cores
 FLOOD_SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 GENUINE_HANDSHAKE = 5.0
 HOLD_GROUP = "clanhostile-read"  # the read_group of the clan's control sockets
@@ -102,8 +102,9 @@ async def test_a_handshake_flood_stops_no_agent_and_a_member_still_gets_in(clan)
     for x in results:
         r = results[x]
         assert r["answered"] + r["refused"] + r["silent"] == r["sent"]
-        # on a 2-core box the three agents take ~600 each in that time (one alone, ~2,000)
-        assert r["sent"] >= 200, f"the attacker got only {r['sent']} HELLOs out"
+        # A flood is what the agents' CPU makes of it: on a shared 2-core box
+        # the three together took 300-600 each in 15 s (one alone, 2,000 in 25 s).
+        assert r["sent"] >= 100, f"the attacker got only {r['sent']} HELLOs out"
         assert len(handshakes[x]) >= 2, "the flood ended before we could measure"
         assert max(handshakes[x]) < GENUINE_HANDSHAKE, (x, handshakes[x])
         assert max(statuses[x]) < STATUS_DEADLINE, (x, statuses[x])
