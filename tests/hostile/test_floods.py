@@ -109,6 +109,8 @@ async def test_a_handshake_flood_stops_no_agent_and_a_member_still_gets_in(clan)
         assert max(handshakes[x]) < GENUINE_HANDSHAKE, (x, handshakes[x])
         assert max(statuses[x]) < STATUS_DEADLINE, (x, statuses[x])
     clan.assert_healthy()
+    seen = {x: sorted(clan.members_alive(x)) for x in MACHINES}
+    print(f"members each agent saw alive as the flood ended: {seen}")
     t0 = time.monotonic()
     wait_for(
         lambda: all(clan.members_alive(x) == set(MACHINES) for x in MACHINES),
