@@ -213,10 +213,12 @@ def forgeries(clan, m: Mallory) -> tuple[list[SignedRecord], dict[str, list[tupl
         "overlay": "fd00::31:337", "at": now,
     }  # fmt: skip
     add("vm-status", "m1's VM in m1's name", "web", status)
+    add("vm-status", "m1's VM in its own name", "web", {**status, "machine": "mallory"})
     add("vm-status", "far-future at", "web", {**status, "at": now + FAR})
     add("vm-status", "key is another VM", "db", status)
     logs = {"at": now, "machine": "m1", "tail": b"PWNED by mallory"}
     add("vm-logs", "m1's VM in m1's name", "web", logs)
+    add("vm-logs", "m1's VM in its own name", "web", {**logs, "machine": "mallory"})
     add("vm-logs", "far-future at", "web", {**logs, "at": now + FAR})
     add("vm-logs", "oversized tail", "web",
         {**logs, "tail": b"x" * (records.MAX_LOG_TAIL + 1)})  # fmt: skip
