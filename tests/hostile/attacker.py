@@ -8,6 +8,7 @@ quotas stand between it and the clan.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable
@@ -156,3 +157,90 @@ def closed_by_peer(s: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def ws_hello_bytes(addr: str, clan_id: bytes) -> bytes:
+    """A WebSocket upgrade and one masked binary frame holding a HELLO, as one
+    write: the cheapest way for us to make an agent do a handshake's work."""
+    host, port = split(addr)
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = (
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    payload = hello(clan_id)
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return upgrade + bytes([0x82, 0x80 | len(payload)]) + mask + masked
+
+
+async def hello_flood(
+    addr: str,
+    clan_id: bytes,
+    total: int,
+    concurrency: int,
+    sources: list[str],
+    seconds: float = float("inf"),
+) -> dict[str, int]:
+    """`total` HELLOs on as many connections, `concurrency` at once, spread
+    over `sources`, none started after `seconds`; each waits (briefly) for
+    the agent's first bytes, then hangs up.  Returns how many connections
+    were answered / refused / silent (and how many were sent)."""
+    host, port = split(addr)
+    counts = {"answered": 0, "refused": 0, "silent": 0, "sent": 0}
+    limit = trio.Semaphore(concurrency)
+    deadline = trio.current_time() + seconds
+
+    async def one(i: int) -> None:
+        async with limit:
+            if trio.current_time() > deadline:
+                return
+            counts["sent"] += 1
+            try:
+                stream = await trio.open_tcp_stream(
+                    host, port, local_address=sources[i % len(sources)]
+                )
+            except OSError:
+                counts["refused"] += 1
+                return
+            async with stream:
+                try:
+                    await stream.send_all(ws_hello_bytes(addr, clan_id))
+                    with trio.move_on_after(2):
+                        got = await stream.receive_some(4096)
+                        counts["answered" if got else "refused"] += 1
+                        return
+                    counts["silent"] += 1
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    counts["refused"] += 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(total):
+            nursery.start_soon(one, i)
+            if i % concurrency == concurrency - 1:
+                await trio.sleep(0)
+    return counts
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m tests.hostile.attacker flood ADDR CLAN_HEX TOTAL CONCURRENCY SECONDS SOURCE...`:
+    the flood from its own process, so that the test's own timings are not
+    the attacker's scheduling delays.  Prints the counts as JSON."""
+    import json
+    import time
+
+    if argv[:1] != ["flood"]:
+        raise SystemExit("usage: flood ADDR CLAN_HEX TOTAL CONCURRENCY SECONDS SOURCE...")
+    addr, clan_hex, total, conc, seconds, *sources = argv[1:]
+    t0 = time.monotonic()
+    counts = trio.run(
+        hello_flood, addr, bytes.fromhex(clan_hex), int(total), int(conc), sources, float(seconds)
+    )
+    print(json.dumps({**counts, "seconds": round(time.monotonic() - t0, 2)}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

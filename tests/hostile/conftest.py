@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +165,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def found_clan(work: Path) -> Clan:
+def found_clan(work: Path, control: str = "") -> Clan:
+    """`control`: extra lines for each agent's [control] section (read_group, say)."""
     work.chmod(0o755)
     clan = Clan(work=work, admin_key=work / "admin.key")
     for m in MACHINES:
@@ -173,7 +176,7 @@ def found_clan(work: Path) -> Clan:
         (home / "agent.toml").write_text(
             f'state_dir = "{home / "state"}"\n'
             f'runtime_dir = "{home / "run"}"\n'
-            f'[control]\nsocket = "{clan.socks[m]}"\n'
+            f'[control]\nsocket = "{clan.socks[m]}"\n{control}'
             # a fixed port, so that an agent started again is found where it was
             f'[gossip]\nlisten = "127.0.0.1:{_free_port()}"\nprofile = "local"\nname = "{m}"\n'
             "[mesh]\nwireguard = false\nmdns = false\n"
@@ -217,12 +220,28 @@ def found_clan(work: Path) -> Clan:
 
 
 @pytest.fixture(scope="module")
-def _clans(tmp_path_factory):
-    held: list[Clan] = [found_clan(tmp_path_factory.mktemp("hostile"))]
+def _clans(request, tmp_path_factory):
+    # A test module may set up its clan: `clan_setup()` returns extra lines
+    # for the agents' [control] section (read_group, say) and whether the
+    # clan must live where every local user can reach its sockets (pytest's
+    # own tmp directories are 0700).
+    setup = getattr(request.module, "clan_setup", None)
+    control, shared = setup() if setup is not None else ("", False)
+    made: list[Path] = []
+
+    def workdir() -> Path:
+        if not shared:
+            return tmp_path_factory.mktemp("hostile")
+        made.append(Path(tempfile.mkdtemp(prefix="clanhostile-")))
+        return made[-1]
+
+    held: list[Clan] = [found_clan(workdir(), control)]
     try:
-        yield held, tmp_path_factory
+        yield held, workdir, control
     finally:
         held[-1].stop()
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -230,8 +249,8 @@ def clan(_clans):
     """The module's clan; founded anew when an earlier test left an agent
     stopped (that test has failed already; the next attack deserves a
     healthy target)."""
-    held, factory = _clans
+    held, workdir, control = _clans
     if any(p.poll() is not None for p in held[-1].procs.values()):
         held[-1].stop()
-        held.append(found_clan(factory.mktemp("hostile")))
+        held.append(found_clan(workdir(), control))
     return held[-1]
