@@ -305,3 +305,25 @@ async def test_counters_merge_the_service_listener_and_node(tmp_path):
                 assert c[key] == 0, key
             assert all(isinstance(v, int) for v in c.values())
             n.cancel_scope.cancel()
+
+
+async def test_misbehaviour_warnings_are_one_per_peer_a_minute(caplog, autojump_clock):
+    """A datagram of thousands of bad records must not write thousands of
+    journal lines: one warning per peer a minute, saying how many were held."""
+    import logging
+
+    from clanagent.gossip.node import PeerMisbehaved
+    from clanagent.gossip.service import GossipService
+
+    svc = GossipService.__new__(GossipService)  # _log_misbehaved needs only its table
+    svc._misbehaved_log = {}
+    caplog.set_level(logging.WARNING, logger="clanagent.gossip")
+    for _ in range(500):
+        svc._log_misbehaved(PeerMisbehaved("mallory", "127.0.0.1:1", "refused record", -5))
+    svc._log_misbehaved(PeerMisbehaved("other", "127.0.0.1:2", "malformed", -5))
+    warned = [r for r in caplog.records if r.getMessage() == "peer misbehaved"]
+    assert len(warned) == 2
+    await trio.sleep(61)
+    svc._log_misbehaved(PeerMisbehaved("mallory", "127.0.0.1:1", "refused record", -5))
+    warned = [r for r in caplog.records if r.getMessage() == "peer misbehaved"]
+    assert len(warned) == 3 and warned[-1].kv["held_back"] == 499

@@ -54,6 +54,8 @@ ONION_DIAL_TIMEOUT = 120.0  # a Tor circuit to an onion service, then the handsh
 # DNS, a refused or silent port, a refused handshake): counted, not a fault.
 _DIAL_FAILURES = (GossipError, ConfigError, OSError)
 JOIN_RETRY = 2.0
+MISBEHAVED_LOG_INTERVAL = 60.0  # seconds between "peer misbehaved" warnings per peer
+MAX_MISBEHAVED_LOG = 1024  # peers remembered for that (the oldest is forgotten)
 
 
 def profile_config(name: str) -> GossipConfig:
@@ -132,6 +134,8 @@ class GossipService:
         self.limits = AdmissionLimits(max_sessions=MAX_SESSIONS)
         self._sessions = SessionTable(self.limits)  # every live session, incoming and dialed
         self._faults = FaultLog()
+        # peer -> (when we last warned, offences held back since)
+        self._misbehaved_log: dict[str, tuple[float | None, int]] = {}
         self._counts = {"dials_refused": 0}
 
     # -- policy ----------------------------------------------------------------
@@ -357,15 +361,29 @@ class GossipService:
                     version=rec.version,
                 )
             elif isinstance(action, PeerMisbehaved):
-                log.warning(
-                    "peer misbehaved",
-                    extra=kv(
-                        peer=action.node_id or action.addr, reason=action.reason, score=action.score
-                    ),
-                )
+                self._log_misbehaved(action)
                 if action.score <= SCORE_FLOOR and action.node_id in self._links:
                     self._drop_link(action.node_id)
         self._wakeup.set()
+
+    def _log_misbehaved(self, action: PeerMisbehaved) -> None:
+        """One warning per peer a minute at most (with how many were held
+        back): a member's datagram may carry thousands of bad records, and
+        the journal must not be the thing it floods. Every offence is still
+        counted by the node."""
+        peer = action.node_id or action.addr
+        now = trio.current_time()
+        last, held = self._misbehaved_log.get(peer, (None, 0))
+        if last is not None and now - last < MISBEHAVED_LOG_INTERVAL:
+            self._misbehaved_log[peer] = (last, held + 1)
+            return
+        if len(self._misbehaved_log) >= MAX_MISBEHAVED_LOG and peer not in self._misbehaved_log:
+            self._misbehaved_log.pop(next(iter(self._misbehaved_log)))
+        self._misbehaved_log[peer] = (now, 0)
+        log.warning(
+            "peer misbehaved",
+            extra=kv(peer=peer, reason=action.reason, score=action.score, held_back=held),
+        )
 
     def _member_changed(self, ev: MemberChanged) -> None:
         assert self.node is not None
