@@ -285,6 +285,16 @@ def _export_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
     m = inv.machine_by_node_key(rec.origin)
     if m is not None and m.name != body.machine:
         raise Refusal(rec.kind, f"signed by {m.name}, not by the machine it names")
+    if m is not None:
+        from .inventory.select import roles_of
+
+        if (body.service, body.role) not in roles_of(inv.doc, m.name):
+            # our inventory may be older than the one that gave it the role
+            raise Refusal(
+                rec.kind,
+                f"{m.name} does not hold {body.service}.{body.role}",
+                transient=True,
+            )
 
 
 # -- secrets

@@ -538,3 +538,23 @@ def test_refusal_shapes():
     t = Refusal("no inventory yet", transient=True)
     assert (t.kind, t.reason, t.transient) == ("", "no inventory yet", True)
     assert isinstance(t, ValueError)
+
+
+async def test_an_export_for_a_role_its_machine_does_not_hold_is_not_taken(tmp_path):
+    """m3 is a backup client: an export in its own name for backup.server is
+    deferred (not stored, not scored: our inventory may be older than the one
+    that gave it the role), while m2's, a server, is taken."""
+    from clanagent.services.wiring import EXPORT_KIND, export_body
+
+    agents, _made = await produce_every_kind(tmp_path)
+    judge = agents[1]
+    for i, ok in ((2, True), (3, False)):
+        ident = agents[i].identity
+        body = export_body("backup", "server", f"m{i}", {})
+        rec = SignedRecord.create(ident, EXPORT_KIND, "backup.server", 7, body)
+        if ok:
+            judge.validate_record(rec)
+        else:
+            with pytest.raises(Refusal) as exc:
+                judge.validate_record(rec)
+            assert exc.value.transient and "does not hold backup.server" in str(exc.value)
