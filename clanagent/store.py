@@ -5,7 +5,14 @@ Owns: the latest accepted version of every record, keyed by
 disk, one file per key holding the record's own signed encoding.  A write is
 acknowledged (``put`` returns True) only once it would survive ``kill -9``
 and, as far as the OS promises, a power cut: temp file, fsync, rename, fsync
-of the directory.  Opening a directory cleans what a crash left behind and
+of the directory.  Writes are group-committed: durable records offered by
+concurrent callers within a short window (``group_window``, or until
+``group_max`` records are waiting) are written together and share one
+directory fsync, and every caller of the group returns only after it.
+Records whose kind is *soft* (the ``durable(kind)`` predicate says False) are
+held in memory only: never written, never fsynced, gone after a restart
+(anti-entropy brings them back); quotas count them all the same.  Every fsync
+is counted in ``stats["fsyncs"]``.  Opening a directory cleans what a crash left behind and
 quarantines anything unreadable into ``corrupt/``.  It bounds what it holds
 (`RecordLimits`: records and bytes per origin and in total, accounted by delta
 when a newer version replaces a key) and never holds a record at or over
@@ -18,10 +25,12 @@ block readers while a writer waits on fsync.  It does not check signatures on
 signatures *are* checked on load, where they double as an integrity check.
 
 Threading: the trio agent runs writes in ``trio.to_thread.run_sync``, so every
-method is thread-safe.  One lock serialises writers (their file I/O happens in
-order, so the file on disk always matches the version in memory); a second,
-short-held lock guards the in-memory maps, so a ``get`` from the event loop
-never waits for a disk.
+method is thread-safe.  Durable writers queue up; the first one waiting leads
+the next group (waits out the window, then writes everyone's records) while
+the others sleep until their group is done.  One lock serialises the groups'
+file I/O (so the file on disk always matches the version in memory); a second,
+short-held lock guards the in-memory maps, so a ``get`` from the event loop --
+or a put of soft records only -- never waits for a disk.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from clanagent.gossip.config import RecordLimits
@@ -57,6 +66,28 @@ _CORRUPT_DIR = "corrupt"
 _NAME_DOMAIN = "clanagent.store.v1"
 
 Triple = tuple[bytes, str, str]
+
+# Group commit: how long the first durable write waits for others to join its
+# fsync, and how many records end the wait early.
+GROUP_WINDOW = 0.02
+GROUP_MAX = 256
+
+
+def _all_durable(kind: str) -> bool:
+    return True
+
+
+class _Ticket:
+    """One caller's durable records waiting for a group commit."""
+
+    __slots__ = ("recs", "since", "results", "error", "done")
+
+    def __init__(self, recs: list[SignedRecord]) -> None:
+        self.recs = recs
+        self.since = time.monotonic()
+        self.results: list[bool] = []
+        self.error: BaseException | None = None
+        self.done = False
 
 
 class StoreError(Exception):
@@ -91,6 +122,12 @@ class Store:
     Use `Store.open`.  In memory (``path=None``) a record costs one dict entry
     in its origin's map and nothing else, so a 1000-node simulation can hold a
     store per node.
+
+    `durable` says which kinds are persisted (default: all); the others are
+    soft.  `group_window` (seconds) and `group_max` (records) bound how long
+    and for how many records a group commit gathers writes; a window of 0
+    still groups the writes that queued up while the previous group was on
+    disk.
     """
 
     def __init__(
@@ -98,8 +135,21 @@ class Store:
         path: Path | None = None,
         limits: Limits = DEFAULT_LIMITS,
         quota: RecordLimits | None = None,
+        *,
+        durable: Callable[[str], bool] | None = None,
+        group_window: float = GROUP_WINDOW,
+        group_max: int = GROUP_MAX,
     ) -> None:
         self._dir = path
+        self._durable = durable if durable is not None else _all_durable
+        self._group_window = max(0.0, group_window)
+        self._group_max = max(1, group_max)
+        # Group commit: tickets waiting, and whether a writer is leading a group.
+        self._gc = threading.Condition(threading.Lock())
+        self._queue: list[_Ticket] = []
+        self._queued = 0  # records in _queue
+        self._leading = False
+        self._last_commit = -1e9  # monotonic end of the last group commit
         self._limits = limits
         self._quota = quota if quota is not None else RecordLimits()
         # Usage by origin ([records, bytes]) and in total, kept with the maps.
@@ -125,6 +175,10 @@ class Store:
             "over_quota": 0,  # quarantined at load: beyond the quota
             "refused_over_version": 0,
             "refused_quota": 0,
+            "fsyncs": 0,  # file and directory fsyncs, load and cleanup included
+            "commits": 0,  # group commits that wrote at least one file
+            "soft": 0,  # soft records accepted (held in memory only)
+            "soft_removed": 0,  # files of soft kinds (from older runs) deleted at load
         }
 
     # ------------------------------------------------------------------ opening
@@ -135,16 +189,22 @@ class Store:
         path: Path | str | None,
         limits: Limits = DEFAULT_LIMITS,
         quota: RecordLimits | None = None,
+        *,
+        durable: Callable[[str], bool] | None = None,
+        group_window: float = GROUP_WINDOW,
+        group_max: int = GROUP_MAX,
     ) -> Store:
         """Open (creating, mode 0700) the store under `path`, or an in-memory one
         for ``None``.  Raises `StoreError` if the directory cannot be used.
 
         Records at or over `MAX_RECORD_VERSION`, and records beyond `quota`
         (lowest versions are kept, as a running store would have), are moved
-        aside into ``corrupt/`` and logged; they never stop the open."""
+        aside into ``corrupt/`` and logged; they never stop the open.  Files of
+        soft kinds (written before their kind became soft) are deleted."""
+        opts = {"durable": durable, "group_window": group_window, "group_max": group_max}
         if path is None:
-            return cls(None, limits, quota)
-        store = cls(Path(path), limits, quota)
+            return cls(None, limits, quota, **opts)
+        store = cls(Path(path), limits, quota, **opts)
         try:
             store._prepare_dir()
             store._load()
@@ -164,7 +224,7 @@ class Store:
             d.parent.mkdir(parents=True, exist_ok=True)
             d.mkdir(mode=0o700)
             # The new directory entry itself must survive a crash too.
-            _fsync_dir(d.parent)
+            self._fsync_dir(d.parent)
         st = d.stat()
         if not stat.S_ISDIR(st.st_mode):
             raise StoreError(f"{d} is not a directory")
@@ -207,6 +267,12 @@ class Store:
                 self._quarantine(entry.name, f"version {rec.version} is at or over 2**53")
                 quarantined = True
                 continue
+            if not self._durable(rec.kind):
+                # Written before its kind became soft: soft state is not kept
+                # across restarts, and a file would never be updated again.
+                os.unlink(entry.path)
+                self.stats["soft_removed"] += 1
+                continue
             if triple in sources:
                 # Unreachable while names are derived from content; kept so that a
                 # future layout change can never load an older version over a newer.
@@ -222,8 +288,8 @@ class Store:
             sources[triple] = entry.name
             self._set_nolock(triple, rec)
             self.stats["loaded"] += 1
-        if quarantined or self.stats["temp_removed"]:
-            _fsync_dir(self._dir)
+        if quarantined or self.stats["temp_removed"] or self.stats["soft_removed"]:
+            self._fsync_dir(self._dir)
 
     def _read_record(self, path: Path) -> tuple[SignedRecord | None, str]:
         try:
@@ -274,8 +340,8 @@ class Store:
             total[0] += 1
             total[1] += rec.size
         if (self._dir / _CORRUPT_DIR).exists():
-            _fsync_dir(self._dir / _CORRUPT_DIR)
-        _fsync_dir(self._dir)
+            self._fsync_dir(self._dir / _CORRUPT_DIR)
+        self._fsync_dir(self._dir)
         log.error("store: %d records beyond the quota moved to %s", dropped, _CORRUPT_DIR)
 
     def _quarantine(self, name: str, why: str, *, quiet: bool = False) -> None:
@@ -290,7 +356,7 @@ class Store:
             dest = corrupt / f"{name}.{time.time_ns()}"
             os.replace(self._dir / name, dest)
             if not quiet:  # quiet callers fsync once for the whole batch
-                _fsync_dir(corrupt)
+                self._fsync_dir(corrupt)
         except OSError as exc:
             log.error("store file %s is corrupt (%s) and could not be moved: %s", name, why, exc)
             return
@@ -417,71 +483,182 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
+    def is_durable(self, kind: str) -> bool:
+        """Whether a put of this kind waits for a disk (False in memory)."""
+        return self._dir is not None and self._durable(kind)
+
+    def counters(self) -> dict[str, int]:
+        """The store's counters (a copy of `stats`) with what it holds."""
+        with self._lock:
+            out = dict(self.stats)
+            out["records"] = self._count
+            out["bytes"] = self._bytes
+        return out
+
+    def _fsync(self, fd: int) -> None:
+        os.fsync(fd)
+        with self._lock:
+            self.stats["fsyncs"] += 1
+
+    def _fsync_dir(self, path: Path) -> None:
+        _fsync_dir(path)
+        with self._lock:
+            self.stats["fsyncs"] += 1
+
     def put(self, rec: SignedRecord) -> bool:
         """Store `rec` if it is newer than what is held for its triple.
 
-        Returns True once it is durable, False (and writes nothing) for an older
-        or equal version.  Raises `StoreError` if the write failed: normally the
-        store then still holds the previous version; only if the failure was the
-        final directory fsync does it hold the new one (as the disk probably does),
-        and the caller must not treat it as acknowledged."""
+        Returns True once it is durable (at once for a soft kind or an
+        in-memory store), False (and writes nothing) for an older or equal
+        version or one over the quota.  Raises `StoreError` if the write failed:
+        normally the store then still holds the previous version; only if the
+        failure was the final directory fsync does it hold the new one (as the
+        disk probably does), and the caller must not treat it as acknowledged."""
         return self.put_many([rec])[0]
 
     def put_many(self, recs: Iterable[SignedRecord]) -> list[bool]:
-        """`put` for a batch, with one directory fsync for all of it.
+        """`put` for a batch: its durable records join one group commit.
 
-        Within the batch, only the highest version of a triple can win; the
-        others get False, as they would one by one.  On `StoreError`, records
-        whose file was already renamed into place are kept (in memory, as on
-        disk); the rest of the batch is not applied."""
+        Within the batch (and within the group it joins), only the highest
+        version of a triple can win; the others get False, as they would one
+        by one.  On `StoreError`, records whose file was already renamed into
+        place are kept (in memory, as on disk); the rest of the group is not
+        applied, and every caller in the group gets the error.  Soft records
+        never wait for the group: they are applied before this joins it."""
         recs = list(recs)
+        results = [False] * len(recs)
+        hard: list[int] = []
+        soft: list[int] = []
+        for i, rec in enumerate(recs):
+            (hard if self.is_durable(rec.kind) else soft).append(i)
+        if soft:
+            got = self._apply_in_memory([recs[i] for i in soft], count_soft=self._dir is not None)
+            for i, ok in zip(soft, got, strict=True):
+                results[i] = ok
+        if hard:
+            got = self._group_commit([recs[i] for i in hard])
+            for i, ok in zip(hard, got, strict=True):
+                results[i] = ok
+        return results
+
+    def _select_nolock(self, recs: list[SignedRecord]) -> tuple[list[bool], dict[Triple, int]]:
+        """Which of `recs` would be stored (by version and quota): the winners
+        by triple (index into recs).  Counts the refusals."""
+        results = [False] * len(recs)
+        winners: dict[Triple, int] = {}
+        for i, rec in enumerate(recs):
+            if rec.version >= MAX_RECORD_VERSION:
+                self.stats["refused_over_version"] += 1
+                continue
+            triple = (rec.origin, rec.kind, rec.key)
+            best = winners.get(triple)
+            held = recs[best] if best is not None else self._get_nolock(triple)
+            if held is not None and rec.version <= held.version:
+                self.stats["refused_older"] += 1
+                continue
+            if best is not None:
+                self.stats["refused_older"] += 1  # superseded within the batch
+            winners[triple] = i
+        # Quotas, with the usage of this batch's earlier winners.
+        pending: dict[bytes, list[int]] = {}
+        for triple, i in list(winners.items()):
+            rec = recs[i]
+            if self._over_quota_nolock(rec, pending) is not None:
+                self.stats["refused_quota"] += 1
+                del winners[triple]
+                continue
+            old = self._get_nolock(triple)
+            dc = 0 if old is not None else 1
+            db = rec.size - (old.size if old is not None else 0)
+            for k in (rec.origin, b""):
+                p = pending.setdefault(k, [0, 0])
+                p[0] += dc
+                p[1] += db
+        return results, winners
+
+    def _apply_in_memory(self, recs: list[SignedRecord], *, count_soft: bool) -> list[bool]:
+        with self._lock:
+            results, winners = self._select_nolock(recs)
+            for triple, i in winners.items():
+                self._set_nolock(triple, recs[i])
+                results[i] = True
+            self.stats["soft" if count_soft else "written"] += len(winners)
+        return results
+
+    def _group_commit(self, recs: list[SignedRecord]) -> list[bool]:
+        """Queue `recs`, and return once the group that wrote them is durable.
+
+        The first caller to find no group leading becomes the leader: it waits
+        until the oldest queued ticket is `group_window` old (or `group_max`
+        records queue up), takes the whole queue, writes it, and wakes everyone.
+        Callers arriving meanwhile queue for the next group.  A write that
+        finds the store idle (no commit within the last window) does not wait:
+        at a trickle the window would only add latency."""
+        if self._dir is None:
+            return self._apply_in_memory(recs, count_soft=False)
+        ticket = _Ticket(recs)
+        group: list[_Ticket] = []
+        with self._gc:
+            self._queue.append(ticket)
+            self._queued += len(recs)
+            self._gc.notify_all()  # a leader waiting for group_max may go now
+            while self._leading and not ticket.done:
+                self._gc.wait()
+            if not ticket.done:
+                self._leading = True
+                deadline = self._queue[0].since + self._group_window
+                if self._queue[0].since - self._last_commit > self._group_window:
+                    # A lone write (none in the last window) goes at once: the
+                    # window only pays off while writes keep coming.
+                    deadline = 0.0
+                while self._queued < self._group_max:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._gc.wait(left)
+                group, self._queue, self._queued = self._queue, [], 0
+        if not ticket.done:
+            self._lead(group)
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.results
+
+    def _lead(self, group: list[_Ticket]) -> None:
+        """Write a group's records (one directory fsync) and wake its callers."""
+        flat = [rec for t in group for rec in t.recs]
+        error: BaseException | None = None
+        results: list[bool] = []
+        try:
+            results = self._write_batch(flat)
+        except BaseException as exc:  # every caller must learn of it, not only the leader
+            error = exc
+        with self._gc:
+            pos = 0
+            for t in group:
+                if error is not None:
+                    t.error = error
+                else:
+                    t.results = results[pos : pos + len(t.recs)]
+                pos += len(t.recs)
+                t.done = True
+            self._leading = False
+            self._last_commit = time.monotonic()
+            self._gc.notify_all()
+
+    def _write_batch(self, recs: list[SignedRecord]) -> list[bool]:
+        """Write the winners of `recs`, then fsync the directory once."""
+        assert self._dir is not None
         with self._write_lock:
-            results = [False] * len(recs)
-            winners: dict[Triple, int] = {}  # triple -> index in recs
             with self._lock:
-                for i, rec in enumerate(recs):
-                    if rec.version >= MAX_RECORD_VERSION:
-                        self.stats["refused_over_version"] += 1
-                        continue
-                    triple = (rec.origin, rec.kind, rec.key)
-                    best = winners.get(triple)
-                    held = recs[best] if best is not None else self._get_nolock(triple)
-                    if held is not None and rec.version <= held.version:
-                        self.stats["refused_older"] += 1
-                        continue
-                    if best is not None:
-                        self.stats["refused_older"] += 1  # superseded within the batch
-                    winners[triple] = i
-                # Quotas, with the usage of this batch's earlier winners.
-                pending: dict[bytes, list[int]] = {}
-                for triple, i in list(winners.items()):
-                    rec = recs[i]
-                    if self._over_quota_nolock(rec, pending) is not None:
-                        self.stats["refused_quota"] += 1
-                        del winners[triple]
-                        continue
-                    old = self._get_nolock(triple)
-                    dc = 0 if old is not None else 1
-                    db = rec.size - (old.size if old is not None else 0)
-                    for k in (rec.origin, b""):
-                        p = pending.setdefault(k, [0, 0])
-                        p[0] += dc
-                        p[1] += db
+                results, winners = self._select_nolock(recs)
             if not winners:
-                return results
-            if self._dir is None:
-                with self._lock:
-                    for triple, i in winners.items():
-                        self._set_nolock(triple, recs[i])
-                        results[i] = True
-                    self.stats["written"] += len(winners)
                 return results
             done: list[tuple[Triple, int]] = []
             try:
                 for triple, i in winners.items():
                     self._write_file(file_name(*triple), recs[i].encode())
                     done.append((triple, i))
-                _fsync_dir(self._dir)
+                self._fsync_dir(self._dir)
             except OSError as exc:
                 raise StoreError(f"write to {self._dir} failed: {exc}") from exc
             finally:
@@ -492,6 +669,7 @@ class Store:
                         self._set_nolock(triple, recs[i])
                         results[i] = True
                     self.stats["written"] += len(done)
+                    self.stats["commits"] += 1
             return results
 
     def _write_file(self, name: str, data: bytes) -> None:
@@ -504,7 +682,7 @@ class Store:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                self._fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
@@ -521,19 +699,26 @@ class Store:
         This is local housekeeping, not a tombstone: gossip may deliver the
         same or an older version again and it will be accepted."""
         triple = (origin, kind, key)
+        if not self.is_durable(kind):
+            with self._lock:
+                if self._get_nolock(triple) is None:
+                    return False
+                self._del_nolock(triple)
+                self.stats["deleted"] += 1
+            return True
+        assert self._dir is not None
         with self._write_lock:
             with self._lock:
                 if self._get_nolock(triple) is None:
                     return False
-            if self._dir is not None:
+            try:
                 try:
-                    try:
-                        os.unlink(self._dir / file_name(*triple))
-                    except FileNotFoundError:
-                        pass
-                    _fsync_dir(self._dir)
-                except OSError as exc:
-                    raise StoreError(f"delete in {self._dir} failed: {exc}") from exc
+                    os.unlink(self._dir / file_name(*triple))
+                except FileNotFoundError:
+                    pass
+                self._fsync_dir(self._dir)
+            except OSError as exc:
+                raise StoreError(f"delete in {self._dir} failed: {exc}") from exc
             with self._lock:
                 self._del_nolock(triple)
                 self.stats["deleted"] += 1
