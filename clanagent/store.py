@@ -150,6 +150,7 @@ class Store:
         self._queued = 0  # records in _queue
         self._leading = False
         self._last_commit = -1e9  # monotonic end of the last group commit
+        self._last_tickets = 0  # callers in the last group
         self._limits = limits
         self._quota = quota if quota is not None else RecordLimits()
         # Usage by origin ([records, bytes]) and in total, kept with the maps.
@@ -591,9 +592,10 @@ class Store:
         The first caller to find no group leading becomes the leader: it waits
         until the oldest queued ticket is `group_window` old (or `group_max`
         records queue up), takes the whole queue, writes it, and wakes everyone.
-        Callers arriving meanwhile queue for the next group.  A write that
-        finds the store idle (no commit within the last window) does not wait:
-        at a trickle the window would only add latency."""
+        Callers arriving meanwhile queue for the next group.  The window is
+        waited only while writers are concurrent (the last group had several
+        callers and ended within the window): a lone writer, or a trickle,
+        would only pay latency for it."""
         if self._dir is None:
             return self._apply_in_memory(recs, count_soft=False)
         ticket = _Ticket(recs)
@@ -607,9 +609,13 @@ class Store:
             if not ticket.done:
                 self._leading = True
                 deadline = self._queue[0].since + self._group_window
-                if self._queue[0].since - self._last_commit > self._group_window:
-                    # A lone write (none in the last window) goes at once: the
-                    # window only pays off while writes keep coming.
+                if (
+                    self._last_tickets < 2
+                    or self._queue[0].since - self._last_commit > self._group_window
+                ):
+                    # No concurrent writers lately (one caller writing in a
+                    # loop, or a write after a pause): go at once, the window
+                    # would only add latency.
                     deadline = 0.0
                 while self._queued < self._group_max:
                     left = deadline - time.monotonic()
@@ -643,6 +649,7 @@ class Store:
                 t.done = True
             self._leading = False
             self._last_commit = time.monotonic()
+            self._last_tickets = len(group)
             self._gc.notify_all()
 
     def _write_batch(self, recs: list[SignedRecord]) -> list[bool]:
