@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,12 +128,21 @@ def test_sigkill_never_loses_an_acknowledged_write(tmp_path: Path, threads: int)
             got = s.get(*t)
             assert got is not None, f"round {rnd}: acknowledged {t} v{version} is gone"
             assert got.version >= version, f"round {rnd}: {t} went back to v{got.version}"
-        # Every file left on disk is a complete, verifying record under its own name.
-        names = sorted(p.name for p in store_dir.iterdir())
-        assert names == sorted(file_name(r.origin, r.kind, r.key) for r in s.records())
+        # Nothing but the database on disk, SQLite finds it sound, and every
+        # row is a complete, verifying record under its own name.
+        names = {p.name for p in store_dir.iterdir()}
+        assert names <= {"records.db", "records.db-wal", "records.db-shm"}, names
+        db = sqlite3.connect(store_dir / "records.db")
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            rows = dict(db.execute("SELECT name, data FROM records").fetchall())
+        finally:
+            db.close()
+        assert sorted(rows) == sorted(file_name(r.origin, r.kind, r.key) for r in s.records())
         for r in s.records():
-            data = (store_dir / file_name(r.origin, r.kind, r.key)).read_bytes()
+            data = rows[file_name(r.origin, r.kind, r.key)]
             assert SignedRecord.decode(data, verify=True).encode() == data == r.encode()
+        s.close()
 
     elapsed = time.monotonic() - started
     print(

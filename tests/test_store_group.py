@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import random
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-import clanagent.store as store_mod
 from clanagent.gossip.config import GossipConfig, RecordLimits
 from clanagent.gossip.node import GossipNode, Persist, RecordAccepted
 from clanagent.identity import Identity
@@ -31,8 +29,12 @@ def rec(ident: Identity, kind: str, key: str, version: int, pad: int = 0) -> Sig
     return SignedRecord.create(ident, kind, key, version, {"v": version, "pad": b"x" * pad})
 
 
-def files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.is_file())
+def rows(d: Path) -> dict[str, bytes]:
+    db = sqlite3.connect(d / "records.db")
+    try:
+        return dict(db.execute("SELECT name, data FROM records").fetchall())
+    finally:
+        db.close()
 
 
 def run_threads(fn, args_list, timeout: float = 20.0) -> list[object]:
@@ -63,29 +65,28 @@ def test_fsyncs_are_counted(tmp_path: Path) -> None:
     s = Store.open(tmp_path / "s")
     base = s.stats["fsyncs"]
     assert s.put(rec(ALICE, "k", "a", 1))
-    assert s.stats["fsyncs"] - base == 2  # the file and the directory
+    assert s.stats["fsyncs"] - base == 1  # the WAL, at the commit
     assert s.counters()["fsyncs"] == s.stats["fsyncs"]
     assert s.counters()["records"] == 1
     assert s.delete(ALICE.public_key, "k", "a")
-    assert s.stats["fsyncs"] - base == 3
+    assert s.stats["fsyncs"] - base == 2
     mem = Store.open(None)
     assert mem.put(rec(ALICE, "k", "a", 1)) and mem.stats["fsyncs"] == 0
 
 
-def test_concurrent_writes_share_one_directory_fsync_and_ack_after_it(
+def test_concurrent_writes_share_one_commit_and_ack_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = tmp_path / "s"
     s = Store.open(d, group_window=0.2)
-    synced: list[set[str]] = []  # the files present at each directory fsync
-    real = store_mod._fsync_dir
+    synced: list[set[str]] = []  # the names in each committed transaction
+    real = s._commit
 
-    def spy(path: Path) -> None:
-        real(path)
-        if path == d:
-            synced.append(set(files(d)))
+    def spy(upserts: list[tuple[str, bytes]], deletes: list[str]) -> None:
+        real(upserts, deletes)
+        synced.append({name for name, _ in upserts})
 
-    monkeypatch.setattr(store_mod, "_fsync_dir", spy)
+    monkeypatch.setattr(s, "_commit", spy)
     # Make the store "busy" so that the window applies (a lone write goes at once).
     assert s.put(rec(BOB, "k", "warm", 1))
     recs = [rec(ALICE, "k", f"key{i}", 1, pad=200 * i) for i in range(16)]
@@ -93,17 +94,17 @@ def test_concurrent_writes_share_one_directory_fsync_and_ack_after_it(
 
     def put(r: SignedRecord) -> bool:
         ok = s.put(r)
-        acked_after[r.key] = len(synced)  # directory fsyncs done when put returned
+        acked_after[r.key] = len(synced)  # commits done when put returned
         return ok
 
     before = s.stats["commits"]
     assert run_threads(put, [(r,) for r in recs]) == [True] * 16
     commits = s.stats["commits"] - before
-    assert commits <= 3, commits  # 16 writers, not 16 directory fsyncs
+    assert commits <= 3, commits  # 16 writers, not 16 transactions
     assert len(synced) - 1 == commits
     for r in recs:
         name = file_name(r.origin, r.kind, r.key)
-        # Some directory fsync that happened before put() returned saw the file.
+        # A commit that completed before put() returned held the record.
         assert any(name in seen for seen in synced[: acked_after[r.key]]), r.key
     s2 = Store.open(d)
     assert sorted(r.encode() for r in s2.records()) == sorted(
@@ -141,19 +142,18 @@ def test_versions_race_within_a_group(tmp_path: Path) -> None:
     assert Store.open(tmp_path / "s").get(ALICE.public_key, "k", "same").version == 5
 
 
-def test_a_failed_group_fails_every_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_group_fails_every_caller(tmp_path: Path) -> None:
     d = tmp_path / "s"
     s = Store.open(d, group_window=0.2)
-    assert s.put(rec(BOB, "k", "warm", 1))
-
-    def enospc(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", enospc)
+    warm = rec(BOB, "k", "warm", 1)
+    assert s.put(warm)
+    assert s._db is not None
+    s._db.execute("PRAGMA query_only=1")  # refuses writes, as a failing disk does
     got = run_threads(s.put, [(rec(ALICE, "k", f"k{i}", 1),) for i in range(6)])
     assert all(isinstance(g, StoreError) for g in got), got
-    monkeypatch.undo()
-    assert files(d) == [file_name(BOB.public_key, "k", "warm")]
+    assert rows(d) == {file_name(BOB.public_key, "k", "warm"): warm.encode()}
+    assert len(s) == 1
+    s._db.execute("PRAGMA query_only=0")
     assert s.put(rec(ALICE, "k", "k0", 1))  # the store still works afterwards
 
 
@@ -167,11 +167,11 @@ def test_soft_records_are_never_written(tmp_path: Path) -> None:
     topo = rec(ALICE, "topology", "links", 1)
     assert s.put(topo)
     assert s.get(ALICE.public_key, "topology", "links") == topo
-    assert files(d) == [] and s.stats["fsyncs"] == base and s.stats["soft"] == 1
+    assert rows(d) == {} and s.stats["fsyncs"] == base and s.stats["soft"] == 1
     assert not s.is_durable("topology") and s.is_durable("inventory")
     mixed = [rec(ALICE, "topology", "links", 2), rec(ALICE, "inventory", "head", 1)]
     assert s.put_many(mixed) == [True, True]
-    assert files(d) == [file_name(ALICE.public_key, "inventory", "head")]
+    assert list(rows(d)) == [file_name(ALICE.public_key, "inventory", "head")]
     assert s.max_version(ALICE.public_key) == 2
     # Gone after a restart; the durable one is still there.
     s2 = Store.open(d, durable=soft_kinds)
@@ -210,7 +210,7 @@ def test_soft_put_never_waits_for_the_disk(tmp_path: Path) -> None:
     t.join()
 
 
-def test_files_of_kinds_now_soft_are_removed_at_open(tmp_path: Path) -> None:
+def test_records_of_kinds_now_soft_are_removed_at_open(tmp_path: Path) -> None:
     d = tmp_path / "s"
     old = Store.open(d)  # everything durable, as before the split
     assert old.put(rec(ALICE, "topology", "links", 7))
@@ -218,7 +218,7 @@ def test_files_of_kinds_now_soft_are_removed_at_open(tmp_path: Path) -> None:
     s = Store.open(d, durable=soft_kinds)
     assert s.stats["soft_removed"] == 1 and s.stats["corrupt"] == 0
     assert s.get(ALICE.public_key, "topology", "links") is None
-    assert files(d) == [file_name(ALICE.public_key, "inventory", "head")]
+    assert list(rows(d)) == [file_name(ALICE.public_key, "inventory", "head")]
 
 
 def test_gossip_node_takes_soft_records_without_a_persist_round_trip(tmp_path: Path) -> None:
