@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clanagent.gossip.config import GossipConfig, RecordLimits
 from clanagent.gossip.node import GossipNode, Persist, RecordAccepted
@@ -242,3 +244,50 @@ def test_gossip_node_takes_soft_records_without_a_persist_round_trip(tmp_path: P
     results = store.put_many(persists[0].records)
     out = node.persisted(1.0, persists[0].records, results)
     assert any(isinstance(a, RecordAccepted) for a in out)
+
+
+# ------------------------------------------------------------------ damaged rows
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)),
+        st.integers(min_value=0),
+        st.text(max_size=20),
+    )
+)
+def test_any_row_content_loads_or_is_quarantined(tmp_path: Path, data: object) -> None:
+    """Whatever a row holds, open() never raises, and the row is either loaded
+    (a valid record for its name) or moved to corrupt/ and deleted."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(dir=tmp_path))
+    real = rec(ALICE, "k", "a", 3, pad=40)
+    enc = real.encode()
+    if isinstance(data, tuple):
+        i, b = data
+        ba = bytearray(enc)
+        ba[i % len(ba)] = b
+        content: object = bytes(ba)
+    elif isinstance(data, int):
+        content = enc[: data % (len(enc) + 1)]
+    else:
+        content = data
+    Store.open(d).close()
+    db = sqlite3.connect(d / "records.db")
+    with db:
+        db.execute(
+            "INSERT INTO records VALUES (?, ?)", (file_name(ALICE.public_key, "k", "a"), content)
+        )
+    db.close()
+    s = Store.open(d)
+    loaded = s.get(ALICE.public_key, "k", "a")
+    if loaded is None:
+        assert s.stats["corrupt"] == 1 and rows(d) == {}
+        assert len(list((d / "corrupt").iterdir())) == 1
+    else:
+        assert s.stats["loaded"] == 1 and loaded.encode() == content
+    assert s.stats["corrupt"] + s.stats["loaded"] == 1
+    s.close()
