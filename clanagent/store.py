@@ -772,10 +772,14 @@ class Store:
                         break
                     self._gc.wait(left)
                 group, self._queue, self._queued = self._queue, [], 0
-        if not ticket.done:
+        leader = not ticket.done
+        if leader:
             self._lead(group)
-        if ticket.error is not None:
-            raise ticket.error
+        err = ticket.error
+        if err is not None:
+            if leader or not isinstance(err, StoreError):
+                raise err
+            raise StoreError(str(err)) from err  # its own, not the leader's, traceback
         return ticket.results
 
     def _lead(self, group: list[_Ticket]) -> None:
