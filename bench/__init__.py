@@ -9,4 +9,9 @@ Must never: be imported by the product or by the unit tests.
 __all__ = ["BENCHMARKS"]
 
 # name -> module under bench/ with a main(argv) -> int
-BENCHMARKS = {"gossip": "bench.gossip", "mesh": "bench.mesh", "vm": "bench.vm"}
+BENCHMARKS = {
+    "gossip": "bench.gossip",
+    "mesh": "bench.mesh",
+    "vm": "bench.vm",
+    "store": "bench.store",
+}

@@ -1,10 +1,12 @@
 """Tests for clanagent.store: versioning rules, durability across reopen,
-quarantine of damaged files, and thread safety."""
+quarantine of damaged rows and files, the move from one file per record into
+SQLite, and thread safety."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import threading
 from pathlib import Path
@@ -32,8 +34,28 @@ ALICE_O = rec(ALICE, "x", "x", 1).origin
 BOB_O = rec(BOB, "x", "x", 1).origin
 
 
+DB_FILES = {"records.db", "records.db-wal", "records.db-shm"}
+
+
 def files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.is_file())
+    """Files other than the database (legacy record files, temp files)."""
+    return sorted(p.name for p in d.iterdir() if p.is_file() and p.name not in DB_FILES)
+
+
+def rows(d: Path) -> dict[str, bytes]:
+    """The database's rows, read by a connection of our own."""
+    db = sqlite3.connect(d / "records.db")
+    try:
+        return dict(db.execute("SELECT name, data FROM records").fetchall())
+    finally:
+        db.close()
+
+
+def legacy_write(d: Path, recs: list[SignedRecord]) -> None:
+    """Record files as the one-file-per-key layout wrote them."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for r in recs:
+        (d / file_name(*triple(r))).write_bytes(r.encode())
 
 
 def triple(r: SignedRecord) -> tuple[bytes, str, str]:
@@ -55,8 +77,8 @@ def test_newer_replaces_older(tmp_path: Path, on_disk: bool) -> None:
     assert s.stats["written"] == 2
     if on_disk:
         d = tmp_path / "s"
-        assert files(d) == [file_name(*triple(r2))]
-        assert (d / file_name(*triple(r2))).read_bytes() == r2.encode()
+        assert files(d) == []
+        assert rows(d) == {file_name(*triple(r2)): r2.encode()}
 
 
 @pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
@@ -70,7 +92,7 @@ def test_older_or_equal_refused_without_write(
     def no_write(*a: object, **k: object) -> None:
         raise AssertionError("a refused put must not touch the disk")
 
-    monkeypatch.setattr(s, "_write_file", no_write)
+    monkeypatch.setattr(s, "_commit", no_write)
     assert s.put(rec(ALICE, "ep", "a", 4)) is False
     # Equal version with a different body (an equivocating origin) is refused too.
     assert s.put(rec(ALICE, "ep", "a", 5, body={"other": 1})) is False
@@ -146,15 +168,13 @@ def test_records_is_a_snapshot() -> None:
 # ---------------------------------------------------------------- batches
 
 
-def test_put_many_one_dir_fsync_and_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_put_many_one_commit_and_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "s"
     s = Store.open(d)
     assert s.put(rec(ALICE, "k", "held", 5))
     calls = []
-    real = store_mod._fsync_dir
-    monkeypatch.setattr(store_mod, "_fsync_dir", lambda p: (calls.append(p), real(p)))
+    real = s._commit
+    monkeypatch.setattr(s, "_commit", lambda up, de: (calls.append(len(up)), real(up, de)))
     batch = [
         rec(ALICE, "k", "a", 1),
         rec(ALICE, "k", "held", 4),  # older than held
@@ -164,8 +184,10 @@ def test_put_many_one_dir_fsync_and_results(
         rec(ALICE, "k", "c", 2),  # supersedes the 1 earlier in the batch
         rec(BOB, "k", "a", 1),
     ]
+    fsyncs = s.stats["fsyncs"]
     assert s.put_many(batch) == [True, False, True, False, False, True, True]
-    assert calls == [d]
+    assert calls == [4]  # one transaction with the four winners
+    assert s.stats["fsyncs"] == fsyncs + 1
     assert s.get(ALICE_O, "k", "c").version == 2
     assert s.stats["refused_older"] == 3
     calls.clear()
@@ -180,27 +202,23 @@ def test_put_many_one_dir_fsync_and_results(
         (ALICE_O, "c"): 2,
         (BOB_O, "a"): 1,
     }
-    assert files(d) == sorted(file_name(*triple(r)) for r in s2.records())
+    assert sorted(rows(d)) == sorted(file_name(*triple(r)) for r in s2.records())
 
 
-def test_failed_write_raises_and_keeps_previous(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_write_raises_and_keeps_previous(tmp_path: Path) -> None:
     d = tmp_path / "s"
     s = Store.open(d)
     r1 = rec(ALICE, "k", "a", 1)
     assert s.put(r1)
-
-    def enospc(fd: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", enospc)
-    with pytest.raises(StoreError, match="No space"):
-        s.put(rec(ALICE, "k", "a", 2))
-    monkeypatch.undo()
-    assert s.get(ALICE_O, "k", "a") == r1
-    assert files(d) == [file_name(*triple(r1))]  # the temp file was removed
+    # A database that refuses writes (as a full or failing disk does).
+    assert s._db is not None
+    s._db.execute("PRAGMA query_only=1")
+    with pytest.raises(StoreError, match="readonly"):
+        s.put_many([rec(ALICE, "k", "a", 2), rec(ALICE, "k", "b", 1)])
+    assert s.get(ALICE_O, "k", "a") == r1 and s.get(ALICE_O, "k", "b") is None
+    assert rows(d) == {file_name(*triple(r1)): r1.encode()}  # rolled back whole
     assert Store.open(d).get(ALICE_O, "k", "a") == r1
+    s._db.execute("PRAGMA query_only=0")
     assert s.put(rec(ALICE, "k", "a", 2))  # and it recovers once the disk does
 
 
@@ -223,14 +241,81 @@ def test_delete_is_durable(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- damage on disk
 
 
-def test_corrupt_files_quarantined_counted_rest_loads(
+def test_corrupt_rows_quarantined_counted_rest_loads(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     d = tmp_path / "s"
     s = Store.open(d)
     good = [rec(ALICE, "k", str(i), 1) for i in range(3)]
-    for r in good:
-        s.put(r)
+    assert s.put_many(good) == [True] * 3
+    s.close()
+    trunc = rec(BOB, "k", "trunc", 1)
+    flip = rec(BOB, "k", "flip", 1, body=b"\x00" * 64)
+    raw = bytearray(flip.encode())
+    raw[raw.index(b"\x00" * 64) + 10] ^= 1
+    wrong = rec(BOB, "k", "wrong", 1)
+    db = sqlite3.connect(d / "records.db")
+    with db:
+        db.executemany(
+            "INSERT INTO records VALUES (?, ?)",
+            [
+                (file_name(*triple(trunc)), trunc.encode()[:-7]),
+                (file_name(*triple(flip)), bytes(raw)),
+                (file_name(BOB_O, "k", "elsewhere"), wrong.encode()),
+                ("stray", b"\xc1garbage"),
+                (file_name(BOB_O, "k", "empty"), b""),
+                (file_name(BOB_O, "k", "text"), "not a blob"),
+            ],
+        )
+    db.close()
+    with caplog.at_level(logging.ERROR, logger="clanagent.store"):
+        s2 = Store.open(d)
+    assert s2.stats["corrupt"] == 6 and s2.stats["loaded"] == 3
+    assert sorted(r.encode() for r in s2.records()) == sorted(r.encode() for r in good)
+    assert sorted(rows(d)) == sorted(file_name(*triple(r)) for r in good)
+    quarantined = files(d / "corrupt")
+    assert len(quarantined) == 6
+    assert any((d / "corrupt" / n).read_bytes() == wrong.encode() for n in quarantined)
+    assert "does not match" in caplog.text
+    s3 = Store.open(d)
+    assert s3.stats["corrupt"] == 0 and len(files(d / "corrupt")) == 6
+
+
+def test_unreadable_database_set_aside(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    s = Store.open(d)
+    assert s.put(rec(ALICE, "k", "a", 1))
+    s.close()
+    (d / "records.db").write_bytes(b"this is not a database, at all" * 200)
+    s2 = Store.open(d)
+    assert len(s2) == 0 and s2.stats["corrupt"] >= 1
+    assert any(n.startswith("records.db.") for n in files(d / "corrupt"))
+    assert s2.put(rec(ALICE, "k", "a", 2))  # a fresh database works
+    assert Store.open(d).get(ALICE_O, "k", "a").version == 2
+
+
+def test_legacy_record_files_move_into_the_database(tmp_path: Path) -> None:
+    d = tmp_path / "s"
+    old = [rec(ALICE, "k", "a", 3), rec(ALICE, "k", "b", 1), rec(BOB, "k", "a", 1)]
+    legacy_write(d, old)
+    s = Store.open(d)
+    assert s.stats["migrated"] == 3 and s.stats["loaded"] == 3
+    assert files(d) == []
+    assert sorted(rows(d).values()) == sorted(r.encode() for r in old)
+    # A migration cut short (the files were still there) never goes back.
+    assert s.put(rec(ALICE, "k", "a", 4))
+    legacy_write(d, old)
+    s2 = Store.open(d)
+    assert s2.get(ALICE_O, "k", "a").version == 4 and s2.stats["migrated"] == 0
+    assert files(d) == []
+
+
+def test_corrupt_files_quarantined_counted_rest_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "s"
+    good = [rec(ALICE, "k", str(i), 1) for i in range(3)]
+    legacy_write(d, good)  # record files of the one-file-per-key layout
     # 1. a truncated record
     trunc = rec(BOB, "k", "trunc", 1)
     (d / file_name(*triple(trunc))).write_bytes(trunc.encode()[:-7])
@@ -252,7 +337,8 @@ def test_corrupt_files_quarantined_counted_rest_loads(
     assert s2.stats["corrupt"] == 5
     assert s2.stats["loaded"] == 3
     assert sorted(r.encode() for r in s2.records()) == sorted(r.encode() for r in good)
-    assert files(d) == sorted(file_name(*triple(r)) for r in good)
+    assert files(d) == []  # the good ones moved into the database
+    assert sorted(rows(d)) == sorted(file_name(*triple(r)) for r in good)
     quarantined = files(d / "corrupt")
     assert len(quarantined) == 5
     assert any(n.startswith("stray.bin.") for n in quarantined)
@@ -288,7 +374,7 @@ def test_temp_files_cleaned(tmp_path: Path) -> None:
     s2 = Store.open(d)
     assert s2.stats["temp_removed"] == 2
     assert s2.stats["corrupt"] == 0
-    assert files(d) == [name]
+    assert files(d) == []
     assert s2.get(*triple(r)) == r
 
 
@@ -303,12 +389,15 @@ def test_dir_created_0700_and_tightened(tmp_path: Path) -> None:
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
 
 
-def test_record_files_are_0600(tmp_path: Path) -> None:
+def test_database_files_are_0600(tmp_path: Path) -> None:
     d = tmp_path / "s"
     s = Store.open(d)
     r = rec(ALICE, "k", "a", 1)
     s.put(r)
-    assert stat.S_IMODE((d / file_name(*triple(r))).stat().st_mode) == 0o600
+    present = [p for p in d.iterdir() if p.name in DB_FILES]
+    assert {p.name for p in present} >= {"records.db", "records.db-wal"}
+    for p in present:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
 
 
 def test_path_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:

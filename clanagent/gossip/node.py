@@ -772,8 +772,12 @@ class GossipNode:
         cont: _Continuation,
         out: list[NodeAction],
     ) -> None:
-        if getattr(self.store, "path", None) is None:
-            # An in-memory store is "durable" at once: no round trip through the shell.
+        is_durable = getattr(self.store, "is_durable", None)
+        if getattr(self.store, "path", None) is None or (
+            is_durable is not None and not any(is_durable(r.kind) for r in records)
+        ):
+            # An in-memory store, or soft records only (held in memory, never
+            # fsynced): "durable" at once, no round trip through the shell.
             self._after_persist(now, records, self.store.put_many(records), cont, out)
             return
         self._pending[id(records)] = (records, cont)
