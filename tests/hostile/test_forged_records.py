@@ -18,6 +18,7 @@ contents, not lost on the way.
 from __future__ import annotations
 
 import copy
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,19 @@ TOP = 2**63 - 1
 
 
 def stored(clan, m: str) -> list[SignedRecord]:
-    """Every record on m's disk (the store writes one file per key, atomically)."""
+    """Every record on m's disk (the store's SQLite database, read-only:
+    WAL mode lets us read while the agent writes)."""
+    db = Path(clan.work / m / "state" / "records" / "records.db")
     out = []
-    for path in sorted(Path(clan.work / m / "state" / "records").glob("*.rec")):
-        try:
-            out.append(SignedRecord.decode(path.read_bytes(), verify=False))
-        except (OSError, ValueError):
-            continue  # replaced under us: the next read sees the new one
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        for (data,) in con.execute("SELECT data FROM records"):
+            try:
+                out.append(SignedRecord.decode(bytes(data), verify=False))
+            except ValueError:
+                continue
+    finally:
+        con.close()
     return out
 
 
