@@ -443,6 +443,9 @@ def _registry() -> dict[str, KindSpec]:
     from .mesh.candidates import ENDPOINTS_KIND
     from .secrets.record import ROTATE_KIND, SECRET_KIND, RotateRequest, SecretBody
     from .services.wiring import EXPORT_KIND
+    from .topology import MIN_INTERVAL as TOPOLOGY_MIN_INTERVAL
+    from .topology import REFRESH as TOPOLOGY_REFRESH
+    from .topology import STALE as TOPOLOGY_TTL
     from .topology import TOPOLOGY_KIND
     from .vmhost.requests import REQUEST_KIND
     from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND, VM_STATUS_KIND
@@ -461,9 +464,9 @@ def _registry() -> dict[str, KindSpec]:
             _parse_topology,
             _topology_rules,
             durable=False,
-            ttl=900.0,  # three refreshes: topology.STALE
-            min_interval=2.0,
-            refresh=300.0,
+            ttl=TOPOLOGY_TTL,  # three refreshes
+            min_interval=TOPOLOGY_MIN_INTERVAL,
+            refresh=TOPOLOGY_REFRESH,
         ),
         KindSpec(EXPORT_KIND, _parse_export, _export_rules, min_interval=1.0),
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
