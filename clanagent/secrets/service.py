@@ -51,9 +51,16 @@ class SecretsService:
         self._membership_changed_at = time.monotonic()
         self.errors: dict[str, str] = {}  # instance id -> last generator error
         self.stats = {"generated": 0, "installed": 0, "removed": 0, "failed": 0}
+        # machine name -> node id, for the inventory doc it was computed from
+        # (a doc is never changed in place: a new version is a new doc)
+        self._ids_doc: Any = None
+        self._ids: dict[str, str] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
 
     def wake_later(self) -> None:
         self._soon = True
@@ -94,17 +101,25 @@ class SecretsService:
         m = inv.machine_by_node_key(self.agent.identity.public_key)
         return None if m is None else m.name
 
+    def _node_ids(self, doc: dict) -> dict[str, str]:
+        """machine name -> node id: hashed once per inventory, not once per round."""
+        if self._ids_doc is not doc:
+            self._ids = {name: node_id_of(m["node_key"]) for name, m in doc["machines"].items()}
+            self._ids_doc = doc
+        return self._ids
+
     def _online(self, doc: dict) -> list[str]:
         me = self._me()
-        alive = set()
+        ids = self._node_ids(doc)
         gossip = self.agent.gossip
-        if gossip is not None and gossip.node is not None:
-            alive = {m["node_id"] for m in gossip.node.members() if m["state"] == "alive"}
-        return [
-            name
-            for name, m in doc["machines"].items()
-            if name == me or node_id_of(m["node_key"]) in alive
-        ]
+        node = None if gossip is None else gossip.node
+        if node is None:
+            return [name for name in ids if name == me]
+        state = getattr(node, "member_state", None)
+        if state is None:  # a node without the lookup: one pass over its members
+            alive = {m["node_id"] for m in node.members() if m["state"] == "alive"}
+            return [name for name, nid in ids.items() if name == me or nid in alive]
+        return [name for name, nid in ids.items() if name == me or state(nid) == "alive"]
 
     def _records(self) -> tuple[dict, dict]:
         secrets: dict[str, list[SignedRecord]] = defaultdict(list)
