@@ -89,3 +89,52 @@ def test_node_ids_are_computed_once_per_inventory(tmp_path, monkeypatch):
     agent.gossip.node = None
     assert svc._online(agent.inventory.inventory.doc) == ["m0"]  # us, alone
     assert calls == []
+
+
+def test_an_installed_generation_is_not_written_again_each_round(tmp_path, monkeypatch):
+    from clanagent.secrets import files
+    from clanagent.secrets.model import SecretInstance
+    from clanagent.secrets.planner import Install, Plan
+
+    keys = [bytes([i + 1]) * 32 for i in range(3)]
+    agent = fake_agent(keys, str(tmp_path))
+    svc = SecretsService(agent)
+    inst = SecretInstance("vpn", "psk", "role:client")
+    current = {"version": 5, "generation": 1}
+
+    def fake_plan(*args, **kwargs):
+        rec = SimpleNamespace(origin=keys[1], version=current["version"])
+        body = SimpleNamespace(generation=current["generation"], public={})
+        return Plan(install=[Install(inst, rec, body)])
+
+    opened, installs, fsyncs = [], [], []
+    real_install, real_fsync = files.install, files.os.fsync
+    monkeypatch.setattr(secrets_service, "plan", fake_plan)
+    monkeypatch.setattr(svc, "_opens", lambda body: opened.append(body) or {"psk": b"s3cret"})
+    monkeypatch.setattr(
+        files, "install", lambda *a, **k: installs.append(a) or real_install(*a, **k)
+    )
+    monkeypatch.setattr(files.os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+
+    async def rounds(n: int) -> None:
+        with trio.fail_after(10):
+            for _ in range(n):
+                await svc.sync_once()
+
+    trio.run(rounds, 30)
+    assert len(installs) == 1 and len(opened) == 1  # once, not once per round
+    assert len(fsyncs) <= 4  # the files of that one installation
+    psk = tmp_path / "secrets" / "vpn" / "psk" / "psk"
+    assert psk.read_bytes() == b"s3cret"
+
+    # a new generation is installed at once
+    current.update(version=9, generation=2)
+    trio.run(rounds, 5)
+    assert len(installs) == 2
+    assert files.installed_generation(tmp_path, "vpn", "psk") == 2
+
+    # and every REVERIFY the files are checked again (a hand-deleted file comes back)
+    psk.unlink()
+    monkeypatch.setattr(secrets_service, "REVERIFY", 0.0)
+    trio.run(rounds, 1)
+    assert len(installs) == 3 and psk.read_bytes() == b"s3cret"

@@ -40,6 +40,9 @@ log = logging.getLogger("clanagent.secrets")
 
 TICK = 10.0  # rotations fall due and previous generations expire on this clock
 SETTLE = 1.5  # seconds of stable membership before generating
+# An installed generation is not opened and written again each round: only
+# when its record changes, or this often (files damaged by hand are repaired).
+REVERIFY = 300.0
 
 
 class SecretsService:
@@ -50,11 +53,13 @@ class SecretsService:
         self._soon = False
         self._membership_changed_at = time.monotonic()
         self.errors: dict[str, str] = {}  # instance id -> last generator error
-        self.stats = {"generated": 0, "installed": 0, "removed": 0, "failed": 0}
+        self.stats = {"generated": 0, "installed": 0, "verified": 0, "removed": 0, "failed": 0}
         # machine name -> node id, for the inventory doc it was computed from
         # (a doc is never changed in place: a new version is a new doc)
         self._ids_doc: Any = None
         self._ids: dict[str, str] = {}
+        # instance id -> (origin, version) of the record whose files we wrote, and when
+        self._written: dict[str, tuple[tuple[bytes, int], float]] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -231,7 +236,12 @@ class SecretsService:
         for task in p.generate:
             await self._generate(doc, task, secrets)
         changed_services: set[str] = set()
+        mono = time.monotonic()
         for item in p.install:
+            rid = (item.record.origin, item.record.version)
+            written = self._written.get(item.instance.id)
+            if written is not None and written[0] == rid and mono - written[1] < REVERIFY:
+                continue  # installed already: no decryption, no writes, no fsyncs
             try:
                 opened = self._opens(item.body)
             except WireError as exc:
@@ -255,6 +265,8 @@ class SecretsService:
                     owner=owner,
                 )
             )
+            self._written[item.instance.id] = (rid, mono)
+            self.stats["verified"] += 1
             if changed:
                 self.stats["installed"] += 1
                 changed_services.add(item.instance.service)
@@ -262,6 +274,9 @@ class SecretsService:
                     "secret installed",
                     extra=kv(secret=item.instance.id, generation=item.body.generation),
                 )
+        held = {item.instance.id for item in p.install}
+        for iid in [i for i in self._written if i not in held]:
+            del self._written[iid]
         for service, secret in p.remove:
             if await trio.to_thread.run_sync(files.remove, self.runtime, service, secret):
                 self.stats["removed"] += 1
