@@ -224,6 +224,18 @@ class TopologyService:
         )
         self.stats = {"published": 0, "held": 0, "bad_records": 0}
         self._wakeup = trio.Event()
+        # machine name -> node id for the inventory doc it was computed from
+        # (a doc is never changed in place): hashed once per inventory
+        self._ids_doc: Any = None
+        self._ids: dict[str, str] = {}
+
+    def _node_ids(self, doc: Any) -> dict[str, str]:
+        if self._ids_doc is not doc:
+            from .identity import node_id_of
+
+            self._ids = {name: node_id_of(m["node_key"]) for name, m in doc["machines"].items()}
+            self._ids_doc = doc
+        return self._ids
 
     # -- our own view ----------------------------------------------------------------
 
@@ -232,8 +244,7 @@ class TopologyService:
         inv = agent.inventory.inventory
         if inv is None or agent.identity is None:
             return []
-        from .identity import node_id_of
-
+        ids = self._node_ids(inv.doc)
         members: dict[str, dict[str, Any]] = {}
         gossip = agent.gossip
         if gossip is not None and getattr(gossip, "node", None) is not None:
@@ -244,7 +255,7 @@ class TopologyService:
             key = m["node_key"]
             if key == agent.identity.public_key:
                 continue
-            member = members.get(node_id_of(key))
+            member = members.get(ids[name])
             if member is None or member["state"] not in ("alive", "suspect"):
                 links.append({"peer": name, "kind": "down", "rtt_ms": None})
                 continue

@@ -216,3 +216,25 @@ def test_publish_policy():
     one_shot = PublishPolicy(min_interval=1.0, refresh=None, rng=random.Random(1))
     one_shot.published(0.0, "a")
     assert not one_shot.due(1e9, "a") and one_shot.due(1e9, "b")
+
+
+def test_node_ids_are_hashed_once_per_inventory(monkeypatch):
+    import clanagent.identity
+
+    calls = []
+    real = clanagent.identity.node_id_of
+    monkeypatch.setattr(
+        clanagent.identity, "node_id_of", lambda key: calls.append(key) or real(key)
+    )
+    agent = FakeClanAgent(peers=20)
+    service = TopologyService(agent, rng=random.Random(1))
+    for _ in range(50):
+        links = service.local_links()
+    assert len(links) == 20 and all(link["kind"] == "lan" for link in links)
+    assert len(calls) <= 21  # once per machine, not once per machine per look
+    doc = agent.inventory.inventory.doc
+    agent.inventory.inventory = SimpleNamespace(doc={"machines": dict(doc["machines"])})
+    agent.state["m05"] = "dead"
+    links = service.local_links()
+    assert len(calls) <= 42
+    assert {link["peer"]: link["kind"] for link in links}["m05"] == "down"
