@@ -6,6 +6,17 @@ strict parser) and its semantic rules; `validate(record, ctx)`, which the
 gossip node calls before it stores or forwards a record and the agent
 calls before it publishes one of its own.
 
+Each kind also has a class: *durable* (persisted by the store, fsynced:
+what the clan must not forget across a restart -- the inventory, secrets,
+endpoints, exports, VM orders, node-info) or *soft* (held in memory only,
+dropped `ttl` seconds after it was last received, re-learned from the
+publisher's periodic refresh or from anti-entropy after a restart:
+topology, VM status and console tails).  `min_interval` is the shortest
+time between two publications of one (kind, key) by one machine (the
+publisher adds jitter on top); `refresh` is how often the publisher of a
+soft kind republishes an unchanged record so it never expires while the
+publisher lives (None: a one-shot record that may expire).
+
 The rules: no timestamp beyond `now + MAX_FUTURE_SKEW`; a rotate request
 asks for at most the generation after the current one (and never beyond
 `MAX_GENERATION`); `vm-status` / `vm-logs` count only from a machine the
@@ -37,6 +48,8 @@ __all__ = [
     "VmStatusBody",
     "VmLogsBody",
     "VmLogsRequestBody",
+    "is_durable",
+    "spec",
     "validate",
 ]
 
@@ -164,12 +177,39 @@ class KindSpec:
 
     `parse(body)` returns the checked body or raises WireError (any other
     exception from a malformed body is a bug the tests look for);
-    `rules(record, parsed, ctx)` raises Refusal."""
+    `rules(record, parsed, ctx)` raises Refusal.
+
+    `durable`: persisted (and fsynced) by the store; else soft: in memory
+    only, expired `ttl` seconds after it was last received.
+    `min_interval`: seconds between two publications of one (kind, key) by
+    one machine, at least (publishers add jitter on top).  `refresh`: a
+    soft kind's publisher republishes an unchanged record this often (plus
+    jitter, always well inside `ttl`); None for one-shot records."""
 
     kind: str
     parse: Callable[[Any], Any]
     rules: Callable[[SignedRecord, Any, RecordContext], None]
     schema: type[Record] | None = None
+    durable: bool = True
+    ttl: float | None = None
+    min_interval: float = 0.0
+    refresh: float | None = None
+
+    def check(self) -> None:
+        """The class invariants (raised as AssertionError when the table is wrong)."""
+        if self.min_interval < 0:
+            raise AssertionError(f"{self.kind}: negative min_interval")
+        if self.durable:
+            if self.ttl is not None or self.refresh is not None:
+                raise AssertionError(f"{self.kind}: a durable kind has no ttl nor refresh")
+            return
+        if self.ttl is None or self.ttl <= 0:
+            raise AssertionError(f"{self.kind}: a soft kind needs a positive ttl")
+        if self.min_interval >= self.ttl:
+            raise AssertionError(f"{self.kind}: min_interval must be well inside the ttl")
+        if self.refresh is not None and not self.min_interval <= self.refresh <= self.ttl / 2:
+            # Two refreshes per ttl: one lost datagram never expires a live record.
+            raise AssertionError(f"{self.kind}: refresh must lie in [min_interval, ttl / 2]")
 
 
 def _future(kind: str, what: str, t: int, ctx: RecordContext) -> None:
@@ -413,31 +453,68 @@ def _registry() -> dict[str, KindSpec]:
     from .mesh.candidates import ENDPOINTS_KIND
     from .secrets.record import ROTATE_KIND, SECRET_KIND, RotateRequest, SecretBody
     from .services.wiring import EXPORT_KIND
+    from .topology import MIN_INTERVAL as TOPOLOGY_MIN_INTERVAL
+    from .topology import REFRESH as TOPOLOGY_REFRESH
+    from .topology import STALE as TOPOLOGY_TTL
     from .topology import TOPOLOGY_KIND
     from .vmhost.requests import REQUEST_KIND
     from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND, VM_STATUS_KIND
 
+    # Durable: what must survive a restart of every machine at once.
+    # Soft: re-learned within seconds to minutes; losing it costs a refresh.
     specs = [
         KindSpec(RECORD_KIND, _parse_inventory, _inventory_rules),
+        # node-info is durable: published once per start (no steady cost, so
+        # nothing to save) and with no refresh a TTL could rely on; it holds
+        # the addresses a restarted agent dials before it re-learns anything.
         KindSpec(NodeInfo.KIND, _schema_parse(NodeInfo), _node_info_rules, NodeInfo),
-        KindSpec(ENDPOINTS_KIND, _parse_endpoints, _singleton),
-        KindSpec(TOPOLOGY_KIND, _parse_topology, _topology_rules),
-        KindSpec(EXPORT_KIND, _parse_export, _export_rules),
+        KindSpec(ENDPOINTS_KIND, _parse_endpoints, _singleton, min_interval=5.0),
+        KindSpec(
+            TOPOLOGY_KIND,
+            _parse_topology,
+            _topology_rules,
+            durable=False,
+            ttl=TOPOLOGY_TTL,  # three refreshes
+            min_interval=TOPOLOGY_MIN_INTERVAL,
+            refresh=TOPOLOGY_REFRESH,
+        ),
+        KindSpec(EXPORT_KIND, _parse_export, _export_rules, min_interval=1.0),
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
-        KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest),
+        KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest, min_interval=1.0),
         KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules),
-        KindSpec(VM_STATUS_KIND, _schema_parse(VmStatusBody), _vm_status_rules, VmStatusBody),
+        KindSpec(
+            VM_STATUS_KIND,
+            _schema_parse(VmStatusBody),
+            _vm_status_rules,
+            VmStatusBody,
+            durable=False,
+            ttl=1800.0,
+            min_interval=1.0,
+            refresh=600.0,
+        ),
         KindSpec(
             LOGS_REQUEST_KIND,
             _schema_parse(VmLogsRequestBody),
             _vm_logs_request_rules,
             VmLogsRequestBody,
+            durable=False,
+            ttl=600.0,
+            min_interval=1.0,  # agent.LOGS_ASK_INTERVAL
         ),
-        KindSpec(LOGS_KIND, _schema_parse(VmLogsBody), _vm_logs_rules, VmLogsBody),
+        KindSpec(
+            LOGS_KIND,
+            _schema_parse(VmLogsBody),
+            _vm_logs_rules,
+            VmLogsBody,
+            durable=False,
+            ttl=600.0,
+            min_interval=1.0,  # vmhost.LOGS_ANSWER_INTERVAL
+        ),
     ]
     for s in specs:
         if s.schema is not None and s.kind != s.schema.KIND:
             raise AssertionError(f"{s.kind}: schema {s.schema.__name__} is for {s.schema.KIND}")
+        s.check()
     return {s.kind: s for s in specs}
 
 
@@ -469,6 +546,18 @@ class _Kinds:
 
 
 KINDS = _Kinds()
+
+
+def spec(kind: str) -> KindSpec | None:
+    """The KindSpec of `kind`, None for a kind the registry does not know."""
+    return kinds().get(kind)
+
+
+def is_durable(kind: str) -> bool:
+    """Is `kind` persisted by the store?  False for soft and unknown kinds
+    (an unknown kind is refused by `validate` before it reaches a store)."""
+    s = kinds().get(kind)
+    return s is not None and s.durable
 
 
 def validate(record: SignedRecord, ctx: RecordContext) -> Any:

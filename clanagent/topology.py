@@ -6,8 +6,11 @@ the `topology` record that carries that view (and a summary of this
 machine's capabilities) to the rest of the clan, and the clan-wide map the
 `topology` control method returns (machines, links, services and VMs per
 machine).  Must never: publish more often than the view really changes
-(RTTs are bucketed), trust a peer's record beyond display (it is shown,
-never acted on), or fail the caller because one record is malformed.
+for its readers (a link's kind or up/down, a capability: not RTT jitter;
+RTTs are published coarse and refreshed only with the periodic
+republish), publish faster than the kind's min_interval (records.py),
+trust a peer's record beyond display (it is shown, never acted on), or
+fail the caller because one record is malformed.
 """
 
 from __future__ import annotations
@@ -15,24 +18,41 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from ._log import kv
 
-__all__ = ["TOPOLOGY_KIND", "LINK_KINDS", "TopologyService", "classify_addr", "merge_links"]
+__all__ = [
+    "TOPOLOGY_KIND",
+    "LINK_KINDS",
+    "PublishPolicy",
+    "TopologyService",
+    "classify_addr",
+    "merge_links",
+]
 
 log = logging.getLogger("clanagent.topology")
 
 TOPOLOGY_KIND = "topology"
 LINK_KINDS = ("lan", "public", "tor", "other", "down")
 CHECK_INTERVAL = 3.0  # seconds between looks at our own links
-REFRESH = 300.0  # republish an unchanged view this often (so it is never stale for long)
+# The topology kind's cadence (the registry in records.py takes it from
+# here): republish an unchanged view every REFRESH (minus up to
+# REFRESH_JITTER of it), never two within MIN_INTERVAL (plus up to
+# MIN_JITTER of it); a view older than STALE (the kind's TTL) no longer
+# describes links.
+REFRESH = 300.0
+MIN_INTERVAL = 2.0
+STALE = 3 * REFRESH  # the kind's TTL
+REFRESH_JITTER = 0.1
+MIN_JITTER = 0.25
 MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
 MAX_CAPS = 32
-STALE = 3 * REFRESH  # a record older than this no longer describes links
 FUTURE_SKEW = 300  # a view dated further ahead than this is ignored (records.MAX_FUTURE_SKEW)
 
 
@@ -51,10 +71,69 @@ def classify_addr(addr: str) -> str:
 
 
 def _bucket(rtt_ms: float | None) -> int | None:
-    # Powers of two: a view that only jitters is not republished.
+    # Half powers of two.
     if rtt_ms is None or rtt_ms <= 0:
         return None
     return int(math.floor(math.log2(max(rtt_ms, 0.05)) * 2))
+
+
+def coarse_rtt(rtt_ms: float | None) -> float | None:
+    """The RTT as published: its half-power-of-two bucket's lower bound, rounded
+    up to 3 significant digits (so it stays in the bucket)."""
+    b = _bucket(rtt_ms)
+    if b is None:
+        return None
+    v = 2.0 ** (b / 2)
+    q = 10.0 ** (2 - math.floor(math.log10(v)))
+    return math.ceil(v * q) / q
+
+
+class PublishPolicy:
+    """When to republish one record (sans-IO: the caller gives the time and the rng).
+
+    A changed shape goes out at once unless the last publication is younger
+    than `min_interval` (stretched by up to `min_jitter` of it, drawn per
+    publication); then `hold_until` says when it may.  An unchanged shape
+    goes out again `refresh` after the last (shortened by up to
+    `refresh_jitter` of it, so machines started together drift apart)."""
+
+    def __init__(
+        self,
+        *,
+        min_interval: float,
+        refresh: float | None,
+        rng: random.Random,
+        min_jitter: float = MIN_JITTER,
+        refresh_jitter: float = REFRESH_JITTER,
+    ) -> None:
+        self.min_interval = min_interval
+        self.refresh = refresh
+        self.rng = rng
+        self.min_jitter = min_jitter
+        self.refresh_jitter = refresh_jitter
+        self.shape: Any = None
+        self.published_at = -math.inf
+        self.earliest = -math.inf  # no publication before this
+        self.next_refresh = -math.inf
+        self.hold_until: float | None = None  # a change waits for min_interval until then
+
+    def due(self, now: float, shape: Any) -> bool:
+        """Should the view with this shape be published now?"""
+        self.hold_until = None
+        if self.shape is None:
+            return True
+        if shape != self.shape:
+            if now >= self.earliest:
+                return True
+            self.hold_until = self.earliest
+            return False
+        return self.refresh is not None and now >= self.next_refresh
+
+    def published(self, now: float, shape: Any) -> None:
+        self.shape, self.published_at, self.hold_until = shape, now, None
+        self.earliest = now + self.min_interval * (1 + self.min_jitter * self.rng.random())
+        if self.refresh is not None:
+            self.next_refresh = now + self.refresh * (1 - self.refresh_jitter * self.rng.random())
 
 
 def _parse_body(body: Any) -> dict[str, Any] | None:
@@ -131,11 +210,32 @@ def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> lis
 class TopologyService:
     """Publishes this machine's links and answers the clan-wide map."""
 
-    def __init__(self, agent: Any) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        *,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.agent = agent
-        self._published: Any = None
-        self._published_at = -math.inf
-        self.stats = {"published": 0, "bad_records": 0}
+        self._clock = clock or trio.current_time
+        self.policy = PublishPolicy(
+            min_interval=MIN_INTERVAL, refresh=REFRESH, rng=rng or random.Random()
+        )
+        self.stats = {"published": 0, "held": 0, "bad_records": 0}
+        self._wakeup = trio.Event()
+        # machine name -> node id for the inventory doc it was computed from
+        # (a doc is never changed in place): hashed once per inventory
+        self._ids_doc: Any = None
+        self._ids: dict[str, str] = {}
+
+    def _node_ids(self, doc: Any) -> dict[str, str]:
+        if self._ids_doc is not doc:
+            from .identity import node_id_of
+
+            self._ids = {name: node_id_of(m["node_key"]) for name, m in doc["machines"].items()}
+            self._ids_doc = doc
+        return self._ids
 
     # -- our own view ----------------------------------------------------------------
 
@@ -144,8 +244,7 @@ class TopologyService:
         inv = agent.inventory.inventory
         if inv is None or agent.identity is None:
             return []
-        from .identity import node_id_of
-
+        ids = self._node_ids(inv.doc)
         members: dict[str, dict[str, Any]] = {}
         gossip = agent.gossip
         if gossip is not None and getattr(gossip, "node", None) is not None:
@@ -156,7 +255,7 @@ class TopologyService:
             key = m["node_key"]
             if key == agent.identity.public_key:
                 continue
-            member = members.get(node_id_of(key))
+            member = members.get(ids[name])
             if member is None or member["state"] not in ("alive", "suspect"):
                 links.append({"peer": name, "kind": "down", "rtt_ms": None})
                 continue
@@ -184,17 +283,17 @@ class TopologyService:
         ]
 
     def _body(self) -> dict[str, Any]:
-        return {
-            "at": int(time.time()),
-            "links": self.local_links(),
-            "capabilities": self._capabilities(),
-        }
+        links = [{**link, "rtt_ms": coarse_rtt(link["rtt_ms"])} for link in self.local_links()]
+        return {"at": int(time.time()), "links": links, "capabilities": self._capabilities()}
 
     @staticmethod
     def _shape(body: dict[str, Any]) -> Any:
-        """What must change for a republish: kinds, RTT buckets, capabilities."""
+        """What readers act on: each link's kind (down included) and the capabilities.
+
+        RTTs are left out: jitter alone never republishes (the periodic
+        refresh carries the current coarse RTT)."""
         return (
-            [(link["peer"], link["kind"], _bucket(link["rtt_ms"])) for link in body["links"]],
+            [(link["peer"], link["kind"]) for link in body["links"]],
             [(c["name"], c["available"]) for c in body["capabilities"]],
         )
 
@@ -202,13 +301,19 @@ class TopologyService:
         if self.agent.inventory.inventory is None:
             return False
         body = self._body()
-        now = trio.current_time()
-        if self._shape(body) == self._published and now - self._published_at < REFRESH:
+        now = self._clock()
+        shape = self._shape(body)
+        if not self.policy.due(now, shape):
+            if self.policy.hold_until is not None:
+                self.stats["held"] += 1
             return False
         await self.agent.publish_record(TOPOLOGY_KIND, "", body)
-        self._published, self._published_at = self._shape(body), now
+        self.policy.published(now, shape)
         self.stats["published"] += 1
         return True
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(self)
@@ -217,7 +322,18 @@ class TopologyService:
                 await self.publish_once()
             except Exception as exc:  # never fatal: the next round tries again
                 log.warning("could not publish the topology", extra=kv(error=exc))
-            await trio.sleep(CHECK_INTERVAL)
+            wait = CHECK_INTERVAL
+            held = self.policy.hold_until
+            if held is not None:
+                # a change waits for min_interval: publish it as soon as it may go
+                wait = min(wait, max(0.0, held - self._clock()))
+            with trio.move_on_after(wait):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        """Look at our links now (a member changed state), not at the next check."""
+        self._wakeup.set()
 
     # -- the clan-wide map -------------------------------------------------------------
 

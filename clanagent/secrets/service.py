@@ -40,6 +40,9 @@ log = logging.getLogger("clanagent.secrets")
 
 TICK = 10.0  # rotations fall due and previous generations expire on this clock
 SETTLE = 1.5  # seconds of stable membership before generating
+# An installed generation is not opened and written again each round: only
+# when its record changes, or this often (files damaged by hand are repaired).
+REVERIFY = 300.0
 
 
 class SecretsService:
@@ -50,10 +53,19 @@ class SecretsService:
         self._soon = False
         self._membership_changed_at = time.monotonic()
         self.errors: dict[str, str] = {}  # instance id -> last generator error
-        self.stats = {"generated": 0, "installed": 0, "removed": 0, "failed": 0}
+        self.stats = {"generated": 0, "installed": 0, "verified": 0, "removed": 0, "failed": 0}
+        # machine name -> node id, for the inventory doc it was computed from
+        # (a doc is never changed in place: a new version is a new doc)
+        self._ids_doc: Any = None
+        self._ids: dict[str, str] = {}
+        # instance id -> (origin, version) of the record whose files we wrote, and when
+        self._written: dict[str, tuple[tuple[bytes, int], float]] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
 
     def wake_later(self) -> None:
         self._soon = True
@@ -94,17 +106,25 @@ class SecretsService:
         m = inv.machine_by_node_key(self.agent.identity.public_key)
         return None if m is None else m.name
 
+    def _node_ids(self, doc: dict) -> dict[str, str]:
+        """machine name -> node id: hashed once per inventory, not once per round."""
+        if self._ids_doc is not doc:
+            self._ids = {name: node_id_of(m["node_key"]) for name, m in doc["machines"].items()}
+            self._ids_doc = doc
+        return self._ids
+
     def _online(self, doc: dict) -> list[str]:
         me = self._me()
-        alive = set()
+        ids = self._node_ids(doc)
         gossip = self.agent.gossip
-        if gossip is not None and gossip.node is not None:
-            alive = {m["node_id"] for m in gossip.node.members() if m["state"] == "alive"}
-        return [
-            name
-            for name, m in doc["machines"].items()
-            if name == me or node_id_of(m["node_key"]) in alive
-        ]
+        node = None if gossip is None else gossip.node
+        if node is None:
+            return [name for name in ids if name == me]
+        state = getattr(node, "member_state", None)
+        if state is None:  # a node without the lookup: one pass over its members
+            alive = {m["node_id"] for m in node.members() if m["state"] == "alive"}
+            return [name for name, nid in ids.items() if name == me or nid in alive]
+        return [name for name, nid in ids.items() if name == me or state(nid) == "alive"]
 
     def _records(self) -> tuple[dict, dict]:
         secrets: dict[str, list[SignedRecord]] = defaultdict(list)
@@ -216,7 +236,12 @@ class SecretsService:
         for task in p.generate:
             await self._generate(doc, task, secrets)
         changed_services: set[str] = set()
+        mono = time.monotonic()
         for item in p.install:
+            rid = (item.record.origin, item.record.version)
+            written = self._written.get(item.instance.id)
+            if written is not None and written[0] == rid and mono - written[1] < REVERIFY:
+                continue  # installed already: no decryption, no writes, no fsyncs
             try:
                 opened = self._opens(item.body)
             except WireError as exc:
@@ -240,6 +265,8 @@ class SecretsService:
                     owner=owner,
                 )
             )
+            self._written[item.instance.id] = (rid, mono)
+            self.stats["verified"] += 1
             if changed:
                 self.stats["installed"] += 1
                 changed_services.add(item.instance.service)
@@ -247,6 +274,9 @@ class SecretsService:
                     "secret installed",
                     extra=kv(secret=item.instance.id, generation=item.body.generation),
                 )
+        held = {item.instance.id for item in p.install}
+        for iid in [i for i in self._written if i not in held]:
+            del self._written[iid]
         for service, secret in p.remove:
             if await trio.to_thread.run_sync(files.remove, self.runtime, service, secret):
                 self.stats["removed"] += 1
