@@ -31,6 +31,7 @@ from .gossip.config import RecordLimits
 from .identity import Identity, load_or_create
 from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
+from .records import is_durable
 from .store import Store
 from .wire import SignedRecord
 
@@ -77,8 +78,8 @@ class Agent:
 
     # -- AgentView (the control API calls these) ----------------------------
 
-    def status(self) -> dict[str, Any]:
-        assert self.identity is not None
+    def capability_rows(self) -> list[dict[str, Any]]:
+        """What this machine can do, one row a capability (status and topology show it)."""
         caps = [c.to_wire() for c in self.capabilities]
         if self.gossip is not None:
             caps.append(self.gossip.capability().to_wire())
@@ -95,6 +96,11 @@ class Agent:
                 else "off: 'clanctl ui' starts it for this run (or set web.enabled = true)"
             )
             caps.append(Capability("web", False, off).to_wire())
+        return caps
+
+    def status(self) -> dict[str, Any]:
+        assert self.identity is not None
+        caps = self.capability_rows()
         return {
             "node_id": self.identity.node_id,
             "short_id": self.identity.short_id,
@@ -293,9 +299,12 @@ class Agent:
             self.vms.wake()
 
     def on_member_changed(self) -> None:
-        """Someone joined, left or failed: who generates which secret may change."""
+        """Someone joined, left or failed: who generates which secret may
+        change, and our links changed (topology publishes a down link now)."""
         if self.secrets is not None:
             self.secrets.member_changed()
+        if self.topology is not None:
+            self.topology.wake()
 
     async def vm_request(self, body: Any) -> dict[str, Any]:
         """An admin's signed start/stop/restart order: check it, then gossip it."""
@@ -728,7 +737,7 @@ class Agent:
             g.max_records_per_origin, g.max_bytes_per_origin, g.max_records, g.max_bytes
         )
         self.store = await trio.to_thread.run_sync(
-            functools.partial(Store.open, state / "records", quota=quota)
+            functools.partial(Store.open, state / "records", quota=quota, durable=is_durable)
         )
         self.anchor = await trio.to_thread.run_sync(load_anchor, state)
         self.inventory = InventoryManager(self.anchor)

@@ -554,10 +554,11 @@ def spec(kind: str) -> KindSpec | None:
 
 
 def is_durable(kind: str) -> bool:
-    """Is `kind` persisted by the store?  False for soft and unknown kinds
-    (an unknown kind is refused by `validate` before it reaches a store)."""
+    """Is `kind` persisted by the store?  False for soft kinds.  True for an
+    unknown kind, the safe default (`validate` refuses those before they
+    reach a store, so only a test or a bug puts one there)."""
     s = kinds().get(kind)
-    return s is not None and s.durable
+    return s is None or s.durable
 
 
 def validate(record: SignedRecord, ctx: RecordContext) -> Any:

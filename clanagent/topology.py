@@ -274,7 +274,7 @@ class TopologyService:
 
     def _capabilities(self) -> list[dict[str, Any]]:
         try:
-            caps = self.agent.status()["capabilities"]
+            caps = self.agent.capability_rows()
         except Exception:  # a part mid-start: report nothing rather than fail
             return []
         return [

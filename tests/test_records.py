@@ -558,3 +558,27 @@ async def test_an_export_for_a_role_its_machine_does_not_hold_is_not_taken(tmp_p
             with pytest.raises(Refusal) as exc:
                 judge.validate_record(rec)
             assert exc.value.transient and "does not hold backup.server" in str(exc.value)
+
+
+async def test_a_steady_vm_status_is_republished_before_its_ttl_runs_out(tmp_path, autojump_clock):
+    """vm-status is soft (held in memory, expired after its TTL): an unchanged
+    status goes out again within its refresh interval, and not before."""
+    from clanagent.records import spec
+    from clanagent.vmhost.service import VM_STATUS_KIND, VmService
+
+    _admin, _anchor, _version, agents = make_agents(tmp_path)
+    host = agents[1]
+    vms = VmService(host)
+    vms._errors = {"web": "no backend here"}
+
+    async def versions() -> int:
+        await vms._publish_status()
+        return own(host, VM_STATUS_KIND, "web").version
+
+    first = await versions()
+    await trio.sleep(60)
+    assert await versions() == first  # unchanged, not due: nothing new
+    s = spec(VM_STATUS_KIND)
+    assert s.refresh is not None and s.ttl is not None and s.refresh <= s.ttl / 2
+    await trio.sleep(s.refresh)
+    assert await versions() > first  # refreshed, well before the TTL

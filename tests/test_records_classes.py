@@ -55,7 +55,7 @@ def test_the_republished_soft_kinds_refresh_periodically():
 
 def test_unknown_kinds():
     assert spec("no-such-kind") is None
-    assert is_durable("no-such-kind") is False
+    assert is_durable("no-such-kind") is True  # the safe default
     assert KINDS["topology"] is spec("topology")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from typing import Any
 import trio
 
 from .._log import kv
+from ..records import spec
 from .backend import RunDir, process_started_at
 from .console import ConsoleLog
 from .lifecycle import (
@@ -82,6 +84,7 @@ class VmService:
         self.backend_reason = "not started"
         self._wakeup = trio.Event()
         self._published: dict[str, dict] = {}
+        self._refresh_due: dict[str, float] = {}  # VM -> when its status is republished
         self._errors: dict[str, str] = {}
         self._held: set[str] = set()  # stopped by an admin: not started again
         self._restarted: dict[str, int] = {}  # vm -> time of the restart request acted on
@@ -328,8 +331,12 @@ class VmService:
                 # on its word (after checking it against the inventory).
                 "overlay": self._overlay.get(name, "") if state == "running" else "",
             }
-            if self._published.get(name) != body:
+            now = trio.current_time()
+            # a soft kind: republished on a change, and before its TTL runs out
+            if self._published.get(name) != body or now >= self._refresh_due.get(name, now + 1):
                 self._published[name] = body
+                refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * random.random())
+                self._refresh_due[name] = now + refresh
                 await self.agent.publish_record(
                     VM_STATUS_KIND, name, {**body, "at": int(time.time())}
                 )
