@@ -931,9 +931,11 @@ class GossipNode:
             self._gossip(out)
         if now >= self._rejoin.next_deadline():
             self._reconnect(now, out)
-        if now >= self._next_ae_at and not self._membership.has_left:
+        if now >= self._next_ae_at:
+            # (Moved on even after we left: a deadline left in the past would
+            # make the driver tick us in a busy loop.)
             self._next_ae_at = self._ae_interval_from(now)
-            peers = self._membership.random_members(1)
+            peers = [] if self._membership.has_left else self._membership.random_members(1)
             if peers:
                 node_id, addr = peers[0]
                 self._send_ae_request(out, node_id, addr)
