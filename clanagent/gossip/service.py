@@ -158,13 +158,19 @@ class GossipService:
         # The peer book: addresses of peers remembered across restarts.
         state_path = getattr(getattr(agent, "cfg", None), "state_path", None)
         self._book_path: Path | None = (
-            Path(state_path) / PEER_BOOK_FILE if state_path is not None else None
+            Path(state_path) / PEER_BOOK_FILE if isinstance(state_path, str | Path) else None
         )
         self._book: list[PeerEntry] = []  # as last loaded or written
         self._book_dirty = False
         self._book_changed = trio.Event()
         self._book_warned: set[str] = set()
-        self._scope: frozenset[str] | None = None  # node ids the inventory lists
+        # Node ids of the members we may retry when lost: the inventory's
+        # machines (see on_inventory); before one, the configured admitted keys.
+        self._scope: frozenset[str] | None = None
+        if self._admitted:
+            from ..identity import node_id_of
+
+            self._scope = frozenset(node_id_of(k) for k in self._admitted if len(k) == 32)
 
     # -- policy ----------------------------------------------------------------
 
