@@ -27,7 +27,10 @@ we hold):
   Alive    X is us, inc < ours               -> ignored
   Alive    X is us, same inc/addr/meta       -> ignored
   Alive    X is us, otherwise                -> refute (inc = max(ours, inc) + 1)
-  Alive    other address, X not reclaimable  -> ignored (address conflict)
+  Alive    other address, X not reclaimable  -> ignored (address conflict);
+           (reclaimable: X left, X dead past dead_node_reclaim_time, or X
+           itself told us, over its authenticated session: a restart on a
+           new address)
   Alive    inc <= ours (and not reclaiming)  -> ignored
   Alive    otherwise                         -> alive; Joined (was dead/left),
                                                 Alive (was suspect), Updated (meta/addr)
@@ -205,6 +208,7 @@ class Membership:
         self._left = False
         self._alive = 0
         self._regossip_replies = regossip_push_pull_replies
+        self._from_node: str | None = None  # authenticated sender of the message in hand
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
@@ -226,6 +230,7 @@ class Membership:
             "relay_overflow": 0,
             "unrefutable": 0,
             "refutes": 0,
+            "address_moved": 0,
         }
         self._handlers: dict[type, Callable[[Message, str, float, list[Action]], None]] = {
             Ping: self._on_ping,
@@ -259,14 +264,26 @@ class Membership:
             out.append(Send(node_id, addr, state))
         return out
 
-    def receive(self, now: float, from_addr: str, message: Message) -> list[Action]:
-        """Handle one decoded message that arrived from `from_addr`."""
+    def receive(
+        self, now: float, from_addr: str, message: Message, *, from_node: str | None = None
+    ) -> list[Action]:
+        """Handle one decoded message that arrived from `from_addr`.
+
+        `from_node`: the sender's node id when the transport authenticated it
+        (a peer session), else None.  A member may move its own address (it
+        restarted on another port) only by telling us itself; and a push/pull
+        reply goes back to an authenticated sender by id, not to the address
+        its connection came from (an ephemeral port nobody listens on)."""
         self._now = now
         handler = self._handlers.get(type(message))
         if handler is None:
             raise LocalProtocolError(f"not a membership message: {type(message).__name__}")
         out: list[Action] = []
-        handler(message, from_addr, now, out)
+        self._from_node = from_node
+        try:
+            handler(message, from_addr, now, out)
+        finally:
+            self._from_node = None
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -599,6 +616,10 @@ class Membership:
                 )
                 if node.state is _LEFT or (node.state is _DEAD and can_reclaim):
                     reclaim = True
+                elif self._from_node == a.node and a.incarnation > node.incarnation:
+                    # The member itself, authenticated, at a newer incarnation:
+                    # it moved (a restart on a new port).
+                    self.stats["address_moved"] += 1
                 else:
                     self.stats["address_conflict"] += 1
                     return
@@ -709,7 +730,7 @@ class Membership:
 
     def _on_push_pull(self, msg: PushPull, from_addr: str, now: float, out: list[Action]) -> None:
         if not msg.reply:
-            out.append(Send(None, from_addr, self._push_pull_message(reply=True)))
+            out.append(Send(self._from_node, from_addr, self._push_pull_message(reply=True)))
         me = self.self_id
         # memberlist re-gossips everything new it merges.  A joiner merging
         # the seed's reply would then queue the whole clan for gossip, which

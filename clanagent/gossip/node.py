@@ -68,6 +68,7 @@ from .events import (
     Suspect,
 )
 from .membership import Membership
+from .rejoin import RETRY_TIMEOUT, RejoinSchedule
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -143,9 +144,17 @@ AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
 EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
-# How often we try to reach one member declared dead, and for how long.
+# Members we marked dead or left are tried again (a full state exchange, as
+# a join) on a per-member schedule (rejoin.RejoinSchedule): exponential
+# backoff with jitter from the push-pull interval (RECONNECT_INTERVAL when
+# push-pull is off) up to RETRY_MAX_DELAY, while the inventory lists them
+# (without an inventory: for RETRY_TIMEOUT).  Each due attempt is made with
+# probability REJOIN_FANOUT / (alive peers), as Serf scales its reconnects,
+# so the whole clan makes about REJOIN_FANOUT attempts per step, not one per
+# member: a restarted node is not flooded with full-state exchanges.
 RECONNECT_INTERVAL = 10.0
-RECONNECT_TIMEOUT = 24 * 3600.0
+RECONNECT_TIMEOUT = RETRY_TIMEOUT
+REJOIN_FANOUT = 3
 # Peer scoring: each offence costs this much; below the floor we ignore the peer.
 OFFENCE_COST = 10
 SCORE_FLOOR = -100
@@ -391,10 +400,11 @@ class GossipNode:
         self._rq = BroadcastQueue(
             config.retransmit_mult * RECORD_RETRANSMIT_FACTOR, self._num_nodes
         )
-        # Members declared dead (not left), by id -> (addr, when): we keep
-        # trying to reach them so partitions heal (Serf's reconnect).
-        self._failed: dict[str, tuple[str, float]] = {}
-        self._next_reconnect_at = now + rng.random() * RECONNECT_INTERVAL
+        # Members we marked dead or left: we keep trying to reach them, so
+        # partitions heal (Serf's reconnect) and a restarted member that
+        # remembers nobody is found again (see REJOIN_FANOUT).
+        base = config.push_pull_interval if config.push_pull_interval > 0 else RECONNECT_INTERVAL
+        self._rejoin = RejoinSchedule(base, rng)
         self._membership = Membership(
             config,
             self.node_id,
@@ -459,10 +469,11 @@ class GossipNode:
             if names is None:
                 continue
             state, change = names
-            if state == "dead":
-                self._failed[action.node] = (action.addr, self._now)
-            else:
-                self._failed.pop(action.node, None)
+            if action.node != self.node_id:
+                if state in ("dead", "left"):
+                    self._rejoin.lost(action.node, action.addr, self._now)
+                else:
+                    self._rejoin.found(action.node)
             info = self._membership.member(action.node)
             name = decode_node_meta(info.meta) if info is not None else ""
             out.append(
@@ -711,7 +722,9 @@ class GossipNode:
                 return
             if from_node is not None:
                 self._last_seen[from_node] = now
-            self._handle_membership_actions(self._membership.receive(now, from_addr, msg), out)
+            self._handle_membership_actions(
+                self._membership.receive(now, from_addr, msg, from_node=from_node), out
+            )
 
     # -- records --------------------------------------------------------------
 
@@ -1035,37 +1048,45 @@ class GossipNode:
             self._gossip(out)
         if self._eager_rounds > 0 and now >= self._next_eager_pull_at:
             self._eager_pull(now, "", out)
-        if self._failed and now >= self._next_reconnect_at:
-            self._next_reconnect_at = now + RECONNECT_INTERVAL
+        if now >= self._rejoin.next_deadline():
             self._reconnect(now, out)
-        if now >= self._next_ae_at and not self._membership.has_left:
+        if now >= self._next_ae_at:
+            # (Moved on even after we left: a deadline left in the past would
+            # make the driver tick us in a busy loop.)
             self._next_ae_at = self._ae_interval_from(now)
-            peers = self._membership.random_members(1)
+            peers = [] if self._membership.has_left else self._membership.random_members(1)
             if peers:
                 node_id, addr = peers[0]
                 self._send_ae_request(out, node_id, addr)
         return out
 
     def _reconnect(self, now: float, out: list[NodeAction]) -> None:
-        """Try one failed member: a full state exchange, as a join would.
+        """Try each lost member whose turn has come: a full state exchange, as a join.
 
         A partition long enough for both sides to declare each other dead
-        would otherwise never heal: nothing probes dead members."""
-        for node_id, (_, since) in list(self._failed.items()):
-            if now - since > RECONNECT_TIMEOUT:
-                del self._failed[node_id]
-        if not self._failed or self._membership.has_left:
+        would otherwise never heal (nothing probes dead members), and a member
+        that restarted knowing nobody would stay alone (nothing dials a member
+        that left)."""
+        due = self._rejoin.due(now)
+        if not due or self._membership.has_left:
             return
-        # As Serf does: each node tries with probability failed / alive, so the
-        # whole clan makes about one attempt per interval, not one per node.
-        alive = max(1, self._membership.alive_count() - 1)
-        if self._rng.random() > len(self._failed) / alive:
-            return
-        node_id = self._rng.choice(sorted(self._failed))
-        addr = self._failed[node_id][0]
-        self.stats["reconnects"] = self.stats.get("reconnects", 0) + 1
-        self._handle_membership_actions(self._membership.join(now, [(node_id, addr)]), out)
-        self._send_ae_request(out, node_id, addr)
+        odds = REJOIN_FANOUT / max(1, self._membership.alive_count() - 1)
+        for node_id, addr in due:
+            if odds < 1.0 and self._rng.random() >= odds:
+                self.stats["rejoin_skipped"] = self.stats.get("rejoin_skipped", 0) + 1
+                continue
+            self.stats["reconnects"] = self.stats.get("reconnects", 0) + 1
+            self._handle_membership_actions(self._membership.join(now, [(node_id, addr)]), out)
+            self._send_ae_request(out, node_id, addr)
+
+    def set_rejoin_scope(self, node_ids: Iterable[str] | None) -> None:
+        """The members the inventory lists (None: no inventory): lost members
+        are retried only while listed."""
+        self._rejoin.scope(node_ids)
+
+    def rejoin_pending(self) -> dict[str, tuple[str, int, float]]:
+        """Lost members we keep trying: node id -> (addr, attempts, next at)."""
+        return self._rejoin.pending()
 
     def _take_broadcasts(self, room: int) -> list[bytes]:
         items = self._bq.get_broadcasts(2, room)
@@ -1102,8 +1123,7 @@ class GossipNode:
     def next_deadline(self) -> float:
         best = self._membership.next_deadline()
         t = self._next_gossip_at if (len(self._bq) or len(self._rq)) else math.inf
-        if self._failed:
-            t = min(t, self._next_reconnect_at)
+        t = min(t, self._rejoin.next_deadline())
         if self._eager_rounds > 0:
             t = min(t, self._next_eager_pull_at)
         if best is not None:
@@ -1155,7 +1175,10 @@ class GossipNode:
 
     def counters(self) -> dict[str, int]:
         """The node's stats (a copy): traffic, drops by reason, internal errors."""
-        return dict(self.stats)
+        out = dict(self.stats)
+        out.update(self._rejoin.stats)
+        out["rejoin_pending"] = len(self._rejoin)
+        return out
 
     def peer_scores(self) -> dict[str, int]:
         for sc in self._scores.values():

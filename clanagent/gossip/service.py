@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -39,6 +40,14 @@ from .node import (
     SendTo,
 )
 from .peer import HANDSHAKE_DEADLINE, PeerListener, PeerSession, connect
+from .rejoin import (
+    MAX_PEERS,
+    PEER_BOOK_FILE,
+    PeerBookError,
+    PeerEntry,
+    load_peer_book,
+    save_peer_book,
+)
 
 __all__ = ["GossipService", "DEFAULT_CLAN_ID", "profile_config", "addr_to_url"]
 
@@ -56,6 +65,14 @@ _DIAL_FAILURES = (GossipError, ConfigError, OSError)
 JOIN_RETRY = 2.0
 MISBEHAVED_LOG_INTERVAL = 60.0  # seconds between "peer misbehaved" warnings per peer
 MAX_MISBEHAVED_LOG = 1024  # peers remembered for that (the oldest is forgotten)
+# Remembered peer addresses dialed per join round (besides the seeds); the
+# rounds go through the whole peer book, most recently alive first.
+JOIN_SAMPLE = 4
+# The peer book is written when membership changed, after PEER_BOOK_SETTLE
+# (a burst of joins makes one write) and at most every PEER_BOOK_INTERVAL,
+# and once more on a graceful stop.
+PEER_BOOK_SETTLE = 1.0
+PEER_BOOK_INTERVAL = 10.0
 
 
 def profile_config(name: str) -> GossipConfig:
@@ -136,7 +153,28 @@ class GossipService:
         self._faults = FaultLog()
         # peer -> (when we last warned, offences held back since)
         self._misbehaved_log: dict[str, tuple[float | None, int]] = {}
-        self._counts = {"dials_refused": 0}
+        self._counts = {
+            "dials_refused": 0,
+            "peer_book_writes": 0,
+            "peer_book_failures": 0,
+            "peer_book_skipped": 0,
+        }
+        # The peer book: addresses of peers remembered across restarts.
+        state_path = getattr(getattr(agent, "cfg", None), "state_path", None)
+        self._book_path: Path | None = (
+            Path(state_path) / PEER_BOOK_FILE if isinstance(state_path, str | Path) else None
+        )
+        self._book: list[PeerEntry] = []  # as last loaded or written
+        self._book_dirty = False
+        self._book_changed = trio.Event()
+        self._book_warned: set[str] = set()
+        # Node ids of the members we may retry when lost: the inventory's
+        # machines (see on_inventory); before one, the configured admitted keys.
+        self._scope: frozenset[str] | None = None
+        if self._admitted:
+            from ..identity import node_id_of
+
+            self._scope = frozenset(node_id_of(k) for k in self._admitted if len(k) == 32)
 
     # -- policy ----------------------------------------------------------------
 
@@ -250,6 +288,7 @@ class GossipService:
             else:
                 # Not listening: peers can still talk back over our outgoing sessions.
                 self.addr = f"outbound-only:{identity.short_id}"
+            await self._load_peer_book()
             self.node = GossipNode(
                 identity,
                 self.config,
@@ -269,11 +308,14 @@ class GossipService:
                 "gossip started",
                 extra=kv(addr=self.addr, profile=self.cfg.profile, seeds=",".join(self.seeds)),
             )
+            self.node.set_rejoin_scope(self._scope)
             nursery.start_soon(self._timer_loop)
             info = NodeInfo(name=agent.name, version=__version__, addrs=[self.addr])
             self._publish("node-info", "", info.to_wire())
-            if self.seeds:
+            if self.seeds or self._book:
                 nursery.start_soon(self._join_loop)
+            if self._book_path is not None:
+                nursery.start_soon(self._peer_book_loop)
             task_status.started(self)
 
     def _publish(self, kind: str, key: str, body: Any) -> None:
@@ -293,7 +335,13 @@ class GossipService:
         self._handle(self.node.join(trio.current_time(), [addr]))
 
     def on_inventory(self, node_keys: frozenset[bytes]) -> None:
-        """A new inventory: close sessions of machines that are no longer in it."""
+        """A new inventory: close sessions of machines that are no longer in it,
+        and retry lost members only while it lists them."""
+        from ..identity import node_id_of
+
+        self._scope = frozenset(node_id_of(k) for k in node_keys)
+        if self.node is not None:
+            self.node.set_rejoin_scope(self._scope)
         for node_id, link in list(self._links.items()):
             if link.session.peer_public_key not in node_keys:
                 log.info(
@@ -303,10 +351,19 @@ class GossipService:
                 self._drop_link(node_id)
 
     async def _join_loop(self) -> None:
-        """Contact the seeds until some other member is alive (seeds may start later)."""
+        """Contact the seeds and the remembered peers until some other member
+        is alive (seeds may start later; remembered peers may have moved)."""
         assert self.node is not None
+        book = [e.addr for e in self._book if e.addr != self.addr]
+        turn = 0
         while True:
-            self._handle(self.node.join(trio.current_time(), list(self.seeds)))
+            sample = []
+            if book:
+                for i in range(min(JOIN_SAMPLE, len(book))):
+                    sample.append(book[(turn + i) % len(book)])
+                turn = (turn + JOIN_SAMPLE) % len(book)
+            targets = list(dict.fromkeys([*self.seeds, *sample]))
+            self._handle(self.node.join(trio.current_time(), targets))
             await trio.sleep(JOIN_RETRY)
             if self.node.membership.alive_count() > 1:
                 if not self._joined:
@@ -337,6 +394,71 @@ class GossipService:
             await trio.sleep(0.05)  # let dials started by the leave get going
             while self._dialing or any(link.busy for link in self._links.values()):
                 await trio.sleep(0.02)
+        if self._book_dirty:
+            await self._save_peer_book()
+
+    # -- the peer book ---------------------------------------------------------
+
+    async def _load_peer_book(self) -> None:
+        if self._book_path is None:
+            return
+        try:
+            entries, skipped = await trio.to_thread.run_sync(load_peer_book, self._book_path)
+        except (OSError, PeerBookError) as exc:
+            log.warning(
+                "ignoring an unusable peer file",
+                extra=kv(path=self._book_path, error=f"{type(exc).__name__}: {exc}"),
+            )
+            self._counts["peer_book_skipped"] += 1
+            return
+        self._counts["peer_book_skipped"] += skipped
+        self._book = entries
+        if entries:
+            log.info("remembered peers", extra=kv(count=len(entries)))
+
+    def _book_entries(self) -> list[PeerEntry]:
+        """What the peer book should hold now: alive members first, then what
+        it held before (members lost or not heard of in this run), bounded."""
+        assert self.node is not None
+        out: dict[str, PeerEntry] = {}
+        for m in self.node.members():
+            if m["self"] or m["state"] != "alive" or m["addr"].startswith("outbound-only:"):
+                continue
+            out[m["node_id"]] = PeerEntry(m["node_id"], m["addr"], m["name"])
+        for e in self._book:
+            if e.node_id == self.node.node_id or e.node_id in out:
+                continue
+            if self._scope is not None and e.node_id not in self._scope:
+                continue
+            out[e.node_id] = e
+        return list(out.values())[:MAX_PEERS]
+
+    async def _save_peer_book(self) -> None:
+        if self._book_path is None or self.node is None:
+            return
+        self._book_dirty = False
+        entries = self._book_entries()
+        try:
+            await trio.to_thread.run_sync(save_peer_book, self._book_path, entries)
+        except OSError as exc:
+            # Disk full, read-only state dir: counted; logged once per kind of error.
+            self._counts["peer_book_failures"] += 1
+            kind = type(exc).__name__
+            if kind not in self._book_warned:
+                self._book_warned.add(kind)
+                log.warning("could not write the peer file", extra=kv(error=exc))
+            return
+        self._book = entries
+        self._counts["peer_book_writes"] += 1
+
+    async def _peer_book_loop(self) -> None:
+        """Write the peer book after membership changed, rarely."""
+        while True:
+            await self._book_changed.wait()
+            self._book_changed = trio.Event()
+            await trio.sleep(PEER_BOOK_SETTLE)
+            await self._save_peer_book()
+            await trio.sleep(PEER_BOOK_INTERVAL)
 
     # -- actions -------------------------------------------------------------------
 
@@ -406,6 +528,9 @@ class GossipService:
         )
         if ev.state in ("dead", "left") and ev.node_id in self._links:
             self._drop_link(ev.node_id)
+        if ev.change in ("joined", "updated") and not self._book_dirty:
+            self._book_dirty = True
+            self._book_changed.set()
         hook = getattr(self.agent, "on_member_changed", None)
         if hook is not None:
             hook()
