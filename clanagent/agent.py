@@ -299,12 +299,9 @@ class Agent:
             self.vms.wake()
 
     def on_member_changed(self) -> None:
-        """Someone joined, left or failed: who generates which secret may
-        change, and our links changed (topology publishes a down link now)."""
+        """Someone joined, left or failed: who generates which secret may change."""
         if self.secrets is not None:
             self.secrets.member_changed()
-        if self.topology is not None:
-            self.topology.wake()
 
     async def vm_request(self, body: Any) -> dict[str, Any]:
         """An admin's signed start/stop/restart order: check it, then gossip it."""

@@ -273,6 +273,12 @@ def test_rotate_request_rules_in_the_planner():
     assert asks(3, T0 - 10) == []  # made before the current generation: spent
     assert asks(3, T0 + 1000) == []  # dated after now
     assert asks(3, 2**52) == []
+    # in the second the current one was created (times are seconds): it names
+    # the current one, so the rotation it causes spends it
+    assert asks(3, T0) == ["requested"]
+    # naming the next one, from that same second: it could be the one it
+    # caused, so not again
+    assert asks(4, T0) == []
 
 
 # ------------------------------------------------------------------ VM state from its host only

@@ -171,10 +171,16 @@ def _requested(
             req = parse_rotate_request(rec, verify=verify)
         except WireError:
             continue
-        if (
-            current.generation <= req.generation <= current.generation + 1
-            and current.created < req.requested <= now
-        ):
+        if req.requested > now:
+            continue
+        # Naming the current generation, a request is spent by the rotation
+        # it causes (the next one is newer than it names), so it may come in
+        # the same second the current one was created (times are seconds).
+        # Naming the next one, it must be strictly later, or it would count
+        # again for the generation it caused.
+        if req.generation == current.generation and current.created <= req.requested:
+            return True
+        if req.generation == current.generation + 1 and current.created < req.requested:
             return True
     return False
 
