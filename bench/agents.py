@@ -222,6 +222,13 @@ def wait_all(
     return times, statistics.median(rounds) if rounds else 0.0, t0
 
 
+def _quietly(fn: Callable[[str], Any], m: str) -> Any:
+    try:
+        return fn(m)
+    except Exception:  # an agent too busy to answer
+        return None
+
+
 def spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -251,6 +258,7 @@ def phase_join(clan: Clan, timeout: float) -> dict[str, Any]:
         "start_all_s": round(started, 2),
         "join_s": round(max(times.values()), 3) if len(times) == n else None,
         "joined": len(times),
+        "join_each_s": spread(list(times.values())),
         "poll_round_s": round(rnd, 3),
     }
 
@@ -268,37 +276,49 @@ def _proc_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _io_counters(sock: Path) -> tuple[int | None, int, str]:
-    """(store fsyncs or None, gossip bytes sent, which store counter was used)."""
-    counters = call(sock, "status")["counters"]
+def _sample(clan: Clan, m: str) -> dict[str, Any]:
+    """One agent's counters now: its CPU ticks, store counter and gossip bytes sent."""
+    counters = call(clan.sock(m), "status", timeout=30.0)["counters"]
+    t = time.monotonic()
     rec = counters.get("records", {})
-    fsyncs = rec.get("store_fsyncs")
-    source = "store_fsyncs"
-    if fsyncs is None:  # the store does not count fsyncs: count records written
-        fsyncs, source = rec.get("store_written"), "store_written"
-    return fsyncs, counters.get("gossip", {}).get("bytes_sent", 0), source
+    store, source = rec.get("store_fsyncs"), "store_fsyncs"
+    if store is None:  # this store does not count fsyncs: count the records it wrote
+        store, source = rec.get("store_written", 0), "store_written"
+    return {
+        "t": t,
+        "cpu": _proc_cpu_ticks(clan.procs[m].pid),
+        "store": store,
+        "store_counter": source,
+        "sent": counters.get("gossip", {}).get("bytes_sent", 0),
+    }
 
 
 def phase_idle(clan: Clan, settle: float, window: float) -> dict[str, Any]:
+    """Rates per agent between two samples `window` seconds apart (each agent
+    its own interval, so slow `status` answers under load do not skew them)."""
     time.sleep(settle)
     names = clan.alive()
-    t0 = time.monotonic()
-    cpu0 = {m: _proc_cpu_ticks(clan.procs[m].pid) for m in names}
-    io0 = {m: _io_counters(clan.sock(m)) for m in names}
+    before = {m: _quietly(lambda m: _sample(clan, m), m) for m in names}
     time.sleep(window)
-    elapsed = time.monotonic() - t0
-    cpu1 = {m: _proc_cpu_ticks(clan.procs[m].pid) for m in names}
-    io1 = {m: _io_counters(clan.sock(m)) for m in names}
-    rss = {m: _proc_rss_mb(clan.procs[m].pid) for m in names}
-    cpu_pct = [100 * (cpu1[m] - cpu0[m]) / CLK_TCK / elapsed for m in names]
-    fsyncs = [(io1[m][0] - io0[m][0]) / elapsed for m in names if io0[m][0] is not None]
-    sent = [(io1[m][1] - io0[m][1]) / elapsed for m in names]
+    after = {m: _quietly(lambda m: _sample(clan, m), m) for m in names}
+    rss = [_proc_rss_mb(clan.procs[m].pid) for m in names]
+    cpu_pct, store, sent = [], [], []
+    for m in names:
+        a, b = before[m], after[m]
+        if a is None or b is None:
+            continue
+        dt = b["t"] - a["t"]
+        cpu_pct.append(100 * (b["cpu"] - a["cpu"]) / CLK_TCK / dt)
+        store.append((b["store"] - a["store"]) / dt)
+        sent.append((b["sent"] - a["sent"]) / dt)
+    source = next((a["store_counter"] for a in before.values() if a), "-")
     return {
-        "window_s": round(elapsed, 1),
+        "window_s": window,
+        "sampled": len(cpu_pct),
         "cpu_pct": spread(cpu_pct),
-        "rss_mb": spread(list(rss.values())),
-        "store_per_s": spread(fsyncs),
-        "store_counter": io0[names[0]][2],
+        "rss_mb": spread(rss),
+        "store_per_s": spread(store),
+        "store_counter": source,
         "bytes_sent_per_s": spread(sent),
         "cpu_pct_total": round(sum(cpu_pct), 1),
     }
@@ -345,17 +365,26 @@ def phase_kill(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
     for victim in list(reversed(clan.names[1:]))[:count]:
         vid = clan.node_ids[victim]
         proc = clan.procs[victim]
+        names = [m for m in clan.alive() if m != victim]
+
+        def state_of(m: str, vid: str = vid) -> str:
+            rows = call(clan.sock(m), "peers")
+            return next((r["state"] for r in rows if r["node_id"] == vid), "unknown")
+
+        # A kill only measures detection where the victim was seen alive.
+        alive_before = sum(_quietly(state_of, m) == "alive" for m in names)
         os.kill(proc.pid, signal.SIGKILL)
         t_kill = time.monotonic()
         proc.wait()
-        names = clan.alive()
-
-        def sees_dead(m: str, vid: str = vid) -> bool:
-            rows = call(clan.sock(m), "peers")
-            return any(r["node_id"] == vid and r["state"] == "dead" for r in rows)
-
-        times, rnd, t0 = wait_all(clan, names, sees_dead, timeout)
-        detail.append({"reached": len(times), "of": len(names), "poll_round_s": round(rnd, 3)})
+        times, rnd, t0 = wait_all(clan, names, lambda m: state_of(m) == "dead", timeout)
+        detail.append(
+            {
+                "reached": len(times),
+                "of": len(names),
+                "victim_alive_before_in": alive_before,
+                "poll_round_s": round(rnd, 3),
+            }
+        )
         if len(times) != len(names):
             break
         runs.append(max(times.values()) + t0 - t_kill)
@@ -419,8 +448,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         join = "-" if r.get("join_s") is None else f"{r['join_s']:.2f}"
         if r.get("join_s") is None and "joined" in r:
             join = f"- ({r['joined']}/{r['n']})"
+        kill = _fmt(r.get("kill_s"))
+        if any(k["victim_alive_before_in"] < k["of"] for k in r.get("kills", [])):
+            kill += " *"  # some agents did not see the victim alive before the kill
         lines.append(
-            f"| {r['n']} | {join} | {_fmt(r.get('edit_s'))} | {_fmt(r.get('kill_s'))} "
+            f"| {r['n']} | {join} | {_fmt(r.get('edit_s'))} | {kill} "
             f"| {_fmt(idle.get('cpu_pct'))} | {_fmt(idle.get('rss_mb'), digits=0)} "
             f"| {_fmt(idle.get('store_per_s'), digits=1)} "
             f"| {_fmt(idle.get('bytes_sent_per_s'), digits=0)} |"
@@ -469,8 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             cores=os.cpu_count(),
         )
         rows.append(row)
-    print(table(rows))
+    text = table(rows)
+    print(text)
     print("median (min-max); store/s counts", rows[0].get("idle", {}).get("store_counter", "-"))
+    if " *" in text:
+        print("* some agents did not see the victim alive before the kill (clan not converged)")
     if not args.quick:  # a smoke test's rows are no result
         old = json.loads(args.out.read_text()) if args.out.exists() else []
         merged = [r for r in old if r["n"] not in sizes] + rows
