@@ -55,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Clan:
     names: list[str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_ids: dict[str, str] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)  # wall time of each spawn
 
     @property
     def admin_key(self) -> Path:
@@ -125,6 +127,7 @@ class Clan:
     def start(self, m: str, timeout: float = 60.0) -> None:
         argv = [sys.executable, "-m", "clanagent.cli.agent_main", "run"]
         argv += ["--config", str(self.home(m) / "agent.toml")]
+        self.started_at[m] = time.time()
         with (self.home(m) / "agent.log").open("a") as log:
             self.procs[m] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout
@@ -193,33 +196,73 @@ def found_clan(work: Path, n: int) -> Clan:
     return clan
 
 
+# -- events -----------------------------------------------------------------------
+
+
+class Watch:
+    """One agent's `events` stream, read by a thread.
+
+    Each event carries `ts`, the agent's wall clock when it published it, so
+    times taken from events do not depend on how fast this process polls."""
+
+    def __init__(self, sock: Path) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.broken = False  # the stream ended or lost events: poll instead
+        self._client = ControlClient(sock, timeout=30.0)
+        self._client.connect()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for ev in self._client.stream("events"):
+                if ev.get("type") == "events.dropped":
+                    self.broken = True
+                self.events.append(ev)  # list.append is atomic
+        except Exception:  # the agent stopped, or close() below
+            pass
+        self.broken = True
+
+    def first(self, pred: Callable[[dict[str, Any]], bool]) -> float | None:
+        return next((ev["ts"] for ev in list(self.events) if pred(ev)), None)
+
+    def last(self, pred: Callable[[dict[str, Any]], bool], until: float) -> float | None:
+        hits = [ev["ts"] for ev in list(self.events) if pred(ev) and ev["ts"] <= until]
+        return hits[-1] if hits else None
+
+    def close(self) -> None:
+        sock = self._client._sock  # shut down, not only closed: that wakes the reader
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._client.close()
+        self._thread.join(timeout=5)
+
+
 # -- polling --------------------------------------------------------------------
 
 
 def wait_all(
-    clan: Clan, names: list[str], done: Callable[[str], bool], timeout: float
-) -> tuple[dict[str, float], float, float]:
-    """Poll each agent in `names` until `done(name)`; seconds each took from now.
+    names: list[str], done: Callable[[str], bool], timeout: float
+) -> tuple[dict[str, float], float]:
+    """Ask each agent in `names` until `done(name)`, then leave it alone.
 
-    Returns (times of the agents that got there, median round length, t0).
+    Returns ({name: wall time when it was seen done}, median round seconds).
     An agent whose call fails (busy, starting) is simply asked again."""
     t0 = time.monotonic()
     pending = list(names)
-    times: dict[str, float] = {}
+    seen: dict[str, float] = {}
     rounds: list[float] = []
     while pending and time.monotonic() - t0 < timeout:
         r0 = time.monotonic()
         for m in list(pending):
-            ok = False
-            with contextlib.suppress(Exception):
-                ok = done(m)
-            if ok:
-                times[m] = time.monotonic() - t0
+            if _quietly(done, m):
+                seen[m] = time.time()
                 pending.remove(m)
         rounds.append(time.monotonic() - r0)
         if pending:
-            time.sleep(max(0.0, 0.1 - rounds[-1]))
-    return times, statistics.median(rounds) if rounds else 0.0, t0
+            time.sleep(max(0.0, 0.2 - rounds[-1]))
+    return seen, statistics.median(rounds) if rounds else 0.0
 
 
 def _quietly(fn: Callable[[str], Any], m: str) -> Any:
@@ -243,24 +286,156 @@ def spread(values: list[float]) -> dict[str, float] | None:
 # -- phases ---------------------------------------------------------------------
 
 
+def _is_alive_event(ev: dict[str, Any]) -> bool:
+    return ev["type"].startswith("member.") and ev.get("state") == "alive"
+
+
 def phase_join(clan: Clan, timeout: float) -> dict[str, Any]:
-    t_start = time.monotonic()
-    for m in clan.names[1:]:
-        clan.start(m)
-    started = time.monotonic() - t_start
+    """Each agent's join time is its last `member.alive` event before it was
+    seen counting N alive (the poll's time where no event was caught)."""
     n = len(clan.names)
+    first = clan.names[0]
+    watches = {first: Watch(clan.sock(first))}
+    t_start = time.monotonic()
+    try:
+        for m in clan.names[1:]:
+            clan.start(m)
+            watches[m] = Watch(clan.sock(m))
+        started = time.monotonic() - t_start
+        t_last = clan.started_at[clan.names[-1]]
 
-    def sees_all(m: str) -> bool:
-        return call(clan.sock(m), "status")["members"].get("alive", 0) >= n
+        def sees_all(m: str) -> bool:
+            return call(clan.sock(m), "status")["members"].get("alive", 0) >= n
 
-    times, rnd, _ = wait_all(clan, clan.names, sees_all, timeout)
+        seen, rnd = wait_all(clan.names, sees_all, timeout)
+        each, from_poll = {}, 0
+        for m, t_seen in seen.items():
+            ts = watches[m].last(_is_alive_event, t_seen)
+            from_poll += ts is None
+            each[m] = max(0.0, (t_seen if ts is None else ts) - t_last)
+    finally:
+        for w in watches.values():
+            w.close()
     return {
         "start_all_s": round(started, 2),
-        "join_s": round(max(times.values()), 3) if len(times) == n else None,
-        "joined": len(times),
-        "join_each_s": spread(list(times.values())),
+        "join_s": round(max(each.values()), 3) if len(each) == n else None,
+        "joined": len(each),
+        "join_each_s": spread(list(each.values())),
+        "join_from_poll": from_poll,
         "poll_round_s": round(rnd, 3),
     }
+
+
+def _timed_by_events(
+    names: list[str], pred: Callable[[dict[str, Any]], bool], poll: Callable[[str], bool],
+    t0: float, watches: dict[str, Watch], timeout: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Wait until every agent in `names` has an event matching `pred` (or,
+    if its stream broke, answers `poll`); seconds from `t0` for each."""
+
+    def done(m: str) -> bool:
+        w = watches[m]
+        return w.first(pred) is not None or (w.broken and poll(m))
+
+    seen, rnd = wait_all(names, done, timeout)
+    each, from_poll = [], 0
+    for m, t_seen in seen.items():
+        ts = watches[m].first(pred)
+        from_poll += ts is None
+        each.append((t_seen if ts is None else ts) - t0)
+    return {
+        "reached": len(seen),
+        "of": len(names),
+        "s": round(max(each), 3) if len(seen) == len(names) else None,
+        "from_poll": from_poll,
+        "poll_round_s": round(rnd, 3),
+    }
+
+
+def _watch_all(clan: Clan) -> dict[str, Watch]:
+    watches = {m: Watch(clan.sock(m)) for m in clan.alive()}
+    time.sleep(1.0)  # let every agent take the subscription before anything happens
+    return watches
+
+
+def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
+    """From just before `inventory.submit` to each agent's `inventory.head`
+    event for the new document (the event names the document's hash)."""
+    from clanagent.cli._inventory_cmds import _seal_and_sign, load_admin_key
+    from clanagent.inventory.model import doc_hash
+
+    first = clan.names[0]
+    key = load_admin_key(clan.admin_key)
+    runs: list[float] = []
+    detail = []
+    watches = _watch_all(clan)
+    try:
+        for i in range(count):
+            with ControlClient(clan.sock(first), timeout=60.0) as c:
+                shown = c.call("inventory.show", {})
+                doc = copy.deepcopy(shown["doc"])
+                doc["machines"][first]["tags"] = [f"bench-{i}-{int(time.time())}"]
+                version = _seal_and_sign(c, doc, shown, [key], f"bench edit {i}")
+                t0 = time.time()
+                want = c.call("inventory.submit", {"version": version.to_wire(), "init": False})[
+                    "hash"
+                ]
+
+            def is_head(ev: dict[str, Any], doc: str = doc_hash(version.doc).hex()) -> bool:
+                return ev["type"] == "inventory.head" and ev.get("hash") == doc
+
+            def has_it(m: str, want: bytes = want) -> bool:
+                return call(clan.sock(m), "inventory.show")["leaves"] == [want]
+
+            names = [m for m in clan.alive() if m in watches]
+            got = _timed_by_events(names, is_head, has_it, t0, watches, timeout)
+            detail.append(got)
+            if got["s"] is None:
+                break
+            runs.append(got["s"])
+    finally:
+        for w in watches.values():
+            w.close()
+    return {"edit_s": spread(runs), "edits": detail}
+
+
+def phase_kill(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
+    """From the `kill -9` to each other agent's `member.dead` event for the victim."""
+    runs: list[float] = []
+    detail = []
+    watches = _watch_all(clan)
+    try:
+        for victim in list(reversed(clan.names[1:]))[:count]:
+            vid = clan.node_ids[victim]
+            proc = clan.procs[victim]
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent {victim} exited by itself:\n{clan.log_tail(victim)}")
+            names = [m for m in clan.alive() if m != victim and m in watches]
+
+            def state_of(m: str, vid: str = vid) -> str:
+                rows = call(clan.sock(m), "peers")
+                return next((r["state"] for r in rows if r["node_id"] == vid), "unknown")
+
+            def is_dead(ev: dict[str, Any], vid: str = vid) -> bool:
+                return ev["type"] == "member.dead" and ev.get("node_id") == vid
+
+            # A kill only measures detection where the victim was seen alive.
+            alive_before = sum(_quietly(state_of, m) == "alive" for m in names)
+            t0 = time.time()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            got = _timed_by_events(
+                names, is_dead, lambda m: state_of(m) == "dead", t0, watches, timeout
+            )
+            got["victim_alive_before_in"] = alive_before
+            detail.append(got)
+            if got["s"] is None:
+                break
+            runs.append(got["s"])
+    finally:
+        for w in watches.values():
+            w.close()
+    return {"kill_s": spread(runs), "kills": detail}
 
 
 def _proc_cpu_ticks(pid: int) -> int:
@@ -322,73 +497,6 @@ def phase_idle(clan: Clan, settle: float, window: float) -> dict[str, Any]:
         "bytes_sent_per_s": spread(sent),
         "cpu_pct_total": round(sum(cpu_pct), 1),
     }
-
-
-def _head(sock: Path) -> list[bytes]:
-    return call(sock, "inventory.show")["leaves"]
-
-
-def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
-    from clanagent.cli._inventory_cmds import _seal_and_sign, load_admin_key
-
-    first = clan.names[0]
-    key = load_admin_key(clan.admin_key)
-    runs: list[float] = []
-    detail = []
-    for i in range(count):
-        with ControlClient(clan.sock(first), timeout=10.0) as c:
-            shown = c.call("inventory.show", {})
-            doc = copy.deepcopy(shown["doc"])
-            doc["machines"][first]["tags"] = [f"bench-{i}-{int(time.time())}"]
-            version = _seal_and_sign(c, doc, shown, [key], f"bench edit {i}")
-            t_submit = time.monotonic()
-            result = c.call("inventory.submit", {"version": version.to_wire(), "init": False})
-        want = result["hash"]
-        names = clan.alive()
-
-        def has_it(m: str, want: bytes = want) -> bool:
-            return _head(clan.sock(m)) == [want]
-
-        times, rnd, t0 = wait_all(clan, names, has_it, timeout)
-        lag = t0 - t_submit  # the submit call's return to the first poll
-        done = len(times) == len(names)
-        detail.append({"reached": len(times), "of": len(names), "poll_round_s": round(rnd, 3)})
-        if not done:
-            break
-        runs.append(max(times.values()) + lag)
-    return {"edit_s": spread(runs), "edits": detail}
-
-
-def phase_kill(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
-    runs: list[float] = []
-    detail = []
-    for victim in list(reversed(clan.names[1:]))[:count]:
-        vid = clan.node_ids[victim]
-        proc = clan.procs[victim]
-        names = [m for m in clan.alive() if m != victim]
-
-        def state_of(m: str, vid: str = vid) -> str:
-            rows = call(clan.sock(m), "peers")
-            return next((r["state"] for r in rows if r["node_id"] == vid), "unknown")
-
-        # A kill only measures detection where the victim was seen alive.
-        alive_before = sum(_quietly(state_of, m) == "alive" for m in names)
-        os.kill(proc.pid, signal.SIGKILL)
-        t_kill = time.monotonic()
-        proc.wait()
-        times, rnd, t0 = wait_all(clan, names, lambda m: state_of(m) == "dead", timeout)
-        detail.append(
-            {
-                "reached": len(times),
-                "of": len(names),
-                "victim_alive_before_in": alive_before,
-                "poll_round_s": round(rnd, 3),
-            }
-        )
-        if len(times) != len(names):
-            break
-        runs.append(max(times.values()) + t0 - t_kill)
-    return {"kill_s": spread(runs), "kills": detail}
 
 
 # -- one size -------------------------------------------------------------------
