@@ -4,10 +4,10 @@ What it measures, for each N (default 10 and 50; `--sizes 10,50,100`):
 
 | field | how |
 | --- | --- |
-| `join_s` | from the last agent's start until every agent's `status` counts N members alive (itself included) |
-| `edit_s` | from submitting an inventory edit to m1 (one tag changed, signed with the admin key by the code `clanctl inventory apply` runs) until every agent's inventory head is that version; `--edits` times |
-| `kill_s` | from a `kill -9` of one agent until every other agent's peer table says it is dead; `--kills` times, one victim after another |
-| `idle` | per agent, over `--idle` seconds after `--settle` seconds of quiet: CPU % of one core (utime + stime from /proc/PID/stat), RSS (VmRSS from /proc/PID/status, at the end), store fsyncs/s and gossip bytes/s sent (from the `counters` in `status`, see `_idle_rates`) |
+| `join_s` | from spawning the last agent until every agent's `status` counts N members alive (itself included) |
+| `edit_s` | from submitting an inventory edit to m1 (one tag changed, signed with the admin key by the code `clanctl inventory apply` runs) until every agent has published `inventory.head` for the new document; `--edits` times |
+| `kill_s` | from a `kill -9` of one agent until every other agent has published `member.dead` for it; `--kills` times, one victim after another |
+| `idle` | per agent, between two samples `--idle` seconds apart after `--settle` seconds of quiet: CPU % of one core (utime + stime from /proc/PID/stat), RSS (VmRSS from /proc/PID/status), store fsyncs/s and gossip bytes/s sent (from the `counters` in `status`, see `_sample`) |
 
 How the clan is made, as a user makes it: the agents run with the `lan`
 gossip profile, WireGuard and mDNS off, each with its own state directory,
@@ -22,12 +22,14 @@ start-up per command).  Then the agents start one after another, each once
 the previous one answers `status`, so the start-up CPU of 100 Python
 processes does not land inside `join_s`.
 
-Times are taken by polling the control sockets (the bench's own `status`,
-`peers` and `inventory.show` calls); each agent is polled until it meets the
-condition, then left alone, so the resolution is one polling round (reported
-as `poll_round_s`).  A phase that does not finish within its timeout reports
-`null` and how many agents got there.  Many numbers per size (several edits,
-several kills, N agents at idle) are summarised as median, min and max.
+Times are the agents' own: a thread per agent reads its `events` stream,
+whose events carry the agent's wall clock (`ts`), so a slow bench or a slow
+control socket does not stretch them (see `Watch`).  The control sockets are
+polled only to learn when a phase is over, and for the time of agents whose
+stream broke (`from_poll` counts those).  A phase that does not finish
+within its timeout reports `null` and how many agents got there.  Many
+numbers per size (several edits, several kills, N agents at idle) are
+summarised as median, min and max.
 
 The agents share the machine's cores with each other and with this process:
 at N=100 on 2 cores the run measures contention as much as the agent.
@@ -523,11 +525,12 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"  n={n} failed: {row['error']}", flush=True)
     finally:
         if clan is not None:
-            row["agents_exited"] = [
-                m for m, p in clan.procs.items() if p.poll() is not None
-            ]  # before stop: agents that died on their own, plus the kill -9 victims
+            # before stop: agents that died on their own, plus the kill -9 victims
+            row["agents_exited"] = {
+                m: p.returncode for m, p in clan.procs.items() if p.poll() is not None
+            }
             clan.stop()
-        if args.keep:
+        if args.keep or "error" in row:
             print(f"  n={n}: logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
