@@ -559,11 +559,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         join = "-" if r.get("join_s") is None else f"{r['join_s']:.2f}"
         if r.get("join_s") is None and "joined" in r:
             join = f"- ({r['joined']}/{r['n']})"
-        kill = _fmt(r.get("kill_s"))
+        edit, kill = _fmt(r.get("edit_s")), _fmt(r.get("kill_s"))
+        for name, tries in (("edit", r.get("edits")), ("kill", r.get("kills"))):
+            if tries and tries[-1]["s"] is None:  # say how far the one that timed out got
+                part = f" ({tries[-1]['reached']}/{tries[-1]['of']})"
+                edit, kill = (edit + part, kill) if name == "edit" else (edit, kill + part)
         if any(k["victim_alive_before_in"] < k["of"] for k in r.get("kills", [])):
             kill += " *"  # some agents did not see the victim alive before the kill
         lines.append(
-            f"| {r['n']} | {join} | {_fmt(r.get('edit_s'))} | {kill} "
+            f"| {r['n']} | {join} | {edit} | {kill} "
             f"| {_fmt(idle.get('cpu_pct'))} | {_fmt(idle.get('rss_mb'), digits=0)} "
             f"| {_fmt(idle.get('store_per_s'), digits=1)} "
             f"| {_fmt(idle.get('bytes_sent_per_s'), digits=0)} |"
