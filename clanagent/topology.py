@@ -26,11 +26,11 @@ from typing import Any
 import trio
 
 from ._log import kv
+from .publish_policy import PublishPolicy
 
 __all__ = [
     "TOPOLOGY_KIND",
     "LINK_KINDS",
-    "PublishPolicy",
     "TopologyService",
     "classify_addr",
     "merge_links",
@@ -49,8 +49,6 @@ CHECK_INTERVAL = 3.0  # seconds between looks at our own links
 REFRESH = 300.0
 MIN_INTERVAL = 2.0
 STALE = 3 * REFRESH  # the kind's TTL
-REFRESH_JITTER = 0.1
-MIN_JITTER = 0.25
 MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
 MAX_CAPS = 32
 FUTURE_SKEW = 300  # a view dated further ahead than this is ignored (records.MAX_FUTURE_SKEW)
@@ -86,54 +84,6 @@ def coarse_rtt(rtt_ms: float | None) -> float | None:
     v = 2.0 ** (b / 2)
     q = 10.0 ** (2 - math.floor(math.log10(v)))
     return math.ceil(v * q) / q
-
-
-class PublishPolicy:
-    """When to republish one record (sans-IO: the caller gives the time and the rng).
-
-    A changed shape goes out at once unless the last publication is younger
-    than `min_interval` (stretched by up to `min_jitter` of it, drawn per
-    publication); then `hold_until` says when it may.  An unchanged shape
-    goes out again `refresh` after the last (shortened by up to
-    `refresh_jitter` of it, so machines started together drift apart)."""
-
-    def __init__(
-        self,
-        *,
-        min_interval: float,
-        refresh: float | None,
-        rng: random.Random,
-        min_jitter: float = MIN_JITTER,
-        refresh_jitter: float = REFRESH_JITTER,
-    ) -> None:
-        self.min_interval = min_interval
-        self.refresh = refresh
-        self.rng = rng
-        self.min_jitter = min_jitter
-        self.refresh_jitter = refresh_jitter
-        self.shape: Any = None
-        self.published_at = -math.inf
-        self.earliest = -math.inf  # no publication before this
-        self.next_refresh = -math.inf
-        self.hold_until: float | None = None  # a change waits for min_interval until then
-
-    def due(self, now: float, shape: Any) -> bool:
-        """Should the view with this shape be published now?"""
-        self.hold_until = None
-        if self.shape is None:
-            return True
-        if shape != self.shape:
-            if now >= self.earliest:
-                return True
-            self.hold_until = self.earliest
-            return False
-        return self.refresh is not None and now >= self.next_refresh
-
-    def published(self, now: float, shape: Any) -> None:
-        self.shape, self.published_at, self.hold_until = shape, now, None
-        self.earliest = now + self.min_interval * (1 + self.min_jitter * self.rng.random())
-        if self.refresh is not None:
-            self.next_refresh = now + self.refresh * (1 - self.refresh_jitter * self.rng.random())
 
 
 def _parse_body(body: Any) -> dict[str, Any] | None:

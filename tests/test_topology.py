@@ -10,12 +10,11 @@ import trio
 import trio.testing
 
 from clanagent.identity import node_id_of
+from clanagent.publish_policy import MIN_JITTER, PublishPolicy
 from clanagent.topology import (
     CHECK_INTERVAL,
     MIN_INTERVAL,
-    MIN_JITTER,
     REFRESH,
-    PublishPolicy,
     TopologyService,
     _bucket,
     _parse_body,

@@ -2,7 +2,7 @@
 
 Owns: the trio shell `MdnsDiscovery`, which drives zeroconf's own threads:
 announcing our `_clan._tcp.local.` instance and feeding answers to the
-sans-IO core in `mdns_peers.py` (TXT encoding, filtering, the table of LAN
+I/O-free core in `mdns_peers.py` (TXT encoding, filtering, the table of LAN
 candidates per node key; re-exported here).
 
 Must never: put the clan id or name on the wire (only a personalised hash,
@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from .localaddrs import multicast_interfaces
-from .mdns_peers import (  # noqa: F401 (re-exported: the sans-IO core)
+from .mdns_peers import (  # noqa: F401 (re-exported: the I/O-free core)
     _TAG_BYTES,
     _TAG_PERSON,
     MAX_ADDRESSES,

@@ -2,8 +2,9 @@
 
 Owns: the trio shell `open_socks5_stream`, which runs the SOCKS5 CONNECT
 exchange on a TCP stream and hands the stream back ready for the
-application bytes.  The messages themselves are encoded and decoded by the
-sans-IO core in `socks_codec.py` (re-exported here).
+application bytes.  This module does the I/O (it imports trio); the
+messages are encoded and decoded by the I/O-free `socks_codec.py`
+(re-exported here).
 
 Must never: resolve the destination name locally (it always sends the name
 as ATYP=3, "domain", so a `.onion` name, or any name, is resolved by the
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import trio
 
-from .socks_codec import (  # noqa: F401 (re-exported: the sans-IO core)
+from .socks_codec import (  # noqa: F401 (re-exported: the I/O-free core)
     ATYP_DOMAIN,
     ATYP_IPV4,
     ATYP_IPV6,

@@ -6,8 +6,8 @@ agent to the hosting agent's overlay address (so it travels inside
 WireGuard): one length-prefixed msgpack *hello* (the admin-signed console
 request), one length-prefixed *answer* (``{"ok": true}`` or ``{"ok": false,
 "error": "..."}``), then raw console bytes both ways until either side
-closes.  The framing is the sans-IO `console_codec`; this module is the
-trio side: `ConsoleServer`, `open_remote` and `splice`.
+closes.  The framing is the I/O-free `console_codec`; this module is the
+trio side (it does the I/O): `ConsoleServer`, `open_remote` and `splice`.
 Must never: attach a VM's console before the request is verified by the
 caller-supplied `authorize`, read more than `MAX_FRAME` bytes of handshake,
 or let one broken session touch the VM or other sessions.

@@ -2,8 +2,8 @@
 
 Owns: one request per connection to a local VMM API socket (Firecracker's
 ``--api-sock``, cloud-hypervisor's ``--api-socket``), reading and
-writing the bytes with timeouts and limits (the sans-IO request builder and
-response parser live in `http_codec.py`, re-exported here), and the mapping of what can
+writing the bytes with timeouts and limits, in trio (the I/O-free request
+builder and response parser live in `http_codec.py`, re-exported here), and the mapping of what can
 go wrong onto :class:`ApiError` kinds: our misuse (:class:`ApiLocalError`),
 nobody listening (:class:`ApiConnectError`), a server that does not answer in
 time (:class:`ApiTimeout`), a malformed answer (:class:`ApiProtocolError`) and
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .http_codec import (  # noqa: F401 (re-exported: the sans-IO core)
+from .http_codec import (  # noqa: F401 (re-exported: the I/O-free core)
     _METHODS,
     _PATH_RE,
     _STATUS_RE,

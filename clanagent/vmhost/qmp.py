@@ -1,6 +1,6 @@
 """QMP (the QEMU Machine Protocol): the small trio client.
 
-Owns: moving bytes between a QMP unix socket and the sans-IO `QmpProtocol`
+Owns: moving bytes (with trio) between a QMP unix socket and the I/O-free `QmpProtocol`
 (in `qmp_codec.py`, re-exported here), one command at a time, with timeouts.
 Must never: interpret QMP itself (the codec does) or VM state (the backend does).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from .qmp_codec import (  # noqa: F401 (re-exported: the sans-IO core)
+from .qmp_codec import (  # noqa: F401 (re-exported: the I/O-free core)
     MAX_LINE,
     QmpCommandError,
     QmpDisconnected,

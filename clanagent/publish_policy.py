@@ -1,0 +1,71 @@
+"""When a publisher republishes a record: the minimum interval and the refresh.
+
+Owns: `PublishPolicy`, the rule every periodic publisher follows (topology,
+VM status): a changed record goes out at once unless the last one is
+younger than the kind's `min_interval`; an unchanged one goes out again
+after its `refresh`, before a soft kind's TTL runs out. Both are jittered
+so machines started together drift apart. Pure: the caller gives the time
+and the rng; nothing here does I/O or imports trio.
+Must never: let a change wait longer than `min_interval` (plus its jitter).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+__all__ = ["MIN_JITTER", "REFRESH_JITTER", "PublishPolicy"]
+
+# `min_interval` is stretched by up to MIN_JITTER of it, the refresh
+# shortened by up to REFRESH_JITTER of it.
+REFRESH_JITTER = 0.1
+MIN_JITTER = 0.25
+
+
+class PublishPolicy:
+    """When to republish one record (sans-IO: the caller gives the time and the rng).
+
+    A changed shape goes out at once unless the last publication is younger
+    than `min_interval` (stretched by up to `min_jitter` of it, drawn per
+    publication); then `hold_until` says when it may.  An unchanged shape
+    goes out again `refresh` after the last (shortened by up to
+    `refresh_jitter` of it, so machines started together drift apart)."""
+
+    def __init__(
+        self,
+        *,
+        min_interval: float,
+        refresh: float | None,
+        rng: random.Random,
+        min_jitter: float = MIN_JITTER,
+        refresh_jitter: float = REFRESH_JITTER,
+    ) -> None:
+        self.min_interval = min_interval
+        self.refresh = refresh
+        self.rng = rng
+        self.min_jitter = min_jitter
+        self.refresh_jitter = refresh_jitter
+        self.shape: Any = None
+        self.published_at = -math.inf
+        self.earliest = -math.inf  # no publication before this
+        self.next_refresh = -math.inf
+        self.hold_until: float | None = None  # a change waits for min_interval until then
+
+    def due(self, now: float, shape: Any) -> bool:
+        """Should the view with this shape be published now?"""
+        self.hold_until = None
+        if self.shape is None:
+            return True
+        if shape != self.shape:
+            if now >= self.earliest:
+                return True
+            self.hold_until = self.earliest
+            return False
+        return self.refresh is not None and now >= self.next_refresh
+
+    def published(self, now: float, shape: Any) -> None:
+        self.shape, self.published_at, self.hold_until = shape, now, None
+        self.earliest = now + self.min_interval * (1 + self.min_jitter * self.rng.random())
+        if self.refresh is not None:
+            self.next_refresh = now + self.refresh * (1 - self.refresh_jitter * self.rng.random())
