@@ -649,3 +649,34 @@ def test_every_wrong_body_is_dropped_and_counted_exhaustively():
             after["records_invalid"] - before["records_invalid"]
         )
         assert dropped == 1 and after["internal_errors"] == 0, (mtype, body)
+
+
+def test_own_versions_never_go_backwards_after_a_restart_that_forgot_them():
+    """Soft records are not on disk: a restarted node's store does not know how
+    far its versions went. With a wall clock, the next version is at least the
+    clock in ms (so above anything published before the restart), and a
+    counter above the clock still wins."""
+    ident = Identity.generate()
+    clock = [1_700_000_000.0]
+
+    def node_over(store: Store) -> GossipNode:
+        return GossipNode(
+            ident,
+            GossipConfig.local(),
+            addr="me",
+            clan=CLAN,
+            store=store,
+            rng=random.Random(1),
+            now=0.0,
+            wall_clock=lambda: clock[0],
+        )
+
+    before, _ = node_over(Store.open(None)).publish(1.0, "svc", "x", {"v": 1})
+    assert before.version >= 1_700_000_000_000
+    clock[0] += 5.0  # restarted 5 s later, knowing nothing
+    after, _ = node_over(Store.open(None)).publish(1.0, "svc", "y", {"v": 1})
+    assert after.version > before.version
+    ahead = Store.open(None)
+    assert ahead.put(_raw_record(ident, "svc", "z", after.version + 10**6, 1, clan=CLAN))
+    again, _ = node_over(ahead).publish(1.0, "svc", "x", {"v": 2})
+    assert again.version == after.version + 10**6 + 1

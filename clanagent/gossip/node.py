@@ -343,7 +343,7 @@ class GossipNode:
         name: str = "",
         admit: Callable[[SignedRecord], bool] | None = None,
         validate: Callable[[SignedRecord], None] | None = None,
-        version_floor: Callable[[], int] | None = None,
+        wall_clock: Callable[[], float] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
         regossip_push_pull_replies: bool = True,
@@ -361,12 +361,12 @@ class GossipNode:
         # Checks a verified record's body (kind, schema, semantics): returns
         # None to accept, raises to refuse (transient=True: cannot decide yet).
         self._validate = validate
-        # The lowest version our next record may take (the service passes the
-        # wall clock in ms): soft records live only in memory, so after a
-        # restart the store no longer knows how far our versions went; a
-        # clock floor keeps them from going backwards, where peers' per-origin
-        # anti-entropy watermarks would never pull them.
-        self._version_floor = version_floor
+        # Our next record's version is at least the wall clock in ms: soft
+        # records live only in memory, so after a restart the store no longer
+        # knows how far our versions went; the clock keeps them from going
+        # backwards, where peers' per-origin anti-entropy watermarks would
+        # never pull them (2**53 ms is 285,000 years).  None: counter only.
+        self._wall_clock = wall_clock
         reserve = getattr(store, "reserve", None)
         if reserve is not None:
             # The store's totals must never stop us publishing our own records.
@@ -940,8 +940,9 @@ class GossipNode:
             default=0,
         )
         version = max(version, pending_max + 1)
-        if self._version_floor is not None:
-            version = max(version, min(self._version_floor(), MAX_RECORD_VERSION - 1))
+        if self._wall_clock is not None:
+            floor = int(self._wall_clock() * 1000)
+            version = max(version, min(floor, MAX_RECORD_VERSION - 1))
         rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan)
         self._own[(kind, key)] = rec.body
         self._remember(rec.record_id)

@@ -302,7 +302,7 @@ class GossipService:
                 # every record body is checked (clanagent/records.py) before
                 # it is stored or forwarded
                 validate=getattr(agent, "validate_record", None),
-                version_floor=lambda: time.time_ns() // 1_000_000,
+                wall_clock=time.time,
             )
             log.info(
                 "gossip started",
