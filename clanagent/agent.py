@@ -66,6 +66,11 @@ class Agent:
         self.web: Any = None  # the web console, once enabled (config or `clanctl ui`)
         self._stopping = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Held while the network parts start and while a clan change restarts
+        # gossip: a `clan init` that arrives while the first start is still
+        # under way (the control socket serves before the parts are up) waits
+        # for it instead of cancelling a gossip run that has not started yet.
+        self._parts_lock = trio.Lock()
         # Record body checks (clanagent.records): peers' records and our own.
         self.record_stats: dict[str, int] = {
             "checked": 0,
@@ -650,10 +655,11 @@ class Agent:
         self.inventory.set_anchor(anchor)
         self.anchor = anchor
         log.info("clan set", extra=kv(clan=anchor.clan_id.hex(), name=anchor.name))
-        if self._gossip_scope is not None:
-            self._gossip_scope.cancel()
-        if self._nursery is not None:
-            await self._start_gossip(self._nursery)
+        async with self._parts_lock:
+            if self._gossip_scope is not None:
+                self._gossip_scope.cancel()
+            if self._nursery is not None:
+                await self._start_gossip(self._nursery)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -667,7 +673,8 @@ class Agent:
 
     async def _start_parts(self, nursery: trio.Nursery) -> None:
         """Start the network parts; each one that cannot run is reported, not fatal."""
-        await self._start_gossip(nursery)
+        async with self._parts_lock:
+            await self._start_gossip(nursery)
 
     async def _start_web(self, nursery: trio.Nursery) -> None:
         from .control.protocol import ControlError

@@ -270,3 +270,38 @@ async def test_an_idle_agent_does_not_spin(tmp_path):
     # the local profile's fastest timer is 0.1 s: a few dozen wake-ups, not thousands
     assert steps["_timer_loop"] < 200, steps.most_common(5)
     assert cpu < 1.0, f"an idle agent used {cpu:.2f} s of CPU in 2 s"
+
+
+async def test_clan_init_while_the_first_gossip_start_is_under_way(tmp_path, monkeypatch):
+    """The control socket serves before the network parts are up: a `clan init`
+    that arrives while gossip is still starting waits for it, then restarts
+    gossip under the new clan (it cancelled the half-started run and ended
+    the agent with "child exited without calling task_status.started()")."""
+    from clanagent.gossip import service as gossip_service
+
+    slow = trio.Event()
+    original = gossip_service.GossipService._load_peer_book
+
+    async def held_once(self):
+        if not slow.is_set():
+            slow.set()
+            await trio.sleep(1.0)  # the first start is still under way
+        await original(self)
+
+    monkeypatch.setattr(gossip_service.GossipService, "_load_peer_book", held_once)
+    admin = nacl.signing.SigningKey.generate()
+    ident = load_or_create(tmp_path / "s1")[0]
+    cfg = cfg_for(tmp_path, 1)
+    agent = Agent(cfg)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(agent.run)
+            await slow.wait()
+            doc = genesis(admin, {"m1": machine_entry(ident, ["server"])})
+            _, r = await submit(agent, doc, [], [admin], init=True)
+            assert r["status"] == "accepted"
+            status = await call(agent, "status")
+            assert status["clan"]["id"] == doc["clan"]["id"].hex()
+            assert agent.gossip is not None and agent.gossip.node is not None
+            assert agent.gossip.clan == doc["clan"]["id"]
+            agent.stop()
