@@ -31,6 +31,7 @@ from .gossip.config import RecordLimits
 from .identity import Identity, load_or_create
 from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
+from .ports import Ports, Subscriptions
 from .records import is_durable
 from .store import Store
 from .wire import SignedRecord
@@ -40,6 +41,67 @@ __all__ = ["Agent"]
 log = logging.getLogger("clanagent.agent")
 
 LOGS_ASK_INTERVAL = 1.0  # seconds between two console-tail requests of ours for one VM
+
+
+class TrioClock:
+    """The Clock port: trio's clock for intervals, the system clock for timestamps."""
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def wall(self) -> float:
+        return time.time()
+
+
+class AgentBus:
+    """The RecordBus port: our records go out through the agent (body check,
+    then gossip, or the store alone before gossip runs); stored records come
+    back to subscribers by kind from `Agent.on_record`."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.subscriptions = Subscriptions()
+
+    async def publish(self, kind: str, key: str, body: Any) -> bool:
+        return await self._agent.publish_record(kind, key, body)
+
+    def subscribe(self, kinds: Any, handler: Any) -> None:
+        self.subscriptions.subscribe(kinds, handler)
+
+
+class GossipMembership:
+    """The Membership port over whichever gossip service runs now (a clan
+    change restarts gossip; the parts keep the same port)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._handlers: list[Any] = []
+
+    def _node(self) -> Any:
+        gossip = self._agent.gossip
+        return None if gossip is None else gossip.node
+
+    def state(self, node_id: str) -> str | None:
+        node = self._node()
+        return None if node is None else node.member_state(node_id)
+
+    def rows(self) -> list[dict[str, Any]]:
+        node = self._node()
+        return [] if node is None else node.members()
+
+    def synced(self) -> bool:
+        node = self._node()
+        return node is not None and node.stats.get("ae_synced", 0) > 0
+
+    def subscribe(self, handler: Any) -> None:
+        self._handlers.append(handler)
+
+    def changed(self) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler()
+            except Exception as exc:  # one part's fault must not stop the others hearing
+                log.warning("membership handler failed", extra=kv(error=exc))
 
 
 class Agent:
@@ -80,6 +142,9 @@ class Agent:
         }
         self._refusals_logged: set[tuple[str, str, bool]] = set()  # (kind, origin, own)
         self._logs_asked: dict[str, float] = {}  # VM -> monotonic time of our last logs request
+        self.bus = AgentBus(self)
+        self.membership = GossipMembership(self)
+        self.ports: Ports | None = None  # built in run(), once identity and store exist
 
     # -- AgentView (the control API calls these) ----------------------------
 
@@ -294,6 +359,7 @@ class Agent:
 
     def on_record(self, rec: SignedRecord) -> None:
         """A record was stored (ours or a peer's): tell the parts that care."""
+        self.bus.subscriptions.dispatch(rec)
         if self.mesh is not None:
             self.mesh.on_record(rec)
         if self.services is not None:
@@ -305,6 +371,7 @@ class Agent:
 
     def on_member_changed(self) -> None:
         """Someone joined, left or failed: who generates which secret may change."""
+        self.membership.changed()
         if self.secrets is not None:
             self.secrets.member_changed()
 
@@ -748,6 +815,15 @@ class Agent:
         self.inventory.listeners.append(self._inventory_changed)
         # Every version we ever accepted is in the store: rebuild the head from it.
         await trio.to_thread.run_sync(self.inventory.load, list(self.store.records()))
+        self.ports = Ports(
+            clock=TrioClock(),
+            identity=self.identity,
+            store=self.store,
+            bus=self.bus,
+            members=self.membership,
+            inventory=self.inventory,
+            events=self.events_bus,
+        )
         self.capabilities = await trio.to_thread.run_sync(probe_all)
         for cap in self.capabilities:
             if not cap.available:

@@ -187,6 +187,9 @@ class Store:
         # origin -> {(kind, key): record}.  Nested so that by_origin / max_version
         # (asked for by anti-entropy on every round) do not scan every record.
         self._by_origin: dict[bytes, dict[tuple[str, str], SignedRecord]] = {}
+        # kind -> {(origin, key): record}: the services read one kind each round
+        # (`of_kind`), which must not cost a scan of every record in the clan.
+        self._by_kind: dict[str, dict[tuple[bytes, str], SignedRecord]] = {}
         self._count = 0
         self._lock = threading.Lock()  # the maps and stats; never held across I/O
         self._write_lock = threading.Lock()  # orders writers, held across I/O
@@ -534,10 +537,15 @@ class Store:
         use[1] += rec.size
         self._bytes += rec.size
         per[(triple[1], triple[2])] = rec
+        self._by_kind.setdefault(triple[1], {})[(triple[0], triple[2])] = rec
 
     def _del_nolock(self, triple: Triple) -> None:
         per = self._by_origin[triple[0]]
         old = per.pop((triple[1], triple[2]))
+        of_kind = self._by_kind[triple[1]]
+        del of_kind[(triple[0], triple[2])]
+        if not of_kind:
+            del self._by_kind[triple[1]]
         use = self._usage[triple[0]]
         use[0] -= 1
         use[1] -= old.size
@@ -604,6 +612,12 @@ class Store:
         with self._lock:
             snapshot = [r for per in self._by_origin.values() for r in per.values()]
         return iter(snapshot)
+
+    def of_kind(self, kind: str) -> list[SignedRecord]:
+        """Every record of one kind (a snapshot), from the per-kind index."""
+        with self._lock:
+            per = self._by_kind.get(kind)
+            return list(per.values()) if per else []
 
     def by_origin(self, origin: bytes) -> list[SignedRecord]:
         """Records of one origin, lowest version first (ties by kind, key)."""

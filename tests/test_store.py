@@ -524,3 +524,30 @@ def test_any_file_content_loads_or_is_quarantined(tmp_path: Path, data: object) 
         else:
             assert s.stats["loaded"] == 1
     assert s.stats["corrupt"] + s.stats["loaded"] == 1
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),  # put (True) or delete
+            st.integers(0, 2),  # which origin
+            st.sampled_from(["a", "b", "c"]),  # kind
+            st.sampled_from(["", "x", "y"]),  # key
+        ),
+        max_size=40,
+    )
+)
+def test_of_kind_is_an_index_that_agrees_with_a_full_scan(ops):
+    idents = [Identity.generate() for _ in range(3)]
+    st_ = Store(None)
+    version = 0
+    for put, who, kind, key in ops:
+        version += 1
+        if put:
+            st_.put(rec(idents[who], kind, key, version))
+        else:
+            st_.delete(idents[who].public_key, kind, key)
+    for kind in ("a", "b", "c", "nothing"):
+        scan = sorted((r.origin, r.key, r.version) for r in st_.records() if r.kind == kind)
+        assert sorted((r.origin, r.key, r.version) for r in st_.of_kind(kind)) == scan

@@ -49,6 +49,10 @@ class InventoryManager:
         if anchor is not None:
             self._make_history(anchor)
 
+    def subscribe(self, handler: Callable[[Inventory], None]) -> None:
+        """Call `handler(inventory)` whenever the head changes (the InventoryView port)."""
+        self.listeners.append(handler)
+
     def _make_history(self, anchor: Anchor) -> None:
         self.anchor = anchor
         self.history = InventoryHistory(

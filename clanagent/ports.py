@@ -1,0 +1,173 @@
+"""The ports a part receives from the composition root (DESIGN.md rule 7).
+
+Owns: the typed interfaces between the parts -- a clock, the record store
+(read side), the record bus (publish; subscribe by kind), the membership
+view, the inventory view and the event bus -- bundled as `Ports`, plus
+`Subscriptions`, the plain by-kind dispatch table a bus implementation
+keeps. The agent builds one `Ports` from its real parts (`agent.py`); the
+whole-agent simulator (`tests/sim/agents.py`) builds the same from its
+virtual clock and in-memory network, so the services it runs are the ones
+people run.
+Must never: hold state beyond the subscription table, do I/O, or import
+trio: a port is an interface, its implementations live with their owners.
+
+A service receives `Ports` plus the few part-specific queries or settings
+it needs (a directory, a callback) as plain constructor arguments; it never
+receives the agent, and never reaches into another service.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .identity import Identity
+    from .inventory.anchor import Anchor
+    from .wire import SignedRecord
+
+__all__ = [
+    "Clock",
+    "EventSink",
+    "InventoryView",
+    "Membership",
+    "Ports",
+    "RecordBus",
+    "RecordReader",
+    "Subscriptions",
+]
+
+log = logging.getLogger("clanagent.ports")
+
+
+class Clock(Protocol):
+    """Time as a part may read it. In the agent `now` is trio's clock and
+    `wall` is `time.time`; in the simulator both follow the virtual clock."""
+
+    def now(self) -> float:
+        """Monotonic seconds: deadlines, intervals, settle times."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the epoch: record timestamps and version floors only."""
+        ...
+
+
+class RecordReader(Protocol):
+    """The read side of the record store (`clanagent.store.Store` is one)."""
+
+    def get(self, origin: bytes, kind: str, key: str) -> SignedRecord | None: ...
+
+    def of_kind(self, kind: str) -> list[SignedRecord]:
+        """Every held record of one kind, from an index (never a whole-store scan)."""
+        ...
+
+
+class RecordBus(Protocol):
+    """Where a part publishes its records and hears of everyone's."""
+
+    async def publish(self, kind: str, key: str, body: Any) -> bool:
+        """Sign and spread one of our records; False when its body is refused
+        by our own check (clanagent.records) -- it is then not published."""
+        ...
+
+    def subscribe(self, kinds: Collection[str], handler: Callable[[SignedRecord], None]) -> None:
+        """Call `handler(record)` for every stored record (ours or a peer's) of
+        these kinds. Handlers run on the event loop: they must only note the
+        record and wake their own task."""
+        ...
+
+
+class Membership(Protocol):
+    """The gossip membership as other parts may see it."""
+
+    def state(self, node_id: str) -> str | None:
+        """ "alive", "suspect", "dead", "left", or None for a stranger (node ids
+        are `identity.node_id_of` strings)."""
+        ...
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per known member (`GossipNode.members()` shape)."""
+        ...
+
+    def synced(self) -> bool:
+        """True once at least one anti-entropy exchange completed since start."""
+        ...
+
+    def subscribe(self, handler: Callable[[], None]) -> None:
+        """Call `handler()` when someone joins, leaves or fails."""
+        ...
+
+
+class InventoryView(Protocol):
+    """The clan's current desired state (`InventoryManager` is one)."""
+
+    @property
+    def inventory(self) -> Any:
+        """The current head (`inventory.model.Inventory`) or None."""
+        ...
+
+    @property
+    def anchor(self) -> Anchor | None: ...
+
+    def subscribe(self, handler: Callable[[Any], None]) -> None:
+        """Call `handler(inventory)` whenever the head changes."""
+        ...
+
+
+class EventSink(Protocol):
+    """The local event stream (`clanctl events`, the web console)."""
+
+    def publish(self, topic: str, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Everything a service may use of the rest of the agent."""
+
+    clock: Clock
+    identity: Identity
+    store: RecordReader
+    bus: RecordBus
+    members: Membership
+    inventory: InventoryView
+    events: EventSink
+
+    def me(self) -> str | None:
+        """This machine's name in the current inventory, or None."""
+        inv = self.inventory.inventory
+        if inv is None:
+            return None
+        m = inv.machine_by_node_key(self.identity.public_key)
+        return None if m is None else m.name
+
+
+class Subscriptions:
+    """A by-kind dispatch table: `subscribe(kinds, handler)`, `dispatch(record)`.
+
+    A handler that raises is logged and counted; the others still run and the
+    record stays stored (one part's bug must not stop another part hearing)."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, list[Callable[[SignedRecord], None]]] = {}
+        self.faults = 0
+
+    def subscribe(self, kinds: Iterable[str], handler: Callable[[SignedRecord], None]) -> None:
+        for kind in kinds:
+            self._by_kind.setdefault(kind, []).append(handler)
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self._by_kind)
+
+    def dispatch(self, rec: SignedRecord) -> None:
+        for handler in self._by_kind.get(rec.kind, ()):
+            try:
+                handler(rec)
+            except Exception as exc:  # noqa: BLE001 - one handler's fault stays there
+                self.faults += 1
+                log.warning(
+                    "record handler failed",
+                    extra={"kind": rec.kind, "error": f"{type(exc).__name__}: {exc}"},
+                )

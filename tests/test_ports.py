@@ -1,0 +1,39 @@
+"""The ports module: by-kind dispatch with fault isolation, and the agent's ports."""
+
+from __future__ import annotations
+
+from clanagent.identity import Identity
+from clanagent.ports import Subscriptions
+from clanagent.wire import SignedRecord
+
+IDENT = Identity.generate()
+
+
+def rec(kind: str, key: str = "", version: int = 1) -> SignedRecord:
+    return SignedRecord.create(IDENT, kind, key, version, {"v": version})
+
+
+def test_a_record_reaches_only_the_handlers_of_its_kind():
+    subs = Subscriptions()
+    got: dict[str, list[str]] = {"a": [], "ab": []}
+    subs.subscribe(["a"], lambda r: got["a"].append(r.kind))
+    subs.subscribe(["a", "b"], lambda r: got["ab"].append(r.kind))
+    for kind in ("a", "b", "c"):
+        subs.dispatch(rec(kind))
+    assert got == {"a": ["a"], "ab": ["a", "b"]}
+    assert subs.kinds() == {"a", "b"}
+
+
+def test_a_failing_handler_is_counted_and_the_others_still_hear(caplog):
+    subs = Subscriptions()
+    heard = []
+
+    def broken(_r):
+        raise KeyError("bug")
+
+    subs.subscribe(["a"], broken)
+    subs.subscribe(["a"], lambda r: heard.append(r.key))
+    subs.dispatch(rec("a", "k1"))
+    subs.dispatch(rec("a", "k2", 2))
+    assert heard == ["k1", "k2"] and subs.faults == 2
+    assert "record handler failed" in caplog.text
