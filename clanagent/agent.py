@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +33,8 @@ from .identity import Identity, load_or_create
 from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
 from .ports import Ports, Subscriptions
-from .records import is_durable
+from .publish_policy import PublishGate
+from .records import is_durable, min_interval
 from .store import Store
 from .wire import SignedRecord
 
@@ -55,14 +57,21 @@ class TrioClock:
 
 class AgentBus:
     """The RecordBus port: our records go out through the agent (body check,
-    then gossip, or the store alone before gossip runs); stored records come
-    back to subscribers by kind from `Agent.on_record`."""
+    then gossip, or the store alone before gossip runs), never one (kind, key)
+    faster than its kind's min_interval (`PublishGate`: a publisher that
+    asks sooner waits); stored records come back to subscribers by kind
+    from `Agent.on_record`."""
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
         self.subscriptions = Subscriptions()
+        self.gate = PublishGate(min_interval, random.Random())
 
     async def publish(self, kind: str, key: str, body: Any) -> bool:
+        wait = self.gate.wait(trio.current_time(), kind, key)
+        if wait > 0:
+            await trio.sleep(wait)
+        self.gate.published(trio.current_time(), kind, key)
         return await self._agent.publish_record(kind, key, body)
 
     def subscribe(self, kinds: Any, handler: Any) -> None:

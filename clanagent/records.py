@@ -49,6 +49,8 @@ __all__ = [
     "VmLogsBody",
     "VmLogsRequestBody",
     "is_durable",
+    "min_interval",
+    "soft_ttl",
     "spec",
     "validate",
 ]
@@ -559,6 +561,20 @@ def is_durable(kind: str) -> bool:
     reach a store, so only a test or a bug puts one there)."""
     s = kinds().get(kind)
     return s is None or s.durable
+
+
+def min_interval(kind: str) -> float:
+    """Seconds between two publications of one (kind, key) of ours, at least
+    (0 for a kind the registry does not know)."""
+    s = kinds().get(kind)
+    return 0.0 if s is None else s.min_interval
+
+
+def soft_ttl(kind: str) -> float | None:
+    """Seconds a peer's record of a soft `kind` lives after its last new
+    version arrived (the gossip node expires it); None for durable kinds."""
+    s = kinds().get(kind)
+    return None if s is None or s.durable else s.ttl
 
 
 def validate(record: SignedRecord, ctx: RecordContext) -> Any:

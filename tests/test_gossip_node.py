@@ -65,7 +65,9 @@ class Router:
                 self.handle(addr, live[addr].tick(self.now))
 
 
-def make_nodes(n: int, config=None, stores=None) -> tuple[Router, dict[str, GossipNode]]:
+def make_nodes(
+    n: int, config=None, stores=None, soft_ttl=None
+) -> tuple[Router, dict[str, GossipNode]]:
     config = config or GossipConfig.local()
     nodes = {}
     for i in range(n):
@@ -79,6 +81,7 @@ def make_nodes(n: int, config=None, stores=None) -> tuple[Router, dict[str, Goss
             rng=random.Random(i),
             now=0.0,
             name=f"m{i}",
+            soft_ttl=soft_ttl,
         )
     router = Router(nodes)
     for i in range(1, n):
@@ -333,3 +336,35 @@ def test_fast_encoding_is_canonical():
     ]
     for m in msgs:
         assert encode_message(m) == pack([int(_MEMBERSHIP_TYPES[type(m)]), m.to_wire()])
+
+
+def test_soft_records_expire_unless_their_origin_refreshes_them():
+    """A peer's record of a soft kind lives `soft_ttl(kind)` seconds after its
+    last new version arrived; a refresh extends it, durable kinds and our own
+    records never expire, and an expired record is not pulled back by
+    anti-entropy from a peer that still holds it."""
+    ttl = {"status": 20.0}
+    router, nodes = make_nodes(3, soft_ttl=ttl.get)
+    router.run_until(2.0)
+    a, b = nodes["n1"], nodes["n2"]
+    router.handle("n1", a.publish(router.now, "status", "s", {"v": 1})[1])
+    router.handle("n1", a.publish(router.now, "status", "kept", {"v": 1})[1])
+    router.handle("n1", a.publish(router.now, "inventory-ish", "d", {"v": 1})[1])
+    router.run_until(router.now + 1.0)
+    assert b.store.get(a.origin, "status", "s") is not None
+    # "kept" is refreshed (a new version) every 8 s, "s" never again
+    t0 = router.now
+    while router.now < t0 + 30.0:
+        router.run_until(router.now + 8.0)
+        router.handle("n1", a.publish(router.now, "status", "kept", {"v": router.now})[1])
+    router.run_until(router.now + 1.0)
+    for node in (nodes["n0"], b):
+        assert node.store.get(a.origin, "status", "s") is None  # expired
+        assert node.store.get(a.origin, "status", "kept") is not None  # refreshed
+        assert node.store.get(a.origin, "inventory-ish", "d") is not None  # durable
+        assert node.stats["soft_expired"] == 1
+    assert a.store.get(a.origin, "status", "s") is not None  # our own: never here
+    # anti-entropy rounds (push-pull every few seconds in the local profile)
+    # do not bring the expired record back
+    router.run_until(router.now + 3 * a.config.push_pull_interval)
+    assert b.store.get(a.origin, "status", "s") is None

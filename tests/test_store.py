@@ -541,9 +541,7 @@ def test_any_file_content_loads_or_is_quarantined(tmp_path: Path, data: object) 
 def test_of_kind_is_an_index_that_agrees_with_a_full_scan(ops):
     idents = [Identity.generate() for _ in range(3)]
     st_ = Store(None)
-    version = 0
-    for put, who, kind, key in ops:
-        version += 1
+    for version, (put, who, kind, key) in enumerate(ops, start=1):
         if put:
             st_.put(rec(idents[who], kind, key, version))
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import heapq
 import logging
 import math
 import random
@@ -344,6 +345,7 @@ class GossipNode:
         admit: Callable[[SignedRecord], bool] | None = None,
         validate: Callable[[SignedRecord], None] | None = None,
         wall_clock: Callable[[], float] | None = None,
+        soft_ttl: Callable[[str], float | None] | None = None,
         eager_gossip: bool = True,
         incarnation: int = 1,
         regossip_push_pull_replies: bool = True,
@@ -367,6 +369,14 @@ class GossipNode:
         # backwards, where peers' per-origin anti-entropy watermarks would
         # never pull them (2**53 ms is 285,000 years).  None: counter only.
         self._wall_clock = wall_clock
+        # Soft kinds (clanagent.records: topology, VM status, console tails)
+        # live `soft_ttl(kind)` seconds after the last new version arrived; an
+        # origin that stopped refreshing (crashed, removed, partitioned away)
+        # does not leave them behind forever.  Our own never expire here: we
+        # refresh them.  None: nothing expires (the plain gossip core).
+        self._soft_ttl = soft_ttl
+        self._soft_until: dict[tuple[bytes, str, str], float] = {}
+        self._soft_heap: list[tuple[float, bytes, str, str]] = []
         reserve = getattr(store, "reserve", None)
         if reserve is not None:
             # The store's totals must never stop us publishing our own records.
@@ -392,6 +402,7 @@ class GossipNode:
             "records_deferred": 0,
             "records_over_quota": 0,
             "records_over_version": 0,
+            "soft_expired": 0,
         }
         self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
@@ -854,6 +865,7 @@ class GossipNode:
                 continue
             held.append(rec)
             self.stats["records_accepted"] += 1
+            self._note_soft(now, rec)
             if rec.origin == self.origin:
                 self._reassert_own(now, rec, out)
             elif cont.claims is None:
@@ -892,6 +904,32 @@ class GossipNode:
             self._eager_rounds = EAGER_PULL_ROUNDS
             if now >= self._next_eager_pull_at:
                 self._eager_pull(now, cont.from_addr, out)
+
+    def _note_soft(self, now: float, rec: SignedRecord) -> None:
+        if self._soft_ttl is None or rec.origin == self.origin:
+            return
+        ttl = self._soft_ttl(rec.kind)
+        if ttl is None:
+            return
+        until = now + ttl
+        triple = (rec.origin, rec.kind, rec.key)
+        self._soft_until[triple] = until
+        heapq.heappush(self._soft_heap, (until, *triple))
+
+    def _expire_soft(self, now: float) -> None:
+        """Drop soft records whose origin did not refresh them within the TTL.
+
+        The anti-entropy watermark of that origin stays where it is: a peer
+        that still holds the same version does not send it back (it expired
+        for a reason), and the origin's next version is above it."""
+        heap = self._soft_heap
+        while heap and heap[0][0] <= now:
+            until, origin, kind, key = heapq.heappop(heap)
+            if self._soft_until.get((origin, kind, key)) != until:
+                continue  # refreshed since: a later entry holds its deadline
+            del self._soft_until[(origin, kind, key)]
+            if self.store.delete(origin, kind, key):
+                self.stats["soft_expired"] += 1
 
     def _eager_pull(self, now: float, from_addr: str, out: list[NodeAction]) -> None:
         self._eager_rounds -= 1
@@ -1043,6 +1081,8 @@ class GossipNode:
         """Fire every timer that is due."""
         self._now = now
         out: list[NodeAction] = []
+        if self._soft_heap and self._soft_heap[0][0] <= now:
+            self._expire_soft(now)
         self._handle_membership_actions(self._membership.tick(now), out)
         if now >= self._next_gossip_at:
             self._next_gossip_at = now + self.config.gossip_interval
@@ -1127,6 +1167,8 @@ class GossipNode:
         t = min(t, self._rejoin.next_deadline())
         if self._eager_rounds > 0:
             t = min(t, self._next_eager_pull_at)
+        if self._soft_heap:
+            t = min(t, self._soft_heap[0][0])
         if best is not None:
             t = min(t, best)
         return min(t, self._next_ae_at)

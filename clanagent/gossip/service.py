@@ -25,6 +25,7 @@ from .. import __version__
 from .._log import kv
 from ..capabilities import Capability
 from ..config import ConfigError, split_hostport
+from ..records import soft_ttl
 from ..wire import NodeInfo
 from .admission import MAX_SESSIONS, AdmissionLimits, FaultLog, SessionTable
 from .config import GossipConfig
@@ -303,6 +304,7 @@ class GossipService:
                 # it is stored or forwarded
                 validate=getattr(agent, "validate_record", None),
                 wall_clock=time.time,
+                soft_ttl=soft_ttl,
             )
             log.info(
                 "gossip started",
