@@ -41,6 +41,7 @@ __all__ = [
     "FakeMembership",
     "FakePorts",
     "ListBus",
+    "Rounds",
     "TrioFollowingClock",
     "anchor_of",
     "inventory_of",
@@ -282,3 +283,29 @@ class FakePorts:
             inventory=self.inventory,
             events=self.events,
         )
+
+
+class Rounds:
+    """Counts a service's completed `sync_once` rounds, and lets a test await
+    the next one (instead of sleeping): `rounds = Rounds(svc)` before
+    `svc.run` starts, then `await rounds.reach(n)`."""
+
+    def __init__(self, service: Any) -> None:
+        self.done = 0
+        self._event = trio.Event()
+        real = service.sync_once
+
+        async def counted() -> None:
+            try:
+                await real()
+            finally:
+                self.done += 1
+                self._event.set()
+
+        service.sync_once = counted
+
+    async def reach(self, n: int) -> None:
+        while self.done < n:
+            if self._event.is_set():
+                self._event = trio.Event()
+            await self._event.wait()
