@@ -134,9 +134,11 @@ class ListBus:
         """What we published of one kind (and key)."""
         return [r for r in self.published if r.kind == kind and (key is None or r.key == key)]
 
-    async def wait_published(self, kind: str, key: str | None = None) -> SignedRecord:
-        """Wait until we published a record of this kind (and key); the newest."""
-        while not self.of(kind, key):
+    async def wait_published(
+        self, kind: str, key: str | None = None, *, count: int = 1
+    ) -> SignedRecord:
+        """Wait until we published `count` records of this kind (and key); the newest."""
+        while len(self.of(kind, key)) < count:
             if self._changed is None or self._changed.is_set():
                 self._changed = trio.Event()
             await self._changed.wait()

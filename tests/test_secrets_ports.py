@@ -104,3 +104,34 @@ def test_a_membership_change_through_the_port_wakes_the_next_generator(tmp_path)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_rotate_request_arriving_through_the_bus_wakes_the_generator(tmp_path):
+    doc, ids = clan()
+    chosen = generator_for(INSTANCE, [(m, ident.public_key) for m, ident in ids.items()])
+    other = "m2" if chosen == "m1" else "m1"
+    fp, svc = machine(doc, ids, chosen, tmp_path)
+    asker, asker_svc = machine(doc, ids, other, tmp_path)
+    rounds = Rounds(svc)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            with trio.fail_after(5):
+                first = await fp.bus.wait_published(SECRET_KIND, INSTANCE)
+                await rounds.reach(2)  # it woke itself to install it, then sleeps
+            assert password(tmp_path, chosen) is not None
+            # the other holder asks for a rotation (through its own bus) ...
+            assert asker.bus.deliver(first)
+            assert await asker_svc.request_rotation(INSTANCE) == {"id": INSTANCE, "generation": 1}
+            (request,) = asker.bus.published
+            # ... and the request, arriving through the bus, wakes the generator
+            start = trio.current_time()
+            assert fp.bus.deliver(request)
+            with trio.fail_after(TICK / 2):
+                rec = await fp.bus.wait_published(SECRET_KIND, INSTANCE, count=2)
+            assert trio.current_time() - start < TICK / 2
+            assert parse_secret_record(rec).generation == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

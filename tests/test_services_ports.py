@@ -6,6 +6,8 @@ service, which renders the import file."""
 
 from __future__ import annotations
 
+import copy
+
 import nacl.signing
 import trio
 
@@ -63,6 +65,36 @@ def test_an_export_arriving_through_the_bus_renders_the_import_file(tmp_path):
             assert f'CLAN_VPN_SERVER_ADDRESS="{server_ip}"' in text
             assert 'CLAN_VPN_SERVER_PORT="51000"' in text
             assert ("service.imports", {"service": "vpn", "reloaded": True}) in client.events.events
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_inventory_change_through_the_port_republishes_the_exports(tmp_path):
+    admin = nacl.signing.SigningKey.generate()
+    ident = Identity.generate()
+    doc = genesis(admin, {"m1": machine_entry(ident, ["server"])})
+    doc["services"]["vpn"] = vpn_service("")
+    server = FakePorts.build(ident, inventory=inventory_of(doc))
+    svc = ServicesService(server.ports, runtime_dir=tmp_path)
+    key = export_key("vpn", "server")
+    rounds = Rounds(svc)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            with trio.fail_after(5):
+                first = await server.bus.wait_published(EXPORT_KIND, key)
+                await rounds.reach(2)  # its own record woke it once more; now it sleeps
+            assert first.body["values"]["port"] == "51000"
+            doc2 = copy.deepcopy(doc)
+            doc2["services"]["vpn"]["roles"]["server"]["settings"]["port"] = 51001
+            start = trio.current_time()
+            server.inventory.set(inventory_of(doc2))  # the head moved: the port says so
+            with trio.fail_after(LOOP_TIMEOUT / 2):
+                rec = await server.bus.wait_published(EXPORT_KIND, key, count=2)
+            assert trio.current_time() - start < LOOP_TIMEOUT / 2
+            assert rec.body["values"]["port"] == "51001"
             nursery.cancel_scope.cancel()
 
     trio.run(main)
