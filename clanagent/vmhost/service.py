@@ -116,7 +116,8 @@ class VmService:
     (None: no mesh, or not yet); `run_sync` runs the file work (probe,
     run dirs, console logs, secrets) off the event loop -- a worker thread
     here, inline in the simulator, where a thread would let its MockClock
-    jump while the work runs."""
+    jump while the work runs; `rng` jitters the status refresh (a seeded one
+    makes a simulation repeatable)."""
 
     def __init__(
         self,
@@ -131,6 +132,7 @@ class VmService:
         wireguard: bool = False,
         overlay6: Callable[[], Any] | None = None,
         run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+        rng: random.Random | None = None,
     ) -> None:
         from .requests import REQUEST_KIND
 
@@ -143,6 +145,7 @@ class VmService:
         self.wireguard = wireguard
         self._overlay6 = overlay6
         self._run_sync = run_sync
+        self._rng = rng or random.Random()
         self.reconciler = Reconciler()
         self.handles: dict[str, Any] = {}
         self.backend: Any = None  # the default backend ("auto")
@@ -392,7 +395,7 @@ class VmService:
             # a soft kind: republished on a change, and before its TTL runs out
             if self._published.get(name) != body or now >= self._refresh_due.get(name, now + 1):
                 self._published[name] = body
-                refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * random.random())
+                refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * self._rng.random())
                 self._refresh_due[name] = now + refresh
                 await self.ports.bus.publish(
                     VM_STATUS_KIND, name, {**body, "at": int(self.ports.clock.wall())}
