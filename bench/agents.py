@@ -453,6 +453,11 @@ def _proc_rss_mb(pid: int) -> float:
     return 0.0
 
 
+# What the gossip bytes sent were for (the node's bytes_sent_* counters):
+# records is the record part of membership and gossip datagrams.
+SENT_BY = ("membership", "gossip", "ae", "records")
+
+
 def _sample(clan: Clan, m: str) -> dict[str, Any]:
     """One agent's counters now: its CPU ticks, store counter and gossip bytes sent."""
     counters = call(clan.sock(m), "status", timeout=30.0)["counters"]
@@ -467,6 +472,7 @@ def _sample(clan: Clan, m: str) -> dict[str, Any]:
         "store": store,
         "store_counter": source,
         "sent": counters.get("gossip", {}).get("bytes_sent", 0),
+        "sent_by": {w: counters.get("gossip", {}).get(f"bytes_sent_{w}", 0) for w in SENT_BY},
     }
 
 
@@ -480,6 +486,7 @@ def phase_idle(clan: Clan, settle: float, window: float) -> dict[str, Any]:
     after = {m: _quietly(lambda m: _sample(clan, m), m) for m in names}
     rss = [_proc_rss_mb(clan.procs[m].pid) for m in names]
     cpu_pct, store, sent = [], [], []
+    sent_by: dict[str, list[float]] = {w: [] for w in SENT_BY}
     for m in names:
         a, b = before[m], after[m]
         if a is None or b is None:
@@ -488,6 +495,8 @@ def phase_idle(clan: Clan, settle: float, window: float) -> dict[str, Any]:
         cpu_pct.append(100 * (b["cpu"] - a["cpu"]) / CLK_TCK / dt)
         store.append((b["store"] - a["store"]) / dt)
         sent.append((b["sent"] - a["sent"]) / dt)
+        for w in SENT_BY:
+            sent_by[w].append((b["sent_by"][w] - a["sent_by"][w]) / dt)
     source = next((a["store_counter"] for a in before.values() if a), "-")
     return {
         "window_s": window,
@@ -497,6 +506,7 @@ def phase_idle(clan: Clan, settle: float, window: float) -> dict[str, Any]:
         "store_per_s": spread(store),
         "store_counter": source,
         "bytes_sent_per_s": spread(sent),
+        "bytes_sent_per_s_by": {w: spread(v) for w, v in sent_by.items()},
         "cpu_pct_total": round(sum(cpu_pct), 1),
     }
 

@@ -368,3 +368,17 @@ def test_soft_records_expire_unless_their_origin_refreshes_them():
     # do not bring the expired record back
     router.run_until(router.now + 3 * a.config.push_pull_interval)
     assert b.store.get(a.origin, "status", "s") is None
+
+
+def test_bytes_sent_are_split_by_what_they_were_for():
+    router, nodes = make_nodes(4)
+    router.run_until(2.0)
+    router.handle("n1", nodes["n1"].publish(router.now, "svc", "k", {"v": "x" * 200})[1])
+    router.run_until(router.now + 3 * nodes["n1"].config.push_pull_interval)
+    for node in nodes.values():
+        st = node.stats
+        parts = st["bytes_sent_membership"] + st["bytes_sent_gossip"] + st["bytes_sent_ae"]
+        assert parts == st["bytes_sent"] > 0
+        assert st["bytes_sent_ae"] > 0  # push-pull rounds ran
+    assert sum(n.stats["bytes_sent_records"] for n in nodes.values()) >= 3 * 200
+    assert nodes["n1"].stats["bytes_sent_gossip"] > 0

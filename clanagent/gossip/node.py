@@ -403,6 +403,10 @@ class GossipNode:
             "records_over_quota": 0,
             "records_over_version": 0,
             "soft_expired": 0,
+            "bytes_sent_membership": 0,
+            "bytes_sent_gossip": 0,
+            "bytes_sent_ae": 0,
+            "bytes_sent_records": 0,
         }
         self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
@@ -456,9 +460,20 @@ class GossipNode:
         scaled = push_pull_scale(interval, self._membership.num_members())
         return now + (self._rng.random() * scaled if first else scaled)
 
-    def _send(self, out: list[NodeAction], node_id: str | None, addr: str, data: bytes) -> None:
+    def _send(
+        self,
+        out: list[NodeAction],
+        node_id: str | None,
+        addr: str,
+        data: bytes,
+        what: str = "membership",
+    ) -> None:
+        # `what`: membership (probes, acks, suspicion; with piggybacked
+        # broadcasts), gossip (broadcast rounds) or ae (anti-entropy); the
+        # record bytes inside the first two are also in bytes_sent_records.
         self.stats["bytes_sent"] += len(data)
         self.stats["msgs_sent"] += 1
+        self.stats["bytes_sent_" + what] += len(data)
         out.append(SendTo(node_id, addr, data))
 
     def _send_message(self, out: list[NodeAction], send: Send) -> None:
@@ -992,7 +1007,7 @@ class GossipNode:
 
     def _send_ae_request(self, out: list[NodeAction], node_id: str | None, addr: str) -> None:
         item = pack([int(MsgType.AE_REQUEST), ae.encode_digest(self._ae.digest())])
-        self._send(out, node_id, addr, compound([item]))
+        self._send(out, node_id, addr, compound([item]), "ae")
 
     def _reply_ae(
         self,
@@ -1010,7 +1025,7 @@ class GossipNode:
             "d": ae.encode_delta(delta),
             "g": ae.encode_digest(self._ae.digest()) if with_digest else None,
         }
-        self._send(out, node_id, addr, compound([pack([int(MsgType.AE_REPLY), body])]))
+        self._send(out, node_id, addr, compound([pack([int(MsgType.AE_REPLY), body])]), "ae")
 
     def _on_delta(
         self,
@@ -1134,7 +1149,9 @@ class GossipNode:
         if items:
             room -= sum(len(i) + 2 for i in items)
         if room > 0 and len(self._rq):
-            items.extend(self._rq.get_broadcasts(2, room))
+            recs = self._rq.get_broadcasts(2, room)
+            self.stats["bytes_sent_records"] += sum(len(i) for i in recs)
+            items.extend(recs)
         return items
 
     def _gossip(self, out: list[NodeAction]) -> None:
@@ -1151,7 +1168,7 @@ class GossipNode:
             if not items:
                 break
             data = compound(items)
-            self._send(out, node_id, addr, data)
+            self._send(out, node_id, addr, data, "gossip")
         if data:
             extra = self._membership.random_members(
                 1, exclude={t[0] for t in targets}, alive_only=False
@@ -1159,7 +1176,7 @@ class GossipNode:
             for node_id, addr in extra:
                 info = self._membership.member(node_id)
                 if info is not None and info.state is not MemberState.ALIVE:
-                    self._send(out, node_id, addr, data)
+                    self._send(out, node_id, addr, data, "gossip")
 
     def next_deadline(self) -> float:
         best = self._membership.next_deadline()
