@@ -680,3 +680,28 @@ def test_own_versions_never_go_backwards_after_a_restart_that_forgot_them():
     assert ahead.put(_raw_record(ident, "svc", "z", after.version + 10**6, 1, clan=CLAN))
     again, _ = node_over(ahead).publish(1.0, "svc", "x", {"v": 2})
     assert again.version == after.version + 10**6 + 1
+
+
+def test_versions_count_by_one_after_the_first_of_a_run():
+    """Only the first record of a run is floored at the clock; the rest are
+    consecutive, so peers advance their watermarks on each broadcast instead
+    of waiting for an anti-entropy exchange with us (which resent our latest
+    records on every idle exchange)."""
+    ident = Identity.generate()
+    clock = [1_700_000_000.0]
+    node = GossipNode(
+        ident,
+        GossipConfig.local(),
+        addr="me",
+        clan=CLAN,
+        store=Store.open(None),
+        rng=random.Random(1),
+        now=0.0,
+        wall_clock=lambda: clock[0],
+    )
+    first, _ = node.publish(1.0, "svc", "a", {"v": 1})
+    clock[0] += 60.0
+    second, _ = node.publish(2.0, "svc", "b", {"v": 1})
+    third, _ = node.publish(3.0, "svc", "a", {"v": 2})
+    assert first.version >= 1_700_000_000_000
+    assert (second.version, third.version) == (first.version + 1, first.version + 2)

@@ -363,12 +363,20 @@ class GossipNode:
         # Checks a verified record's body (kind, schema, semantics): returns
         # None to accept, raises to refuse (transient=True: cannot decide yet).
         self._validate = validate
-        # Our next record's version is at least the wall clock in ms: soft
-        # records live only in memory, so after a restart the store no longer
-        # knows how far our versions went; the clock keeps them from going
-        # backwards, where peers' per-origin anti-entropy watermarks would
-        # never pull them (2**53 ms is 285,000 years).  None: counter only.
+        # Our first record of this run has a version at least the wall clock
+        # in ms: soft records live only in memory, so after a restart the
+        # store no longer knows how far our versions went; the clock keeps
+        # them from going backwards, where peers' per-origin anti-entropy
+        # watermarks would never pull them (2**53 ms is 285,000 years).
+        # After that first one, versions count up by one: peers advance a
+        # watermark on a broadcast only when it is the next version, and a
+        # clock-stamped version every time left every watermark behind until
+        # an exchange with the origin itself, so idle anti-entropy resent
+        # the latest records of every origin.  (A counter that runs behind
+        # the clock is safe: the next run starts at the clock.)  None:
+        # counter only.
         self._wall_clock = wall_clock
+        self._floored = False
         # Soft kinds (clanagent.records: topology, VM status, console tails)
         # live `soft_ttl(kind)` seconds after the last new version arrived; an
         # origin that stopped refreshing (crashed, removed, partitioned away)
@@ -407,6 +415,8 @@ class GossipNode:
             "bytes_sent_gossip": 0,
             "bytes_sent_ae": 0,
             "bytes_sent_records": 0,
+            "ae_records_sent": 0,  # records in our anti-entropy replies
+            "bytes_sent_ae_records": 0,
         }
         self._faults_logged: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # Membership updates and records queue apart: records are the clan's
@@ -993,9 +1003,10 @@ class GossipNode:
             default=0,
         )
         version = max(version, pending_max + 1)
-        if self._wall_clock is not None:
+        if self._wall_clock is not None and not self._floored:
             floor = int(self._wall_clock() * 1000)
             version = max(version, min(floor, MAX_RECORD_VERSION - 1))
+            self._floored = True
         rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan)
         self._own[(kind, key)] = rec.body
         self._remember(rec.record_id)
@@ -1021,6 +1032,9 @@ class GossipNode:
         delta = self._ae.deltas_for(peer_digest, AE_BUDGET)
         if not delta.records and not with_digest:
             return
+        if delta.records:
+            self.stats["ae_records_sent"] += len(delta.records)
+            self.stats["bytes_sent_ae_records"] += sum(r.size for r in delta.records)
         body = {
             "d": ae.encode_delta(delta),
             "g": ae.encode_digest(self._ae.digest()) if with_digest else None,
