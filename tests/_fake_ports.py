@@ -1,14 +1,18 @@
 """Fake ports for one part under test, and for the whole-agent simulator.
 
-Owns: small in-memory implementations of the `clanagent.ports` interfaces
--- a clock you move by hand (or one that follows trio's clock), a real
-in-memory `Store`, a list-backed record bus that signs, stores and
-dispatches by kind, a membership table you edit, an inventory view you set,
-and an event log -- bundled by `FakePorts.build(...)`, whose `.ports` is the
-real `Ports` a service is constructed with.
+Owns: small in-memory implementations of the `clanagent.ports` interfaces,
+one class per port -- a clock you move by hand (`FakeClock`) or one that
+follows trio's clock (`TrioFollowingClock`), a real in-memory `Store`, a
+record bus that signs, stores, then dispatches by kind (`ListBus`), a
+membership table of rows you edit (`FakeMembership`), an inventory view you
+set (`FakeInventory`) and an event log (`EventLog`) -- bundled by
+`FakePorts.build(...)`, whose `.ports` is the real `Ports` a service is
+constructed with; `fake_ports(...)` is the short form that returns those
+`Ports` at once (on trio's clock) for a test that drives everything through
+them.
 Must never: do I/O, or behave differently from the agent's ports in what a
-part can observe (a published record is stored, then dispatched; a handler
-runs synchronously, in the publisher's task).
+part can observe (a published record passes the body check, is stored, then
+dispatched; a handler runs synchronously, in the publisher's task).
 
 Typical use::
 
@@ -17,6 +21,9 @@ Typical use::
     fp.members.set(node_id_of(peer_key), "alive")  # handlers hear it
     fp.bus.deliver(peer_record)                     # a peer's record arrives
     fp.bus.published                                # what the part published
+
+    ports = fake_ports(identity, inventory=manager)  # any InventoryView
+    ports.members.set(node_id, "alive", addr="10.0.0.2:7946", rtt_ms=0.5)
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ import trio
 from clanagent.identity import Identity, node_id_of
 from clanagent.inventory.anchor import Anchor
 from clanagent.inventory.model import Inventory
-from clanagent.ports import Ports, Subscriptions
+from clanagent.ports import InventoryView, Ports, Subscriptions
 from clanagent.store import Store
 from clanagent.wire import SignedRecord
 
 __all__ = [
+    "WALL0",
     "EventLog",
     "FakeClock",
     "FakeInventory",
@@ -44,10 +52,14 @@ __all__ = [
     "Rounds",
     "TrioFollowingClock",
     "anchor_of",
+    "fake_ports",
     "inventory_of",
 ]
 
-WALL0 = 1_750_000_000.0  # the wall clock at now() == 0: a plausible epoch time
+# The wall clock at now() == 0: a plausible epoch time (January 2027), after
+# anything a test stamps with the real time.time(), so those are never "from
+# the future" for a body check that reads the fake wall clock.
+WALL0 = 1_800_000_000.0
 
 
 class FakeClock:
@@ -69,26 +81,33 @@ class FakeClock:
 
 class TrioFollowingClock:
     """The Clock port following trio's clock: under `trio.testing.MockClock`
-    both `now` and `wall` are virtual. Only callable inside `trio.run`."""
+    both `now` and `wall` are virtual. Outside `trio.run` (a test setting up)
+    `now` reads `outside`."""
 
-    def __init__(self, wall0: float = WALL0) -> None:
+    def __init__(self, wall0: float = WALL0, *, outside: float = 0.0) -> None:
         self.wall0 = wall0
+        self.outside = outside
 
     def now(self) -> float:
-        return trio.current_time()
+        try:
+            return trio.current_time()
+        except RuntimeError:
+            return self.outside
 
     def wall(self) -> float:
-        return self.wall0 + trio.current_time()
+        return self.wall0 + self.now()
 
 
 class ListBus:
     """The RecordBus port over an in-memory store.
 
-    `publish` signs a record of ours (next version), stores it, appends it to
-    `published` and dispatches it to the subscribers of its kind; `deliver`
-    stores a record made elsewhere (a peer's) and dispatches it if the store
-    took it. `check(kind, key, body) -> bool`, when given, plays the agent's
-    own-record body check: False refuses the record (nothing is published)."""
+    `publish` checks the body, signs a record of ours (next version, our
+    clan's id), stores it, appends it to `published` and dispatches it to the
+    subscribers of its kind; `deliver` stores a record made elsewhere (a
+    peer's) and dispatches it if the store took it. `check(kind, key, body)
+    -> bool`, when given, plays the agent's own-record body check
+    (`Agent.check_own_record`): False refuses the record -- nothing is
+    published, and `refused` keeps (kind, key, body)."""
 
     def __init__(
         self,
@@ -146,18 +165,23 @@ class ListBus:
 
 
 class FakeMembership:
-    """The Membership port as an editable table node id -> state."""
+    """The Membership port as an editable table: `members` maps a node id to
+    its row (the `GossipNode.members()` shape: state, addr, rtt_ms, ...).
+
+    `set` and `set_keys` tell the subscribers; a test may also edit a row in
+    place (an RTT that drifts, a failure nobody announced): nobody hears that."""
 
     def __init__(self, *, synced: bool = True) -> None:
-        self.states: dict[str, str] = {}
+        self.members: dict[str, dict[str, Any]] = {}
         self.is_synced = synced
         self._handlers: list[Callable[[], None]] = []
 
     def state(self, node_id: str) -> str | None:
-        return self.states.get(node_id)
+        row = self.members.get(node_id)
+        return None if row is None else row["state"]
 
     def rows(self) -> list[dict[str, Any]]:
-        return [{"node_id": n, "state": s, "self": False} for n, s in sorted(self.states.items())]
+        return [dict(row) for _, row in sorted(self.members.items())]
 
     def synced(self) -> bool:
         return self.is_synced
@@ -165,20 +189,37 @@ class FakeMembership:
     def subscribe(self, handler: Callable[[], None]) -> None:
         self._handlers.append(handler)
 
-    def set(self, node_id: str, state: str | None, *, notify: bool = True) -> None:
-        """Change one member's state (None: forget it) and tell the subscribers."""
+    def set(self, node_id: str, state: str | None, *, notify: bool = True, **fields: Any) -> None:
+        """Add or change one member (None: forget it) -- `fields` are other
+        row fields (addr, rtt_ms, name, ...) -- and tell the subscribers."""
         if state is None:
-            self.states.pop(node_id, None)
+            self.members.pop(node_id, None)
         else:
-            self.states[node_id] = state
+            self._row(node_id).update(fields, state=state)
         if notify:
-            for handler in list(self._handlers):
-                handler()
+            self._notify()
 
     def set_keys(self, keys: Collection[bytes], state: str = "alive") -> None:
         """Every one of these node keys in `state`, one notification."""
         for key in keys:
-            self.states[node_id_of(key)] = state
+            self._row(node_id_of(key))["state"] = state
+        self._notify()
+
+    def _row(self, node_id: str) -> dict[str, Any]:
+        return self.members.setdefault(
+            node_id,
+            {
+                "node_id": node_id,
+                "name": "",
+                "addr": "",
+                "state": "alive",
+                "incarnation": 0,
+                "rtt_ms": None,
+                "self": False,
+            },
+        )
+
+    def _notify(self) -> None:
         for handler in list(self._handlers):
             handler()
 
@@ -240,7 +281,7 @@ class FakePorts:
     store: Store
     bus: ListBus
     members: FakeMembership
-    inventory: FakeInventory
+    inventory: InventoryView
     events: EventLog
 
     @classmethod
@@ -250,16 +291,24 @@ class FakePorts:
         *,
         inventory: Inventory | None = None,
         anchor: Anchor | None = None,
+        view: InventoryView | None = None,
         clock: Any = None,
         store: Store | None = None,
         synced: bool = True,
         check: Callable[[str, str, Any], bool] | None = None,
     ) -> FakePorts:
+        """`inventory` (and `anchor`, else the inventory's [clan] section) make
+        a `FakeInventory`; or `view` is the InventoryView itself (a
+        `FakeInventory`, or a real `InventoryManager`). Our records carry the
+        view's anchor's clan id, as the agent's do."""
         identity = identity or Identity.generate()
         store = store if store is not None else Store(None)
-        if anchor is None and inventory is not None:
-            anchor = anchor_of(inventory.doc)
-        view = FakeInventory(inventory, anchor)
+        if view is None:
+            if anchor is None and inventory is not None:
+                anchor = anchor_of(inventory.doc)
+            view = FakeInventory(inventory, anchor)
+        elif inventory is not None or anchor is not None:
+            raise TypeError("give either view, or inventory (and anchor)")
 
         def clan() -> bytes:
             return b"" if view.anchor is None else view.anchor.clan_id
@@ -285,6 +334,26 @@ class FakePorts:
             inventory=self.inventory,
             events=self.events,
         )
+
+
+def fake_ports(
+    identity: Identity | None = None,
+    *,
+    inventory: InventoryView | None = None,
+    check: Callable[[str, str, Any], bool] | None = None,
+    clock: Any = None,
+) -> Ports:
+    """`FakePorts.build(...).ports` on trio's clock (a `TrioFollowingClock`
+    unless `clock` is given); `inventory` is an InventoryView (a
+    `FakeInventory`, or a real `InventoryManager`), an empty one if None.
+    The fakes stay reachable through the ports: `ports.bus.published`,
+    `ports.members.set(...)`, `ports.inventory.set(...)`."""
+    return FakePorts.build(
+        identity,
+        view=inventory if inventory is not None else FakeInventory(),
+        check=check,
+        clock=clock if clock is not None else TrioFollowingClock(),
+    ).ports
 
 
 class Rounds:

@@ -79,7 +79,7 @@ def test_node_ids_are_computed_once_per_inventory(tmp_path, monkeypatch):
     fp.members.set(node_id_of(keys[1]), "suspect")
     calls.clear()
     assert svc._online(doc()) == ["m0", "m4", "m5", "m6"]
-    fp.members.states.clear()
+    fp.members.members.clear()  # unsaid: nobody is told
     assert svc._online(doc()) == ["m0"]
     assert calls == []
 

@@ -24,7 +24,7 @@ from clanagent.topology import (
     merge_links,
 )
 
-from ._fake_ports_vm import WALL0, FakeInventory, fake_ports
+from ._fake_ports import WALL0, FakeInventory, fake_ports
 
 
 @pytest.mark.parametrize(

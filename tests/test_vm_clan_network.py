@@ -159,7 +159,7 @@ def _ports_with(tmp_path, records):
     )
     from dataclasses import replace
 
-    from ._fake_ports_vm import FakeInventory, fake_ports
+    from ._fake_ports import FakeInventory, fake_ports
 
     ports = fake_ports(inventory=FakeInventory(inv))
     store = SimpleNamespace(of_kind=lambda kind: [r for r in records if r.kind == kind])
@@ -185,14 +185,14 @@ async def test_status_record_names_the_address_only_while_running(tmp_path):
     svc._overlay = {"web": ADDR}
     svc.reconciler.poll(0.0)  # StartVm: "starting"
     await svc._publish_status()
-    assert published[-1][2]["state"] == "starting" and published[-1][2]["overlay"] == ""
+    assert published[-1].body["state"] == "starting" and published[-1].body["overlay"] == ""
     svc.reconciler.handle(VmStarted("web"), 0.0)
     await svc._publish_status()
-    assert published[-1][:2] == ("vm-status", "web")
-    assert published[-1][2]["state"] == "running" and published[-1][2]["overlay"] == ADDR
+    assert (published[-1].kind, published[-1].key) == ("vm-status", "web")
+    assert published[-1].body["state"] == "running" and published[-1].body["overlay"] == ADDR
     svc.reconciler.handle(VmExited("web", "boom"), 1.0)
     await svc._publish_status()
-    assert published[-1][2]["state"] == "crashed" and published[-1][2]["overlay"] == ""
+    assert published[-1].body["state"] == "crashed" and published[-1].body["overlay"] == ""
 
 
 def test_clan_vms_rows_show_the_overlay_address(tmp_path):

@@ -32,7 +32,7 @@ from clanagent.vmhost.service import (
 from clanagent.vmhost.spec import HostLimits
 from clanagent.wire import SignedRecord
 
-from ._fake_ports_vm import fake_ports
+from ._fake_ports import fake_ports
 from ._fake_vm_backend import FakeHost, FakeVmBackend, fake_backends, inline
 from .test_inventory_agent import genesis, machine_entry
 
@@ -83,10 +83,16 @@ class Clan:
         self.ports.bus.subscribe([VM_STATUS_KIND, LOGS_KIND], self._hear)
         self.host.listeners.append(self._poke)
 
-    def _check(self, rec: SignedRecord) -> None:
-        """The agent's own-record check: the body as every peer will judge it."""
+    def _check(self, kind: str, key: str, body: Any) -> bool:
+        """The agent's own-record check (`Agent.check_own_record`): the body as
+        every peer will judge it."""
         ctx = records.RecordContext(now=self.ports.clock.wall(), inventory=self.inventory.inventory)
-        records.validate(rec, ctx)
+        trial = SignedRecord.create(self.m1, kind, key, 1, body, clan=self.inventory.anchor.clan_id)
+        try:
+            records.validate(trial, ctx)
+        except records.Refusal:
+            return False
+        return True
 
     def _hear(self, rec: SignedRecord) -> None:
         self.heard.append((trio.current_time(), rec))
@@ -191,7 +197,7 @@ def test_an_inventory_change_through_the_port_stops_a_vm_at_once(tmp_path):
                 assert clan.host.stopped == [("web", "poweroff")]
                 # (its last status names a VM no longer placed here: peers would
                 # refuse it, so the agent's own check keeps it back)
-                assert [k for k, _, _, _ in clan.ports.bus.refused] == [VM_STATUS_KIND]
+                assert [k for k, _, _ in clan.ports.bus.refused] == [VM_STATUS_KIND]
                 nursery.cancel_scope.cancel()
 
     run(main)
