@@ -117,11 +117,16 @@ class Clan:
     def write_config(self, m: str) -> None:
         home = self.home(m)
         home.mkdir()
+        # Only the founder's port must be known in advance (it is every
+        # token's seed); the others take one from the kernel when they start,
+        # so a port picked here cannot be taken by another program during the
+        # minutes a large clan takes to start (seen at N=100).
+        port = _free_port() if m == self.names[0] else 0
         (home / "agent.toml").write_text(
             f'state_dir = "{home / "state"}"\n'
             f'runtime_dir = "{home / "run"}"\n'
             f'[control]\nsocket = "{self.sock(m)}"\n'
-            f'[gossip]\nlisten = "127.0.0.1:{_free_port()}"\nprofile = "{PROFILE}"\n'
+            f'[gossip]\nlisten = "127.0.0.1:{port}"\nprofile = "{PROFILE}"\n'
             f'name = "{m}"\n'
             "[mesh]\nwireguard = false\nmdns = false\n"
         )

@@ -292,3 +292,34 @@ def test_runs_unprivileged(tmp_path):
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_gossip_port_in_use_is_one_clear_line(tmp_path):
+    """A gossip port someone else holds ends the start with a message that
+    names the setting and the fix, not a traceback."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        r = subprocess.run(
+            clanagent_cmd(
+                "run",
+                "--config",
+                "/dev/null",
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--control-socket",
+                str(tmp_path / "c.sock"),
+                "--listen",
+                f"127.0.0.1:{port}",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    assert r.returncode == 2, r.stderr
+    assert "address already in use" in r.stderr and f"127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -8,6 +8,7 @@ unwritable state dir): one line naming the problem and the fix, exit 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import resource
 import signal
@@ -146,6 +147,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         if "already listening" in str(exc):
             print(f"clanagent: {exc}", file=sys.stderr)
+            return 2
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            # The gossip port: the other listeners (web console, mesh probes)
+            # degrade to a capability instead of stopping the agent.
+            print(
+                f"clanagent: cannot listen on gossip.listen = {cfg.gossip.listen!r}: "
+                "address already in use (another agent or program holds that port); "
+                "stop it, or set gossip.listen (or --listen) to a free port",
+                file=sys.stderr,
+            )
             return 2
         raise
 
