@@ -648,6 +648,7 @@ class Store:
         return out
 
     def _fsync(self, fd: int) -> None:
+        # A counted fsync of a file (bench/store.py's one-file-per-key variant).
         os.fsync(fd)
         self._count_fsync()
 
