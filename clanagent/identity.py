@@ -35,6 +35,8 @@ import nacl.bindings
 import nacl.public
 import nacl.signing
 
+from .durable import FileRefused, fsync_dir, read_file, write_new
+
 __all__ = [
     "IdentityError",
     "Identity",
@@ -207,61 +209,23 @@ def _secure_dir(state_dir: Path, *, create: bool) -> None:
             ) from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_key_file(path: Path, key: bytes) -> None:
     """Write `key` to `path` completely and durably (0600), replacing any file there."""
-    data = base64.b64encode(key) + b"\n"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have masked bits; be exact anyway
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(path, base64.b64encode(key) + b"\n", mode=0o600)
 
 
 def _read_key_file(path: Path) -> bytes:
     """Read one key file, checking type, owner and mode before reading a byte."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_file(path, max_size=_MAX_KEY_FILE, owner=os.geteuid(), private=True)
     except FileNotFoundError:
         raise
+    except FileRefused as exc:
+        raise IdentityError(_refused(path, exc)) from None
     except OSError as exc:
-        if os.path.islink(path):
-            raise IdentityError(
-                f"{path}: key file is a symlink; fix: replace it with the file itself (mode 0600)"
-            ) from None
         raise IdentityError(f"{path}: cannot open key file: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"{path}: key file is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise IdentityError(
-                f"{path}: key file is owned by uid {st.st_uid}, not by this user "
-                f"(uid {os.geteuid()}); fix: chown it to the agent's user"
-            )
-        if st.st_mode & 0o077:
-            raise IdentityError(
-                f"{path}: key file is mode {stat.S_IMODE(st.st_mode):04o}, readable by other "
-                f"users; fix: chmod 600 {path} (and consider the key exposed)"
-            )
-        raw = os.read(fd, _MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > _MAX_KEY_FILE:
-        raise IdentityError(f"{path}: key file is too large to be a key; expected one base64 line")
     try:
         key = base64.b64decode(raw.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -273,6 +237,27 @@ def _read_key_file(path: Path) -> bytes:
             f"{path}: key file holds {len(key)} bytes, expected 32; restore it from a backup"
         )
     return key
+
+
+def _refused(path: Path, exc: FileRefused) -> str:
+    st = exc.st
+    if exc.reason == "symlink":
+        return f"{path}: key file is a symlink; fix: replace it with the file itself (mode 0600)"
+    if exc.reason == "not_regular":
+        return f"{path}: key file is not a regular file"
+    if exc.reason == "owner":
+        assert st is not None
+        return (
+            f"{path}: key file is owned by uid {st.st_uid}, not by this user "
+            f"(uid {os.geteuid()}); fix: chown it to the agent's user"
+        )
+    if exc.reason == "mode":
+        assert st is not None
+        return (
+            f"{path}: key file is mode {stat.S_IMODE(st.st_mode):04o}, readable by other "
+            f"users; fix: chmod 600 {path} (and consider the key exposed)"
+        )
+    return f"{path}: key file is too large to be a key; expected one base64 line"
 
 
 def _pending(path: Path) -> Path:
@@ -313,7 +298,7 @@ def _roll_forward(state_dir: Path) -> bool:
         return False
     for p in missing:
         os.rename(_pending(p), p)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     log.warning("completed an interrupted identity creation in %s", state_dir)
     return True
 
@@ -327,10 +312,10 @@ def _create(state_dir: Path) -> Identity:
     }
     for name, key in keys.items():
         _write_key_file(_pending(state_dir / name), key)
-    _fsync_dir(state_dir)  # every pending file is durable before the first rename
+    fsync_dir(state_dir)  # every pending file is durable before the first rename
     for name in KEY_FILES:
         os.rename(_pending(state_dir / name), state_dir / name)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     return ident
 
 

@@ -60,7 +60,7 @@ def test_saved_key_roundtrips_with_mode_0600(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o600
     assert load_onion_key(path) == (KEY_TYPE, KEY64)
-    assert not path.with_name("onion_key.tmp").exists()
+    assert os.listdir(path.parent) == ["onion_key"]  # no temp file left
 
 
 @pytest.mark.parametrize(

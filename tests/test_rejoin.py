@@ -343,7 +343,7 @@ def test_a_peer_file_that_is_not_a_regular_file_is_refused(tmp_path):
     save_peer_book(target, [PeerEntry("a", "h:1")])
     link = tmp_path / "link.json"
     link.symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(PeerBookError, match="symlink"):  # not followed
         load_peer_book(link)
 
 

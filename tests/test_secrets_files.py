@@ -36,7 +36,7 @@ def test_install_writes_modes_and_reports_change(tmp_path):
     # same content again (e.g. after a restart): no change, no previous
     assert not files.install(tmp_path, "svc", "key", 1, {"private": b"s1"}, {"public": b"p1"}, T0)
     assert not (sdir / files.PREVIOUS).exists()
-    assert not [p for p in sdir.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in sdir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_group_readable_dir(tmp_path):

@@ -117,7 +117,7 @@ def test_failure_leaves_the_previous_generation_in_place(tmp_path):
 def test_symlink_out_is_refused(tmp_path):
     target = tmp_path / "t"
     target.write_bytes(b"host secret")
-    with pytest.raises(GeneratorError, match="out/s"):
+    with pytest.raises(GeneratorError, match="out/s is a symlink"):
         run_command(f"ln -s {target} $out/s", ["s"], [], {}, SandboxLimits(isolate=False))
 
 

@@ -190,6 +190,8 @@ def test_files_go_when_the_machine_stops_consuming(tmp_path):
     services = tmp_path / "services"
     (services / "backup" / "notes").write_text("not ours")
     (services / "Not-A-Service").mkdir()
+    # what a crash in the middle of an atomic write leaves: removed with our files
+    (services / "vpn" / ".imports.env.0123abcd.tmp").write_text("half")
     # beta leaves the laptop tag: it imports nothing any more.
     doc["machines"]["beta"]["tags"] = []
     r = rendered(doc, two_servers(doc))

@@ -132,7 +132,7 @@ def test_in_memory_mode_full_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def no_io(*a: object, **k: object) -> None:
         raise AssertionError("in-memory store touched the disk")
 
-    monkeypatch.setattr(store_mod, "_fsync_dir", no_io)
+    monkeypatch.setattr(store_mod, "fsync_dir", no_io)
     monkeypatch.setattr(os, "fsync", no_io)
     s = Store.open(None)
     assert s.path is None

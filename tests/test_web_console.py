@@ -390,3 +390,46 @@ def test_clanctl_ui_open_keeps_the_token_off_command_lines(monkeypatch):
     assert seen["mode"] == 0o600 and seen["dir_mode"] == 0o700
     assert "SECRET-TOKEN" in seen["body"] and "refresh" in seen["body"]
     assert not os.path.exists(seen["path"])  # removed after the browser read it
+
+
+async def test_an_edit_keeps_sealed_endpoints_and_no_thread_calls_back_into_the_loop(
+    tmp_path, monkeypatch
+):
+    """The console signs with inventory/edit.py: it asks the agent for the endpoints
+    only the agent can open (on the loop), then seals and signs in a worker thread
+    that only computes -- a thread calling back into trio fails this test."""
+    from clanagent.inventory.sealing import reseal_doc
+
+    def no_callback(*a, **k):
+        raise AssertionError("a worker thread called back into the trio loop")
+
+    monkeypatch.setattr(trio.from_thread, "run", no_callback)
+    monkeypatch.setattr(trio.from_thread, "run_sync", no_callback)
+    admin = nacl.signing.SigningKey.generate()
+    ident = load_or_create(tmp_path / "s1")[0]
+    doc = genesis(admin, {"m1": machine_entry(ident, ["server"], ["198.51.100.7:7946"])})
+    doc = reseal_doc(doc, {})
+    version = make_version(doc, [], int(time.time()), "founded", [admin])
+    key = write_key(tmp_path / "a.key", admin)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            agent, _ = await start(n, cfg_for(tmp_path))
+            await call(agent, "inventory.submit", {"version": version.to_wire(), "init": True})
+            base, session = await login((await call(agent, "ui.open", {"admin_key": key}))["url"])
+            async with api(base, session) as a:
+                shown = (await a.call("console.inventory_text"))["result"]
+                assert "198.51.100.7" not in shown["toml"]  # sealed in the document
+                edited = shown["toml"].replace('tags = ["server"]', 'tags = ["server", "web"]')
+                diff = (await a.call("console.inventory_diff", {"text": edited}))["result"]
+                apply = {"text": edited, "leaves": diff["leaves"], "message": "tag m1"}
+                done = await a.call("console.inventory_apply", apply)
+                assert done["ok"], done
+            shown = await call(agent, "inventory.show")
+            assert shown["doc"]["machines"]["m1"]["tags"] == ["server", "web"]
+            assert (
+                shown["doc"]["machines"]["m1"]["sealed_endpoints"]
+                != doc["machines"]["m1"]["sealed_endpoints"]
+            )  # resealed, with the endpoints the agent opened
+            opened = await call(agent, "inventory.endpoints")
+            assert opened["m1"] == ["198.51.100.7:7946"]
+            n.cancel_scope.cancel()

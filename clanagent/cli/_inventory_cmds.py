@@ -1,18 +1,16 @@
 """clanctl's inventory, clan, machine and invite commands.
 
-Owns: the admin side of the inventory: reading TOML, showing the diff,
-asking, signing with the admin key (which never leaves this process) and
-submitting the signed version to the local agent.  Must never: sign
-anything that failed validation, or write an admin key readable by others.
+Owns: the admin side's dialogue: reading TOML, showing the diff, asking,
+and submitting what `inventory/edit.py` signed with the admin key (which
+never leaves this process) to the local agent.  Must never: sign anything
+that failed validation, or write an admin key readable by others.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import copy
-import os
 import secrets
 import sys
 import time
@@ -22,64 +20,43 @@ from typing import Any
 import nacl.signing
 
 from ..control.client import ControlClient
+from ..inventory import edit
+from ..inventory.edit import DEFAULT_ADMIN_KEY, EditError, admin_key_path
 from ._table import table
+from .errors import CommandError
 
-# The inventory modules are imported inside the commands that use them: a
-# clanctl process imports only what its command needs (start-up time is part
-# of every command's latency; see bench/vm.py).
+# The other inventory modules are imported inside the commands that use them:
+# a clanctl process imports only what its command needs (start-up time is
+# part of every command's latency; see bench/vm.py).
 
-__all__ = ["add_parsers", "run", "CommandError"]
-
-DEFAULT_ADMIN_KEY = "~/.config/clanagent/admin.key"
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
+__all__ = ["add_parsers", "run", "create_admin_key", "load_admin_key"]
 
 
 # -- admin keys --------------------------------------------------------------
 
 
-def _admin_key_path(arg: str | None) -> Path:
-    return Path(os.path.expanduser(arg or os.environ.get("CLANAGENT_ADMIN_KEY", DEFAULT_ADMIN_KEY)))
-
-
 def load_admin_key(path: Path) -> nacl.signing.SigningKey:
+    """The admin key in the file `path` names (the user's own: a symlink is followed)."""
     try:
-        text = path.read_text().strip()
+        return edit.read_admin_key(path, follow_symlinks=True)
     except FileNotFoundError:
         raise CommandError(
             f"no admin key at {path}: pass --admin-key PATH (the file 'clanctl clan init' wrote)"
         ) from None
+    except EditError as exc:
+        raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot read admin key {path}: {exc.strerror}") from None
-    if os.stat(path).st_mode & 0o077:
-        raise CommandError(f"admin key {path} is readable by others: chmod 600 {path}")
-    return parse_admin_key(text.encode(), path)
-
-
-def parse_admin_key(data: bytes, path: Path) -> nacl.signing.SigningKey:
-    """The key in an admin key file's contents (one line of base64); CommandError if not."""
-    try:
-        seed = base64.b64decode(data.strip(), validate=True)
-    except (ValueError, binascii.Error):
-        seed = b""
-    if len(seed) != 32:
-        raise CommandError(f"{path} is not an admin key (one line of base64, 32 bytes)")
-    return nacl.signing.SigningKey(seed)
 
 
 def create_admin_key(path: Path) -> nacl.signing.SigningKey:
+    """The admin key at `path`, made there first if there is none."""
     if path.exists():
         return load_admin_key(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = nacl.signing.SigningKey.generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(bytes(key)).decode() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return key
+    try:
+        return edit.create_admin_key(path)
+    except OSError as exc:
+        raise CommandError(f"cannot write admin key {path}: {exc.strerror}") from None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -116,30 +93,20 @@ def _seal_and_sign(
     keys: list[nacl.signing.SigningKey],
     message: str,
 ) -> Any:
-    from ..inventory.parse import validate_doc
-    from ..inventory.sealing import SealError, reseal_doc
-    from ..inventory.versions import make_version
-
-    # Endpoints travel sealed to the member machines; open the ones only the
-    # agent can read, then seal everything to the new member set.
-    plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
+    # Endpoints travel sealed to the member machines: the agent opens the
+    # ones only it can read, edit.py seals everything to the new member set.
     readable = client.call("inventory.endpoints")
-    for name, m in doc["machines"].items():
-        if name not in plain and m.get("sealed_endpoints"):
-            if name not in readable:
-                raise CommandError(
-                    f"machines.{name}: its endpoints are sealed and this agent cannot open "
-                    "them; give them in plain in the file to reseal them"
-                )
-            plain[name] = readable[name]
     try:
-        doc = reseal_doc(doc, plain)
-    except SealError as exc:
-        raise CommandError(f"cannot seal endpoints: {exc}") from None
-    issues = validate_doc(doc)
-    if issues:
-        raise CommandError(f"refusing to sign an invalid inventory: {issues[0]}")
-    return make_version(doc, shown["leaves"], int(time.time()), message, keys)
+        return edit.seal_and_sign(
+            doc,
+            parents=shown["leaves"],
+            keys=keys,
+            message=message,
+            now=int(time.time()),
+            readable=readable,
+        )
+    except EditError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _submit(client: ControlClient, version: Any, *, init: bool = False) -> dict[str, Any]:
@@ -166,7 +133,7 @@ def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
             f"this agent already belongs to clan '{status['clan']['name']}' "
             f"({status['clan']['id']})"
         )
-    key_path = _admin_key_path(args.admin_key)
+    key_path = admin_key_path(args.admin_key)
     existed = key_path.exists()
     admin = create_admin_key(key_path)
     machine = args.machine or who["name"]
@@ -196,8 +163,12 @@ def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
     issues = validate_doc(doc)
     if issues:
         raise CommandError(f"cannot found the clan: {issues[0]}")
-    shown = {"leaves": []}
-    version = _seal_and_sign_init(doc, shown, [admin], f"clan {args.name} founded")
+    try:
+        version = edit.seal_and_sign(
+            doc, parents=[], keys=[admin], message=f"clan {args.name} founded", now=int(time.time())
+        )
+    except EditError as exc:
+        raise CommandError(f"cannot found the clan: {exc}") from None
     result = _submit(client, version, init=True)
     if args.out:
         Path(args.out).write_text(doc_to_toml(version.doc))
@@ -209,15 +180,6 @@ def cmd_clan_init(client: ControlClient, args: argparse.Namespace) -> Any:
     if args.out:
         print(f"inventory written to {args.out}: edit it and 'clanctl inventory apply {args.out}'")
     return None
-
-
-def _seal_and_sign_init(doc, shown, keys, message):
-    from ..inventory.sealing import reseal_doc
-    from ..inventory.versions import make_version
-
-    plain = {name: list(m["endpoints"]) for name, m in doc["machines"].items() if m["endpoints"]}
-    doc = reseal_doc(doc, plain)
-    return make_version(doc, shown["leaves"], int(time.time()), message, keys)
 
 
 def cmd_machine_add(client: ControlClient, args: argparse.Namespace) -> Any:
@@ -245,7 +207,7 @@ def cmd_machine_add(client: ControlClient, args: argparse.Namespace) -> Any:
     issues = validate_doc(doc)
     if issues:
         raise CommandError(str(issues[0]).replace("<doc>: ", ""))
-    keys = [load_admin_key(_admin_key_path(p)) for p in (args.admin_key or [None])]
+    keys = [load_admin_key(admin_key_path(p)) for p in (args.admin_key or [None])]
     version = _seal_and_sign(client, doc, shown, keys, f"add machine {args.name}")
     print(format_diff(diff_docs(shown["doc"], version.doc)))
     _confirm(args, f"add machine '{args.name}'?")
@@ -295,36 +257,27 @@ def _parse_file(path: str) -> dict[str, Any]:
 
 
 def cmd_inventory_diff(client: ControlClient, args: argparse.Namespace) -> Any:
-    from ..inventory.diff import diff_docs, format_diff
+    from ..inventory.diff import format_diff
 
     doc = _parse_file(args.file)
     shown = _current(client)
-    changes = diff_docs(_comparable(shown["doc"]), _comparable(doc))
+    changes = edit.changes(shown["doc"], doc)
     if args.json:
         return [c.__dict__ for c in changes]
     print(format_diff(changes))
     return None
 
 
-def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
-    # Sealed blobs are re-made on every apply: compare without them.
-    doc = copy.deepcopy(doc)
-    for m in doc["machines"].values():
-        m["sealed_endpoints"] = b""
-        m["endpoints"] = []
-    return doc
-
-
 def cmd_inventory_apply(client: ControlClient, args: argparse.Namespace) -> Any:
-    from ..inventory.diff import diff_docs, format_diff
+    from ..inventory.diff import format_diff
 
     doc = _parse_file(args.file)
     shown = _current(client)
     if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
         raise CommandError(f"{args.file}: clan.id is not this clan's id: is this the right file?")
-    keys = [load_admin_key(_admin_key_path(p)) for p in (args.admin_key or [None])]
+    keys = [load_admin_key(admin_key_path(p)) for p in (args.admin_key or [None])]
     version = _seal_and_sign(client, doc, shown, keys, args.message or f"apply {args.file}")
-    changes = diff_docs(_comparable(shown["doc"]), _comparable(version.doc))
+    changes = edit.changes(shown["doc"], version.doc)
     explicit_endpoints = any(m["endpoints"] for m in doc["machines"].values())
     if not changes and not explicit_endpoints and not shown["conflicts"]:
         print("nothing to apply: the inventory already says this")

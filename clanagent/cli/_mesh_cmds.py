@@ -19,12 +19,9 @@ from typing import Any
 
 from ..control.client import ControlClient
 from ._table import table
+from .errors import CommandError
 
 __all__ = ["add_parsers", "ssh_target", "tor_connect"]
-
-
-class CommandError(Exception):
-    pass
 
 
 def cmd_path(client: ControlClient, args: argparse.Namespace) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..control.client import ControlClient
 from ._table import table
+from .errors import CommandError
 
 __all__ = ["add_parsers"]
 
@@ -154,15 +155,12 @@ def cmd_secrets_rotate(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
-class CommandError(Exception):
-    pass
-
-
 def cmd_vm_action(client: ControlClient, args: argparse.Namespace) -> Any:
+    from ..inventory.edit import admin_key_path
     from ..vmhost.requests import sign_request
-    from ._inventory_cmds import _admin_key_path, load_admin_key
+    from ._inventory_cmds import load_admin_key
 
-    key = load_admin_key(_admin_key_path(args.admin_key))
+    key = load_admin_key(admin_key_path(args.admin_key))
     req = sign_request(key, args.name, args.vm_cmd, int(time.time()))
     result = client.call("vm.request", {"request": req.to_wire()})
     if args.json:
@@ -273,10 +271,11 @@ def _pump(sock: Any, early: bytes, linger: float) -> None:
 def cmd_vm_console(client: ControlClient, args: argparse.Namespace) -> Any:
     import os
 
+    from ..inventory.edit import admin_key_path
     from ..vmhost.requests import NONCE_LEN, sign_console
-    from ._inventory_cmds import _admin_key_path, load_admin_key
+    from ._inventory_cmds import load_admin_key
 
-    key = load_admin_key(_admin_key_path(args.admin_key))
+    key = load_admin_key(admin_key_path(args.admin_key))
     machine = _console_host(client, args.name, args.machine)
     req = sign_console(key, args.name, machine, int(time.time()), os.urandom(NONCE_LEN))
     sock, early = client.attach("vm.console", {"request": req.to_wire()})

@@ -19,10 +19,10 @@ __all__ = ["add_parsers"]
 
 
 def cmd_ui(client: ControlClient, args: argparse.Namespace) -> Any:
-    from ._inventory_cmds import _admin_key_path
+    from ..inventory.edit import admin_key_path
 
     params: dict[str, Any] = {}
-    key = _admin_key_path(args.admin_key)
+    key = admin_key_path(args.admin_key)
     if args.admin_key or key.exists():
         params["admin_key"] = os.path.abspath(key)
     result = client.call("ui.open", params)

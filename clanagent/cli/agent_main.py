@@ -2,7 +2,8 @@
 
 Owns: argument parsing, config loading with flag overrides, signal handling
 and exit codes.  Must never: print a traceback for a user error (bad config,
-unwritable state dir): one line naming the problem and the fix, exit 2.
+unwritable state dir): a CommandError, printed as one line naming the
+problem and the fix, exit 2.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import trio
 from .. import __version__
 from .._log import kv, setup_logging
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .errors import CommandError
 
 log = logging.getLogger("clanagent.cli")
 
@@ -117,8 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides=_overrides(args), required=args.config is not None)
     except ConfigError as exc:
-        print(f"clanagent: config error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"config error: {exc}", exit_code=2) from None
     setup_logging(cfg.log_level)
     raise_fd_limit()
     try:
@@ -131,23 +132,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 raise leaves[0] from None
             raise
     except PermissionError as exc:
-        print(
-            f"clanagent: permission denied: {exc.filename or exc}: run as root, or point "
+        raise CommandError(
+            f"permission denied: {exc.filename or exc}: run as root, or point "
             "--state-dir and --control-socket at directories this user can write",
-            file=sys.stderr,
-        )
-        return 2
+            exit_code=2,
+        ) from None
     except ValueError as exc:  # AnchorError: a damaged clan anchor file
         from ..inventory.anchor import AnchorError
 
         if isinstance(exc, AnchorError):
-            print(f"clanagent: {exc}", file=sys.stderr)
-            return 2
+            raise CommandError(str(exc), exit_code=2) from None
         raise
     except RuntimeError as exc:
         if "already listening" in str(exc):
-            print(f"clanagent: {exc}", file=sys.stderr)
-            return 2
+            raise CommandError(str(exc), exit_code=2) from None
         raise
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -176,8 +174,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     try:
         ident, created = load_or_create(args.state_dir)
     except (IdentityError, PermissionError) as exc:
-        print(f"clanagent: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc), exit_code=2) from None
     print(f"{'created' if created else 'existing'} keys in {args.state_dir}")
     print(f"node id:        {ident.node_id}")
     print(f"short id:       {ident.short_id}")
@@ -196,8 +193,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
     try:
         token = parse_token(args.token)
     except TokenError as exc:
-        print(f"clanagent: bad join token: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"bad join token: {exc}", exit_code=2) from None
     try:
         ident, _ = load_or_create(args.state_dir)
         anchor = Anchor(
@@ -205,8 +201,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
         )
         path = save_anchor(args.state_dir, anchor)
     except (IdentityError, OSError) as exc:
-        print(f"clanagent: cannot join: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot join: {exc}", exit_code=2) from None
     print(f"joined clan '{token.name}' ({token.clan_id.hex()}) as machine '{token.machine}'")
     print(f"seeds: {', '.join(token.seeds) or '(none)'}; anchor written to {path}")
     print(f"this machine's key: {machine_key_string(ident)}")
@@ -214,26 +209,28 @@ def _cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vm_image(args: argparse.Namespace) -> int:
+    from ..vmhost.image import build_image
+    from ..vmhost.spec import VmHostError
+
+    try:
+        kernel, initrd = build_image(args.dir)
+    except VmHostError as exc:
+        raise CommandError(f"cannot build a VM image: {exc}", exit_code=2) from None
+    print(f'kernel = "{kernel}"\ninitrd = "{initrd}"')
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "keygen": _cmd_keygen, "join": _cmd_join, "vm-image": _cmd_vm_image}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        return _cmd_run(args)
-    if args.command == "keygen":
-        return _cmd_keygen(args)
-    if args.command == "join":
-        return _cmd_join(args)
-    if args.command == "vm-image":
-        from ..vmhost.image import build_image
-        from ..vmhost.spec import VmHostError
-
-        try:
-            kernel, initrd = build_image(args.dir)
-        except VmHostError as exc:
-            print(f"clanagent: cannot build a VM image: {exc}", file=sys.stderr)
-            return 2
-        print(f'kernel = "{kernel}"\ninitrd = "{initrd}"')
-        return 0
-    return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except CommandError as exc:
+        print(f"clanagent: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 from ..control.client import AgentNotRunning, ClientError, ControlClient
 from . import _inventory_cmds, _mesh_cmds, _services_cmds, _ui_cmds
 from ._table import table
+from .errors import CommandError
 
 DEFAULT_SOCKET = "/run/clanagent/control.sock"
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tor-connect":  # ssh's ProxyCommand: no agent involved
         try:
             _mesh_cmds.tor_connect(args.socks, args.host, args.port)
-        except (OSError, _mesh_cmds.CommandError) as exc:
+        except (OSError, CommandError) as exc:
             print(f"clanctl: {exc}", file=sys.stderr)
             return 1
         return 0
@@ -195,13 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(_dump(result))
             return 0
         result = client.call(args.command)
-    except (
-        _inventory_cmds.CommandError,
-        _mesh_cmds.CommandError,
-        _services_cmds.CommandError,
-    ) as exc:
+    except CommandError as exc:
         print(f"clanctl: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except AgentNotRunning as exc:
         print(f"clanctl: {exc.message}", file=sys.stderr)
         return 2

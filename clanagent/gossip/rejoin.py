@@ -19,13 +19,12 @@ import heapq
 import itertools
 import json
 import math
-import os
 import random
-import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..durable import FileRefused, atomic_write, read_file
 
 __all__ = [
     "RejoinSchedule",
@@ -261,26 +260,7 @@ def decode_peer_book(data: bytes) -> tuple[list[PeerEntry], int]:
 
 def save_peer_book(path: Path, entries: Iterable[PeerEntry]) -> None:
     """Write the peer book atomically (temp file, fsync, rename, fsync dir)."""
-    path = Path(path)
-    data = encode_peer_book(entries)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".peers-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(Path(path), encode_peer_book(entries), mode=0o600)
 
 
 def load_peer_book(path: Path) -> tuple[list[PeerEntry], int]:
@@ -288,14 +268,15 @@ def load_peer_book(path: Path) -> tuple[list[PeerEntry], int]:
 
     OSError or PeerBookError when the file cannot be used (the caller logs one
     line and goes on without it)."""
-    path = Path(path)
     try:
         # Not through a symlink, and never blocking on a FIFO put in its place.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_file(Path(path), max_size=MAX_PEER_BOOK_BYTES)
     except FileNotFoundError:
         return [], 0
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise PeerBookError("not a regular file")
-        data = f.read(MAX_PEER_BOOK_BYTES + 1)
+    except FileRefused as exc:
+        if exc.reason == "too_large":
+            raise PeerBookError(f"larger than {MAX_PEER_BOOK_BYTES} bytes") from None
+        raise PeerBookError(
+            "a symlink (not followed)" if exc.reason == "symlink" else "not a regular file"
+        ) from None
     return decode_peer_book(data)

@@ -8,11 +8,10 @@ by the network: only a local admin (CLI, control socket) sets it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..durable import atomic_write
 from ..wire import Limits, WireError, pack, unpack
 
 __all__ = ["Anchor", "AnchorError", "ANCHOR_FILE", "load_anchor", "save_anchor"]
@@ -84,22 +83,5 @@ def save_anchor(state_dir: Path, anchor: Anchor) -> Path:
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / ANCHOR_FILE
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".anchor-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pack(anchor.to_wire()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, pack(anchor.to_wire()), mode=0o600)
     return path

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..durable import FileRefused, atomic_write, read_file
 from .socks import open_socks5_stream
 
 if TYPE_CHECKING:
@@ -85,27 +86,13 @@ def load_onion_key(path: Path) -> tuple[str, str] | None:
     onion address under every peer's feet.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_file(path, max_size=_MAX_KEY_FILE, owner=os.geteuid(), private=True)
     except FileNotFoundError:
         return None
+    except FileRefused as exc:
+        raise TorLocalError(_refused(path, exc)) from None
     except OSError as exc:
         raise TorLocalError(f"{path}: cannot open onion key: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TorLocalError(f"{path}: onion key is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise TorLocalError(f"{path}: onion key is owned by uid {st.st_uid}, not by us")
-        if st.st_mode & 0o077:
-            raise TorLocalError(
-                f"{path}: onion key is mode {stat.S_IMODE(st.st_mode):04o}; fix: chmod 600 {path} "
-                "(and consider the onion address exposed)"
-            )
-        raw = os.read(fd, _MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > _MAX_KEY_FILE:
-        raise TorLocalError(f"{path}: onion key file is too large")
     key_type, sep, content = raw.decode("ascii", errors="replace").strip().partition(":")
     if not sep or key_type != KEY_TYPE:
         raise TorLocalError(f"{path}: expected one line '{KEY_TYPE}:<base64>'")
@@ -120,25 +107,28 @@ def load_onion_key(path: Path) -> tuple[str, str] | None:
     return key_type, content
 
 
+def _refused(path: Path, exc: FileRefused) -> str:
+    st = exc.st
+    if exc.reason == "symlink":
+        return f"{path}: cannot open onion key: it is a symlink"
+    if exc.reason == "not_regular":
+        return f"{path}: onion key is not a regular file"
+    if exc.reason == "owner":
+        assert st is not None
+        return f"{path}: onion key is owned by uid {st.st_uid}, not by us"
+    if exc.reason == "mode":
+        assert st is not None
+        return (
+            f"{path}: onion key is mode {stat.S_IMODE(st.st_mode):04o}; fix: chmod 600 {path} "
+            "(and consider the onion address exposed)"
+        )
+    return f"{path}: onion key file is too large"
+
+
 def save_onion_key(path: Path, key_type: str, content: str) -> None:
     """Write the key durably (temp file 0600, fsync, rename, fsync dir)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask says
-        os.write(fd, f"{key_type}:{content}\n".encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, f"{key_type}:{content}\n".encode("ascii"), mode=0o600)
 
 
 def publish_onion(controller: Controller, ports: Mapping[int, str], key_path: Path) -> str:

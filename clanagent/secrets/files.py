@@ -29,6 +29,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from clanagent.durable import atomic_write, fsync_dir
 from clanagent.secrets.crypto import SecretsLocalError
 from clanagent.secrets.model import valid_file_name
 
@@ -86,14 +87,6 @@ def public_dir(runtime: Path, service: str, secret: str) -> Path:
     return Path(runtime) / "public" / _name(service, "service") / _name(secret, "secret")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _mkdir(path: Path, mode: int, owner: Owner) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, mode)
@@ -102,25 +95,8 @@ def _mkdir(path: Path, mode: int, owner: Owner) -> None:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int, owner: Owner) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    # O_EXCL|O_NOFOLLOW: never write through a planted link.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        view = memoryview(data)
-        written = 0
-        # os.write may be short; loop over the rest.
-        while written < len(data):
-            written += os.write(fd, view[written:])
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    # The directory is fsynced once per install, after all its files.
+    atomic_write(path, data, mode=mode, owner=owner, sync_dir=False)
 
 
 def _read_files(d: Path) -> dict[str, bytes]:
@@ -175,7 +151,7 @@ def install(
         for name in old_secret:
             os.replace(sdir / name, prev / name)
         _write_atomic(prev / _RETIRED, f"{now}\n".encode(), 0o400, owner)
-        _fsync_dir(prev)
+        fsync_dir(prev)
     if changed:
         for name, data in sorted(secret_files.items()):
             _write_atomic(sdir / name, data, 0o400, owner)
@@ -187,9 +163,9 @@ def install(
         for name in set(old_public) - set(public_files):
             (pdir / name).unlink(missing_ok=True)
         if pdir.is_dir():
-            _fsync_dir(pdir)
+            fsync_dir(pdir)
     _write_atomic(sdir / _GENERATION, f"{generation}\n".encode(), 0o400, owner)
-    _fsync_dir(sdir)
+    fsync_dir(sdir)
     return changed
 
 

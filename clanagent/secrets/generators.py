@@ -33,7 +33,6 @@ import pwd
 import secrets as _random
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from typing import Any
 import nacl.public
 import nacl.signing
 
+from clanagent.durable import FileRefused, read_file
 from clanagent.identity import clamp_curve25519
 from clanagent.secrets.crypto import SecretsError
 from clanagent.secrets.model import output_files, valid_file_name
@@ -134,21 +134,17 @@ def _tail(data: bytes) -> str:
 
 def _read_output(out: Path, name: str, max_size: int) -> bytes:
     try:
-        fd = os.open(out / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # The command wrote this: never follow its links or block on its FIFOs.
+        return read_file(out / name, max_size=max_size)
     except FileNotFoundError:
         raise GeneratorError(f"command did not write declared file out/{name}") from None
+    except FileRefused as exc:
+        if exc.reason == "too_large":
+            raise GeneratorError(f"out/{name} is larger than {max_size} bytes") from None
+        what = "a symlink (not followed)" if exc.reason == "symlink" else "not a regular file"
+        raise GeneratorError(f"out/{name} is {what}") from None
     except OSError as exc:
         raise GeneratorError(f"cannot read out/{name}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise GeneratorError(f"out/{name} is not a regular file")
-        if st.st_size > max_size:
-            raise GeneratorError(f"out/{name} is larger than {max_size} bytes")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(max_size + 1)[:max_size]
-    finally:
-        os.close(fd)
 
 
 def _stage_inputs(indir: Path, inputs: Mapping[str, Mapping[str, bytes]], uid: int | None) -> None:

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shlex
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import trio
 
 from clanagent._log import kv
+from clanagent.durable import atomic_write, temp_pattern
 from clanagent.inventory.parse import NAME_RE
 from clanagent.services.wiring import Rendered, ServiceImports, ServicesLocalError, check_value
 
@@ -57,7 +57,6 @@ DIR_MODE = 0o755
 DEFAULT_RELOAD_TIMEOUT = 30.0
 _OURS = (IMPORTS_JSON, IMPORTS_ENV)
 _ENV_NAME_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
-_TMP_PREFIX = ".imports-"
 # Inside double quotes, these are the characters that a POSIX shell and
 # systemd's env-file parser both read as escapable, and treat the same way.
 _DQ_ESCAPE = str.maketrans({"\\": "\\\\", '"': '\\"', "$": "\\$", "`": "\\`"})
@@ -102,14 +101,6 @@ def service_dir(runtime_dir: Path, service: str) -> Path:
     return Path(runtime_dir) / "services" / service
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Atomically replace `path` with `data` (mode 0644) unless it already holds exactly that."""
     try:
@@ -117,23 +108,8 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
             return False
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            # mkstemp makes 0600 and the umask may be strict; consumers run as
-            # other users and must read these, so set the mode explicitly.
-            os.fchmod(f.fileno(), FILE_MODE)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    # Consumers run as other users and must read these: 0644, whatever the umask.
+    atomic_write(path, data, mode=FILE_MODE)
     return True
 
 
@@ -145,8 +121,9 @@ def _remove_service(d: Path) -> bool:
             removed = True
         except FileNotFoundError:
             pass
-    for leftover in d.glob(_TMP_PREFIX + "*"):  # from a crash mid-write
-        leftover.unlink(missing_ok=True)
+    for name in _OURS:
+        for leftover in d.glob(temp_pattern(name)):  # from a crash mid-write
+            leftover.unlink(missing_ok=True)
     try:
         d.rmdir()  # only if empty: whatever else is there is not ours
     except OSError:

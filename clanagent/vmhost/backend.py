@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from clanagent.durable import atomic_write
 from clanagent.vmhost.spec import VmSpec
 
 __all__ = [
@@ -89,10 +90,8 @@ class RunDir:
             return ""
 
     def write_fingerprint(self, value: str) -> None:
-        tmp = self.fingerprint + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(value + "\n")
-        os.replace(tmp, self.fingerprint)
+        # Atomic, not fsynced: after a power cut no VM it describes is running.
+        atomic_write(self.fingerprint, (value + "\n").encode(), mode=0o644, sync=False)
 
     def remove_stale(self) -> list[str]:
         """Delete what a dead VMM left behind (never the console log or the disk)."""

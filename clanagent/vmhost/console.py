@@ -15,6 +15,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from clanagent.durable import atomic_open
+
 __all__ = ["ConsoleLog", "DEFAULT_KEEP", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_BYTES = 1 << 20
@@ -50,10 +52,11 @@ class ConsoleLog:
         for i in range(self.keep - 1, 0, -1):
             if os.path.exists(self.rotated(i)):
                 os.replace(self.rotated(i), self.rotated(i + 1))
-        tmp = self.rotated(1) + ".tmp"
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+        with (
+            open(self.path, "rb") as src,
+            atomic_open(self.rotated(1), mode=0o644, sync=False) as dst,
+        ):
             shutil.copyfileobj(src, dst)
-        os.replace(tmp, self.rotated(1))
         self._truncate()
 
     def _truncate(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import trio
 
+from clanagent.durable import atomic_write
 from clanagent.vmhost.backend import (
     RunDir,
     VmHandle,
@@ -387,10 +388,8 @@ def _unlink(path: str) -> None:
 
 
 def _write_pidfile(path: str, pid: int) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid}\n")
-    os.replace(tmp, path)
+    # Atomic, not fsynced: after a power cut the process it names is gone.
+    atomic_write(path, f"{pid}\n".encode(), mode=0o644, sync=False)
 
 
 # -- Firecracker ------------------------------------------------------------------------

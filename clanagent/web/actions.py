@@ -5,7 +5,9 @@ Owns: the `console.*` methods: the admin key the console may sign with
 editor (current TOML, the diff an edit would make, sign and submit).  Each
 one ends in calls of the control API table, exactly the calls clanctl makes
 (`vm.request`, `inventory.show`, `inventory.endpoints`, `inventory.submit`),
-through `api_call`; the signing helpers are clanctl's own.  Must never:
+through `api_call`; keys, sealing, signing and comparing are
+`inventory/edit.py`'s, as for clanctl (its CPU part in a worker thread that
+only computes: every call to the agent stays on the event loop).  Must never:
 sign anything without a readable admin key, sign an edit whose diff the
 user did not see (the head it was computed against must still be the
 head), or reach the agent in any other way than the API table.
@@ -14,9 +16,8 @@ head), or reach the agent in any other way than the API table.
 from __future__ import annotations
 
 import contextvars
-import copy
+import functools
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ import trio
 
 from ..control.api import Handler, check_params, lookup
 from ..control.protocol import ControlError, ErrorCode
+from ..inventory import edit
 from ..wire import Limits, pack, unpack
 
 __all__ = ["AdminKeySource", "ConsoleActions", "SIGNER", "api_call"]
@@ -42,16 +44,6 @@ async def api_call(agent: Any, method: str, params: dict[str, Any] | None = None
     result = await handler.call(agent, params)
     # Through the wire codec: the console sees exactly what clanctl would see.
     return unpack(pack(result), _RESULT_LIMITS)
-
-
-class _ThreadClient:
-    """clanctl's blocking `client.call`, for its helpers run in a worker thread."""
-
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        return trio.from_thread.run(api_call, self.agent, method, params)
 
 
 # The admin key of the web session whose request runs now: (path, uid that
@@ -81,9 +73,7 @@ class AdminKeySource:
         self.configured = configured
 
     def default_path(self) -> Path:
-        from ..cli._inventory_cmds import _admin_key_path
-
-        return _admin_key_path(self.configured or None)
+        return edit.admin_key_path(self.configured or None)
 
     def _signer(self) -> tuple[str, int | None] | None:
         signer = SIGNER.get(_UNSET)
@@ -97,8 +87,6 @@ class AdminKeySource:
 
     def load(self) -> tuple[Any, str]:
         """(signing key, "") or (None, why not and how to fix it). Blocking (file I/O)."""
-        from ..cli._inventory_cmds import CommandError, parse_admin_key
-
         signer = self._signer()
         if signer is None:
             return None, (
@@ -108,40 +96,17 @@ class AdminKeySource:
         path, owner = Path(signer[0]), signer[1]
         # As root, on a path someone else named: never block on a FIFO, take a
         # terminal as ours, follow a link, or read more than a key's size.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags)
+            return edit.read_admin_key(path, owner=owner), ""
         except FileNotFoundError:
             return None, (
                 f"no admin key at {path} (read by the agent, as uid {os.getuid()}): "
                 "run 'clanctl ui --admin-key PATH' or set web.admin_key in agent.toml"
             )
-        except OSError as exc:
-            return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, f"the admin key {path} is not a regular file"
-            if owner is not None and st.st_uid != owner:
-                return None, (
-                    f"the admin key {path} is not yours (uid {owner}): the console signs "
-                    "only with a key file that belongs to the user who opened it"
-                )
-            if st.st_mode & 0o077:
-                return None, f"admin key {path} is readable by others: chmod 600 {path}"
-            data = os.read(fd, MAX_KEY_FILE + 1)
-            if len(data) > MAX_KEY_FILE:
-                return None, f"{path} is not an admin key (too large)"
-            return parse_admin_key(data, path), ""
-        except CommandError as exc:
+        except edit.AdminKeyError as exc:
             return None, str(exc)
         except OSError as exc:
             return None, f"cannot read the admin key {path}: {exc.strerror or exc}"
-        finally:
-            os.close(fd)
-
-
-MAX_KEY_FILE = 4096
 
 
 class ConsoleActions:
@@ -273,8 +238,7 @@ class ConsoleActions:
         return result.doc, [str(e) for e in result.errors], [str(w) for w in result.warnings]
 
     async def inventory_diff(self, params: dict[str, Any]) -> dict[str, Any]:
-        from ..cli._inventory_cmds import _comparable
-        from ..inventory.diff import diff_docs, format_diff
+        from ..inventory.diff import format_diff
 
         doc, errors, warnings = self._parse(params.get("text"))
         shown = await api_call(self.agent, "inventory.show")
@@ -291,7 +255,7 @@ class ConsoleActions:
             if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
                 out["errors"].append("inventory: clan.id is not this clan's id")
             else:
-                changes = diff_docs(_comparable(shown["doc"]), _comparable(doc))
+                changes = edit.changes(shown["doc"], doc)
                 out["changes"] = [
                     {"kind": c.kind, "path": c.path, "old": c.old, "new": c.new} for c in changes
                 ]
@@ -299,9 +263,6 @@ class ConsoleActions:
         return out
 
     async def inventory_apply(self, params: dict[str, Any]) -> dict[str, Any]:
-        from ..cli._inventory_cmds import CommandError, _comparable, _seal_and_sign
-        from ..inventory.diff import diff_docs
-
         doc, errors, _ = self._parse(params.get("text"))
         if errors or doc is None:
             raise ControlError(
@@ -325,16 +286,24 @@ class ConsoleActions:
             )
         if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
             raise ControlError(ErrorCode.INVALID_PARAMS, "clan.id is not this clan's id")
-        if not diff_docs(_comparable(shown["doc"]), _comparable(doc)):
+        if not edit.changes(shown["doc"], doc):
             raise ControlError(
                 ErrorCode.INVALID_PARAMS, "nothing to apply: the inventory already says this"
             )
         key = await self._key()
+        readable = await api_call(self.agent, "inventory.endpoints")
+        sign = functools.partial(
+            edit.seal_and_sign,
+            doc,
+            parents=shown["leaves"],
+            keys=[key],
+            message=message,
+            now=int(time.time()),
+            readable=readable,
+        )
         try:
-            version = await trio.to_thread.run_sync(
-                _seal_and_sign, _ThreadClient(self.agent), copy.deepcopy(doc), shown, [key], message
-            )
-        except CommandError as exc:
+            version = await trio.to_thread.run_sync(sign)  # CPU only: seal, validate, sign
+        except edit.EditError as exc:
             raise ControlError(ErrorCode.INVALID_PARAMS, str(exc)) from None
         return await api_call(
             self.agent, "inventory.submit", {"version": version.to_wire(), "init": False}
