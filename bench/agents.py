@@ -368,11 +368,11 @@ def _watch_all(clan: Clan) -> dict[str, Watch]:
 def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
     """From just before `inventory.submit` to each agent's `inventory.head`
     event for the new document (the event names the document's hash)."""
-    from clanagent.cli._inventory_cmds import _seal_and_sign, load_admin_key
+    from clanagent.inventory.edit import read_admin_key, seal_and_sign
     from clanagent.inventory.model import doc_hash
 
     first = clan.names[0]
-    key = load_admin_key(clan.admin_key)
+    key = read_admin_key(clan.admin_key, follow_symlinks=True)
     runs: list[float] = []
     detail = []
     watches = _watch_all(clan)
@@ -382,7 +382,14 @@ def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
                 shown = c.call("inventory.show", {})
                 doc = copy.deepcopy(shown["doc"])
                 doc["machines"][first]["tags"] = [f"bench-{i}-{int(time.time())}"]
-                version = _seal_and_sign(c, doc, shown, [key], f"bench edit {i}")
+                version = seal_and_sign(
+                    doc,
+                    parents=shown["leaves"],
+                    keys=[key],
+                    message=f"bench edit {i}",
+                    now=int(time.time()),
+                    readable=c.call("inventory.endpoints"),
+                )
                 t0 = time.time()
                 want = c.call("inventory.submit", {"version": version.to_wire(), "init": False})[
                     "hash"

@@ -151,13 +151,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if exc.errno == errno.EADDRINUSE:
             # The gossip port: the other listeners (web console, mesh probes)
             # degrade to a capability instead of stopping the agent.
-            print(
-                f"clanagent: cannot listen on gossip.listen = {cfg.gossip.listen!r}: "
+            raise CommandError(
+                f"cannot listen on gossip.listen = {cfg.gossip.listen!r}: "
                 "address already in use (another agent or program holds that port); "
                 "stop it, or set gossip.listen (or --listen) to a free port",
-                file=sys.stderr,
-            )
-            return 2
+                exit_code=2,
+            ) from None
         raise
 
 
