@@ -276,3 +276,48 @@ def test_capability_hint(tmp_path, monkeypatch) -> None:
     (mods / "kernel/drivers/net/wireguard/wireguard.ko").unlink()
     (mods / "modules.builtin").write_text("kernel/drivers/net/wireguard/wireguard.ko\n")
     assert _wireguard(no_sys, mods).reason == "kernel (netlink): built in"
+
+
+# -- the mesh shows the choice (what `clanctl status` prints) ----------------------------------
+
+
+async def test_mesh_reports_the_backend_and_why(tmp_path, monkeypatch) -> None:
+    import ipaddress
+
+    import clanagent.mesh.wgchoice as wgchoice
+    from clanagent.mesh import netlink
+
+    from .test_mesh_service_ports import FakeBackend, World
+
+    why = "userspace (wireguard-go): kernel module not available: (95, 'Operation not supported')"
+    backend = FakeBackend()
+    closed: list = []
+
+    async def fake_open(name, private_key):
+        return backend, Choice("userspace", why)
+
+    async def fake_close(b):
+        closed.append(b)
+
+    async def ok(*args, **kw):
+        return True
+
+    monkeypatch.setattr(wgchoice, "open_backend", fake_open)
+    monkeypatch.setattr(wgchoice, "close_backend", fake_close)
+    for name in ("ensure_address", "set_link_state", "ensure_route"):
+        monkeypatch.setattr(netlink, name, ok)
+    svc = World().service(tmp_path)
+    svc.overlay6 = ipaddress.IPv6Address("fd00::1")
+    await svc._start_wireguard()
+    (row,) = [c for c in svc.capabilities() if c.name == "mesh.wireguard"]
+    assert row.available and row.reason.startswith(why + "; interface clan0")
+    await svc._stop_wireguard()
+    assert closed == [backend] and svc.backend is None
+
+    async def no_backend(name, private_key):
+        return None, Choice(None, "no WireGuard: kernel module not available: x; no wireguard-go")
+
+    monkeypatch.setattr(wgchoice, "open_backend", no_backend)
+    await svc._start_wireguard()
+    (row,) = [c for c in svc.capabilities() if c.name == "mesh.wireguard"]
+    assert not row.available and row.reason.startswith("no WireGuard: kernel module")
