@@ -23,6 +23,7 @@ module itself, or raise: a missing backend is a reason, not an error.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ async def _try_kernel(backend: Any, private_key: bytes) -> KernelAttempt:
             return KernelAttempt("taken", str(exc))
         return KernelAttempt("unavailable", str(exc))
     except Exception as exc:  # NetlinkError(EOPNOTSUPP) without the module, EPERM, ...
+        code = getattr(exc, "code", None)
+        if isinstance(code, int) and code > 0:  # pyroute2's NetlinkError: (code, text)
+            return KernelAttempt(
+                "unavailable", f"creating a wireguard link: {os.strerror(code)} (errno {code})"
+            )
         return KernelAttempt("unavailable", str(exc) or type(exc).__name__)
 
 
