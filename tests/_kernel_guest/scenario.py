@@ -337,9 +337,13 @@ def run(c: Clan) -> None:
     mark("vm route")
     vms = {1: [vm]}
 
-    # -- restart m1's agent: it adopts its interface, no flap ---------------------------------
+    # -- at once: m1's agent restarts (it must adopt its interface, no flap) and
+    # m3 moves to another LAN address (its agent restarted too; peers must follow).
+    # Together, because an agent start under TCG takes half a minute.
     before_link = link(lan.hosts[0], c.ifaces[0])
     before = wg_dump(lan.hosts[0], c.ifaces[0])
+    m2_wg = b64(idents[1].wg_public).decode()
+    m3_wg = b64(idents[2].wg_public).decode()
     pinger = subprocess.Popen(
         ["ip", "netns", "exec", lan.hosts[1], "ping", "-n", "-i", "0.2", "-W", "2",
          overlays["m1"]],
@@ -347,13 +351,23 @@ def run(c: Clan) -> None:
     )  # fmt: skip
     time.sleep(1)
     t_restart = time.monotonic()
+    new_ip = f"{lan.subnet}.33"
+    eth = "etha2"
     c.stop_agent(0)
+    c.stop_agent(2)
+    sh("ip", "-n", lan.hosts[2], "addr", "del", f"{lan.ip(2)}/24", "dev", eth)
+    sh("ip", "-n", lan.hosts[2], "addr", "add", f"{new_ip}/24", "dev", eth)
     c.start_agent(0)
+    c.start_agent(2)
     c.wait_socket(0)
 
     def m1_reconciled() -> bool:
+        # back, and its peer m2 as desired (m3 is moving meanwhile)
         caps = {x["name"]: x for x in ctl_json(c.socks[0], "status")["capabilities"]}
-        return caps.get("mesh.wireguard", {}).get("available") and agrees(0, vms)
+        if not caps.get("mesh.wireguard", {}).get("available"):
+            return False
+        agrees(0, vms)
+        return last[0]["want"]["peers"][m2_wg] == last[0]["got"]["peers"].get(m2_wg)
 
     try:
         poll(m1_reconciled, 90, "m1 back and reconciled")
@@ -400,15 +414,8 @@ def run(c: Clan) -> None:
     )
     mark("restart")
 
-    # -- m3 moves to another LAN address (agent restarted): peers follow --------------------------
-    new_ip = f"{lan.subnet}.33"
-    eth = f"etha{2}"
-    c.stop_agent(2)
-    sh("ip", "-n", lan.hosts[2], "addr", "del", f"{lan.ip(2)}/24", "dev", eth)
-    sh("ip", "-n", lan.hosts[2], "addr", "add", f"{new_ip}/24", "dev", eth)
-    c.start_agent(2)
+    # -- m3's new address: m1 and m2 follow -------------------------------------------------
     c.wait_socket(2)
-    m3_wg = b64(idents[2].wg_public).decode()
 
     def moved() -> bool:
         for i in (0, 1):
