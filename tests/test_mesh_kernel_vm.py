@@ -233,4 +233,5 @@ def test_guest_finished_within_budget(guest) -> None:
     # Boot, three agents, every step and power-off; the scenario's own timings
     # are in guest["timings"] (printed with -s).
     print("guest timings:", json.dumps(guest.get("timings", {})))
+    print("guest notes:", json.dumps(guest.get("notes", {})))
     assert guest["_wall"] < BOOT_TIMEOUT and not guest.get("error"), guest.get("error")
