@@ -53,15 +53,38 @@ def _net_admin() -> Capability:
     )
 
 
-def _wireguard() -> Capability:
+def _kernel_wireguard(sys_module: Path, modules: Path) -> str | None:
+    """How the kernel offers WireGuard, or None: loaded (or built in), or a
+    module on disk that creating the link autoloads."""
+    if sys_module.exists():
+        return "module loaded"
+    try:
+        if "/wireguard.ko" in (modules / "modules.builtin").read_text():
+            return "built in"
+    except OSError:
+        pass
+    if any(modules.glob("kernel/drivers/net/wireguard/wireguard.ko*")):
+        return "module on disk"
+    return None
+
+
+def _wireguard(
+    sys_module: Path = Path("/sys/module/wireguard"),
+    modules: Path | None = None,
+) -> Capability:
+    # Only a hint: the mesh's real test is creating the link (mesh/wgchoice.py),
+    # and `mesh.wireguard` says which backend it got and why.
     if not has_net_admin():
         return Capability("wireguard", False, "needs CAP_NET_ADMIN")
-    if Path("/sys/module/wireguard").exists():
-        return Capability("wireguard", True, "kernel module (netlink)")
+    kernel = _kernel_wireguard(sys_module, modules or Path("/lib/modules") / os.uname().release)
+    if kernel is not None:
+        return Capability("wireguard", True, f"kernel (netlink): {kernel}")
     if shutil.which("wireguard-go"):
         if not Path("/dev/net/tun").exists():
             return Capability("wireguard", False, "wireguard-go found but /dev/net/tun is missing")
-        return Capability("wireguard", True, "userspace (wireguard-go, UAPI socket)")
+        return Capability(
+            "wireguard", True, "userspace (wireguard-go): no kernel module found (the mesh tries)"
+        )
     return Capability(
         "wireguard",
         False,

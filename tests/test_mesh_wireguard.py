@@ -33,7 +33,6 @@ from clanagent.mesh.wgnetlink import (
     KernelBackend,
     build_get_message,
     build_set_messages,
-    choose_backend,
     parse_device,
 )
 from clanagent.mesh.wireguard import (
@@ -721,6 +720,9 @@ class FakeTransport:
     def link_exists(self, ifname):
         return self.exists
 
+    def link_kind(self, ifname):
+        return "wireguard" if self.exists else None
+
     def link_add(self, ifname):
         self.calls.append(("add", ifname))
         self.exists = True
@@ -766,25 +768,6 @@ async def test_kernel_backend_refuses_existing_link() -> None:
     with pytest.raises(WireGuardLocalError, match="exists already"):
         await b.create()
     assert t.calls == [] and not b.owned
-
-
-def test_choose_backend(tmp_path) -> None:
-    tun = tmp_path / "tun"
-    tun.touch()
-    yes, no = (lambda p: True), (lambda p: False)
-    kind, why = choose_backend(module_present=yes, which=lambda n: None, tun=tun)
-    assert kind == "kernel" and "module" in why
-    kind, why = choose_backend(module_present=no, which=lambda n: "/usr/bin/" + n, tun=tun)
-    assert kind == "userspace" and "wireguard-go" in why
-    kind, why = choose_backend(
-        module_present=no, which=lambda n: "/usr/bin/" + n, tun=tmp_path / "none"
-    )
-    assert kind is None and "missing" in why
-    kind, why = choose_backend(module_present=no, which=lambda n: None, tun=tun)
-    assert kind is None and "wireguard-go" in why
-    # and the real probe returns something coherent here
-    kind, why = choose_backend()
-    assert kind in ("kernel", "userspace", None) and why
 
 
 def test_modules_import_no_trio_in_core() -> None:

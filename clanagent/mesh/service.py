@@ -234,7 +234,7 @@ class MeshService:
             Capability(
                 "mesh.wireguard",
                 wg_ok,
-                f"{self.backend.kind} interface {self.backend.name}, overlay {self.overlay6}"
+                f"{self.backend_reason}; interface {self.backend.name}, overlay {self.overlay6}"
                 if wg_ok
                 else self.backend_reason,
             ),
@@ -337,20 +337,14 @@ class MeshService:
             self.backend_reason = cap.reason
             log.info("WireGuard mesh unavailable", extra=kv(reason=cap.reason))
             return
-        from .wgnetlink import KernelBackend, choose_backend
+        from .wgchoice import open_backend
 
-        kind, reason = choose_backend()
-        if kind is None:
-            self.backend_reason = reason
+        backend, choice = await open_backend(self.cfg.interface, self.ports.identity.wg_private)
+        self.backend_reason = choice.reason
+        if backend is None:
+            log.info("WireGuard mesh unavailable", extra=kv(reason=choice.reason))
             return
-        if kind == "kernel":
-            backend: Any = KernelBackend(self.cfg.interface)
-        else:
-            from .uapi import UserspaceBackend
-
-            backend = UserspaceBackend(self.cfg.interface)
         try:
-            await backend.create()
             from . import netlink
 
             assert self.overlay6 is not None
@@ -358,8 +352,8 @@ class MeshService:
             await netlink.set_link_state(self.cfg.interface, True)
             await netlink.ensure_route(self.cfg.interface, str(clan_subnet(anchor.clan_id)))
         except Exception as exc:  # never fatal: report and run without the mesh
-            self.backend_reason = f"could not create {self.cfg.interface}: {exc}"
-            log.warning("WireGuard interface not created", extra=kv(error=exc))
+            self.backend_reason = f"could not set up {self.cfg.interface}: {exc}"
+            log.warning("WireGuard interface not set up", extra=kv(error=exc))
             try:
                 await backend.destroy()
             except Exception:
@@ -369,7 +363,7 @@ class MeshService:
         self.selector = PathSelector(_self_allows_public(self.ports), random.Random())
         log.info(
             "WireGuard interface up",
-            extra=kv(interface=self.cfg.interface, backend=backend.kind, overlay=self.overlay6),
+            extra=kv(interface=self.cfg.interface, backend=choice.reason, overlay=self.overlay6),
         )
 
     async def _stop_wireguard(self) -> None:
@@ -377,10 +371,12 @@ class MeshService:
             self._probe_sock.close()
             self._probe_sock = None
         if self.backend is not None:
+            from .wgchoice import close_backend
+
             try:
-                await self.backend.destroy()
+                await close_backend(self.backend)
             except Exception as exc:
-                log.warning("could not remove the WireGuard interface", extra=kv(error=exc))
+                log.warning("could not stop the WireGuard interface", extra=kv(error=exc))
             self.backend = None
 
     async def _run_mdns(self) -> None:

@@ -1,15 +1,20 @@
-"""The kernel WireGuard backend (generic netlink via pyroute2), and backend choice.
+"""The kernel WireGuard backend (generic netlink via pyroute2).
 
 Owns: building the WG_CMD_SET_DEVICE / WG_CMD_GET_DEVICE messages for a
 `Diff` with pyroute2's `wgmsg` classes (`build_set_messages`,
 `build_get_message`, pure), turning GET_DEVICE dump replies into a `Device`
-(`parse_device`), `KernelBackend` (creates the interface with rtnetlink
-kind=wireguard and sends those messages through a small `Transport`), and
-`choose_backend` (kernel module, else wireguard-go, else None and why).
+(`parse_device`), and `KernelBackend`: it creates the interface with
+rtnetlink kind=wireguard (or adopts the one a previous run of this agent
+left: a WireGuard link holding our own private key, or none at all), sends
+those messages through a small `Transport`, and on `release` leaves the
+interface configured so that an agent restart does not drop a tunnel.
+Which backend a machine uses is `wgchoice`.
 
 Must never: set WGDEVICE_F_REPLACE_PEERS (that would drop peers the diff did
-not mention for a moment; we remove peers one by one), destroy an interface
-this object did not create, or load a kernel module.
+not mention for a moment; we remove peers one by one), adopt or destroy an
+interface that is not ours (another kind of link, or a WireGuard link with
+another private key), or load a kernel module itself (creating the link
+lets the kernel autoload it, as `ip link add` does).
 
 Why not pyroute2's `WireGuard.set`: it sends one peer per message and
 re-sends device attributes each time; one diff should be one (or a few, when
@@ -19,10 +24,7 @@ large) messages, as `wg setconf` does.
 from __future__ import annotations
 
 import base64
-import platform
-import shutil
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_pton
 from typing import Protocol
 
@@ -57,7 +59,6 @@ __all__ = [
     "Transport",
     "PyrouteTransport",
     "KernelBackend",
-    "choose_backend",
 ]
 
 # wg(8) fills messages up to a page; ~170 bytes per peer with two allowed ips
@@ -223,6 +224,10 @@ class Transport(Protocol):
 
     def link_exists(self, ifname: str) -> bool: ...
 
+    def link_kind(self, ifname: str) -> str | None:
+        """The rtnetlink kind of IFNAME ("wireguard", "veth", "" for a TUN), None if absent."""
+        ...
+
     def link_add(self, ifname: str) -> None: ...
 
     def link_del(self, ifname: str) -> None: ...
@@ -252,6 +257,17 @@ class PyrouteTransport:
         from .netlink import link_index_sync
 
         return link_index_sync(ifname, self.netns) is not None
+
+    def link_kind(self, ifname: str) -> str | None:
+        from .netlink import open_ipr
+
+        with open_ipr(self.netns) as ipr:
+            links = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+            if not links:
+                return None
+            info = links[0].get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            return kind or ""
 
     def link_add(self, ifname: str) -> None:
         from .netlink import open_ipr
@@ -290,6 +306,7 @@ class KernelBackend:
         self.netns = netns
         self.transport: Transport = transport or PyrouteTransport(netns)
         self._owned = False
+        self.adopted = False  # True when open() found our interface from a previous run
 
     @property
     def owned(self) -> bool:
@@ -309,6 +326,40 @@ class KernelBackend:
         await self._thread(self.transport.link_add, self.name)
         self._owned = True
 
+    async def open(self, private_key: bytes) -> str:
+        """Create the interface, or adopt the one a previous run of this agent
+        left (so a restart keeps every tunnel up): "created" or "adopted".
+
+        Ours means a WireGuard link whose private key is PRIVATE_KEY, or one
+        with no key and no peers (we created it and stopped before the first
+        reconcile). Anything else of that name is refused."""
+        if self._owned:
+            raise WireGuardLocalError(f"{self.name}: already created by this backend")
+        kind = await self._thread(self.transport.link_kind, self.name)
+        if kind is None:
+            await self.create()
+            return "created"
+        if kind != "wireguard":
+            raise WireGuardLocalError(
+                f"{self.name}: an interface of that name exists already "
+                f"(kind {kind or 'tun'}); refusing to touch an interface we did not create"
+            )
+        dev = parse_device(await self._thread(self.transport.dump, build_get_message(self.name)))
+        unkeyed = dev.private_key in (None, bytes(32)) and not dev.peers
+        if dev.private_key != private_key and not unkeyed:
+            raise WireGuardLocalError(
+                f"{self.name}: a WireGuard interface of that name exists already with "
+                "another private key; refusing to touch an interface we did not create"
+            )
+        self._owned = True
+        self.adopted = True
+        return "adopted"
+
+    async def release(self) -> None:
+        """The agent stops: leave the interface and its peers as they are (the
+        kernel keeps forwarding; the next start adopts it) and forget it."""
+        self._owned = False
+
     async def destroy(self) -> None:
         if not self._owned:
             raise WireGuardLocalError(
@@ -327,31 +378,3 @@ class KernelBackend:
             raise WireGuardLocalError(f"{self.name}: not created by this backend")
         for msg in build_set_messages(self.name, diff):
             await self._thread(self.transport.request, msg)
-
-
-def _kernel_module_present(sys_module: Path) -> bool:
-    if sys_module.exists():
-        return True
-    # Built as a module but not loaded: rtnetlink's "add kind wireguard"
-    # autoloads it, so its presence on disk is enough.
-    moddir = Path("/lib/modules") / platform.release()
-    return any(moddir.glob("kernel/drivers/net/wireguard/wireguard.ko*"))
-
-
-def choose_backend(
-    *,
-    sys_module: Path = Path("/sys/module/wireguard"),
-    which: Callable[[str], str | None] = shutil.which,
-    module_present: Callable[[Path], bool] = _kernel_module_present,
-    tun: Path = Path("/dev/net/tun"),
-) -> tuple[BackendKind | None, str]:
-    """("kernel"|"userspace"|None, reason): the kernel module when present,
-    else wireguard-go on PATH, else None with why."""
-    if module_present(sys_module):
-        return "kernel", "wireguard kernel module present (netlink)"
-    path = which("wireguard-go")
-    if path:
-        if not tun.exists():
-            return None, f"wireguard-go at {path} but {tun} is missing"
-        return "userspace", f"no kernel module; wireguard-go at {path} (UAPI socket)"
-    return None, "no wireguard kernel module and no wireguard-go on PATH (apt install wireguard-go)"

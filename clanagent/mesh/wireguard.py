@@ -321,7 +321,10 @@ class Backend(Protocol):
     whether it is the kernel module or wireguard-go behind it.
 
     `create` refuses an interface that exists already (we never take over an
-    interface we did not create), `destroy` refuses one we did not create."""
+    interface we did not create), `destroy` refuses one we did not create.
+    The kernel backend also has `open` (create, or adopt the interface a
+    previous run of this agent left) and `release` (the agent stops, the
+    interface stays); `mesh.wgchoice` picks the backend and uses them."""
 
     name: str
     kind: BackendKind

@@ -1,0 +1,1 @@
+"""The guest side of tests/test_mesh_kernel_vm.py (runs inside a QEMU guest)."""
