@@ -706,8 +706,13 @@ class Agent:
         record_stats["own_refusals"])."""
         if not self.check_own_record(kind, key, body):
             return False
-        if self.gossip is not None and self.gossip.node is not None:
-            self.gossip.publish(kind, key, body)
+        gossip = self.gossip
+        if (
+            gossip is not None
+            and gossip.node is not None
+            and (self.anchor is None or gossip.clan == self.anchor.clan_id)
+        ):
+            gossip.publish(kind, key, body)
             return True
         assert self.store is not None and self.identity is not None
         store, ident = self.store, self.identity
@@ -719,16 +724,38 @@ class Agent:
         return True
 
     async def set_anchor(self, anchor: Anchor) -> None:
-        """Join (or found) a clan: remember it and restart gossip under its id."""
-        await trio.to_thread.run_sync(save_anchor, self.cfg.state_path, anchor)
-        self.inventory.set_anchor(anchor)
-        self.anchor = anchor
-        log.info("clan set", extra=kv(clan=anchor.clan_id.hex(), name=anchor.name))
+        """Join (or found) a clan: remember it and restart gossip under its id.
+
+        All under the parts lock: a first start still under way must not see
+        the new anchor before gossip runs under it (it started the mesh on
+        the old gossip node, which signed our endpoints record with the
+        default clan id; peers refused it, scored us down and never learned
+        our WireGuard port)."""
         async with self._parts_lock:
+            await trio.to_thread.run_sync(save_anchor, self.cfg.state_path, anchor)
+            self.inventory.set_anchor(anchor)
+            self.anchor = anchor
+            log.info("clan set", extra=kv(clan=anchor.clan_id.hex(), name=anchor.name))
             if self._gossip_scope is not None:
                 self._gossip_scope.cancel()
+            await self._drop_other_clans(anchor.clan_id)
             if self._nursery is not None:
                 await self._start_gossip(self._nursery)
+
+    async def _drop_other_clans(self, clan_id: bytes) -> None:
+        """Forget records signed for another clan (ours from before a clan
+        init, or from an older bug): peers refuse them and score the sender
+        down, and our own would never be republished (same body)."""
+        assert self.store is not None
+        store = self.store
+
+        def drop() -> int:
+            stale = [r for r in store.records() if r.clan != clan_id]
+            return sum(store.delete(r.origin, r.kind, r.key) for r in stale)
+
+        dropped = await trio.to_thread.run_sync(drop)
+        if dropped:
+            log.info("dropped records of another clan", extra=kv(records=dropped))
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -858,6 +885,8 @@ class Agent:
             functools.partial(Store.open, state / "records", quota=quota, durable=is_durable)
         )
         self.anchor = await trio.to_thread.run_sync(load_anchor, state)
+        if self.anchor is not None:
+            await self._drop_other_clans(self.anchor.clan_id)
         self.inventory = InventoryManager(self.anchor)
         self.inventory.listeners.append(self._inventory_changed)
         # Every version we ever accepted is in the store: rebuild the head from it.

@@ -304,4 +304,11 @@ async def test_clan_init_while_the_first_gossip_start_is_under_way(tmp_path, mon
             assert status["clan"]["id"] == doc["clan"]["id"].hex()
             assert agent.gossip is not None and agent.gossip.node is not None
             assert agent.gossip.clan == doc["clan"]["id"]
+            # The parts that started meanwhile published under the new clan
+            # only (the mesh once signed its endpoints record with the
+            # default clan id, which every peer refused).
+            await trio.sleep(1.0)
+            kinds = {r.kind for r in agent.store.records()}
+            assert {"node-info", "inventory", "endpoints"} <= kinds, kinds
+            assert {r.clan for r in agent.store.records()} == {doc["clan"]["id"]}
             agent.stop()
