@@ -39,6 +39,7 @@ __all__ = [
     "TopologyService",
     "classify_addr",
     "merge_links",
+    "min_interval_for",
 ]
 
 log = logging.getLogger("clanagent.topology")
@@ -53,10 +54,21 @@ CHECK_INTERVAL = 3.0  # seconds between looks at our own links
 # describes links.
 REFRESH = 300.0
 MIN_INTERVAL = 2.0
+# ... and never two within PER_MACHINE seconds per machine of the clan: the
+# whole clan then publishes at most 1 / PER_MACHINE topology records a
+# second however big it grows.  (At N=100 with a 2 s floor, a membership
+# flapping under CPU starvation made every machine republish its O(N)-sized
+# view every 2 s: 480 MB of records sent by one agent in 16 minutes.)
+PER_MACHINE = 0.5
 STALE = 3 * REFRESH  # the kind's TTL
 MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
 MAX_CAPS = 32
 FUTURE_SKEW = 300  # a view dated further ahead than this is ignored (records.MAX_FUTURE_SKEW)
+
+
+def min_interval_for(machines: int) -> float:
+    """Seconds between two publications of our view in a clan of `machines`."""
+    return max(MIN_INTERVAL, PER_MACHINE * machines)
 
 
 def classify_addr(addr: str) -> str:
@@ -274,8 +286,10 @@ class TopologyService:
         )
 
     async def publish_once(self) -> bool:
-        if self.ports.inventory.inventory is None:
+        inv = self.ports.inventory.inventory
+        if inv is None:
             return False
+        self.policy.min_interval = min_interval_for(len(inv.doc["machines"]))
         body = self._body()
         now = self.ports.clock.now()
         shape = self._shape(body)

@@ -22,6 +22,7 @@ from clanagent.topology import (
     classify_addr,
     coarse_rtt,
     merge_links,
+    min_interval_for,
 )
 
 from ._fake_ports import WALL0, FakeInventory, fake_ports
@@ -263,6 +264,33 @@ def test_a_change_waits_for_min_interval_then_goes_at_once():
         assert times[2] - times[1] >= MIN_INTERVAL
         assert times[2] - times[1] <= MIN_INTERVAL * (1 + MIN_JITTER) + 1e-6
         assert service.counters()["held"] >= 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_min_interval_grows_with_the_clan_so_its_total_rate_does_not():
+    assert min_interval_for(4) == MIN_INTERVAL
+    assert min_interval_for(100) == 50.0 and min_interval_for(1000) == 500.0
+    for n in (10, 100, 1000):
+        assert n / min_interval_for(n) <= 2.0  # clan-wide topology records a second
+    clan = FakeClan(peers=99)  # a clan of 100 machines
+    service = clan.service(rng=random.Random(3))
+
+    async def main() -> None:
+        with trio.fail_after(500):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run)
+                await trio.sleep(10.0)
+                clan.set_state("m01", "dead")  # held: 50 s after the first view
+                await trio.sleep(0.5)
+                clan.set_state("m02", "dead")  # joins the held change
+                await trio.sleep(100.0)
+                nursery.cancel_scope.cancel()
+        times = [t for t, _ in clan.published]
+        assert len(times) == 2, times  # two changes, one publication
+        assert 50.0 <= times[1] - times[0] <= 50.0 * (1 + MIN_JITTER) + 1e-6
+        down = {link["peer"] for link in clan.published[1][1]["links"] if link["kind"] == "down"}
+        assert down == {"m01", "m02"}
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
