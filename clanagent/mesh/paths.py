@@ -352,6 +352,11 @@ class PathSelector:
             return None
         return peer.paths[peer.current].candidate
 
+    def rtt(self, node_key: bytes, candidate: Candidate) -> float | None:
+        """The path's RTT estimate (EWMA, seconds); None when unmeasured or unknown."""
+        _, path = self._lookup(node_key, candidate)
+        return None if path is None else path.rtt
+
     def probes_due(self, now: float) -> list[tuple[bytes, Candidate]]:
         """Failed paths ranked above the current one whose backoff expired.
 

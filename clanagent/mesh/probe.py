@@ -108,9 +108,10 @@ class ProbeConfig:
     saw the peer over that path since the suspicion began (see
     `wg_says_alive`).  Any answer, even a late one, ends the suspicion.
 
-    A probe's timeout is `rtt_mult` times the path's smoothed RTT, kept
-    between `timeout_min` and `timeout_max`; a path without an RTT yet
-    (an alternative, a new path) gets `timeout_max`.  An alternative path
+    A probe's timeout is `rtt_mult` times the path's smoothed RTT (or the
+    shell's hint until the tracker measured one), kept between `timeout_min`
+    and `timeout_max`; a path without any RTT yet gets `timeout_max`.  A
+    slower path still works: its late pongs end each suspicion.  An alternative path
     (not in use) fails on its first miss: nothing depends on it.
 
     Dead path in use, cut at a random moment: failed after about
@@ -124,7 +125,7 @@ class ProbeConfig:
     interval: float = 1.0
     suspect_interval: float = 0.1
     timeout_min: float = 0.25
-    timeout_max: float = 2.0
+    timeout_max: float = 1.0
     rtt_mult: float = 4.0
     misses_to_fail: int = 8
     # A pong this long after its probe was sent still counts as an answer.
@@ -247,13 +248,16 @@ class ProbeTracker:
 
     # ---- probes -----------------------------------------------------------
 
-    def sent(self, node_key: bytes, address: str, now: float) -> int:
+    def sent(self, node_key: bytes, address: str, now: float, rtt_hint: float | None = None) -> int:
+        """A probe went out; `rtt_hint` (seconds, from elsewhere) sets its
+        timeout while the tracker has measured no RTT of its own."""
         if len(self._out) >= self.max_outstanding:
             oldest = min(self._out, key=lambda i: self._out[i].sent_at)
             del self._out[oldest]
         self._next_id = (self._next_id + 1) % (1 << 62)
         key = (node_key, address)
-        self._out[self._next_id] = Probe(node_key, address, now, now + self.timeout(*key))
+        srtt = self._srtt.get(key, rtt_hint)
+        self._out[self._next_id] = Probe(node_key, address, now, now + self.config.timeout(srtt))
         return self._next_id
 
     def answered(self, probe_id: int, sender: bytes, now: float) -> tuple[Probe, float] | None:

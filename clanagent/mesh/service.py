@@ -533,7 +533,11 @@ class MeshService:
             return
         ident = self.ports.identity
         now = self.ports.clock.now()
-        pid = self.tracker.sent(node_key, address, now)
+        # Until the tracker has an RTT of its own for the path, the selector's
+        # (probes before, or the membership's estimate) sets the timeout.
+        cand = self._cands.get((node_key, address))
+        hint = None if cand is None or self.selector is None else self.selector.rtt(node_key, cand)
+        pid = self.tracker.sent(node_key, address, now, rtt_hint=hint)
         # sent_at only comes back in the pong; the tracker keeps its own copy.
         data = probe.encode(probe.PING, pid, now, ident.public_key, ident.box_key, box)
         for family, _, _, _, sockaddr in infos:
