@@ -571,14 +571,14 @@ class MeshService:
             cand = self._cands.get((p.node_key, p.address))
             if cand is None:
                 continue
-            in_use = is_current(p.node_key, p.address)
+            using = is_current(p.node_key, p.address)
             if verdict == "suspect":
                 self.stats["paths_suspected"] += 1
                 self.tracker.wg_baseline(p.node_key, p.address, await self._wg_sample(p.node_key))
                 continue
             if verdict != "fail":
                 continue
-            if in_use and self.tracker.wg_vetoes(
+            if using and self.tracker.wg_vetoes(
                 p.node_key, p.address, await self._wg_sample(p.node_key)
             ):
                 self.stats["failures_vetoed"] += 1
