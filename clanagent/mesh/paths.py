@@ -5,7 +5,8 @@ discovery), and `PathSelector`, a sans-IO state machine that keeps, per
 peer, the candidates we may use, their measured round-trip time and failure
 history, the current choice, and when a failed path may be tried again.
 The shell feeds it candidates and probe results (with `now`) and asks it
-what to use and what to probe; it never sends a packet itself.
+what to use, what to probe and a path's RTT (the probes' timeout before
+they measured one); it never sends a packet itself.
 
 Model: Tailscale's magicsock (every candidate endpoint is probed; the best
 one wins, a better one must beat the current by a margin before we switch,
