@@ -298,6 +298,9 @@ def test_rtt_is_an_ewma() -> None:
     sel.report_success(K, LAN, 0.010, 0.0)
     sel.report_success(K, LAN, 0.020, 0.0)
     assert sel.rank(K, 0.0)[0].score[1] == pytest.approx(0.015)
+    assert sel.rtt(K, LAN) == pytest.approx(0.015)  # the probes' timeout hint
+    assert sel.rtt(K, LAN2) is None  # not a candidate
+    assert sel.rtt(K2, LAN) is None  # not a known peer
 
 
 def test_recent_failures_break_rtt_ties() -> None:

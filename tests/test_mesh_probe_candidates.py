@@ -52,7 +52,7 @@ def test_probe_garbage_is_a_wire_error(data):
 
 
 def test_tracker_matches_replies_to_the_right_peer():
-    t = probe.ProbeTracker(timeout=2.0, max_outstanding=3)
+    t = probe.ProbeTracker(max_outstanding=3)
     pid = t.sent(b"a" * 32, "10.0.0.1:7946", 100.0)
     assert t.answered(pid, b"b" * 32, 100.1) is None  # a pong from someone else
     got = t.answered(pid, b"a" * 32, 100.25)
@@ -61,8 +61,9 @@ def test_tracker_matches_replies_to_the_right_peer():
     assert t.answered(pid, b"a" * 32, 100.3) is None  # replayed pong
     old = t.sent(b"a" * 32, "x:1", 100.0)
     t.sent(b"a" * 32, "y:1", 101.0)
-    assert [p.address for p in t.expired(102.5)] == ["x:1"]
-    assert t.answered(old, b"a" * 32, 103) is None
+    # no RTT known for these paths: the longest timeout (1 s)
+    assert [p.address for p, v in t.verdicts(101.5, lambda k, a: False)] == ["x:1"]
+    assert t.answered(old, b"a" * 32, 103) is not None  # late, still counts
     for i in range(5):  # bounded
         t.sent(b"c" * 32, f"z:{i + 1}", 110.0 + i)
     assert len(t) == 3
@@ -164,29 +165,47 @@ def test_ssh_targets():
     assert pack(base)  # the reply shape travels over the control socket
 
 
-def test_miss_rule_current_path_needs_three_misses_alternatives_one():
-    t = probe.ProbeTracker(timeout=1.0, misses_to_fail=3)
+def _until_fail(t, cur, hint=None):
+    """Probe the path in use (never answered) until it fails: (verdicts, when)."""
+
+    def is_current(node_key, address):
+        return address == cur[1]
+
+    now, verdicts = 0.0, []
+    while now < 10.0 and "fail" not in [v for p, v in verdicts if p.address == cur[1]]:
+        for k, a in t.due(now, {cur}):
+            t.sent(k, a, now, rtt_hint=hint)
+        if now == 0.0:
+            t.sent(cur[0], "alt:1", now)
+        now = round(now + 0.01, 2)
+        verdicts += t.verdicts(now, is_current)
+    return verdicts, now
+
+
+def test_miss_rule_path_in_use_needs_eight_misses_alternatives_one():
     key = b"k" * 32
+    cur = (key, "cur:1")
+    verdicts, now = _until_fail(probe.ProbeTracker(), cur)
+    assert [(p.address, v) for p, v in verdicts if p.address == "alt:1"] == [("alt:1", "fail")]
+    mine = [v for p, v in verdicts if p.address == "cur:1"]
+    assert mine == ["suspect"] + ["miss"] * 6 + ["fail"]
+    # No RTT known: every timeout is 1 s.  The probe of 0 s misses at 1 s; the
+    # fast ones, sent from 1 s on 0.1 s apart, miss from 2 s: the 7th at 2.6 s.
+    assert now == pytest.approx(2.6, abs=0.03)
+    # A LAN RTT (here the shell's hint): 0.25 s timeouts, failed at 1.1 s.
+    verdicts, now = _until_fail(probe.ProbeTracker(), cur, hint=0.0005)
+    assert [v for p, v in verdicts if p.address == "cur:1"][-1] == "fail"
+    assert now == pytest.approx(0.25 + 0.6 + 0.25, abs=0.03)
 
     def is_current(node_key, address):
         return address == "cur:1"
 
-    now = 0.0
-    failed_at = None
-    for i in range(4):
-        t.sent(key, "cur:1", now)
-        t.sent(key, "alt:1", now)
-        now += 1.5
-        failed = [p.address for p in t.failures(now, is_current)]
-        assert "alt:1" in failed  # an alternative fails on its first miss
-        if "cur:1" in failed and failed_at is None:
-            failed_at = i
-    assert failed_at == 2  # the path in use: the third miss in a row
     # an answer resets the count
-    t2 = probe.ProbeTracker(timeout=1.0, misses_to_fail=2)
-    t2.sent(key, "cur:1", 0.0)
-    assert t2.failures(1.5, is_current) == []
-    pid = t2.sent(key, "cur:1", 2.0)
-    assert t2.answered(pid, key, 2.1) is not None
-    t2.sent(key, "cur:1", 3.0)
-    assert t2.failures(4.5, is_current) == []  # one miss since the answer
+    t2 = probe.ProbeTracker(probe.ProbeConfig(misses_to_fail=2))
+    assert t2.due(0.0, {cur}) == [cur]
+    t2.sent(*cur, 0.0)
+    assert [v for _, v in t2.verdicts(1.5, is_current)] == ["suspect"]
+    pid = t2.sent(*cur, 2.5)
+    assert t2.answered(pid, key, 2.6) is not None
+    t2.sent(*cur, 3.0)
+    assert [v for _, v in t2.verdicts(5.5, is_current)] == ["suspect"]  # one miss since

@@ -5,7 +5,8 @@ discovery), and `PathSelector`, a sans-IO state machine that keeps, per
 peer, the candidates we may use, their measured round-trip time and failure
 history, the current choice, and when a failed path may be tried again.
 The shell feeds it candidates and probe results (with `now`) and asks it
-what to use and what to probe; it never sends a packet itself.
+what to use, what to probe and a path's RTT (the probes' timeout before
+they measured one); it never sends a packet itself.
 
 Model: Tailscale's magicsock (every candidate endpoint is probed; the best
 one wins, a better one must beat the current by a margin before we switch,
@@ -351,6 +352,11 @@ class PathSelector:
         if peer is None or peer.current is None:
             return None
         return peer.paths[peer.current].candidate
+
+    def rtt(self, node_key: bytes, candidate: Candidate) -> float | None:
+        """The path's RTT estimate (EWMA, seconds); None when unmeasured or unknown."""
+        _, path = self._lookup(node_key, candidate)
+        return None if path is None else path.rtt
 
     def probes_due(self, now: float) -> list[tuple[bytes, Candidate]]:
         """Failed paths ranked above the current one whose backoff expired.

@@ -46,10 +46,9 @@ __all__ = ["GossipEndpoint", "MeshService", "RECONCILE_INTERVAL", "explain_path"
 log = logging.getLogger("clanagent.mesh")
 
 RECONCILE_INTERVAL = 30.0
-# Probe the current path of every peer this often; this many misses in a row
-# fail it (so failover takes about PROBE_INTERVAL * PROBE_MISSES + a reconcile).
+# Path probes: the path in use every second, ten a second once it missed one,
+# failed after eight misses in a row (probe.ProbeConfig has the arithmetic).
 PROBE_INTERVAL = 1.0
-PROBE_MISSES = 3
 ADDRESS_CHECK_INTERVAL = 60.0
 # A peer we gave an endpoint must complete a handshake within this long.
 HANDSHAKE_GRACE = 12.0
@@ -218,6 +217,9 @@ class MeshService:
             "probes_sent": 0,
             "probes_answered": 0,
             "probes_bad": 0,
+            "paths_suspected": 0,  # first misses of a path in use
+            "failures_vetoed": 0,  # probes said dead, WireGuard had heard the peer
+            "paths_failed": 0,  # paths in use given up (failovers)
         }
         self._cands: dict[tuple[bytes, str], Candidate] = {}
         self._probe_sock: Any = None
@@ -467,7 +469,7 @@ class MeshService:
             log.warning("path probes unavailable", extra=kv(error=exc))
             return
         self._probe_sock = sock
-        self.tracker = ProbeTracker(timeout=PROBE_INTERVAL * 2, misses_to_fail=PROBE_MISSES)
+        self.tracker = ProbeTracker()
 
     def _box_keys(self) -> dict[bytes, bytes]:
         inv = self.ports.inventory.inventory
@@ -527,7 +529,11 @@ class MeshService:
             return
         ident = self.ports.identity
         now = self.ports.clock.now()
-        pid = self.tracker.sent(node_key, address, now)
+        # Until the tracker has an RTT of its own for the path, the selector's
+        # (probes before, or the membership's estimate) sets the timeout.
+        cand = self._cands.get((node_key, address))
+        hint = None if cand is None or self.selector is None else self.selector.rtt(node_key, cand)
+        pid = self.tracker.sent(node_key, address, now, rtt_hint=hint)
         # sent_at only comes back in the pong; the tracker keeps its own copy.
         data = probe.encode(probe.PING, pid, now, ident.public_key, ident.box_key, box)
         for family, _, _, _, sockaddr in infos:
@@ -541,39 +547,88 @@ class MeshService:
 
     async def _probe_sender(self) -> None:
         while True:
-            await trio.sleep(PROBE_INTERVAL)
+            # Let the receiver take pongs already here before misses are counted.
+            await trio.sleep(0)
             sel = self.selector
-            if sel is None:
+            if sel is not None:
+                await self._probe_round(sel)
+            nd = self.tracker.next_deadline()
+            wait = PROBE_INTERVAL if nd is None else nd - self.ports.clock.now()
+            await trio.sleep(min(PROBE_INTERVAL, max(0.005, wait)))
+
+    async def _probe_round(self, sel: PathSelector) -> None:
+        now = self.ports.clock.now()
+
+        def is_current(node_key: bytes, address: str, sel=sel) -> bool:
+            cur = sel.current(node_key)
+            return cur is not None and cur.address == address
+
+        for p, verdict in self.tracker.verdicts(now, is_current):
+            cand = self._cands.get((p.node_key, p.address))
+            if cand is None:
+                continue
+            using = is_current(p.node_key, p.address)
+            if verdict == "suspect":
+                self.stats["paths_suspected"] += 1
+                self.tracker.wg_baseline(p.node_key, p.address, await self._wg_sample(p.node_key))
+                continue
+            if verdict != "fail":
+                continue
+            if using and self.tracker.wg_vetoes(
+                p.node_key, p.address, await self._wg_sample(p.node_key)
+            ):
+                self.stats["failures_vetoed"] += 1
+                log.info(
+                    "path kept: WireGuard heard the peer",
+                    extra=kv(peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"),
+                )
                 continue
             now = self.ports.clock.now()
+            before = _path_id(sel.current(p.node_key))
+            sel.report_failure(p.node_key, cand, now)
+            if before == cand.path_id:
+                self.stats["paths_failed"] += 1
+                log.info(
+                    "path failed",
+                    extra=kv(peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"),
+                )
+            if _path_id(sel.current(p.node_key)) != before:
+                self.wake()
+        now = self.ports.clock.now()
+        in_use: set[tuple[bytes, str]] = set()
+        for node_key in {k for k, _ in self._cands}:
+            cur = sel.current(node_key)
+            if cur is not None and cur.kind in ("lan", "public"):
+                in_use.add((node_key, cur.address))
+        targets = set(self.tracker.due(now, in_use))
+        for node_key, cand in sel.probes_due(now):
+            if cand.kind in ("lan", "public"):
+                targets.add((node_key, cand.address))
+        for node_key, address in sorted(targets):
+            await self._send_probe(node_key, address)
 
-            def is_current(node_key: bytes, address: str, sel=sel) -> bool:
-                cur = sel.current(node_key)
-                return cur is not None and cur.address == address
+    async def _wg_sample(self, node_key: bytes) -> Any:
+        """WireGuard's counters for the peer, read now (None when unknown)."""
+        from .probe import WgSample
 
-            for p in self.tracker.failures(now, is_current):
-                cand = self._cands.get((p.node_key, p.address))
-                if cand is None:
-                    continue
-                before = _path_id(sel.current(p.node_key))
-                sel.report_failure(p.node_key, cand, now)
-                if before == cand.path_id:
-                    log.info(
-                        "path failed",
-                        extra=kv(peer=p.node_key.hex()[:12], path=f"{cand.kind} {cand.address}"),
-                    )
-                if _path_id(sel.current(p.node_key)) != before:
-                    self.wake()
-            targets: set[tuple[bytes, str]] = set()
-            for node_key in {k for k, _ in self._cands}:
-                cur = sel.current(node_key)
-                if cur is not None and cur.kind in ("lan", "public"):
-                    targets.add((node_key, cur.address))
-            for node_key, cand in sel.probes_due(now):
-                if cand.kind in ("lan", "public"):
-                    targets.add((node_key, cand.address))
-            for node_key, address in targets:
-                await self._send_probe(node_key, address)
+        inv = self.ports.inventory.inventory
+        if inv is None or self.backend is None:
+            return None
+        wg_key = next(
+            (m["wg_key"] for m in inv.doc["machines"].values() if m["node_key"] == node_key), None
+        )
+        if wg_key is None:
+            return None
+        try:
+            device = await self.backend.get()
+        except Exception as exc:  # no evidence: the probes' verdict stands
+            log.debug("could not read WireGuard", extra=kv(error=exc))
+            return None
+        peer = device.peers.get(wg_key)
+        status = device.status.get(wg_key)
+        if peer is None or status is None:
+            return None
+        return WgSample(peer.endpoint, status.rx_bytes, status.last_handshake)
 
     # -- our own endpoints -------------------------------------------------------------
 
