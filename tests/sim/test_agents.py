@@ -1,0 +1,170 @@
+"""Whole agents in the simulator: a clan of ~50 founded, edited and watched.
+
+Each test is one trio run on a MockClock (`tests/sim/agents.run_sim`): the
+virtual seconds below cost only the work done in them. Every agent runs the
+real gossip node, store, inventory manager and record checks behind the
+same ports the real agent builds (clanagent/ports.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import nacl.signing
+import trio
+
+from clanagent.gossip.config import GossipConfig
+from clanagent.inventory import RECORD_KIND, make_version
+from tests.sim.agents import SIM_EPOCH, AgentSim, machine_entry, run_sim
+
+N = 50
+ADMIN = nacl.signing.SigningKey(bytes([7]) * 32)
+
+
+def genesis_doc(sim: AgentSim, *, tags=None) -> dict:
+    tags = tags or {}
+    return {
+        "format": 1,
+        "clan": {
+            "id": sim.anchor.clan_id,
+            "name": "sim",
+            "admins": list(sim.anchor.admins),
+            "threshold": 1,
+        },
+        "machines": {
+            addr: machine_entry(sim.identities[addr], tags.get(addr, ["base"]))
+            for addr in sim.addrs
+        },
+        "networks": {"default": ["lan", "public", "tor"], "by_tag": {}},
+        "services": {},
+        "vms": {},
+    }
+
+
+def version(doc, parents, msg):
+    return make_version(doc, parents, int(SIM_EPOCH + trio.current_time()), msg, [ADMIN])
+
+
+def inventory_record(sim: AgentSim, addr: str, v):
+    return sim[addr].store.get(sim[addr].identity.public_key, RECORD_KIND, v.hash.hex())
+
+
+async def found(sim: AgentSim, nursery: trio.Nursery, *, timeout: float = 60.0):
+    """Start every agent, let n0 found the clan; return the genesis version."""
+    await sim.start(nursery)
+    assert await sim.wait_for(sim.converged, timeout), "membership did not converge"
+    g = version(genesis_doc(sim), [], "genesis")
+    sim["n0"].submit_inventory(g)
+    rec = inventory_record(sim, "n0", g)
+    assert rec is not None
+    assert await sim.wait_for(lambda: sim.all_hold(rec), 30), sim.spread(rec)
+    return g
+
+
+def test_whole_agents_found_a_clan_and_converge_on_an_edit():
+    wall0 = time.perf_counter()
+
+    async def main():
+        sim = AgentSim(N, admins=[bytes(ADMIN.verify_key)], seed=1)
+        async with trio.open_nursery() as nursery:
+            g = await found(sim, nursery)
+            # every agent admitted: the head is the genesis and names all of them
+            assert all(a.inventory.head.leaves == (g.hash,) for a in sim.live())
+            assert all(len(a.inventory.inventory.machines) == N for a in sim.live())
+            assert all(a.ports.me() == a.addr for a in sim.live())
+            # an edit on another machine reaches everyone
+            doc = copy.deepcopy(g.doc)
+            doc["machines"]["n7"]["tags"] = ["base", "edited"]
+            v2 = version(doc, [g.hash], "tag n7")
+            t0 = trio.current_time()
+            sim["n13"].submit_inventory(v2)
+            rec = inventory_record(sim, "n13", v2)
+            assert await sim.wait_for(
+                lambda: all(a.inventory.head.leaves == (v2.hash,) for a in sim.live()), 30
+            )
+            assert sim.all_hold(rec)
+            spread = sim.spread(rec)
+            print(f"edit spread: {spread}, now {trio.current_time():.1f}")
+            assert spread["missing"] == [] and spread["seconds"] <= trio.current_time() - t0
+            assert all(
+                a.inventory.inventory.machines["n7"].tags == ("base", "edited")
+                or list(a.inventory.inventory.machines["n7"].tags) == ["base", "edited"]
+                for a in sim.live()
+            )
+            assert sim.false_deaths() == []
+            # records were checked by the real body rules, none refused
+            assert all(a.record_stats["checked"] > 0 for a in sim.live())
+            assert sum(a.record_stats["refused"] for a in sim.live()) == 0
+            nursery.cancel_scope.cancel()
+
+    run_sim(main)
+    assert time.perf_counter() - wall0 < 60
+
+
+def test_a_broken_delivery_path_is_not_counted_as_converged():
+    async def main():
+        sim = AgentSim(12, admins=[bytes(ADMIN.verify_key)], seed=2, config=GossipConfig.local())
+        async with trio.open_nursery() as nursery:
+            g = await found(sim, nursery)
+            sim.net.blackhole("n5")  # every datagram to n5 is lost from now on
+            doc = copy.deepcopy(g.doc)
+            doc["machines"]["n3"]["tags"] = ["base", "x"]
+            v2 = version(doc, [g.hash], "tag n3")
+            sim["n1"].submit_inventory(v2)
+            rec = inventory_record(sim, "n1", v2)
+            everyone = [a.addr for a in sim.live()]
+            assert not await sim.wait_for(lambda: sim.all_hold(rec, everyone), 20)
+            spread = sim.spread(rec, everyone)
+            assert spread["missing"] == ["n5"]
+            assert spread["holders"] == len(everyone) - 1
+            assert spread["seconds"] is None
+            assert sim.arrivals.arrived_at("n5", rec) is None
+            assert sim["n5"].inventory.head.leaves == (g.hash,)
+            nursery.cancel_scope.cancel()
+
+    run_sim(main)
+
+
+def test_a_crashed_whole_agent_is_marked_dead_by_all():
+    async def main():
+        sim = AgentSim(N, admins=[bytes(ADMIN.verify_key)], seed=3)
+        async with trio.open_nursery() as nursery:
+            await found(sim, nursery)
+            victim = sim["n21"]
+            crashed_at = trio.current_time()
+            victim.crash()
+            cfg = sim.config
+            n = len(sim.agents)
+            # memberlist's bound: a probe round to notice (stretched by
+            # Lifeguard's awareness at worst), then the longest suspicion.
+            bound = (
+                cfg.probe_interval * cfg.awareness_max_multiplier
+                + cfg.suspicion_timeout(n) * cfg.suspicion_max_timeout_mult
+            )
+            assert await sim.wait_for(
+                lambda: sim.detection_time("n21", crashed_at) is not None, bound
+            )
+            t = sim.detection_time("n21", crashed_at)
+            assert 0 < t <= bound
+            print(f"detected in {t:.2f} virtual s (bound {bound:.1f})")
+            assert not victim.up
+            assert sim.false_deaths() == []
+            nursery.cancel_scope.cancel()
+
+    run_sim(main)
+
+
+def test_admission_of_65_whole_agents():
+    # More than 64: a msgpack map limit once stopped clans at that size.
+    async def main():
+        sim = AgentSim(65, admins=[bytes(ADMIN.verify_key)], seed=4)
+        async with trio.open_nursery() as nursery:
+            g = await found(sim, nursery)
+            assert all(a.inventory.head.leaves == (g.hash,) for a in sim.live())
+            key = sim["n64"].identity.public_key
+            assert all(a.inventory.admit_peer(key) is True for a in sim.live())
+            assert len(sim.live()) == 65
+            nursery.cancel_scope.cancel()
+
+    run_sim(main)
