@@ -362,18 +362,12 @@ class Agent:
         self.bus.subscriptions.dispatch(rec)
         if self.mesh is not None:
             self.mesh.on_record(rec)
-        if self.services is not None:
-            self.services.on_record(rec)
-        if self.secrets is not None:
-            self.secrets.on_record(rec)
         if self.vms is not None and rec.kind in ("vm-request", "vm-status", "vm-logs-request"):
             self.vms.wake()
 
     def on_member_changed(self) -> None:
         """Someone joined, left or failed: who generates which secret may change."""
         self.membership.changed()
-        if self.secrets is not None:
-            self.secrets.member_changed()
 
     async def vm_request(self, body: Any) -> dict[str, Any]:
         """An admin's signed start/stop/restart order: check it, then gossip it."""
@@ -617,10 +611,6 @@ class Agent:
             self.gossip.on_inventory(inv.node_keys())
         if self.mesh is not None:
             self.mesh.wake()
-        if self.services is not None:
-            self.services.wake()
-        if self.secrets is not None:
-            self.secrets.wake()
         if self.vms is not None:
             self.vms.wake()
 
@@ -781,11 +771,17 @@ class Agent:
         await nursery.start(self.mesh.run)
         from .services.service import ServicesService
 
-        self.services = ServicesService(self)
+        assert self.ports is not None
+        self.services = ServicesService(self.ports, runtime_dir=self.cfg.runtime_dir)
         await nursery.start(self.services.run)
         from .secrets.service import SecretsService
 
-        self.secrets = SecretsService(self)
+        self.secrets = SecretsService(
+            self.ports,
+            runtime_dir=self.cfg.runtime_dir,
+            default_owner=self.cfg.secrets_owner,
+            on_public_files_changed=self.services.wake,
+        )
         await nursery.start(self.secrets.run)
         from .vmhost.service import VmService
 

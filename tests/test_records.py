@@ -97,7 +97,9 @@ def own(agent: Agent, kind: str, key: str | None = None) -> SignedRecord:
 async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, SignedRecord]]:
     """One record of every kind, each made by the code that makes it in the agent."""
     from clanagent import __version__
+    from clanagent.agent import TrioClock
     from clanagent.mesh import candidates as cands
+    from clanagent.ports import Ports
     from clanagent.secrets.service import SecretsService
     from clanagent.services.wiring import EXPORT_KIND, export_body
     from clanagent.topology import TopologyService
@@ -135,7 +137,16 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     out["export"] = own(a1, EXPORT_KIND)
 
     # secret + secret-rotate: the secrets service, alone online
-    a1.secrets = SecretsService(a1)
+    ports = Ports(
+        clock=TrioClock(),
+        identity=a1.identity,
+        store=a1.store,
+        bus=a1.bus,
+        members=a1.membership,
+        inventory=a1.inventory,
+        events=a1.events_bus,
+    )
+    a1.secrets = SecretsService(ports, runtime_dir=a1.cfg.runtime_dir)
     await a1.secrets.sync_once()
     out["secret"] = own(a1, "secret", "backup/repokey")
     reply = await a1.secrets.request_rotation("backup/repokey")

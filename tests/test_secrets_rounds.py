@@ -10,35 +10,29 @@ from clanagent.identity import node_id_of
 from clanagent.secrets import service as secrets_service
 from clanagent.secrets.service import SecretsService
 
-
-class FakeNode:
-    def __init__(self, keys: list[bytes]) -> None:
-        self.states = {node_id_of(k): "alive" for k in keys}
-        self.stats = {"ae_synced": 1}
-
-    def member_state(self, node_id: str) -> str | None:
-        return self.states.get(node_id)
-
-    def members(self) -> list[dict]:
-        return [{"node_id": n, "state": s} for n, s in self.states.items()]
+from ._fake_ports import FakePorts
 
 
 def doc_of(keys: list[bytes]) -> dict:
     machines = {f"m{i}": {"node_key": k, "box_key": k} for i, k in enumerate(keys)}
-    return {"machines": machines, "services": {}, "clan": {"admins": []}}
+    return {
+        "machines": machines,
+        "services": {},
+        "clan": {"id": b"c" * 16, "name": "t", "admins": []},
+    }
 
 
-def fake_agent(keys: list[bytes], runtime: str) -> SimpleNamespace:
+def inventory_of(keys: list[bytes]) -> SimpleNamespace:
     names = {k: SimpleNamespace(name=f"m{i}") for i, k in enumerate(keys)}
-    inv = SimpleNamespace(doc=doc_of(keys), machine_by_node_key=names.get)
-    return SimpleNamespace(
-        cfg=SimpleNamespace(runtime_dir=runtime, secrets_owner=None),
-        inventory=SimpleNamespace(inventory=inv),
-        identity=SimpleNamespace(public_key=keys[0], box_key=b"b" * 32),
-        gossip=SimpleNamespace(node=FakeNode(keys)),
-        store=SimpleNamespace(records=lambda: iter(())),
-        services=None,
-    )
+    return SimpleNamespace(doc=doc_of(keys), machine_by_node_key=names.get)
+
+
+def fake_ports(keys: list[bytes]) -> FakePorts:
+    """m0 of a clan whose every member is alive (a bare doc: no planner inputs)."""
+    me = SimpleNamespace(public_key=keys[0], box_key=b"b" * 32)
+    fp = FakePorts.build(me, inventory=inventory_of(keys))
+    fp.members.set_keys(keys)
+    return fp
 
 
 def test_node_ids_are_computed_once_per_inventory(tmp_path, monkeypatch):
@@ -50,8 +44,11 @@ def test_node_ids_are_computed_once_per_inventory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(secrets_service, "node_id_of", counting)
     keys = [bytes([i + 1]) * 32 for i in range(6)]
-    agent = fake_agent(keys, str(tmp_path))
-    svc = SecretsService(agent)
+    fp = fake_ports(keys)
+    svc = SecretsService(fp.ports, runtime_dir=tmp_path)
+
+    def doc() -> dict:
+        return fp.inventory.inventory.doc
 
     async def rounds(n: int) -> None:
         with trio.fail_after(10):
@@ -60,34 +57,30 @@ def test_node_ids_are_computed_once_per_inventory(tmp_path, monkeypatch):
 
     trio.run(rounds, 20)
     assert len(calls) <= len(keys)  # one per member, for the one inventory
-    assert svc._online(agent.inventory.inventory.doc) == [f"m{i}" for i in range(6)]
+    assert svc._online(doc()) == [f"m{i}" for i in range(6)]
 
     # membership changes are still seen, without hashing again
-    agent.gossip.node.states[node_id_of(keys[2])] = "dead"
-    del agent.gossip.node.states[node_id_of(keys[3])]
+    fp.members.set(node_id_of(keys[2]), "dead")
+    fp.members.set(node_id_of(keys[3]), None)
     before = len(calls)
-    assert svc._online(agent.inventory.inventory.doc) == ["m0", "m1", "m4", "m5"]
+    assert svc._online(doc()) == ["m0", "m1", "m4", "m5"]
     assert len(calls) == before
 
     # a new inventory (a machine added): hashed once more, then cached again
     keys.append(b"\x77" * 32)
-    agent.gossip.node.states[node_id_of(keys[-1])] = "alive"
-    agent.inventory.inventory = SimpleNamespace(
-        doc=doc_of(keys), machine_by_node_key=agent.inventory.inventory.machine_by_node_key
-    )
+    fp.members.set(node_id_of(keys[-1]), "alive")
+    fp.inventory.set(inventory_of(keys))
     calls.clear()
     trio.run(rounds, 20)
     assert len(calls) == len(keys)
-    assert "m6" in svc._online(agent.inventory.inventory.doc)
+    assert "m6" in svc._online(doc())
 
-    # a node without the state lookup: one pass over its members, same answer
-    node = agent.gossip.node
-    node.states[node_id_of(keys[1])] = "suspect"  # only alive members generate
-    agent.gossip.node = SimpleNamespace(members=node.members, stats=node.stats)
+    # only alive members generate; with no membership (gossip not running), us alone
+    fp.members.set(node_id_of(keys[1]), "suspect")
     calls.clear()
-    assert svc._online(agent.inventory.inventory.doc) == ["m0", "m4", "m5", "m6"]
-    agent.gossip.node = None
-    assert svc._online(agent.inventory.inventory.doc) == ["m0"]  # us, alone
+    assert svc._online(doc()) == ["m0", "m4", "m5", "m6"]
+    fp.members.states.clear()
+    assert svc._online(doc()) == ["m0"]
     assert calls == []
 
 
@@ -97,8 +90,7 @@ def test_an_installed_generation_is_not_written_again_each_round(tmp_path, monke
     from clanagent.secrets.planner import Install, Plan
 
     keys = [bytes([i + 1]) * 32 for i in range(3)]
-    agent = fake_agent(keys, str(tmp_path))
-    svc = SecretsService(agent)
+    svc = SecretsService(fake_ports(keys).ports, runtime_dir=tmp_path)
     inst = SecretInstance("vpn", "psk", "role:client")
     current = {"version": 5, "generation": 1}
 

@@ -5,17 +5,20 @@ rotate requests from the store), running generators in worker threads,
 publishing new generations as records, writing the files we hold, running
 the service's reload command when they changed, and expiring previous
 generations after the grace period.  Must never: block the event loop,
-log or publish a secret value in the clear, or replace the current
-generation when a generator fails (the error is logged and shown in status).
+log or publish a secret value in the clear, replace the current
+generation when a generator fails (the error is logged and shown in status),
+or reach past its ports (DESIGN rule 7): it hears of records, membership
+and inventory changes through `Ports` subscriptions, and tells others that
+public files changed only through the callback it was given.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +37,9 @@ from .record import (
     secret_body,
 )
 
+if TYPE_CHECKING:
+    from ..ports import Ports
+
 __all__ = ["SecretsService"]
 
 log = logging.getLogger("clanagent.secrets")
@@ -46,12 +52,26 @@ REVERIFY = 300.0
 
 
 class SecretsService:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.runtime = Path(agent.cfg.runtime_dir)
+    """The secrets part. `runtime_dir` holds the files; `default_owner` is
+    who owns them when a service names no `secrets_owner` (None: the
+    agent's user); `on_public_files_changed()` is called after a round
+    installed new files (public parts may feed exports)."""
+
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        runtime_dir: str | Path,
+        default_owner: str | None = None,
+        on_public_files_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.ports = ports
+        self.runtime = Path(runtime_dir)
+        self.default_owner = default_owner
+        self._on_public_files_changed = on_public_files_changed
         self._wakeup = trio.Event()
         self._soon = False
-        self._membership_changed_at = time.monotonic()
+        self._membership_changed_at = ports.clock.now()
         self.errors: dict[str, str] = {}  # instance id -> last generator error
         self.stats = {"generated": 0, "installed": 0, "verified": 0, "removed": 0, "failed": 0}
         # machine name -> node id, for the inventory doc it was computed from
@@ -60,6 +80,9 @@ class SecretsService:
         self._ids: dict[str, str] = {}
         # instance id -> (origin, version) of the record whose files we wrote, and when
         self._written: dict[str, tuple[tuple[bytes, int], float]] = {}
+        ports.bus.subscribe((SECRET_KIND, ROTATE_KIND), self._on_record)
+        ports.members.subscribe(self.member_changed)
+        ports.inventory.subscribe(self._on_inventory)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -71,7 +94,13 @@ class SecretsService:
         self._soon = True
 
     def member_changed(self) -> None:
-        self._membership_changed_at = time.monotonic()
+        self._membership_changed_at = self.ports.clock.now()
+        self.wake()
+
+    def _on_record(self, _rec: SignedRecord) -> None:
+        self.wake()
+
+    def _on_inventory(self, _inv: Any) -> None:
         self.wake()
 
     def _synced(self, doc: dict, me: str) -> bool:
@@ -87,24 +116,14 @@ class SecretsService:
         # Who is online decides who generates: let a change settle first, so
         # two machines that see different memberships for a moment do not
         # both decide it is their turn.
-        if time.monotonic() - self._membership_changed_at < SETTLE:
+        if self.ports.clock.now() - self._membership_changed_at < SETTLE:
             return False
-        gossip = self.agent.gossip
-        node = None if gossip is None else gossip.node
-        return node is not None and node.stats.get("ae_synced", 0) > 0
-
-    def on_record(self, rec: SignedRecord) -> None:
-        if rec.kind in (SECRET_KIND, ROTATE_KIND):
-            self.wake()
+        return self.ports.members.synced()
 
     # -- inputs -----------------------------------------------------------------
 
     def _me(self) -> str | None:
-        inv = self.agent.inventory.inventory
-        if inv is None:
-            return None
-        m = inv.machine_by_node_key(self.agent.identity.public_key)
-        return None if m is None else m.name
+        return self.ports.me()
 
     def _node_ids(self, doc: dict) -> dict[str, str]:
         """machine name -> node id: hashed once per inventory, not once per round."""
@@ -115,42 +134,34 @@ class SecretsService:
 
     def _online(self, doc: dict) -> list[str]:
         me = self._me()
-        ids = self._node_ids(doc)
-        gossip = self.agent.gossip
-        node = None if gossip is None else gossip.node
-        if node is None:
-            return [name for name in ids if name == me]
-        state = getattr(node, "member_state", None)
-        if state is None:  # a node without the lookup: one pass over its members
-            alive = {m["node_id"] for m in node.members() if m["state"] == "alive"}
-            return [name for name, nid in ids.items() if name == me or nid in alive]
-        return [name for name, nid in ids.items() if name == me or state(nid) == "alive"]
+        state = self.ports.members.state
+        return [
+            name for name, nid in self._node_ids(doc).items() if name == me or state(nid) == "alive"
+        ]
 
     def _records(self) -> tuple[dict, dict]:
         secrets: dict[str, list[SignedRecord]] = defaultdict(list)
         rotates: dict[str, list[SignedRecord]] = defaultdict(list)
-        for rec in self.agent.store.records():
-            if rec.kind == SECRET_KIND:
-                secrets[rec.key].append(rec)
-            elif rec.kind == ROTATE_KIND:
-                rotates[rec.key].append(rec)
+        for rec in self.ports.store.of_kind(SECRET_KIND):
+            secrets[rec.key].append(rec)
+        for rec in self.ports.store.of_kind(ROTATE_KIND):
+            rotates[rec.key].append(rec)
         return secrets, rotates
 
     def _opens(self, body: Any) -> Any:
-        ident = self.agent.identity
+        ident = self.ports.identity
         return open_body(body, ident.public_key, ident.box_key)
 
     # -- views for the control API ---------------------------------------------------
 
     def rows(self) -> list[dict[str, Any]]:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return []
         secrets, rotates = self._records()
+        now = int(self.ports.clock.wall())
         out = []
-        for st in status(
-            inv.doc, self._online(inv.doc), secrets, rotates, int(time.time()), verify=False
-        ):
+        for st in status(inv.doc, self._online(inv.doc), secrets, rotates, now, verify=False):
             inst = st.instance
             holders_now = set(st.holders)
             current = current_of(inv.doc, inst, secrets.get(inst.id, ()), verify=False)
@@ -167,7 +178,7 @@ class SecretsService:
                     "generator": st.generator,
                     "generation": st.generation,
                     "created": st.created,
-                    "age_s": None if st.created is None else max(0, int(time.time()) - st.created),
+                    "age_s": None if st.created is None else max(0, now - st.created),
                     "next_rotation": st.due,
                     "pending": st.pending,
                     "recipients": recipients,
@@ -179,7 +190,7 @@ class SecretsService:
         return out
 
     async def request_rotation(self, instance_id: str) -> dict[str, Any]:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             raise KeyError("not in a clan")
         try:
@@ -191,8 +202,8 @@ class SecretsService:
         secrets, _ = self._records()
         current = current_of(inv.doc, inst, secrets.get(inst.id, ()), verify=False)
         generation = current.body.generation if current is not None else 0
-        body = RotateRequest(generation=generation, requested=int(time.time()))
-        await self.agent.publish_record(ROTATE_KIND, inst.id, body.to_wire())
+        body = RotateRequest(generation=generation, requested=int(self.ports.clock.wall()))
+        await self.ports.bus.publish(ROTATE_KIND, inst.id, body.to_wire())
         self.wake()
         return {"id": inst.id, "generation": generation}
 
@@ -212,12 +223,12 @@ class SecretsService:
             await trio.sleep(0.05)
 
     async def sync_once(self) -> None:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         me = self._me()
         if inv is None or me is None:
             return
         doc = inv.doc
-        now = int(time.time())
+        now = int(self.ports.clock.wall())
         secrets, rotates = self._records()
         installed = await trio.to_thread.run_sync(files.installed, self.runtime)
         p = plan(
@@ -236,7 +247,7 @@ class SecretsService:
         for task in p.generate:
             await self._generate(doc, task, secrets)
         changed_services: set[str] = set()
-        mono = time.monotonic()
+        mono = self.ports.clock.now()
         for item in p.install:
             rid = (item.record.origin, item.record.version)
             written = self._written.get(item.instance.id)
@@ -282,18 +293,18 @@ class SecretsService:
                 self.stats["removed"] += 1
                 log.info("secret removed", extra=kv(secret=f"{service}/{secret}"))
         await trio.to_thread.run_sync(files.expire_previous, self.runtime, now)
-        if changed_services and getattr(self.agent, "services", None) is not None:
-            self.agent.services.wake()  # exports may name a public part that just appeared
+        if changed_services and self._on_public_files_changed is not None:
+            self._on_public_files_changed()  # exports may name a public part that just appeared
         for service in sorted(changed_services):
             await self._reload(doc, service)
 
     def _owner(self, doc: dict, service: str) -> Any:
         """Who owns a service's secret files: the service setting `secrets_owner`
-        ("USER" or "USER:GROUP"), else the agent's config `secrets_owner`, else
+        ("USER" or "USER:GROUP"), else `default_owner` (the agent's config), else
         the agent's user.  An unknown user is logged and the default used."""
         spec = (
             doc["services"].get(service, {}).get("settings", {}).get("secrets_owner")
-            or self.agent.cfg.secrets_owner
+            or self.default_owner
         )
         try:
             return files.resolve_owner(spec or None)
@@ -340,20 +351,20 @@ class SecretsService:
         body = secret_body(
             inst,
             task.generation,
-            int(time.time()),
+            int(self.ports.clock.wall()),
             made.secret,
             made.public,
             task.recipients,
             task.admins,
             task.inputs,
         )
-        await self.agent.publish_record(SECRET_KIND, inst.id, body)
+        await self.ports.bus.publish(SECRET_KIND, inst.id, body)
         self.stats["generated"] += 1
         log.info(
             "secret generated",
             extra=kv(secret=inst.id, generation=task.generation, reason=task.reason),
         )
-        self.agent.events_bus.publish(
+        self.ports.events.publish(
             "secret.generated", id=inst.id, generation=task.generation, reason=task.reason
         )
         self.wake()  # install it here too

@@ -4,16 +4,17 @@ Owns: publishing this machine's exports (one signed record per role it
 holds that declares exports), collecting every machine's exports from the
 store, rendering what this machine imports into files under the runtime
 dir, and running a service's reload command when its imports changed.
-Must never: block the event loop (file writes run in a thread), or let a
+Must never: block the event loop (file writes run in a thread), let a
 failing reload command stop anything else (it is logged and retried on the
-next change).
+next change), or reach past its ports (DESIGN rule 7): it hears of export
+records and inventory changes through `Ports` subscriptions.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,48 +33,49 @@ from .wiring import (
     services_view,
 )
 
+if TYPE_CHECKING:
+    from ..ports import Ports
+
 __all__ = ["ServicesService"]
 
 log = logging.getLogger("clanagent.services")
 
 
 class ServicesService:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.runtime = Path(agent.cfg.runtime_dir)
+    """The service-wiring part; `runtime_dir` holds the rendered imports and
+    (under public/) the public secret files that exports may name."""
+
+    def __init__(self, ports: Ports, *, runtime_dir: str | Path) -> None:
+        self.ports = ports
+        self.runtime = Path(runtime_dir)
         self._wakeup = trio.Event()
         self._published: dict[str, dict[str, Any]] = {}
         self.missing: dict[str, dict[str, str]] = {}
         self.stats = {"renders": 0, "reloads": 0, "reload_failures": 0}
+        ports.bus.subscribe((EXPORT_KIND,), self._on_record)
+        ports.inventory.subscribe(self._on_inventory)
 
     def wake(self) -> None:
         self._wakeup.set()
 
-    def on_record(self, rec: SignedRecord) -> None:
-        if rec.kind == EXPORT_KIND:
-            self.wake()
+    def _on_record(self, _rec: SignedRecord) -> None:
+        self.wake()
 
-    def _me(self) -> str | None:
-        inv = self.agent.inventory.inventory
-        if inv is None:
-            return None
-        m = inv.machine_by_node_key(self.agent.identity.public_key)
-        return None if m is None else m.name
+    def _on_inventory(self, _inv: Any) -> None:
+        self.wake()
 
     def _exports(self) -> dict:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return {}
-        recs = [
-            (r.origin, r.key, r.body) for r in self.agent.store.records() if r.kind == EXPORT_KIND
-        ]
+        recs = [(r.origin, r.key, r.body) for r in self.ports.store.of_kind(EXPORT_KIND)]
         exports, rejected = collect_exports(inv.doc, recs)
         for why in rejected:
             log.debug("export ignored", extra=kv(reason=why))
         return exports
 
     def view(self) -> list[dict[str, Any]]:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return []
         return services_view(inv.doc, self._exports())
@@ -101,17 +103,19 @@ class ServicesService:
             await trio.sleep(0.05)
 
     async def sync_once(self) -> None:
-        agent = self.agent
-        inv = agent.inventory.inventory
-        me = self._me()
+        ports = self.ports
+        inv = ports.inventory.inventory
+        me = ports.me()
         if inv is None or me is None:
             return
         doc = inv.doc
+        ident = ports.identity
         overlay = ""
-        if agent.anchor is not None:
+        anchor = ports.inventory.anchor
+        if anchor is not None:
             from ..mesh.overlay import overlay_ip6
 
-            overlay = str(overlay_ip6(agent.anchor.clan_id, agent.identity.public_key))
+            overlay = str(overlay_ip6(anchor.clan_id, ident.public_key))
         # 1. what we export
         for service, role in roles_of(doc, me):
             if not doc["services"][service]["roles"][role].get("exports"):
@@ -122,16 +126,16 @@ class ServicesService:
                 role,
                 me,
                 overlay=overlay,
-                node_key_hex=agent.identity.public_key.hex(),
+                node_key_hex=ident.public_key.hex(),
                 public_file=self._public_file(service),
             )
             key = export_key(service, role)
             self.missing[key] = dict(missing)
             body = export_body(service, role, me, values)
             if self._published.get(key) != body:
-                held = agent.store.get(agent.identity.public_key, EXPORT_KIND, key)
+                held = ports.store.get(ident.public_key, EXPORT_KIND, key)
                 if held is None or held.body != body:
-                    await agent.publish_record(EXPORT_KIND, key, body)
+                    await ports.bus.publish(EXPORT_KIND, key, body)
                 self._published[key] = body
         # 2. what we import
         rendered = resolve_imports(doc, me, self._exports())
@@ -148,4 +152,4 @@ class ServicesService:
             else:
                 self.stats["reload_failures"] += 1
                 log.warning("reload failed", extra=kv(service=service, reason=message))
-            agent.events_bus.publish("service.imports", service=service, reloaded=ok)
+            ports.events.publish("service.imports", service=service, reloaded=ok)

@@ -1,0 +1,284 @@
+"""Fake ports for one part under test, and for the whole-agent simulator.
+
+Owns: small in-memory implementations of the `clanagent.ports` interfaces
+-- a clock you move by hand (or one that follows trio's clock), a real
+in-memory `Store`, a list-backed record bus that signs, stores and
+dispatches by kind, a membership table you edit, an inventory view you set,
+and an event log -- bundled by `FakePorts.build(...)`, whose `.ports` is the
+real `Ports` a service is constructed with.
+Must never: do I/O, or behave differently from the agent's ports in what a
+part can observe (a published record is stored, then dispatched; a handler
+runs synchronously, in the publisher's task).
+
+Typical use::
+
+    fp = FakePorts.build(identity, inventory=inventory_of(doc))
+    svc = SomeService(fp.ports, ...)
+    fp.members.set(node_id_of(peer_key), "alive")  # handlers hear it
+    fp.bus.deliver(peer_record)                     # a peer's record arrives
+    fp.bus.published                                # what the part published
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from clanagent.identity import Identity, node_id_of
+from clanagent.inventory.anchor import Anchor
+from clanagent.inventory.model import Inventory
+from clanagent.ports import Ports, Subscriptions
+from clanagent.store import Store
+from clanagent.wire import SignedRecord
+
+__all__ = [
+    "EventLog",
+    "FakeClock",
+    "FakeInventory",
+    "FakeMembership",
+    "FakePorts",
+    "ListBus",
+    "TrioFollowingClock",
+    "anchor_of",
+    "inventory_of",
+]
+
+WALL0 = 1_750_000_000.0  # the wall clock at now() == 0: a plausible epoch time
+
+
+class FakeClock:
+    """The Clock port, moved by hand: `advance(dt)` moves both clocks."""
+
+    def __init__(self, now: float = 0.0, wall: float = WALL0) -> None:
+        self.t = now
+        self._wall = wall - now
+
+    def now(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return self._wall + self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+class TrioFollowingClock:
+    """The Clock port following trio's clock: under `trio.testing.MockClock`
+    both `now` and `wall` are virtual. Only callable inside `trio.run`."""
+
+    def __init__(self, wall0: float = WALL0) -> None:
+        self.wall0 = wall0
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def wall(self) -> float:
+        return self.wall0 + trio.current_time()
+
+
+class ListBus:
+    """The RecordBus port over an in-memory store.
+
+    `publish` signs a record of ours (next version), stores it, appends it to
+    `published` and dispatches it to the subscribers of its kind; `deliver`
+    stores a record made elsewhere (a peer's) and dispatches it if the store
+    took it. `check(kind, key, body) -> bool`, when given, plays the agent's
+    own-record body check: False refuses the record (nothing is published)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: Store,
+        *,
+        clan: Callable[[], bytes] = lambda: b"",
+        check: Callable[[str, str, Any], bool] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.clan = clan
+        self.check = check
+        self.subscriptions = Subscriptions()
+        self.published: list[SignedRecord] = []
+        self.refused: list[tuple[str, str, Any]] = []
+        self._changed: trio.Event | None = None
+
+    async def publish(self, kind: str, key: str, body: Any) -> bool:
+        if self.check is not None and not self.check(kind, key, body):
+            self.refused.append((kind, key, body))
+            return False
+        version = self.store.max_version(self.identity.public_key) + 1
+        rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan())
+        self.published.append(rec)
+        self.deliver(rec)
+        return True
+
+    def subscribe(self, kinds: Collection[str], handler: Callable[[SignedRecord], None]) -> None:
+        self.subscriptions.subscribe(kinds, handler)
+
+    def deliver(self, rec: SignedRecord) -> bool:
+        """A record arrives (ours or a peer's): stored, then heard. False when
+        the store already held it (or a newer one): nobody hears it then."""
+        if not self.store.put(rec):
+            return False
+        self.subscriptions.dispatch(rec)
+        if self._changed is not None:
+            self._changed.set()
+        return True
+
+    def of(self, kind: str, key: str | None = None) -> list[SignedRecord]:
+        """What we published of one kind (and key)."""
+        return [r for r in self.published if r.kind == kind and (key is None or r.key == key)]
+
+    async def wait_published(self, kind: str, key: str | None = None) -> SignedRecord:
+        """Wait until we published a record of this kind (and key); the newest."""
+        while not self.of(kind, key):
+            if self._changed is None or self._changed.is_set():
+                self._changed = trio.Event()
+            await self._changed.wait()
+        return self.of(kind, key)[-1]
+
+
+class FakeMembership:
+    """The Membership port as an editable table node id -> state."""
+
+    def __init__(self, *, synced: bool = True) -> None:
+        self.states: dict[str, str] = {}
+        self.is_synced = synced
+        self._handlers: list[Callable[[], None]] = []
+
+    def state(self, node_id: str) -> str | None:
+        return self.states.get(node_id)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"node_id": n, "state": s, "self": False} for n, s in sorted(self.states.items())]
+
+    def synced(self) -> bool:
+        return self.is_synced
+
+    def subscribe(self, handler: Callable[[], None]) -> None:
+        self._handlers.append(handler)
+
+    def set(self, node_id: str, state: str | None, *, notify: bool = True) -> None:
+        """Change one member's state (None: forget it) and tell the subscribers."""
+        if state is None:
+            self.states.pop(node_id, None)
+        else:
+            self.states[node_id] = state
+        if notify:
+            for handler in list(self._handlers):
+                handler()
+
+    def set_keys(self, keys: Collection[bytes], state: str = "alive") -> None:
+        """Every one of these node keys in `state`, one notification."""
+        for key in keys:
+            self.states[node_id_of(key)] = state
+        for handler in list(self._handlers):
+            handler()
+
+
+class FakeInventory:
+    """The InventoryView port: an inventory you set (subscribers hear it)."""
+
+    def __init__(self, inventory: Inventory | None = None, anchor: Anchor | None = None) -> None:
+        self._inventory = inventory
+        self._anchor = anchor
+        self._handlers: list[Callable[[Any], None]] = []
+
+    @property
+    def inventory(self) -> Inventory | None:
+        return self._inventory
+
+    @property
+    def anchor(self) -> Anchor | None:
+        return self._anchor
+
+    def subscribe(self, handler: Callable[[Any], None]) -> None:
+        self._handlers.append(handler)
+
+    def set(self, inventory: Inventory) -> None:
+        self._inventory = inventory
+        for handler in list(self._handlers):
+            handler(inventory)
+
+
+@dataclass
+class EventLog:
+    """The EventSink port: every event, in order, as (topic, fields)."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def publish(self, topic: str, **fields: Any) -> None:
+        self.events.append((topic, fields))
+
+    def topics(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+
+def inventory_of(doc: dict[str, Any]) -> Inventory:
+    """The real inventory model of a document (validated, as the manager would)."""
+    return Inventory(doc)
+
+
+def anchor_of(doc: dict[str, Any]) -> Anchor:
+    clan = doc["clan"]
+    return Anchor(clan["id"], clan["name"], tuple(clan["admins"]))
+
+
+@dataclass
+class FakePorts:
+    """One machine's fake ports; `.ports` is what a service is built with."""
+
+    clock: Any
+    identity: Identity
+    store: Store
+    bus: ListBus
+    members: FakeMembership
+    inventory: FakeInventory
+    events: EventLog
+
+    @classmethod
+    def build(
+        cls,
+        identity: Identity | None = None,
+        *,
+        inventory: Inventory | None = None,
+        anchor: Anchor | None = None,
+        clock: Any = None,
+        store: Store | None = None,
+        synced: bool = True,
+        check: Callable[[str, str, Any], bool] | None = None,
+    ) -> FakePorts:
+        identity = identity or Identity.generate()
+        store = store if store is not None else Store(None)
+        if anchor is None and inventory is not None:
+            anchor = anchor_of(inventory.doc)
+        view = FakeInventory(inventory, anchor)
+
+        def clan() -> bytes:
+            return b"" if view.anchor is None else view.anchor.clan_id
+
+        return cls(
+            clock=clock if clock is not None else FakeClock(),
+            identity=identity,
+            store=store,
+            bus=ListBus(identity, store, clan=clan, check=check),
+            members=FakeMembership(synced=synced),
+            inventory=view,
+            events=EventLog(),
+        )
+
+    @property
+    def ports(self) -> Ports:
+        return Ports(
+            clock=self.clock,
+            identity=self.identity,
+            store=self.store,
+            bus=self.bus,
+            members=self.members,
+            inventory=self.inventory,
+            events=self.events,
+        )
