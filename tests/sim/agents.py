@@ -70,6 +70,7 @@ __all__ = [
     "SimNet",
     "machine_entry",
     "run_sim",
+    "start_secrets_and_services",
 ]
 
 # The wall clock every simulated agent reads at virtual time 0 (2027-01-15):
@@ -305,7 +306,7 @@ class SimAgent:
         self._rng = random.Random(f"agent-{seed}-{addr}")
         self._scope: trio.CancelScope | None = None
         self._wakeup = trio.Event()
-        self.services: dict[str, Any] = {}
+        self.parts: dict[str, Any] = {}  # the services started on our ports, by name
         self.inventory.subscribe(self._inventory_changed)
         self.node: GossipNode = self._make_node()
 
@@ -475,10 +476,29 @@ class SimAgent:
             self._scope.cancel()
 
 
-# -- the clan ---------------------------------------------------------------------------
-
+# -- the services ----------------------------------------------------------------------
 
 ServiceStarter = Callable[[SimAgent, trio.Nursery], Awaitable[None]]
+
+
+async def start_secrets_and_services(agent: SimAgent, nursery: trio.Nursery) -> None:
+    """The service wiring and the secrets parts, as Agent._start_mesh starts
+    them, on the agent's ports; their files go under the agent's workdir."""
+    from clanagent.secrets.service import SecretsService
+    from clanagent.services.service import ServicesService
+
+    assert agent.workdir is not None, "secrets and services write files: give a workdir"
+    runtime = agent.workdir / "run"
+    services = ServicesService(agent.ports, runtime_dir=runtime)
+    await nursery.start(services.run)
+    secrets = SecretsService(
+        agent.ports, runtime_dir=runtime, on_public_files_changed=services.wake
+    )
+    await nursery.start(secrets.run)
+    agent.parts.update(services=services, secrets=secrets)
+
+
+# -- the clan ---------------------------------------------------------------------------
 
 
 class AgentSim:

@@ -16,7 +16,14 @@ import trio
 
 from clanagent.gossip.config import GossipConfig
 from clanagent.inventory import RECORD_KIND, make_version
-from tests.sim.agents import SIM_EPOCH, AgentSim, machine_entry, run_sim
+from clanagent.secrets.record import SECRET_KIND
+from tests.sim.agents import (
+    SIM_EPOCH,
+    AgentSim,
+    machine_entry,
+    run_sim,
+    start_secrets_and_services,
+)
 
 N = 50
 ADMIN = nacl.signing.SigningKey(bytes([7]) * 32)
@@ -42,6 +49,41 @@ def genesis_doc(sim: AgentSim, *, tags=None) -> dict:
     }
 
 
+def backup_service(servers, clients) -> dict:
+    """A service whose servers share a generated password (as tests/test_secrets_agent.py)."""
+
+    def role(machines):
+        return {"machines": machines, "tags": [], "settings": {}, "exports": [], "imports": []}
+
+    return {
+        "type": "backup",
+        "settings": {},
+        "reload": "",
+        "roles": {"server": role(servers), "client": role(clients)},
+        "secrets": {
+            "repokey": {
+                "generator": "password",
+                "length": 24,
+                "command": "",
+                "depends": [],
+                "scope": "role:server",
+                "rotate_days": 30,
+                "secret_files": [],
+                "public_files": [],
+            }
+        },
+    }
+
+
+def secret_files(sim: AgentSim, addr: str) -> dict[str, bytes]:
+    d = sim[addr].workdir / "run" / "secrets" / "backup" / "repokey"
+    if not d.is_dir():
+        return {}
+    return {
+        p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
+    }
+
+
 def version(doc, parents, msg):
     return make_version(doc, parents, int(SIM_EPOCH + trio.current_time()), msg, [ADMIN])
 
@@ -62,11 +104,17 @@ async def found(sim: AgentSim, nursery: trio.Nursery, *, timeout: float = 60.0):
     return g
 
 
-def test_whole_agents_found_a_clan_and_converge_on_an_edit():
+def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
     wall0 = time.perf_counter()
 
     async def main():
-        sim = AgentSim(N, admins=[bytes(ADMIN.verify_key)], seed=1)
+        sim = AgentSim(
+            N,
+            admins=[bytes(ADMIN.verify_key)],
+            seed=1,
+            workdir=tmp_path,
+            service_starters=[start_secrets_and_services],
+        )
         async with trio.open_nursery() as nursery:
             g = await found(sim, nursery)
             # every agent admitted: the head is the genesis and names all of them
@@ -92,6 +140,35 @@ def test_whole_agents_found_a_clan_and_converge_on_an_edit():
                 or list(a.inventory.inventory.machines["n7"].tags) == ["base", "edited"]
                 for a in sim.live()
             )
+            # a service with a shared secret: exactly one server generates
+            # it, its record reaches every machine, both servers install it
+            doc3 = copy.deepcopy(v2.doc)
+            servers = ["n1", "n2", "n30"]
+            doc3["services"]["backup"] = backup_service(servers, ["n3"])
+            v3 = version(doc3, [v2.hash], "backup service")
+            sim["n40"].submit_inventory(v3)
+
+            def secret_records():
+                return [
+                    r for r in sim["n0"].store.of_kind(SECRET_KIND) if r.key == "backup/repokey"
+                ]
+
+            assert await sim.wait_for(
+                lambda: secret_records() and sim.all_hold(secret_records()[0]), 60
+            ), [secret_records(), sim.spread(secret_records()[0]) if secret_records() else None]
+            (srec,) = secret_records()
+            generated = {a.addr: a.parts["secrets"].stats["generated"] for a in sim.live()}
+            assert sum(generated.values()) == 1, generated
+            (generator,) = [a for a, n in generated.items() if n]
+            assert generator in servers
+            assert srec.origin == sim[generator].identity.public_key
+            assert await sim.wait_for(lambda: all(secret_files(sim, a) for a in servers), 30), {
+                a: secret_files(sim, a) for a in servers
+            }
+            values = [secret_files(sim, a)["password"] for a in servers]
+            assert len(values[0]) == 24 and values.count(values[0]) == len(servers)
+            assert secret_files(sim, "n3") == {}  # a client is no holder
+            print(f"secret {srec.key} spread: {sim.spread(srec)}")
             assert sim.false_deaths() == []
             # records were checked by the real body rules, none refused
             assert all(a.record_stats["checked"] > 0 for a in sim.live())
