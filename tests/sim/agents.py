@@ -68,8 +68,11 @@ __all__ = [
     "SimBus",
     "SimClock",
     "SimNet",
+    "backup_service",
+    "genesis_doc",
     "machine_entry",
     "run_sim",
+    "sign_version",
     "start_secrets_and_services",
 ]
 
@@ -96,6 +99,60 @@ def machine_entry(ident: Identity, tags: Iterable[str] = ()) -> dict[str, Any]:
         "sealed_endpoints": b"",
         "public": True,
     }
+
+
+def genesis_doc(sim: AgentSim, tags: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """An inventory naming every agent of `sim` (tags "base" unless given)."""
+    tags = tags or {}
+    return {
+        "format": 1,
+        "clan": {
+            "id": sim.anchor.clan_id,
+            "name": sim.anchor.name,
+            "admins": list(sim.anchor.admins),
+            "threshold": 1,
+        },
+        "machines": {
+            addr: machine_entry(sim.identities[addr], tags.get(addr, ["base"]))
+            for addr in sim.addrs
+        },
+        "networks": {"default": ["lan", "public", "tor"], "by_tag": {}},
+        "services": {},
+        "vms": {},
+    }
+
+
+def backup_service(servers: list[str], clients: list[str]) -> dict[str, Any]:
+    """A service whose servers share a generated password (as tests/test_secrets_agent.py)."""
+
+    def role(machines: list[str]) -> dict[str, Any]:
+        return {"machines": machines, "tags": [], "settings": {}, "exports": [], "imports": []}
+
+    return {
+        "type": "backup",
+        "settings": {},
+        "reload": "",
+        "roles": {"server": role(servers), "client": role(clients)},
+        "secrets": {
+            "repokey": {
+                "generator": "password",
+                "length": 24,
+                "command": "",
+                "depends": [],
+                "scope": "role:server",
+                "rotate_days": 30,
+                "secret_files": [],
+                "public_files": [],
+            }
+        },
+    }
+
+
+def sign_version(doc: dict[str, Any], parents: list[bytes], msg: str, admin: Any) -> Any:
+    """An inventory version signed by `admin`, stamped with the virtual wall clock."""
+    from clanagent.inventory import make_version
+
+    return make_version(doc, parents, int(SIM_EPOCH + trio.current_time()), msg, [admin])
 
 
 # -- the ports ------------------------------------------------------------------
@@ -382,6 +439,7 @@ class SimAgent:
             return False
         rec, actions = self.node.publish(trio.current_time(), kind, key, body)
         self.sim.published_at.setdefault(rec.record_id, trio.current_time())
+        self.sim.published[kind] = self.sim.published.get(kind, 0) + 1
         self._handle(actions)
         return True
 
@@ -532,6 +590,7 @@ class AgentSim:
         self.log = EventLog()
         self.arrivals = Arrivals()
         self.published_at: dict[bytes, float] = {}
+        self.published: dict[str, int] = {}  # kind -> records published by all agents
         self.ever_crashed: set[str] = set()
         self.service_starters = list(service_starters)
         self.addrs = [f"n{i}" for i in range(n)]

@@ -15,64 +15,19 @@ import nacl.signing
 import trio
 
 from clanagent.gossip.config import GossipConfig
-from clanagent.inventory import RECORD_KIND, make_version
+from clanagent.inventory import RECORD_KIND
 from clanagent.secrets.record import SECRET_KIND
 from tests.sim.agents import (
-    SIM_EPOCH,
     AgentSim,
-    machine_entry,
+    backup_service,
+    genesis_doc,
     run_sim,
+    sign_version,
     start_secrets_and_services,
 )
 
 N = 50
 ADMIN = nacl.signing.SigningKey(bytes([7]) * 32)
-
-
-def genesis_doc(sim: AgentSim, *, tags=None) -> dict:
-    tags = tags or {}
-    return {
-        "format": 1,
-        "clan": {
-            "id": sim.anchor.clan_id,
-            "name": "sim",
-            "admins": list(sim.anchor.admins),
-            "threshold": 1,
-        },
-        "machines": {
-            addr: machine_entry(sim.identities[addr], tags.get(addr, ["base"]))
-            for addr in sim.addrs
-        },
-        "networks": {"default": ["lan", "public", "tor"], "by_tag": {}},
-        "services": {},
-        "vms": {},
-    }
-
-
-def backup_service(servers, clients) -> dict:
-    """A service whose servers share a generated password (as tests/test_secrets_agent.py)."""
-
-    def role(machines):
-        return {"machines": machines, "tags": [], "settings": {}, "exports": [], "imports": []}
-
-    return {
-        "type": "backup",
-        "settings": {},
-        "reload": "",
-        "roles": {"server": role(servers), "client": role(clients)},
-        "secrets": {
-            "repokey": {
-                "generator": "password",
-                "length": 24,
-                "command": "",
-                "depends": [],
-                "scope": "role:server",
-                "rotate_days": 30,
-                "secret_files": [],
-                "public_files": [],
-            }
-        },
-    }
 
 
 def secret_files(sim: AgentSim, addr: str) -> dict[str, bytes]:
@@ -85,7 +40,7 @@ def secret_files(sim: AgentSim, addr: str) -> dict[str, bytes]:
 
 
 def version(doc, parents, msg):
-    return make_version(doc, parents, int(SIM_EPOCH + trio.current_time()), msg, [ADMIN])
+    return sign_version(doc, parents, msg, ADMIN)
 
 
 def inventory_record(sim: AgentSim, addr: str, v):
