@@ -41,6 +41,7 @@ __all__ = [
     "FakeMembership",
     "FakePorts",
     "ListBus",
+    "Rounds",
     "TrioFollowingClock",
     "anchor_of",
     "inventory_of",
@@ -133,9 +134,11 @@ class ListBus:
         """What we published of one kind (and key)."""
         return [r for r in self.published if r.kind == kind and (key is None or r.key == key)]
 
-    async def wait_published(self, kind: str, key: str | None = None) -> SignedRecord:
-        """Wait until we published a record of this kind (and key); the newest."""
-        while not self.of(kind, key):
+    async def wait_published(
+        self, kind: str, key: str | None = None, *, count: int = 1
+    ) -> SignedRecord:
+        """Wait until we published `count` records of this kind (and key); the newest."""
+        while len(self.of(kind, key)) < count:
             if self._changed is None or self._changed.is_set():
                 self._changed = trio.Event()
             await self._changed.wait()
@@ -282,3 +285,29 @@ class FakePorts:
             inventory=self.inventory,
             events=self.events,
         )
+
+
+class Rounds:
+    """Counts a service's completed `sync_once` rounds, and lets a test await
+    the next one (instead of sleeping): `rounds = Rounds(svc)` before
+    `svc.run` starts, then `await rounds.reach(n)`."""
+
+    def __init__(self, service: Any) -> None:
+        self.done = 0
+        self._event = trio.Event()
+        real = service.sync_once
+
+        async def counted() -> None:
+            try:
+                await real()
+            finally:
+                self.done += 1
+                self._event.set()
+
+        service.sync_once = counted
+
+    async def reach(self, n: int) -> None:
+        while self.done < n:
+            if self._event.is_set():
+                self._event = trio.Event()
+            await self._event.wait()
