@@ -362,8 +362,6 @@ class Agent:
         self.bus.subscriptions.dispatch(rec)
         if self.mesh is not None:
             self.mesh.on_record(rec)
-        if self.vms is not None and rec.kind in ("vm-request", "vm-status", "vm-logs-request"):
-            self.vms.wake()
 
     def on_member_changed(self) -> None:
         """Someone joined, left or failed: who generates which secret may change."""
@@ -391,15 +389,9 @@ class Agent:
                 ErrorCode.INVALID_PARAMS, "the request is too old (or the clock is off)"
             )
         await self.publish_record(REQUEST_KIND, req.vm, req.to_wire())
-        if self.vms is not None:
-            self.vms.wake()
         from .inventory.select import placement
 
         return {"vm": req.vm, "action": req.action, "hosts": placement(inv.doc, req.vm)}
-
-    def on_vm_request(self) -> None:
-        if self.vms is not None:
-            self.vms.wake()
 
     async def vm_logs(self, name: str, since: int) -> dict[str, Any]:
         """A VM's console tail: read here when it runs here, else asked of its host.
@@ -547,9 +539,25 @@ class Agent:
     # -- topology and the web console (the control API calls these) ---------------
 
     def topology_view(self) -> dict[str, Any]:
+        return (self.topology or self._topology_service()).view()
+
+    def _topology_service(self) -> Any:
         from .topology import TopologyService
 
-        return (self.topology or TopologyService(self)).view()
+        def path_kind(node_key: bytes) -> str | None:
+            current = getattr(self.mesh, "selector", None)
+            current = None if current is None else current.current(node_key)
+            return None if current is None else current.kind
+
+        assert self.ports is not None
+        return TopologyService(
+            self.ports,
+            name=self.name,
+            machines=self.machines,
+            vms=self.vm_list,
+            capabilities=self.capability_rows,
+            path_kind=path_kind,
+        )
 
     async def ui_open(self, admin_key: str = "") -> dict[str, Any]:
         """Start the web console (if needed) and mint a one-time login URL."""
@@ -611,8 +619,6 @@ class Agent:
             self.gossip.on_inventory(inv.node_keys())
         if self.mesh is not None:
             self.mesh.wake()
-        if self.vms is not None:
-            self.vms.wake()
 
     # -- record bodies (clanagent.records) -----------------------------------------
 
@@ -785,11 +791,18 @@ class Agent:
         await nursery.start(self.secrets.run)
         from .vmhost.service import VmService
 
-        self.vms = VmService(self)
+        assert self.ports is not None
+        self.vms = VmService(
+            self.ports,
+            state_dir=self.cfg.state_dir,
+            runtime_dir=self.cfg.runtime_dir,
+            clan_interface=self.cfg.mesh.interface,
+            console_port=self.cfg.mesh.console_port,
+            wireguard=self.cfg.mesh.wireguard,
+            overlay6=lambda: None if self.mesh is None else self.mesh.overlay6,
+        )
         await nursery.start(self.vms.run)
-        from .topology import TopologyService
-
-        self.topology = TopologyService(self)
+        self.topology = self._topology_service()
         await nursery.start(self.topology.run)
         await nursery.start(self.vms.serve_consoles)
 

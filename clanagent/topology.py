@@ -9,8 +9,11 @@ machine).  Must never: publish more often than the view really changes
 for its readers (a link's kind or up/down, a capability: not RTT jitter;
 RTTs are published coarse and refreshed only with the periodic
 republish), publish faster than the kind's min_interval (records.py),
-trust a peer's record beyond display (it is shown, never acted on), or
-fail the caller because one record is malformed.
+trust a peer's record beyond display (it is shown, never acted on), fail
+the caller because one record is malformed, or reach into another part: it
+reads the rest of the agent through its ports (clanagent.ports) and the
+callables it is given (machine rows, VM rows, capability rows, the current
+path kind to a machine).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import ipaddress
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._log import kv
 from .publish_policy import PublishPolicy
+
+if TYPE_CHECKING:
+    from .ports import Ports
 
 __all__ = [
     "TOPOLOGY_KIND",
@@ -157,18 +162,43 @@ def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> lis
     return edges
 
 
+Rows = Callable[[], list[dict[str, Any]]]
+
+
+def _nothing() -> list[dict[str, Any]]:
+    return []
+
+
 class TopologyService:
-    """Publishes this machine's links and answers the clan-wide map."""
+    """Publishes this machine's links and answers the clan-wide map.
+
+    `name`: ours when the inventory does not name us; `machines`: the
+    inventory's machines as `clanctl machine list` rows (name, node_id,
+    tags, state, online, services); `vms`: the clan's VMs as `clanctl vm
+    list` rows; `capabilities`: ours as `clanctl status` rows;
+    `path_kind(node_key)`: the kind of the path the mesh uses to that
+    machine now (lan / public / tor / other), or None when it has none
+    (the gossip address then says). Once it runs, it wakes on membership
+    and inventory changes, so a link going down goes out as soon as
+    min_interval allows, not at the next check."""
 
     def __init__(
         self,
-        agent: Any,
+        ports: Ports,
         *,
-        clock: Callable[[], float] | None = None,
+        name: str = "",
+        machines: Rows = _nothing,
+        vms: Rows = _nothing,
+        capabilities: Rows = _nothing,
+        path_kind: Callable[[bytes], str | None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.agent = agent
-        self._clock = clock or trio.current_time
+        self.ports = ports
+        self.name = name
+        self._machines = machines
+        self._vms = vms
+        self._capability_rows = capabilities
+        self._path_kind = path_kind
         self.policy = PublishPolicy(
             min_interval=MIN_INTERVAL, refresh=REFRESH, rng=rng or random.Random()
         )
@@ -190,30 +220,22 @@ class TopologyService:
     # -- our own view ----------------------------------------------------------------
 
     def local_links(self) -> list[dict[str, Any]]:
-        agent = self.agent
-        inv = agent.inventory.inventory
-        if inv is None or agent.identity is None:
+        inv = self.ports.inventory.inventory
+        if inv is None:
             return []
         ids = self._node_ids(inv.doc)
-        members: dict[str, dict[str, Any]] = {}
-        gossip = agent.gossip
-        if gossip is not None and getattr(gossip, "node", None) is not None:
-            members = {m["node_id"]: m for m in gossip.node.members()}
-        selector = getattr(agent.mesh, "selector", None)
+        members = {m["node_id"]: m for m in self.ports.members.rows()}
+        mine = self.ports.identity.public_key
         links = []
         for name, m in sorted(inv.doc["machines"].items()):
             key = m["node_key"]
-            if key == agent.identity.public_key:
+            if key == mine:
                 continue
             member = members.get(ids[name])
             if member is None or member["state"] not in ("alive", "suspect"):
                 links.append({"peer": name, "kind": "down", "rtt_ms": None})
                 continue
-            kind = None
-            if selector is not None:
-                current = selector.current(key)
-                if current is not None:
-                    kind = current.kind
+            kind = None if self._path_kind is None else self._path_kind(key)
             if kind not in LINK_KINDS:
                 kind = classify_addr(str(member.get("addr") or ""))
             rtt = member.get("rtt_ms")
@@ -224,7 +246,7 @@ class TopologyService:
 
     def _capabilities(self) -> list[dict[str, Any]]:
         try:
-            caps = self.agent.capability_rows()
+            caps = self._capability_rows()
         except Exception:  # a part mid-start: report nothing rather than fail
             return []
         return [
@@ -234,7 +256,11 @@ class TopologyService:
 
     def _body(self) -> dict[str, Any]:
         links = [{**link, "rtt_ms": coarse_rtt(link["rtt_ms"])} for link in self.local_links()]
-        return {"at": int(time.time()), "links": links, "capabilities": self._capabilities()}
+        return {
+            "at": int(self.ports.clock.wall()),
+            "links": links,
+            "capabilities": self._capabilities(),
+        }
 
     @staticmethod
     def _shape(body: dict[str, Any]) -> Any:
@@ -248,16 +274,16 @@ class TopologyService:
         )
 
     async def publish_once(self) -> bool:
-        if self.agent.inventory.inventory is None:
+        if self.ports.inventory.inventory is None:
             return False
         body = self._body()
-        now = self._clock()
+        now = self.ports.clock.now()
         shape = self._shape(body)
         if not self.policy.due(now, shape):
             if self.policy.hold_until is not None:
                 self.stats["held"] += 1
             return False
-        await self.agent.publish_record(TOPOLOGY_KIND, "", body)
+        await self.ports.bus.publish(TOPOLOGY_KIND, "", body)
         self.policy.published(now, shape)
         self.stats["published"] += 1
         return True
@@ -266,6 +292,10 @@ class TopologyService:
         return dict(self.stats)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # Only the running publisher listens (a service built just to answer
+        # `view()` must leave no handler behind).
+        self.ports.members.subscribe(self.wake)
+        self.ports.inventory.subscribe(lambda _inv: self.wake())
         task_status.started(self)
         while True:
             try:
@@ -276,7 +306,7 @@ class TopologyService:
             held = self.policy.hold_until
             if held is not None:
                 # a change waits for min_interval: publish it as soon as it may go
-                wait = min(wait, max(0.0, held - self._clock()))
+                wait = min(wait, max(0.0, held - self.ports.clock.now()))
             with trio.move_on_after(wait):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -288,37 +318,33 @@ class TopologyService:
     # -- the clan-wide map -------------------------------------------------------------
 
     def view(self) -> dict[str, Any]:
-        agent = self.agent
-        inv = agent.inventory.inventory
-        if inv is None or agent.identity is None:
-            return {"self": agent.name, "machines": [], "links": [], "clan": None}
+        inv = self.ports.inventory.inventory
+        if inv is None:
+            return {"self": self.name, "machines": [], "links": [], "clan": None}
         doc = inv.doc
         by_key = {m["node_key"]: name for name, m in doc["machines"].items()}
-        me = by_key.get(agent.identity.public_key, agent.name)
-        machines = {r["name"]: r for r in agent.machines()}
+        me = by_key.get(self.ports.identity.public_key, self.name)
+        machines = {r["name"]: r for r in self._machines()}
         online = {n for n, r in machines.items() if r["online"]}
         views: dict[str, list[dict[str, Any]]] = {me: self.local_links()}
         caps: dict[str, list[dict[str, Any]]] = {me: self._capabilities()}
-        reported: dict[str, int] = {me: int(time.time())}
-        now = time.time()
-        if agent.store is not None:
-            for rec in agent.store.records():
-                if rec.kind != TOPOLOGY_KIND:
-                    continue
-                name = by_key.get(rec.origin)
-                if name is None or name == me:
-                    continue
-                body = _parse_body(rec.body)
-                if body is None:
-                    self.stats["bad_records"] += 1
-                    continue
-                caps[name] = body["capabilities"]
-                reported[name] = body["at"]
-                # A view dated in the future is never "fresh": it would stay forever.
-                if 0 <= now - body["at"] < STALE or 0 < body["at"] - now <= FUTURE_SKEW:
-                    views[name] = [link for link in body["links"] if link["peer"] in machines]
+        now = self.ports.clock.wall()
+        reported: dict[str, int] = {me: int(now)}
+        for rec in self.ports.store.of_kind(TOPOLOGY_KIND):
+            name = by_key.get(rec.origin)
+            if name is None or name == me:
+                continue
+            body = _parse_body(rec.body)
+            if body is None:
+                self.stats["bad_records"] += 1
+                continue
+            caps[name] = body["capabilities"]
+            reported[name] = body["at"]
+            # A view dated in the future is never "fresh": it would stay forever.
+            if 0 <= now - body["at"] < STALE or 0 < body["at"] - now <= FUTURE_SKEW:
+                views[name] = [link for link in body["links"] if link["peer"] in machines]
         vms: dict[str, list[dict[str, Any]]] = {}
-        for row in agent.vm_list():
+        for row in self._vms():
             vms.setdefault(row["machine"], []).append(
                 {k: row.get(k) for k in ("vm", "state", "reason", "accel")}
             )
@@ -339,7 +365,8 @@ class TopologyService:
                     "reported_at": reported.get(name),
                 }
             )
-        clan = None if agent.anchor is None else {"name": agent.anchor.name}
+        anchor = self.ports.inventory.anchor
+        clan = None if anchor is None else {"name": anchor.name}
         return {
             "self": me,
             "clan": clan,

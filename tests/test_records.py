@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clanagent import records
-from clanagent.agent import Agent
+from clanagent.agent import Agent, TrioClock
 from clanagent.identity import Identity, load_or_create
 from clanagent.inventory import Anchor, make_version
 from clanagent.inventory.manager import InventoryManager
+from clanagent.ports import Ports
 from clanagent.records import MAX_FUTURE_SKEW, RecordContext, Refusal, validate
 from clanagent.secrets.planner import plan
 from clanagent.secrets.record import build_rotate_request
@@ -79,8 +80,29 @@ def make_agents(tmp_path) -> tuple[nacl.signing.SigningKey, Anchor, Any, dict[in
         a.inventory = InventoryManager(anchor)
         a.inventory.offer_version(version)
         assert a.inventory.inventory is not None
+        a.ports = ports_of(a)
         agents[i] = a
     return admin, anchor, version, agents
+
+
+def ports_of(agent: Agent) -> Ports:
+    """The ports `Agent.run` builds, for an agent that is not started."""
+    assert agent.identity is not None and agent.store is not None
+    return Ports(
+        clock=TrioClock(),
+        identity=agent.identity,
+        store=agent.store,
+        bus=agent.bus,
+        members=agent.membership,
+        inventory=agent.inventory,
+        events=agent.events_bus,
+    )
+
+
+def vm_service(agent: Agent) -> Any:
+    from clanagent.vmhost.service import VmService
+
+    return VmService(agent.ports, state_dir=agent.cfg.state_dir, runtime_dir=agent.cfg.runtime_dir)
 
 
 def own(agent: Agent, kind: str, key: str | None = None) -> SignedRecord:
@@ -102,9 +124,7 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     from clanagent.ports import Ports
     from clanagent.secrets.service import SecretsService
     from clanagent.services.wiring import EXPORT_KIND, export_body
-    from clanagent.topology import TopologyService
     from clanagent.vmhost.requests import sign_request
-    from clanagent.vmhost.service import VmService
 
     admin, anchor, version, agents = make_agents(tmp_path)
     a1, a2 = agents[1], agents[2]
@@ -128,7 +148,7 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     out["endpoints"] = own(a1, "endpoints")
 
     # topology: the real service's publish
-    assert await TopologyService(a1).publish_once()
+    assert await a1._topology_service().publish_once()
     out["topology"] = own(a1, "topology")
 
     # export (services/service.py publishes export_body)
@@ -164,7 +184,7 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     out["vm-logs-request"] = own(a2, "vm-logs-request")
 
     # vm-status and vm-logs: the VM service of the host, m1
-    vms = VmService(a1)
+    vms = vm_service(a1)
     vms._errors = {"web": "no backend here"}
     await vms._publish_status()
     out["vm-status"] = own(a1, "vm-status")
@@ -296,7 +316,6 @@ def test_rotate_request_rules_in_the_planner():
 
 
 async def test_forged_vm_status_and_logs_refused_and_not_shown(tmp_path):
-    from clanagent.vmhost.service import VmService
 
     agents, made = await produce_every_kind(tmp_path)
     a1, forger, viewer = agents[1], agents[2], agents[3]
@@ -316,7 +335,7 @@ async def test_forged_vm_status_and_logs_refused_and_not_shown(tmp_path):
             viewer.validate_record(rec)
         viewer.store.put(rec)
     # the viewer shows none of it
-    viewer.vms = VmService(viewer)
+    viewer.vms = vm_service(viewer)
     rows = {(r["vm"], r["machine"]): r for r in viewer.vms.clan_vms()}
     assert rows == {("web", "m1"): rows[("web", "m1")]}
     assert rows[("web", "m1")]["state"] == "unknown"
@@ -352,7 +371,6 @@ async def test_oversized_log_tail_refused(tmp_path):
 
 async def test_vm_logs_with_huge_since_cannot_freeze_the_tail(tmp_path):
     """A read-level caller's vm.logs: bounded requests; the host's answers stay fresh."""
-    from clanagent.vmhost.service import VmService
 
     agents, made = await produce_every_kind(tmp_path)
     a1, reader = agents[1], agents[3]
@@ -370,7 +388,7 @@ async def test_vm_logs_with_huge_since_cannot_freeze_the_tail(tmp_path):
     old = SignedRecord.create(reader.identity, "vm-logs-request", "web", 1000, {"at": 2**62})
     a1.store.put(old)
     a1.store.delete(a1.identity.public_key, "vm-logs", "web")
-    vms = VmService(a1)
+    vms = vm_service(a1)
     vms.handles = {"web": SimpleNamespace()}
     tails = iter([b"first\n", b"first\nsecond\n"])
     vms.local_tail = lambda name, max_bytes=16 * 1024: next(tails)
@@ -467,7 +485,6 @@ def test_wrong_bodies_are_refused_never_crash(made_records, data):
 
 
 async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path):
-    from clanagent.topology import TopologyService
 
     agents, made = await produce_every_kind(tmp_path)
     a1, a2 = agents[1], agents[2]
@@ -478,7 +495,7 @@ async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path)
     def m2_m3_seen_by(at: int) -> set[str]:
         body = {"at": at, "links": links, "capabilities": []}
         a1.store.put(SignedRecord.create(a2.identity, "topology", "", at, body))
-        edges = TopologyService(a1).view()["links"]
+        edges = a1._topology_service().view()["links"]
         return {m for e in edges if (e["a"], e["b"]) == ("m2", "m3") for m in e["seen_by"]}
 
     assert m2_m3_seen_by(int(time.time())) == {"m2"}  # a fresh view counts
@@ -581,11 +598,11 @@ async def test_a_steady_vm_status_is_republished_before_its_ttl_runs_out(tmp_pat
     """vm-status is soft (held in memory, expired after its TTL): an unchanged
     status goes out again within its refresh interval, and not before."""
     from clanagent.records import spec
-    from clanagent.vmhost.service import VM_STATUS_KIND, VmService
+    from clanagent.vmhost.service import VM_STATUS_KIND
 
     _admin, _anchor, _version, agents = make_agents(tmp_path)
     host = agents[1]
-    vms = VmService(host)
+    vms = vm_service(host)
     vms._errors = {"web": "no backend here"}
 
     async def versions() -> int:

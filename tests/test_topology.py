@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,8 @@ from clanagent.topology import (
     coarse_rtt,
     merge_links,
 )
+
+from ._memory_ports import WALL0, FakeInventory, fake_ports
 
 
 @pytest.mark.parametrize(
@@ -106,48 +109,64 @@ def test_rtt_jitter_does_not_republish():
     assert TopologyService._shape(a) == TopologyService._shape(b) != TopologyService._shape(c)
 
 
-# -- the publish cadence: a fake agent on trio's virtual clock -----------------------
+# -- the publish cadence: fake ports on trio's virtual clock -------------------------
 
 
-class FakeClanAgent:
-    """What TopologyService reads: inventory, identity, gossip members, status."""
+class FakeClan:
+    """What TopologyService reads, as ports: an inventory, the membership
+    (loopback RTTs that jitter), and the bus its records go out on."""
 
     def __init__(self, peers: int, seed: int = 1) -> None:
         self.rng = random.Random(seed)
         keys = {f"m{i:02d}": bytes([i + 1]) * 32 for i in range(peers + 1)}
         doc = {"machines": {n: {"node_key": k} for n, k in keys.items()}}
-        self.inventory = SimpleNamespace(inventory=SimpleNamespace(doc=doc))
-        self.identity = SimpleNamespace(public_key=keys["m00"])
-        self.state = {n: "alive" for n in keys if n != "m00"}
+        self.inventory = FakeInventory(SimpleNamespace(doc=doc))
         self.keys = keys
-        self.mesh = None
-        self.gossip = SimpleNamespace(node=SimpleNamespace(members=self.members))
+        self.ports = fake_ports(inventory=self.inventory)
+        self.members = self.ports.members
+        for n in keys:
+            if n != "m00":
+                self.members.members[node_id_of(keys[n])] = {
+                    "node_id": node_id_of(keys[n]),
+                    "state": "alive",
+                    "addr": "127.0.0.1:7946",
+                }
+        # the bus signs with the identity: give it m00's public key to compare
+        self.me = keys["m00"]
         self.published: list[tuple[float, dict]] = []
+        self.ports.bus.subscribe(["topology"], self._heard)
 
-    def members(self) -> list[dict]:
-        # Loopback RTTs that jitter between 0.3 and 3 ms: across several
-        # half-power-of-two buckets from one look to the next.
-        return [
-            {
-                "node_id": node_id_of(self.keys[n]),
-                "state": st,
-                "addr": "127.0.0.1:7946",
-                "rtt_ms": 0.3 * 10 ** self.rng.random(),
-            }
-            for n, st in self.state.items()
-        ]
+    def _heard(self, rec) -> None:
+        assert rec.kind == "topology" and rec.key == ""
+        self.published.append((trio.current_time(), rec.body))
 
-    def status(self) -> dict:
-        return {"capabilities": [{"name": "kvm", "available": True, "reason": ""}]}
+    def set_state(self, name: str, state: str) -> None:
+        """A member changes state: the membership port tells its listeners."""
+        self.members.set(node_id_of(self.keys[name]), state)
 
-    async def publish_record(self, kind: str, key: str, body: dict) -> None:
-        assert kind == "topology" and key == ""
-        self.published.append((trio.current_time(), body))
+    def jitter(self) -> None:
+        # Loopback RTTs between 0.3 and 3 ms: across several half-power-of-two
+        # buckets from one look to the next.
+        for row in self.members.members.values():
+            row["rtt_ms"] = 0.3 * 10 ** self.rng.random()
+
+    def service(self, **kw) -> TopologyService:
+        ports = replace(self.ports, identity=SimpleNamespace(public_key=self.me))
+        caps = [{"name": "kvm", "available": True, "reason": ""}]
+        svc = TopologyService(ports, name="m00", capabilities=lambda: caps, **kw)
+        real = svc.local_links
+
+        def links():
+            self.jitter()
+            return real()
+
+        svc.local_links = links
+        return svc
 
 
 def test_rtt_jitter_only_refreshes_and_a_link_down_goes_out_within_a_check():
-    agent = FakeClanAgent(peers=10)
-    service = TopologyService(agent, rng=random.Random(7))
+    clan = FakeClan(peers=10)
+    service = clan.service(rng=random.Random(7))
     down_at = 600.5
 
     async def main() -> None:
@@ -155,8 +174,8 @@ def test_rtt_jitter_only_refreshes_and_a_link_down_goes_out_within_a_check():
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 await trio.sleep(down_at)
-                jitter_only = list(agent.published)
-                agent.state["m03"] = "dead"
+                jitter_only = list(clan.published)
+                clan.members.members[node_id_of(clan.keys["m03"])]["state"] = "dead"  # unsaid
                 await trio.sleep(CHECK_INTERVAL + 0.01)
                 nursery.cancel_scope.cancel()
         # ten minutes of jitter: the first view and the periodic refreshes, no more
@@ -169,31 +188,78 @@ def test_rtt_jitter_only_refreshes_and_a_link_down_goes_out_within_a_check():
             for link in body["links"]:
                 assert link["kind"] == "lan" and link["rtt_ms"] == coarse_rtt(link["rtt_ms"])
         # the link going down is out within one check interval
-        t, body = agent.published[-1]
-        assert len(agent.published) == len(jitter_only) + 1
+        t, body = clan.published[-1]
+        assert len(clan.published) == len(jitter_only) + 1
         assert down_at < t <= down_at + CHECK_INTERVAL
         assert {link["peer"]: link["kind"] for link in body["links"]}["m03"] == "down"
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_a_link_down_is_republished_through_the_bus_at_once_and_jitter_is_not():
+    """Through the ports alone: membership says m02 failed, and the new view is
+    on the bus with no wait for the next check; RTT jitter inside one bucket
+    (1.0 -> 1.3 ms) changes nothing on the bus."""
+    clan = FakeClan(peers=3)
+    ports = replace(clan.ports, identity=SimpleNamespace(public_key=clan.me))
+    for row in clan.members.members.values():
+        row["rtt_ms"] = 1.0
+    service = TopologyService(ports, name="m00", rng=random.Random(5))
+
+    async def main() -> None:
+        with trio.fail_after(100):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run)
+                await trio.sleep(30.0)
+                assert len(clan.published) == 1
+                first_t, first = clan.published[0]
+                assert first_t == 0.0
+                assert {link["peer"]: link["rtt_ms"] for link in first["links"]} == {
+                    "m01": 1.0,
+                    "m02": 1.0,
+                    "m03": 1.0,
+                }
+                for row in clan.members.members.values():
+                    row["rtt_ms"] = 1.3  # the same half-power-of-two bucket as 1.0
+                await trio.sleep(60.0)
+                assert len(clan.published) == 1  # jitter: nothing on the bus
+                assert _bucket(1.3) == _bucket(1.0)
+                down_at = trio.current_time() + 0.25
+                await trio.sleep(0.25)
+                clan.set_state("m02", "dead")
+                await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+        t, body = clan.published[-1]
+        assert len(clan.published) == 2 and t == down_at  # woken: not at the next check
+        assert {link["peer"]: link["kind"] for link in body["links"]} == {
+            "m01": "lan",
+            "m02": "down",
+            "m03": "lan",
+        }
+        rec = clan.ports.store.get(clan.ports.identity.public_key, "topology", "")
+        assert rec is not None and rec.body == body  # what the bus stored
+        assert body["at"] == int(WALL0 + down_at)  # the wall clock port, not time.time()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_a_change_waits_for_min_interval_then_goes_at_once():
-    agent = FakeClanAgent(peers=3)
-    service = TopologyService(agent, rng=random.Random(3))
+    clan = FakeClan(peers=3)
+    service = clan.service(rng=random.Random(3))
 
     async def main() -> None:
         with trio.fail_after(100):
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 await trio.sleep(10.0)
-                agent.state["m01"] = "dead"  # seen at the next look
-                await trio.sleep(CHECK_INTERVAL)
-                agent.state["m02"] = "dead"
-                service.wake()  # seen at once, held for min_interval
+                clan.set_state("m01", "dead")  # seen at once: published at once
+                await trio.sleep(0.5)
+                clan.set_state("m02", "dead")  # seen at once, held for min_interval
                 await trio.sleep(10.0)
                 nursery.cancel_scope.cancel()
-        times = [t for t, _ in agent.published]
+        times = [t for t, _ in clan.published]
         assert len(times) == 3, times
+        assert times[1] == 10.0
         assert times[2] - times[1] >= MIN_INTERVAL
         assert times[2] - times[1] <= MIN_INTERVAL * (1 + MIN_JITTER) + 1e-6
         assert service.counters()["held"] >= 1
@@ -220,20 +286,60 @@ def test_publish_policy():
 def test_node_ids_are_hashed_once_per_inventory(monkeypatch):
     import clanagent.identity
 
+    clan = FakeClan(peers=20)
     calls = []
     real = clanagent.identity.node_id_of
     monkeypatch.setattr(
         clanagent.identity, "node_id_of", lambda key: calls.append(key) or real(key)
     )
-    agent = FakeClanAgent(peers=20)
-    service = TopologyService(agent, rng=random.Random(1))
+    service = clan.service(rng=random.Random(1))
     for _ in range(50):
         links = service.local_links()
     assert len(links) == 20 and all(link["kind"] == "lan" for link in links)
     assert len(calls) <= 21  # once per machine, not once per machine per look
-    doc = agent.inventory.inventory.doc
-    agent.inventory.inventory = SimpleNamespace(doc={"machines": dict(doc["machines"])})
-    agent.state["m05"] = "dead"
+    doc = clan.inventory.inventory.doc
+    clan.inventory.set(SimpleNamespace(doc={"machines": dict(doc["machines"])}))
+    clan.set_state("m05", "dead")
     links = service.local_links()
     assert len(calls) <= 42
     assert {link["peer"]: link["kind"] for link in links}["m05"] == "down"
+
+
+def test_the_mesh_path_kind_wins_over_the_gossip_address():
+    clan = FakeClan(peers=2)
+    kinds = {clan.keys["m01"]: "tor", clan.keys["m02"]: None}
+    service = clan.service(path_kind=kinds.get)
+    assert {link["peer"]: link["kind"] for link in service.local_links()} == {
+        "m01": "tor",
+        "m02": "lan",  # no current path: the gossip address says
+    }
+
+
+def test_the_view_reads_peers_topology_records_of_that_kind_only():
+    """view(): machines and VMs from the callables, peers' links from their
+    topology records in the store (by kind), the clan name from the anchor."""
+    from clanagent.identity import Identity
+    from clanagent.wire import SignedRecord
+
+    peer = Identity.generate()
+    keys = {"m00": b"\x01" * 32, "m01": peer.public_key}
+    doc = {"machines": {n: {"node_key": k} for n, k in keys.items()}}
+    inventory = FakeInventory(SimpleNamespace(doc=doc), anchor=SimpleNamespace(name="home"))
+    ports = fake_ports(inventory=inventory)
+    ports = replace(ports, identity=SimpleNamespace(public_key=keys["m00"]))
+    wall = int(ports.clock.wall())
+    body = {"at": wall, "links": [{"peer": "m00", "kind": "public", "rtt_ms": 9.0}]}
+    ports.bus.deliver(SignedRecord.create(peer, "topology", "", 1, {**body, "capabilities": []}))
+    ports.bus.deliver(SignedRecord.create(peer, "endpoints", "", 2, {"not": "topology"}))
+    rows = [
+        {"name": n, "node_id": n, "tags": [], "state": "alive", "online": True, "services": []}
+        for n in keys
+    ]
+    vms = [{"vm": "web", "machine": "m01", "state": "running", "reason": "", "accel": "kvm"}]
+    service = TopologyService(ports, name="me", machines=lambda: rows, vms=lambda: vms)
+    view = service.view()
+    assert view["self"] == "m00" and view["clan"] == {"name": "home"}
+    assert [(e["a"], e["b"], e["kind"]) for e in view["links"]] == [("m00", "m01", "public")]
+    by_name = {m["name"]: m for m in view["machines"]}
+    assert by_name["m01"]["vms"][0]["vm"] == "web" and by_name["m01"]["reported_at"] == wall
+    assert service.counters()["bad_records"] == 0

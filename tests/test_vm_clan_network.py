@@ -145,7 +145,7 @@ def test_image_problem_names_a_missing_net_module(monkeypatch):
 # --- the VM service's records and rows (no VM, no trio I/O) ----------------------------
 
 
-def _fake_agent(tmp_path, records):
+def _ports_with(tmp_path, records):
     key = b"\x01" * 32
     doc = {
         "machines": {"m1": {"node_key": key, "tags": []}},
@@ -157,28 +157,29 @@ def _fake_agent(tmp_path, records):
     inv = SimpleNamespace(
         doc=doc, clan_id=CLAN, machine_by_node_key=lambda k: SimpleNamespace(name="m1")
     )
-    published = []
+    from dataclasses import replace
 
-    async def publish_record(kind, name, body):
-        published.append((kind, name, body))
+    from ._memory_ports import FakeInventory, fake_ports
 
-    agent = SimpleNamespace(
-        cfg=SimpleNamespace(state_dir=str(tmp_path)),
-        inventory=SimpleNamespace(inventory=inv),
-        identity=SimpleNamespace(public_key=key),
-        store=SimpleNamespace(records=lambda: iter(records)),
-        publish_record=publish_record,
-    )
-    return agent, published
+    ports = fake_ports(inventory=FakeInventory(inv))
+    store = SimpleNamespace(of_kind=lambda kind: [r for r in records if r.kind == kind])
+    ports = replace(ports, store=store)
+    return ports, ports.bus.published
+
+
+def _service(ports, tmp_path):
+    from clanagent.vmhost.service import VmService
+
+    return VmService(ports, state_dir=tmp_path, runtime_dir=tmp_path / "run")
 
 
 async def test_status_record_names_the_address_only_while_running(tmp_path):
-    from clanagent.vmhost.service import VmService, _overlay_of
+    from clanagent.vmhost.service import _overlay_of
 
-    agent, published = _fake_agent(tmp_path, [])
-    inv = agent.inventory.inventory
+    ports, published = _ports_with(tmp_path, [])
+    inv = ports.inventory.inventory
     assert _overlay_of(inv, "web") == ADDR and _overlay_of(inv, "plain") == ""
-    svc = VmService(agent)
+    svc = _service(ports, tmp_path)
     spec = VmSpec("web", "/k", initrd="/i", networks=("clan",), overlay_ip6=ADDR)
     svc.reconciler.set_desired({"web": spec})
     svc._overlay = {"web": ADDR}
@@ -195,16 +196,14 @@ async def test_status_record_names_the_address_only_while_running(tmp_path):
 
 
 def test_clan_vms_rows_show_the_overlay_address(tmp_path):
-    from clanagent.vmhost.service import VmService
-
     rec = SimpleNamespace(
         kind="vm-status",
         key="web",
         origin=b"\x01" * 32,  # m1's node key: a host speaks for its own VMs only
         body={"vm": "web", "machine": "m1", "state": "running", "reason": "", "accel": "tcg"},
     )
-    agent, _ = _fake_agent(tmp_path, [rec])
-    rows = {r["vm"]: r for r in VmService(agent).clan_vms()}
+    ports, _ = _ports_with(tmp_path, [rec])
+    rows = {r["vm"]: r for r in _service(ports, tmp_path).clan_vms()}
     assert rows["web"]["overlay"] == ADDR and rows["web"]["state"] == "running"
     assert rows["plain"]["overlay"] == "" and rows["plain"]["state"] == "unknown"
 

@@ -9,25 +9,31 @@ A VM on the "clan" network gets its overlay address (mesh.overlay.vm_ip6)
 in its spec, and its record names that address ("overlay") while it runs:
 that is what makes every other machine route the address here.
 Must never: kill a VM it did not start or adopt, or let one bad declaration
-stop the others (it is reported as that VM's error).
+stop the others (it is reported as that VM's error), or reach into another
+part: it sees the rest of the agent through its ports (clanagent.ports) and
+the mesh through the one callable it is given (`overlay6`).
+
+Which backends it has is the caller's choice (`backends=`): the agent
+probes the real VMMs (`probe_backends`); the whole-agent simulator hands in
+an in-memory one (tests/_fake_vm_backend.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .._log import kv
 from ..records import spec
-from .backend import RunDir, process_started_at
+from .backend import Backend, RunDir, process_started_at
 from .console import ConsoleLog
 from .lifecycle import (
     AdoptVm,
@@ -51,7 +57,10 @@ from .spec import (
     check_spec,
 )
 
-__all__ = ["VmService", "VM_STATUS_KIND"]
+if TYPE_CHECKING:
+    from ..ports import Ports
+
+__all__ = ["BackendChoice", "VmService", "VM_STATUS_KIND", "probe_backends"]
 
 log = logging.getLogger("clanagent.vmhost")
 
@@ -61,6 +70,32 @@ LOGS_KIND = "vm-logs"  # key = VM name; body {"at", "machine", "tail"}
 LOG_TAIL = 16 * 1024  # records.MAX_LOG_TAIL bounds a peer's
 LOGS_ANSWER_INTERVAL = 1.0  # seconds between two published tails of one VM
 TICK = 2.0
+
+# The usable backends by name (the first, or "qemu" when there, is the
+# default) and, for every other one, why it is not usable here.
+BackendChoice = tuple[dict[str, Backend], dict[str, str]]
+
+
+def probe_backends(clan_interface: str = "") -> BackendChoice:
+    """The real VMMs this machine can run (blocks: call it in a thread)."""
+    from .cloudhv import CloudHypervisorBackend
+    from .firecracker import FirecrackerBackend
+    from .qemu import QemuBackend
+
+    usable: dict[str, Backend] = {}
+    unusable: dict[str, str] = {}
+    qemu = QemuBackend(clan_interface=clan_interface)
+    if qemu.available():
+        usable["qemu"] = qemu
+    else:
+        unusable["qemu"] = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
+    for other in (FirecrackerBackend(), CloudHypervisorBackend()):
+        ok, why = other.available()
+        if ok:
+            usable[other.name] = other
+        else:
+            unusable[other.name] = why
+    return usable, unusable
 
 
 def _overlay_of(inv: Any, vm: str) -> str:
@@ -73,9 +108,44 @@ def _overlay_of(inv: Any, vm: str) -> str:
 
 
 class VmService:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.base = Path(agent.cfg.state_dir) / "vms"  # disks and logs: not a tmpfs
+    """This machine's VMs: `run` reconciles them, `serve_consoles` serves their consoles.
+
+    `backends` returns the usable backends and why the others are not (it
+    is called once, in a worker thread); `host_limits` what this machine
+    can give a VM; `overlay6` our overlay address once the mesh has one
+    (None: no mesh, or not yet); `run_sync` runs the file work (probe,
+    run dirs, console logs, secrets) off the event loop -- a worker thread
+    here, inline in the simulator, where a thread would let its MockClock
+    jump while the work runs; `rng` jitters the status refresh (a seeded one
+    makes a simulation repeatable)."""
+
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        state_dir: str | os.PathLike[str],
+        runtime_dir: str | os.PathLike[str],
+        backends: Callable[[], BackendChoice] | None = None,
+        host_limits: Callable[[], HostLimits] = HostLimits.probe,
+        clan_interface: str = "",
+        console_port: int = 0,
+        wireguard: bool = False,
+        overlay6: Callable[[], Any] | None = None,
+        run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+        rng: random.Random | None = None,
+    ) -> None:
+        from .requests import REQUEST_KIND
+
+        self.ports = ports
+        self.base = Path(state_dir) / "vms"  # disks and logs: not a tmpfs
+        self.runtime_dir = Path(runtime_dir)
+        self._probe = backends or functools.partial(probe_backends, clan_interface)
+        self._host_limits = host_limits
+        self.console_port = console_port
+        self.wireguard = wireguard
+        self._overlay6 = overlay6
+        self._run_sync = run_sync
+        self._rng = rng or random.Random()
         self.reconciler = Reconciler()
         self.handles: dict[str, Any] = {}
         self.backend: Any = None  # the default backend ("auto")
@@ -96,6 +166,10 @@ class VmService:
         from .requests import NonceCache
 
         self.console_nonces = NonceCache()
+        # What changes our share: an admin's order, someone asking for a tail,
+        # a new inventory. (Other machines' vm-status records never do.)
+        ports.bus.subscribe((REQUEST_KIND, LOGS_REQUEST_KIND), lambda _rec: self.wake())
+        ports.inventory.subscribe(lambda _inv: self.wake())
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -119,13 +193,13 @@ class VmService:
     def _desired(self) -> tuple[dict[str, VmSpec], dict[str, str]]:
         from ..inventory.select import vms_for
 
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return {}, {}
-        me = inv.machine_by_node_key(self.agent.identity.public_key)
+        me = inv.machine_by_node_key(self.ports.identity.public_key)
         if me is None:
             return {}, {}
-        host = HostLimits.probe()
+        host = self._host_limits()
         specs: dict[str, VmSpec] = {}
         errors: dict[str, str] = {}
         for name in vms_for(inv.doc, me.name):
@@ -166,27 +240,14 @@ class VmService:
     # -- running ------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from .cloudhv import CloudHypervisorBackend
-        from .firecracker import FirecrackerBackend
-        from .qemu import QemuBackend
-
-        qemu = QemuBackend(clan_interface=self.agent.cfg.mesh.interface)
-        if qemu.available():
-            self.backends["qemu"] = qemu
-        else:
-            self.unusable["qemu"] = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
-        for other in (FirecrackerBackend(), CloudHypervisorBackend()):
-            ok, why = other.available()
-            if ok:
-                self.backends[other.name] = other
-            else:
-                self.unusable[other.name] = why
+        usable, unusable = await self._run_sync(self._probe)
+        self.backends, self.unusable = dict(usable), dict(unusable)
         if not self.backends:
             self.backend_reason = "; ".join(f"{k}: {v}" for k, v in self.unusable.items())
             task_status.started(self)
             return
         self.backend = self.backends.get("qemu") or next(iter(self.backends.values()))
-        await trio.to_thread.run_sync(lambda: self.base.mkdir(parents=True, exist_ok=True))
+        await self._run_sync(lambda: self.base.mkdir(parents=True, exist_ok=True))
         await self._adopt_all()
         task_status.started(self)
         while True:
@@ -199,8 +260,8 @@ class VmService:
             self._wakeup = trio.Event()
 
     async def _adopt_all(self) -> None:
-        now = trio.current_time()
-        for entry in sorted(os.listdir(self.base)):
+        now = self.ports.clock.now()
+        for entry in sorted(await self._run_sync(os.listdir, self.base)):
             rundir = str(self.base / entry)
             handle = None
             for backend in self.backends.values():
@@ -217,11 +278,11 @@ class VmService:
         """Admin orders in force: hold stopped VMs; return VMs to restart now."""
         from .requests import REQUEST_KIND, in_force
 
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return []
         admins = frozenset(inv.doc["clan"]["admins"])
-        bodies = [r.body for r in self.agent.store.records() if r.kind == REQUEST_KIND]
+        bodies = [r.body for r in self.ports.store.of_kind(REQUEST_KIND)]
         restart = []
         self._held = set()
         for name in specs:
@@ -239,15 +300,14 @@ class VmService:
         return restart
 
     async def step(self) -> None:
+        now = self.ports.clock.now
         specs, errors = self._desired()
         self._errors = errors
         self._overlay = {n: s.overlay_ip6 for n, s in specs.items() if s.overlay_ip6}
         for name in self._apply_requests(specs):
             handle = self.handles.pop(name)
             how = await self._of(handle).stop(handle, 10)
-            self.reconciler.handle(
-                VmExited(name, f"restarted by an admin ({how})"), trio.current_time()
-            )
+            self.reconciler.handle(VmExited(name, f"restarted by an admin ({how})"), now())
             log.info("VM restarted on request", extra=kv(vm=name))
         specs = {n: s for n, s in specs.items() if n not in self._held}
         self.reconciler.set_desired(specs, errors)
@@ -258,20 +318,20 @@ class VmService:
                 reap = getattr(self._of(h), "reap", None)
                 if reap is not None:
                     await reap(h)
-                self.reconciler.handle(VmExited(name, st.detail), trio.current_time())
+                self.reconciler.handle(VmExited(name, st.detail), now())
                 log.warning("VM exited", extra=kv(vm=name, detail=st.detail))
-        for act in self.reconciler.poll(trio.current_time()):
+        for act in self.reconciler.poll(now()):
             await self._act(act)
         for h in self.handles.values():
-            await trio.to_thread.run_sync(ConsoleLog(RunDir(h.rundir).console).maybe_rotate)
+            await self._run_sync(ConsoleLog(RunDir(h.rundir).console).maybe_rotate)
         await self._publish_status()
         await self._answer_log_requests()
 
     async def _act(self, act: Any) -> None:
-        now = trio.current_time
+        now = self.ports.clock.now
         if isinstance(act, (StartVm, RestartVm)):
             name = act.spec.name
-            secrets = await trio.to_thread.run_sync(self._secrets_for, act.spec)
+            secrets = await self._run_sync(self._secrets_for, act.spec)
             backend, _ = self._backend_for(act.spec)
             try:
                 self.handles[name] = await backend.start(
@@ -297,7 +357,7 @@ class VmService:
     def _secrets_for(self, spec: VmSpec) -> dict[str, bytes]:
         """The secret files this VM receives ("SERVICE/SECRET" from the declaration)."""
         out: dict[str, bytes] = {}
-        root = Path(self.agent.cfg.runtime_dir) / "secrets"
+        root = self.runtime_dir / "secrets"
         for ref in spec.secrets:
             d = root / ref
             if d.is_dir():
@@ -307,10 +367,10 @@ class VmService:
         return out
 
     async def _publish_status(self) -> None:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return
-        me = inv.machine_by_node_key(self.agent.identity.public_key)
+        me = inv.machine_by_node_key(self.ports.identity.public_key)
         names = set(self.reconciler.names()) | set(self._errors)
         for name in sorted(names):
             h = self.handles.get(name)
@@ -331,14 +391,14 @@ class VmService:
                 # on its word (after checking it against the inventory).
                 "overlay": self._overlay.get(name, "") if state == "running" else "",
             }
-            now = trio.current_time()
+            now = self.ports.clock.now()
             # a soft kind: republished on a change, and before its TTL runs out
             if self._published.get(name) != body or now >= self._refresh_due.get(name, now + 1):
                 self._published[name] = body
-                refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * random.random())
+                refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * self._rng.random())
                 self._refresh_due[name] = now + refresh
-                await self.agent.publish_record(
-                    VM_STATUS_KIND, name, {**body, "at": int(time.time())}
+                await self.ports.bus.publish(
+                    VM_STATUS_KIND, name, {**body, "at": int(self.ports.clock.wall())}
                 )
 
     def _booted(self, h: Any) -> int:
@@ -347,7 +407,7 @@ class VmService:
         if h.pid not in self._boot_times:
             live = {x.pid for x in self.handles.values()}
             self._boot_times = {p: t for p, t in self._boot_times.items() if p in live}
-            self._boot_times[h.pid] = process_started_at(h.pid) or int(time.time())
+            self._boot_times[h.pid] = process_started_at(h.pid) or int(self.ports.clock.wall())
         return self._boot_times[h.pid]
 
     # -- console logs ---------------------------------------------------------------------
@@ -366,32 +426,30 @@ class VmService:
         our clock: a request dated in the future can never make our answer
         stand for later requests (which would freeze the tail clan-wide).
         One answer per VM per LOGS_ANSWER_INTERVAL at most."""
-        now = int(time.time())
+        now = int(self.ports.clock.wall())
         asked: dict[str, int] = {}
-        for rec in self.agent.store.records():
-            if rec.kind == LOGS_REQUEST_KIND and isinstance(rec.body, dict):
+        for rec in self.ports.store.of_kind(LOGS_REQUEST_KIND):
+            if isinstance(rec.body, dict):
                 at = rec.body.get("at")
                 if type(at) is int and rec.key in self.handles:
                     asked[rec.key] = max(asked.get(rec.key, 0), min(at, now))
-        inv = self.agent.inventory.inventory
-        me = inv.machine_by_node_key(self.agent.identity.public_key) if inv else None
-        mono = time.monotonic()
+        mono = self.ports.clock.now()
         for name, at in asked.items():
-            held = self.agent.store.get(self.agent.identity.public_key, LOGS_KIND, name)
+            held = self.ports.store.get(self.ports.identity.public_key, LOGS_KIND, name)
             if held is not None and isinstance(held.body, dict):
                 held_at = held.body.get("at", 0)
                 if type(held_at) is int and now >= held_at >= at:
                     continue
             if mono - self._logs_answered.get(name, -LOGS_ANSWER_INTERVAL) < LOGS_ANSWER_INTERVAL:
                 continue
-            tail = await trio.to_thread.run_sync(self.local_tail, name)
+            tail = await self._run_sync(self.local_tail, name)
             if tail is None:
                 continue
             self._logs_answered[name] = mono
-            await self.agent.publish_record(
+            await self.ports.bus.publish(
                 LOGS_KIND,
                 name,
-                {"at": now, "machine": me.name if me else "", "tail": tail[-LOG_TAIL:]},
+                {"at": now, "machine": self.my_machine(), "tail": tail[-LOG_TAIL:]},
             )
 
     # -- interactive consoles ---------------------------------------------------------------
@@ -431,15 +489,13 @@ class VmService:
             self._consoles.discard(name)
 
     def my_machine(self) -> str:
-        inv = self.agent.inventory.inventory
-        me = inv.machine_by_node_key(self.agent.identity.public_key) if inv else None
-        return me.name if me else ""
+        return self.ports.me() or ""
 
     async def authorize_console(self, hello: Any) -> str:
         """The VM a console request may open here; WireError/VmHostLocalError says why not."""
         from .requests import parse_console
 
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             raise VmHostLocalError("this machine has no inventory yet")
         req = parse_console(hello, frozenset(inv.doc["clan"]["admins"]))
@@ -453,23 +509,22 @@ class VmService:
         me = self.my_machine()
         if req.machine != me:
             raise WireError(f"console request is for machine {req.machine}, this is {me}")
-        self.console_nonces.check(req, int(time.time()))
+        self.console_nonces.check(req, int(self.ports.clock.wall()))
 
     async def serve_consoles(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve console sessions to other agents on our overlay address (inside WireGuard)."""
         from .attach import ConsoleServer
 
-        port = self.agent.cfg.mesh.console_port
-        mesh = self.agent.mesh
+        port, overlay6 = self.console_port, self._overlay6
         task_status.started()
-        if not port or mesh is None or self.backend is None or not self.agent.cfg.mesh.wireguard:
+        if not port or overlay6 is None or self.backend is None or not self.wireguard:
             return
-        while mesh.overlay6 is None:
+        while overlay6() is None:
             await trio.sleep(1)
         self.console_server = ConsoleServer(self.authorize_console, self.console)
         while True:  # never let the console server take the agent down
             try:
-                await self.console_server.serve(str(mesh.overlay6), port)
+                await self.console_server.serve(str(overlay6()), port)
             except Exception as exc:
                 log.warning(
                     "cannot serve VM consoles to other machines; retrying in 10 s",
@@ -481,7 +536,7 @@ class VmService:
 
     def clan_vms(self) -> list[dict[str, Any]]:
         """Every VM of the clan, from the status records every host publishes."""
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         placed: dict[str, list[str]] = {}
         if inv is not None:
             from ..inventory.select import placement
@@ -489,8 +544,8 @@ class VmService:
             for vm in inv.doc["vms"]:
                 placed[vm] = placement(inv.doc, vm)
         rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for rec in self.agent.store.records():
-            if rec.kind != VM_STATUS_KIND or not isinstance(rec.body, dict):
+        for rec in self.ports.store.of_kind(VM_STATUS_KIND):
+            if not isinstance(rec.body, dict):
                 continue
             b = rec.body
             key = (str(b.get("vm", "")), str(b.get("machine", "")))
