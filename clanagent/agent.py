@@ -360,8 +360,6 @@ class Agent:
     def on_record(self, rec: SignedRecord) -> None:
         """A record was stored (ours or a peer's): tell the parts that care."""
         self.bus.subscriptions.dispatch(rec)
-        if self.mesh is not None:
-            self.mesh.on_record(rec)
 
     def on_member_changed(self) -> None:
         """Someone joined, left or failed: who generates which secret may change."""
@@ -523,14 +521,15 @@ class Agent:
 
         if self.inventory.inventory is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "this agent is not in a clan yet")
-        if self.mesh is None:
-            from .mesh.service import MeshService
-
-            view = MeshService(self)  # not running: ranks what is known, changes nothing
-        else:
-            view = self.mesh
         try:
-            return view.explain(machine)
+            if self.mesh is None:  # not running: rank what is known, change nothing
+                from .mesh.service import explain_path
+
+                assert self.ports is not None
+                return explain_path(
+                    self.ports, machine=machine, inventory_endpoints=self.inventory_endpoints
+                )
+            return self.mesh.explain(machine)
         except KeyError:
             raise ControlError(
                 ErrorCode.INVALID_PARAMS, f"no machine '{machine}' in the inventory"
@@ -617,8 +616,6 @@ class Agent:
         )
         if self.gossip is not None:
             self.gossip.on_inventory(inv.node_keys())
-        if self.mesh is not None:
-            self.mesh.wake()
 
     # -- record bodies (clanagent.records) -----------------------------------------
 
@@ -755,7 +752,22 @@ class Agent:
         seeds = self.cfg.gossip.join or (self.anchor.seeds if self.anchor else ())
         if not (self.cfg.gossip.listen or seeds):
             return
-        self.gossip = GossipService(self)
+        assert self.identity is not None and self.store is not None
+        self.gossip = GossipService(
+            self.cfg.gossip,
+            identity=self.identity,
+            store=self.store,
+            name=self.name,
+            state_path=self.cfg.state_path,
+            anchor=self.anchor,
+            admit_peer=self.admit_peer,
+            admit_record=self.admit_record,
+            validate=self.validate_record,
+            on_record=self.on_record,
+            on_member_changed=self.on_member_changed,
+            events=self.events_bus,
+            tor=lambda: None if self.mesh is None else self.mesh.tor,
+        )
 
         async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
@@ -769,11 +781,28 @@ class Agent:
         await self._start_mesh(nursery)
 
     async def _start_mesh(self, nursery: trio.Nursery) -> None:
-        from .mesh.service import MeshService
+        from .mesh.service import GossipEndpoint, MeshService
 
         if self.anchor is None or self.mesh is not None:
             return
-        self.mesh = MeshService(self)
+
+        def gossip_listening() -> tuple[str, int] | None:
+            g = self.gossip  # the current one: a clan change restarts gossip
+            return None if g is None or g.port is None else (g.listen_host, g.port)
+
+        def gossip_add_seed(addr: str) -> None:
+            if self.gossip is not None:
+                self.gossip.add_seed(addr)
+
+        assert self.ports is not None
+        self.mesh = MeshService(
+            self.ports,
+            cfg=self.cfg.mesh,
+            state_path=self.cfg.state_path,
+            capabilities=self.capabilities,
+            gossip_endpoint=GossipEndpoint(gossip_listening, gossip_add_seed),
+            inventory_endpoints=self.inventory_endpoints,
+        )
         await nursery.start(self.mesh.run)
         from .services.service import ServicesService
 

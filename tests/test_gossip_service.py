@@ -327,3 +327,66 @@ async def test_misbehaviour_warnings_are_one_per_peer_a_minute(caplog, autojump_
     svc._log_misbehaved(PeerMisbehaved("mallory", "127.0.0.1:1", "refused record", -5))
     warned = [r for r in caplog.records if r.getMessage() == "peer misbehaved"]
     assert len(warned) == 3 and warned[-1].kv["held_back"] == 499
+
+
+async def test_a_gossip_service_runs_on_explicit_hooks_without_an_agent(tmp_path):
+    """What the service uses it is given: identity, store, name, config, and
+    the hooks; each hook hears what it is for."""
+    from clanagent.gossip.service import GossipService
+    from clanagent.identity import Identity
+    from clanagent.mesh.candidates import endpoints_body
+    from clanagent.store import Store
+
+    idents = [Identity.generate() for _ in range(3)]
+    members = {idents[0].public_key, idents[1].public_key}  # idents[2] is a stranger
+    heard: dict[int, dict[str, list]] = {}
+
+    def service(i: int, join: list[str], state_path=None) -> GossipService:
+        h = heard[i] = {"admit": [], "checked": [], "stored": [], "members": [], "events": []}
+
+        class Events:
+            def publish(self, topic, **fields):
+                h["events"].append(topic)
+
+        def admit_peer(key):
+            h["admit"].append(key)
+            return key in members
+
+        return GossipService(
+            GossipSection(listen="127.0.0.1:0", join=join, profile="local", name=f"g{i}"),
+            identity=idents[i],
+            store=Store.open(None),
+            name=f"g{i}",
+            state_path=state_path,
+            admit_peer=admit_peer,
+            admit_record=lambda rec: rec.origin in members,
+            validate=lambda rec: h["checked"].append(rec.kind),
+            on_record=lambda rec: h["stored"].append((rec.origin, rec.kind)),
+            on_member_changed=lambda: h["members"].append(1),
+            events=Events(),
+        )
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            g0 = service(0, [], state_path=tmp_path)
+            await n.start(g0.run)
+            g1 = service(1, [g0.addr])
+            await n.start(g1.run)
+            g2 = service(2, [g0.addr])
+            await n.start(g2.run)
+            await wait_until(lambda: g0.node.membership.alive_count() == 2, "g1 joined g0")
+            g1.publish("endpoints", "", endpoints_body(["127.0.0.1:1"], [], None))
+            origin = idents[1].public_key
+            await wait_until(lambda: (origin, "endpoints") in heard[0]["stored"], "g0 hears g1")
+            assert "endpoints" in heard[0]["checked"]  # checked before it was stored
+            assert {"member.joined", "record.accepted"} <= set(heard[0]["events"])
+            assert heard[0]["members"]
+            # The stranger asked and was refused, by g0's own admit_peer.
+            await wait_until(lambda: idents[2].public_key in heard[0]["admit"], "g2 tried")
+            assert g0.node.member_state(idents[2].node_id) is None
+            assert idents[2].public_key not in {o for o, _ in heard[0]["stored"]}
+            await g0.leave()
+            n.cancel_scope.cancel()
+    # The peer book lives in the state dir it was given, and nowhere without one.
+    assert g0._book_path is not None and g0._book_path.parent == tmp_path
+    assert g1._book_path is None

@@ -5,8 +5,11 @@ authenticated session per peer, moving datagrams between sessions and the
 node, the node's timers on trio's clock, persisting records in a worker
 thread before the node acts on them, and turning node actions into events
 and log lines.  Must never: put protocol logic here (it belongs in node.py
-and below), block the event loop (store writes run in a thread), or let one
-peer's failure touch another's session.
+and below), block the event loop (store writes run in a thread), let one
+peer's failure touch another's session, or reach for the agent: it is given
+exactly what it uses (identity, store, name, config, clan anchor, the
+admission and record-check hooks, where stored records and membership
+changes go, the event sink, and how to reach our tor) as keyword arguments.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import random
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -48,6 +52,13 @@ from .rejoin import (
     load_peer_book,
     save_peer_book,
 )
+
+if TYPE_CHECKING:
+    from ..config import GossipSection
+    from ..identity import Identity
+    from ..inventory.anchor import Anchor
+    from ..ports import EventSink
+    from ..wire import SignedRecord
 
 __all__ = ["GossipService", "DEFAULT_CLAN_ID", "profile_config", "addr_to_url"]
 
@@ -122,13 +133,49 @@ class _Link:
         return self.in_flight > 0 or self.recv.statistics().current_buffer_used > 0
 
 
+class _NoEvents:
+    def publish(self, topic: str, **fields: Any) -> None:
+        pass
+
+
 class GossipService:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        cfg = agent.cfg.gossip
+    """`admit_peer(public_key)` and `admit_record(record)` answer True/False,
+    or None to leave it to the configured admitted keys; `validate(record)`
+    raises `records.Refusal` for a body we must not take; `on_record(record)`
+    hears every record stored (ours or a peer's); `on_member_changed()` hears
+    joins, leaves and failures; `tor()` is our running tor (for onion
+    addresses) or None.  All run on the event loop and must not block."""
+
+    def __init__(
+        self,
+        cfg: GossipSection,
+        *,
+        identity: Identity,
+        store: Any,
+        name: str,
+        state_path: Path | None = None,
+        anchor: Anchor | None = None,
+        admit_peer: Callable[[bytes], bool | None] | None = None,
+        admit_record: Callable[[SignedRecord], bool | None] | None = None,
+        validate: Callable[[SignedRecord], None] | None = None,
+        on_record: Callable[[SignedRecord], None] | None = None,
+        on_member_changed: Callable[[], None] | None = None,
+        events: EventSink | None = None,
+        tor: Callable[[], Any] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.identity = identity
+        self.store = store
+        self.name = name
+        self.anchor = anchor
+        self._admit_peer = admit_peer
+        self._admit_record = admit_record
+        self._validate = validate
+        self._on_record = on_record
+        self._on_member_changed = on_member_changed
+        self.events: EventSink = events if events is not None else _NoEvents()
+        self._tor = tor
         self.config = profile_config(cfg.profile)
-        anchor = getattr(agent, "anchor", None)
         if anchor is not None:
             self.clan = anchor.clan_id
             self.seeds = list(dict.fromkeys([*cfg.join, *anchor.seeds]))
@@ -160,9 +207,8 @@ class GossipService:
             "peer_book_skipped": 0,
         }
         # The peer book: addresses of peers remembered across restarts.
-        state_path = getattr(getattr(agent, "cfg", None), "state_path", None)
         self._book_path: Path | None = (
-            Path(state_path) / PEER_BOOK_FILE if isinstance(state_path, str | Path) else None
+            None if state_path is None else Path(state_path) / PEER_BOOK_FILE
         )
         self._book: list[PeerEntry] = []  # as last loaded or written
         self._book_dirty = False
@@ -180,18 +226,16 @@ class GossipService:
 
     def admit(self, public_key: bytes) -> bool:
         """May this node key open a session with us?"""
-        hook = getattr(self.agent, "admit_peer", None)
-        if hook is not None:
-            verdict = hook(public_key)
+        if self._admit_peer is not None:
+            verdict = self._admit_peer(public_key)
             if verdict is not None:
                 return verdict
         return not self._admitted or public_key in self._admitted
 
     def admit_record(self, rec: Any) -> bool:
         """May a record from this origin be stored and forwarded?"""
-        hook = getattr(self.agent, "admit_record", None)
-        if hook is not None:
-            verdict = hook(rec)
+        if self._admit_record is not None:
+            verdict = self._admit_record(rec)
             if verdict is not None:
                 return verdict
         return self.admit(rec.origin)
@@ -256,9 +300,8 @@ class GossipService:
     # -- running ----------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        agent = self.agent
-        identity = agent.identity
-        if not self.cfg.clan_id and getattr(agent, "anchor", None) is None:
+        identity = self.identity
+        if not self.cfg.clan_id and self.anchor is None:
             log.warning(
                 "no clan id configured; using the default clan (set gossip.clan_id)",
             )
@@ -294,14 +337,14 @@ class GossipService:
                 self.config,
                 addr=self.addr,
                 clan=self.clan,
-                store=agent.store,
+                store=self.store,
                 rng=random.Random(),
                 now=trio.current_time(),
-                name=agent.name,
+                name=self.name,
                 admit=self.admit_record,
                 # every record body is checked (clanagent/records.py) before
                 # it is stored or forwarded
-                validate=getattr(agent, "validate_record", None),
+                validate=self._validate,
                 wall_clock=time.time,
             )
             log.info(
@@ -310,7 +353,7 @@ class GossipService:
             )
             self.node.set_rejoin_scope(self._scope)
             nursery.start_soon(self._timer_loop)
-            info = NodeInfo(name=agent.name, version=__version__, addrs=[self.addr])
+            info = NodeInfo(name=self.name, version=__version__, addrs=[self.addr])
             self._publish("node-info", "", info.to_wire())
             if self.seeds or self._book:
                 nursery.start_soon(self._join_loop)
@@ -473,10 +516,9 @@ class GossipService:
                 self._member_changed(action)
             elif isinstance(action, RecordAccepted):
                 rec = action.record
-                hook = getattr(self.agent, "on_record", None)
-                if hook is not None:
-                    hook(rec)
-                self.agent.events_bus.publish(
+                if self._on_record is not None:
+                    self._on_record(rec)
+                self.events.publish(
                     "record.accepted",
                     origin=rec.origin.hex(),
                     kind=rec.kind,
@@ -518,7 +560,7 @@ class GossipService:
             f"member {ev.change}",
             extra=kv(node=ev.node_id[:10], name=ev.name, addr=ev.addr, inc=ev.incarnation),
         )
-        self.agent.events_bus.publish(
+        self.events.publish(
             f"member.{ev.change}",
             node_id=ev.node_id,
             name=ev.name,
@@ -531,15 +573,13 @@ class GossipService:
         if ev.change in ("joined", "updated") and not self._book_dirty:
             self._book_dirty = True
             self._book_changed.set()
-        hook = getattr(self.agent, "on_member_changed", None)
-        if hook is not None:
-            hook()
+        if self._on_member_changed is not None:
+            self._on_member_changed()
 
     async def _persist(self, records: tuple) -> None:
         assert self.node is not None
-        store = self.agent.store
         try:
-            results = await trio.to_thread.run_sync(store.put_many, records)
+            results = await trio.to_thread.run_sync(self.store.put_many, records)
         except Exception as exc:  # disk full, I/O error: the records can come again
             self.stats["persist_failures"] += 1
             log.error("could not persist records", extra=kv(count=len(records), error=exc))
@@ -581,8 +621,7 @@ class GossipService:
         from ..mesh.tor import TorError
         from .peer import connect_stream
 
-        mesh = getattr(self.agent, "mesh", None)
-        tor = getattr(mesh, "tor", None)
+        tor = None if self._tor is None else self._tor()
         if tor is None or not tor.available:
             raise PeerDisconnected("no tor running here to reach an onion address")
         host, port = split_hostport(addr, "address")
@@ -599,7 +638,7 @@ class GossipService:
             open_stream,
             host,
             "/",
-            self.agent.identity,
+            self.identity,
             self.clan,
             self.admit,
             timeout=ONION_DIAL_TIMEOUT,
@@ -629,7 +668,7 @@ class GossipService:
                 session = await connect(
                     self._nursery,
                     addr_to_url(addr),
-                    self.agent.identity,
+                    self.identity,
                     self.clan,
                     self.admit,
                     timeout=DIAL_TIMEOUT,

@@ -5,8 +5,12 @@ optional onion service, feeding every candidate path into the path selector,
 the WireGuard interface this agent creates (backend, overlay addresses, link,
 route) and reconciling its peers on every change and every 30 s.  Must
 never: touch an interface it did not create, block the event loop (netlink
-and zeroconf run in threads), or stop the agent when a capability is missing
-(it reports it and keeps the rest running).
+and zeroconf run in threads), stop the agent when a capability is missing
+(it reports it and keeps the rest running), or reach for the agent or
+another service: it is built from `Ports` (DESIGN rule 7) plus its config
+section, its state dir, the probed capabilities, a `GossipEndpoint` (where
+gossip listens; a new LAN address for it) and the inventory's opened
+endpoints.  Which peers WireGuard should have is `peerplan.plan_peers`.
 """
 
 from __future__ import annotations
@@ -14,22 +18,30 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
-import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .._log import kv
 from ..capabilities import Capability
 from ..config import split_hostport
+from ..identity import node_id_of
 from ..wire import SignedRecord, WireError
 from . import candidates as cands
-from .overlay import assign_ipv4, clan_subnet, overlay_ip6
+from .overlay import clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
-from .vmroutes import VM_STATUS_KIND, vm_routes
-from .wireguard import MeshPeer, desired_from, reconcile
+from .peerplan import join_host_port, plan_peers
+from .vmroutes import VM_STATUS_KIND
+from .wireguard import desired_from, reconcile
 
-__all__ = ["MeshService", "RECONCILE_INTERVAL"]
+if TYPE_CHECKING:
+    from ..config import MeshSection
+    from ..ports import Ports
+
+__all__ = ["GossipEndpoint", "MeshService", "RECONCILE_INTERVAL", "explain_path"]
 
 log = logging.getLogger("clanagent.mesh")
 
@@ -47,26 +59,141 @@ HANDSHAKE_FRESH = 180.0
 
 def _socks_text(tor: Any) -> str | None:
     socks = getattr(tor, "socks_address", None) if tor is not None else None
-    return None if not socks else _join_host_port(socks[0], socks[1])
+    return None if not socks else join_host_port(socks[0], socks[1])
 
 
 def _path_id(c: Candidate | None) -> tuple[str, str] | None:
     return None if c is None else c.path_id
 
 
-def _host_of(addr: str) -> str:
-    host, _ = split_hostport(addr, "address")
-    return host
+@dataclass(frozen=True)
+class GossipEndpoint:
+    """What the mesh needs of the gossip part (which a clan change restarts,
+    so these are asked each time): where it listens, and a new address to
+    contact (a LAN sighting)."""
+
+    # (listen host as configured, port) once gossip listens; None before or without.
+    listening: Callable[[], tuple[str, int] | None]
+    add_seed: Callable[[str], None]
 
 
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _no_gossip() -> tuple[str, int] | None:
+    return None
+
+
+def _self_allows_public(ports: Ports) -> bool:
+    inv = ports.inventory.inventory
+    if inv is None:
+        return True
+    me = inv.machine_by_node_key(ports.identity.public_key)
+    return True if me is None else bool(me.public)
+
+
+def _collect(
+    ports: Ports,
+    inventory_endpoints: Callable[[], dict[str, list[str]]],
+    records: dict[bytes, dict[str, Any]],
+    lan_seen: dict[bytes, set[str]],
+    onions: dict[bytes, str],
+) -> dict[bytes, list[Candidate]]:
+    inv = ports.inventory.inventory
+    if inv is None:
+        return {}
+    return cands.collect(
+        inv.doc,
+        self_key=ports.identity.public_key,
+        records=records,
+        opened_inventory=inventory_endpoints(),
+        lan_seen=lan_seen,
+        onions=onions,
+    )
+
+
+def explain_path(
+    ports: Ports,
+    *,
+    machine: str,
+    inventory_endpoints: Callable[[], dict[str, list[str]]],
+) -> dict[str, Any]:
+    """`clanctl path` when the mesh does not run: rank what the inventory and
+    the stored endpoints records say, change nothing.  KeyError: no such machine."""
+    records: dict[bytes, dict[str, Any]] = {}
+    for rec in ports.store.of_kind(cands.ENDPOINTS_KIND):
+        try:
+            records[rec.origin] = cands.parse_endpoints_body(rec.body)
+        except WireError:
+            continue
+    return _explain(
+        ports,
+        machine,
+        selector=None,
+        candidates=lambda: _collect(ports, inventory_endpoints, records, {}, {}),
+        extra={"wireguard": False, "tor_socks": None, "mesh_stats": {}},
+        device=None,
+    )
+
+
+def _explain(
+    ports: Ports,
+    machine: str,
+    *,
+    selector: PathSelector | None,
+    candidates: Callable[[], dict[bytes, list[Candidate]]],
+    extra: dict[str, Any],
+    device: Any,
+) -> dict[str, Any]:
+    from ..inventory.select import path_preference
+
+    inv = ports.inventory.inventory
+    if inv is None or machine not in inv.machines:
+        raise KeyError(machine)
+    m = inv.doc["machines"][machine]
+    key = m["node_key"]
+    handshake = None
+    if device is not None:
+        status = device.status.get(m["wg_key"])
+        handshake = None if status is None else status.last_handshake
+    out: dict[str, Any] = {
+        "machine": machine,
+        "overlay6": str(overlay_ip6(inv.clan_id, key)),
+        "wireguard": extra["wireguard"],
+        # WireGuard reports handshakes in epoch seconds.
+        "handshake": handshake is not None and ports.clock.wall() - handshake < HANDSHAKE_FRESH,
+        "tor_socks": extra["tor_socks"],
+        "mesh_stats": extra["mesh_stats"],
+    }
+    now = ports.clock.now()
+    if selector is None:
+        # No WireGuard: still rank what we know, for gossip and ssh.
+        selector = PathSelector(_self_allows_public(ports), random.Random(0))
+        selector.set_candidates(
+            key,
+            candidates().get(key, []),
+            path_preference(inv.doc, machine),
+            bool(m["public"]),
+            now,
+        )
+    out.update(selector.explain(key, now))
+    return out
 
 
 class MeshService:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.cfg = agent.cfg.mesh
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        cfg: MeshSection,
+        state_path: Path,
+        capabilities: Sequence[Capability] = (),
+        gossip_endpoint: GossipEndpoint | None = None,
+        inventory_endpoints: Callable[[], dict[str, list[str]]] = dict,
+    ) -> None:
+        self.ports = ports
+        self.cfg = cfg
+        self.state_path = state_path
+        self._capabilities = list(capabilities)
+        self.gossip_endpoint = gossip_endpoint or GossipEndpoint(_no_gossip, lambda addr: None)
+        self.inventory_endpoints = inventory_endpoints
         self.selector: PathSelector | None = None
         self.backend: Any = None
         self.backend_reason = "not started"
@@ -94,6 +221,10 @@ class MeshService:
         }
         self._cands: dict[tuple[bytes, str], Candidate] = {}
         self._probe_sock: Any = None
+        # Endpoints records feed the candidates; a VM's status may move its
+        # overlay address to another peer; a new inventory changes everything.
+        ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND], self.on_record)
+        ports.inventory.subscribe(lambda inv: self.wake())
 
     # -- status ------------------------------------------------------------------
 
@@ -148,7 +279,7 @@ class MeshService:
     def _open_onion(self, sealed: bytes) -> str | None:
         from ..inventory.sealing import SealError, open_endpoints
 
-        ident = self.agent.identity
+        ident = self.ports.identity
         try:
             opened = open_endpoints(sealed, ident.public_key, ident.box_key)
         except SealError:
@@ -160,9 +291,7 @@ class MeshService:
         if present:
             if addr not in seen:
                 seen.add(addr)
-                gossip = self.agent.gossip
-                if gossip is not None:
-                    gossip.add_seed(addr)
+                self.gossip_endpoint.add_seed(addr)
         else:
             seen.discard(addr)
         self.wake()
@@ -170,15 +299,13 @@ class MeshService:
     # -- running ----------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        agent = self.agent
-        anchor = agent.anchor
+        anchor = self.ports.inventory.anchor
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if anchor is not None:
-                self.overlay6 = overlay_ip6(anchor.clan_id, agent.identity.public_key)
-            for rec in list(agent.store.records()):
-                if rec.kind == cands.ENDPOINTS_KIND:
-                    self.on_record(rec)
+                self.overlay6 = overlay_ip6(anchor.clan_id, self.ports.identity.public_key)
+            for rec in self.ports.store.of_kind(cands.ENDPOINTS_KIND):
+                self.on_record(rec)
             await self._start_wireguard()
             if self.cfg.mdns:
                 nursery.start_soon(self._run_mdns)
@@ -198,14 +325,14 @@ class MeshService:
                     await self._stop_wireguard()
 
     async def _start_wireguard(self) -> None:
-        agent = self.agent
+        anchor = self.ports.inventory.anchor
         if not self.cfg.wireguard:
             self.backend_reason = "disabled (mesh.wireguard = false)"
             return
-        if agent.anchor is None:
+        if anchor is None:
             self.backend_reason = "not in a clan yet"
             return
-        cap = next((c for c in agent.capabilities if c.name == "wireguard"), None)
+        cap = next((c for c in self._capabilities if c.name == "wireguard"), None)
         if cap is not None and not cap.available:
             self.backend_reason = cap.reason
             log.info("WireGuard mesh unavailable", extra=kv(reason=cap.reason))
@@ -229,7 +356,7 @@ class MeshService:
             assert self.overlay6 is not None
             await netlink.ensure_address(self.cfg.interface, f"{self.overlay6}/128")
             await netlink.set_link_state(self.cfg.interface, True)
-            await netlink.ensure_route(self.cfg.interface, str(clan_subnet(agent.anchor.clan_id)))
+            await netlink.ensure_route(self.cfg.interface, str(clan_subnet(anchor.clan_id)))
         except Exception as exc:  # never fatal: report and run without the mesh
             self.backend_reason = f"could not create {self.cfg.interface}: {exc}"
             log.warning("WireGuard interface not created", extra=kv(error=exc))
@@ -239,7 +366,7 @@ class MeshService:
                 pass
             return
         self.backend = backend
-        self.selector = PathSelector(self._self_allows_public(), random.Random())
+        self.selector = PathSelector(_self_allows_public(self.ports), random.Random())
         log.info(
             "WireGuard interface up",
             extra=kv(interface=self.cfg.interface, backend=backend.kind, overlay=self.overlay6),
@@ -256,20 +383,13 @@ class MeshService:
                 log.warning("could not remove the WireGuard interface", extra=kv(error=exc))
             self.backend = None
 
-    def _self_allows_public(self) -> bool:
-        inv = self.agent.inventory.inventory
-        if inv is None:
-            return True
-        me = inv.machine_by_node_key(self.agent.identity.public_key)
-        return True if me is None else bool(me.public)
-
     async def _run_mdns(self) -> None:
-        agent = self.agent
-        if agent.anchor is None:
+        anchor = self.ports.inventory.anchor
+        if anchor is None:
             self.mdns_reason = "not in a clan yet"
             return
-        gossip = agent.gossip
-        if gossip is None or gossip.port is None:
+        listening = self.gossip_endpoint.listening()
+        if listening is None:
             self.mdns_reason = "gossip is not listening: nothing to advertise"
             return
         try:
@@ -278,9 +398,9 @@ class MeshService:
             self.mdns_reason = f"unavailable: {exc}"
             return
         self.mdns = MdnsDiscovery(
-            agent.anchor.clan_id,
-            agent.identity.public_key,
-            gossip.port,
+            anchor.clan_id,
+            self.ports.identity.public_key,
+            listening[1],
             wg_port=self.cfg.wg_port if self.backend is not None else None,
             on_update=self._on_mdns,
             exclude_ifaces=frozenset({self.cfg.interface}),
@@ -315,16 +435,14 @@ class MeshService:
             else:
                 self.tor_reason = "mesh.tor = attach needs mesh.tor_control (port or socket)"
                 return
-        tor = TorService(
-            self.agent.cfg.state_path, control_port=control_port, control_socket=control_socket
-        )
+        tor = TorService(self.state_path, control_port=control_port, control_socket=control_socket)
         self.tor = tor
-        gossip = self.agent.gossip
-        if gossip is None or gossip.port is None:
+        listening = self.gossip_endpoint.listening()
+        if listening is None:
             self.tor_reason = "gossip is not listening: nothing to publish as an onion service"
             return
         assert self._nursery is not None
-        await self._nursery.start(tor.run, gossip.port)
+        await self._nursery.start(tor.run, listening[1])
         if tor.available and tor.onion_address:
             self.tor_reason = f"onion service {tor.onion_address} (socks {tor.socks_address})"
             self._published = None  # republish our endpoints with the (sealed) onion
@@ -340,14 +458,14 @@ class MeshService:
 
         from .probe import ProbeTracker
 
-        gossip = self.agent.gossip
-        if gossip is None or gossip.port is None:
+        listening = self.gossip_endpoint.listening()
+        if listening is None:
             return
-        host = gossip.listen_host or "0.0.0.0"
+        host = listening[0] or "0.0.0.0"
         family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
         sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
         try:
-            await sock.bind((host, gossip.port))  # the gossip port number, over UDP
+            await sock.bind((host, listening[1]))  # the gossip port number, over UDP
         except OSError as exc:
             sock.close()
             log.warning("path probes unavailable", extra=kv(error=exc))
@@ -356,7 +474,7 @@ class MeshService:
         self.tracker = ProbeTracker(timeout=PROBE_INTERVAL * 2, misses_to_fail=PROBE_MISSES)
 
     def _box_keys(self) -> dict[bytes, bytes]:
-        inv = self.agent.inventory.inventory
+        inv = self.ports.inventory.inventory
         if inv is None:
             return {}
         return {m["node_key"]: m["box_key"] for m in inv.doc["machines"].values()}
@@ -365,7 +483,7 @@ class MeshService:
         from . import probe
 
         sock = self._probe_sock
-        ident = self.agent.identity
+        ident = self.ports.identity
         while True:
             data, src = await sock.recvfrom(probe.MAX_DATAGRAM + 1)
             try:
@@ -387,7 +505,8 @@ class MeshService:
                 except OSError:
                     pass
                 continue
-            got = self.tracker.answered(pid, sender, time.time())
+            now = self.ports.clock.now()
+            got = self.tracker.answered(pid, sender, now)
             if got is None or self.selector is None:
                 continue
             sent, rtt = got
@@ -395,7 +514,7 @@ class MeshService:
             cand = self._cands.get((sent.node_key, sent.address))
             if cand is not None:
                 before = _path_id(self.selector.current(sent.node_key))
-                self.selector.report_success(sent.node_key, cand, rtt, time.time())
+                self.selector.report_success(sent.node_key, cand, rtt, now)
                 if _path_id(self.selector.current(sent.node_key)) != before:
                     self.wake()
 
@@ -410,9 +529,11 @@ class MeshService:
             infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_DGRAM)
         except (OSError, ValueError):
             return
-        ident = self.agent.identity
-        pid = self.tracker.sent(node_key, address, time.time())
-        data = probe.encode(probe.PING, pid, time.time(), ident.public_key, ident.box_key, box)
+        ident = self.ports.identity
+        now = self.ports.clock.now()
+        pid = self.tracker.sent(node_key, address, now)
+        # sent_at only comes back in the pong; the tracker keeps its own copy.
+        data = probe.encode(probe.PING, pid, now, ident.public_key, ident.box_key, box)
         for family, _, _, _, sockaddr in infos:
             if family == self._probe_sock.family:
                 try:
@@ -428,7 +549,7 @@ class MeshService:
             sel = self.selector
             if sel is None:
                 continue
-            now = time.time()
+            now = self.ports.clock.now()
 
             def is_current(node_key: bytes, address: str, sel=sel) -> bool:
                 cur = sel.current(node_key)
@@ -469,26 +590,25 @@ class MeshService:
             await trio.sleep(ADDRESS_CHECK_INTERVAL)
 
     async def _publish_endpoints(self) -> None:
-        agent = self.agent
-        gossip = agent.gossip
-        if gossip is None or gossip.port is None or agent.anchor is None:
+        listening = self.gossip_endpoint.listening()
+        if listening is None or self.ports.inventory.anchor is None:
             return
         from .localaddrs import local_addresses
 
-        host = gossip.listen_host
+        host, port = listening
         if host in ("", "0.0.0.0", "::"):
             ips = await trio.to_thread.run_sync(local_addresses, frozenset({self.cfg.interface}))
         else:
             ips = [host]
-        lan = [_join_host_port(ip, gossip.port) for ip in ips]
+        lan = [join_host_port(ip, port) for ip in ips]
         sealed_onion = b""
         if self.tor is not None and getattr(self.tor, "onion_address", None):
-            inv = agent.inventory.inventory
+            inv = self.ports.inventory.inventory
             if inv is not None:
                 from ..inventory.sealing import recipients_of, seal_endpoints
 
                 sealed_onion = seal_endpoints(
-                    [f"{self.tor.onion_address}:{gossip.port}"], recipients_of(inv.doc)
+                    [f"{self.tor.onion_address}:{port}"], recipients_of(inv.doc)
                 )
         body = cands.endpoints_body(
             lan,
@@ -496,8 +616,8 @@ class MeshService:
             self.cfg.wg_port if self.backend is not None else None,
             sealed_onion,
         )
-        if body != self._published:
-            await agent.publish_record(cands.ENDPOINTS_KIND, "", body)
+        # A body our own check refuses is not remembered: the next round tries again.
+        if body != self._published and await self.ports.bus.publish(cands.ENDPOINTS_KIND, "", body):
             self._published = body
 
     # -- reconciling --------------------------------------------------------------------
@@ -509,77 +629,49 @@ class MeshService:
             except Exception as exc:  # the next round tries again
                 self.stats["errors"] += 1
                 log.warning("mesh reconcile failed", extra=kv(error=exc))
-            deadline = trio.current_time() + RECONCILE_INTERVAL
+            # The selector runs on ports.clock.now(); trio's sleeps follow the
+            # same clock in the agent and in the simulator, so wait a duration.
+            wait = RECONCILE_INTERVAL
             if self.selector is not None:
                 nd = self.selector.next_deadline()
                 if nd is not None:
-                    deadline = min(deadline, trio.current_time() + max(0.5, nd - time.time()))
-            with trio.move_on_at(deadline):
+                    wait = min(wait, max(0.5, nd - self.ports.clock.now()))
+            with trio.move_on_after(wait):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
             await trio.sleep(0.05)  # batch a burst of changes into one round
 
     def _candidates(self) -> dict[bytes, list[Candidate]]:
-        agent = self.agent
-        inv = agent.inventory.inventory
-        if inv is None:
-            return {}
-        opened = agent.inventory_endpoints()
-        return cands.collect(
-            inv.doc,
-            self_key=agent.identity.public_key,
-            records=self.records,
-            opened_inventory=opened,
-            lan_seen=self.lan_seen,
-            onions=self.onions,
+        return _collect(
+            self.ports, self.inventory_endpoints, self.records, self.lan_seen, self.onions
         )
 
     async def reconcile_once(self) -> None:
-        agent = self.agent
-        inv = agent.inventory.inventory
+        ports = self.ports
+        inv = ports.inventory.inventory
         self.stats["reconciles"] += 1
         if inv is None or self.selector is None or self.backend is None:
             return
-        from ..inventory.select import path_preference
-
-        now = time.time()
-        doc = inv.doc
-        by_key = {m["node_key"]: (name, m) for name, m in doc["machines"].items()}
-        all_cands = self._candidates()
-        v4 = {}
-        if self.cfg.ipv4_range:
-            v4 = assign_ipv4(self.cfg.ipv4_range, list(by_key))
-        vms = vm_routes(
-            doc,
+        now = ports.clock.now()
+        ident = ports.identity
+        plan = plan_peers(
+            inv.doc,
             inv.clan_id,
-            ((r.origin, r.key, r.body) for r in agent.store.records() if r.kind == VM_STATUS_KIND),
-            self._gone(by_key),
+            ident.public_key,
+            self.selector,
+            now,
+            endpoints=self.records,
+            vm_status=((r.origin, r.key, r.body) for r in ports.store.of_kind(VM_STATUS_KIND)),
+            gone=self._gone(m["node_key"] for m in inv.doc["machines"].values()),
+            ipv4_range=self.cfg.ipv4_range,
+            opened_inventory=self.inventory_endpoints(),
+            lan_seen=self.lan_seen,
+            onions=self.onions,
         )
-        peers: list[MeshPeer] = []
-        for key, (name, m) in sorted(by_key.items()):
-            if key == agent.identity.public_key:
-                continue
-            for c in all_cands.get(key, []):
+        for key, found in plan.candidates.items():
+            for c in found:
                 self._cands[(key, c.address)] = c
-            self.selector.set_candidates(
-                key, all_cands.get(key, []), path_preference(doc, name), bool(m["public"]), now
-            )
-            chosen = self.selector.choose(key, now)
-            endpoint = None
-            if chosen is not None and chosen.kind in ("lan", "public") and chosen.port_wg:
-                endpoint = _join_host_port(_host_of(chosen.address), chosen.port_wg)
-            peers.append(
-                MeshPeer(
-                    m["wg_key"],
-                    overlay_ip6(inv.clan_id, key),
-                    v4.get(key),
-                    endpoint,
-                    tuple(vms.get(key, ())),
-                )
-            )
-        desired = desired_from(
-            agent.identity.wg_private, agent.identity.wg_public, self.cfg.wg_port, peers
-        )
+        desired = desired_from(ident.wg_private, ident.wg_public, self.cfg.wg_port, plan.peers)
         actual = await self.backend.get()
         diff = reconcile(desired, actual)
         if not diff.empty:
@@ -591,19 +683,23 @@ class MeshService:
                 "WireGuard peers reconciled",
                 extra=kv(add=len(diff.add), update=len(diff.update), remove=len(diff.remove)),
             )
-        if self.overlay4 is None and agent.identity.public_key in v4:
+        if self.overlay4 is None and plan.overlay4 is not None:
             from . import netlink
 
-            self.overlay4 = v4[agent.identity.public_key]
+            self.overlay4 = plan.overlay4
             await netlink.ensure_address(self.cfg.interface, f"{self.overlay4}/32")
             await netlink.ensure_route(self.cfg.interface, self.cfg.ipv4_range)
         self._device = actual if diff.empty else await self.backend.get()
-        self._judge_paths(self._device, by_key, now)
+        wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
+        self._judge_paths(self._device, wg_to_node, now, ports.clock.wall())
 
-    def _judge_paths(self, device: Any, by_key: dict, now: float) -> None:
-        """WireGuard handshakes tell whether a chosen direct path works."""
+    def _judge_paths(self, device: Any, wg_to_node: dict, now: float, wall: float) -> None:
+        """WireGuard handshakes tell whether a chosen direct path works.
+
+        `now` is the selector's clock; `wall` is for WireGuard's handshake
+        times, which are epoch seconds."""
         assert self.selector is not None
-        wg_to_node = {m["wg_key"]: key for key, (_, m) in by_key.items()}
+        rtts = self._rtts()
         for wg_key, peer in device.peers.items():
             node_key = wg_to_node.get(wg_key)
             if node_key is None or peer.endpoint is None:
@@ -613,8 +709,9 @@ class MeshService:
                 continue
             status = device.status.get(wg_key)
             last = status.last_handshake if status is not None else None
-            if last is not None and now - last < HANDSHAKE_FRESH:
-                self.selector.report_success(node_key, current, self._rtt_of(node_key), now)
+            if last is not None and wall - last < HANDSHAKE_FRESH:
+                rtt = rtts.get(node_id_of(node_key), 0.001)
+                self.selector.report_success(node_key, current, rtt, now)
             elif (
                 self._probe_sock is None
                 and now - self._configured_at.get(wg_key, now) > HANDSHAKE_GRACE
@@ -625,62 +722,29 @@ class MeshService:
 
     def _gone(self, keys: Any) -> frozenset[bytes]:
         """Machines the membership knows to be dead or gone (their VM routes lapse)."""
-        from ..gossip.events import MemberState
-        from ..identity import node_id_of
+        state = self.ports.members.state
+        return frozenset(k for k in keys if state(node_id_of(k)) in ("dead", "left"))
 
-        gossip = self.agent.gossip
-        if gossip is None or gossip.node is None:
-            return frozenset()
-        out = set()
-        for key in keys:
-            info = gossip.node.membership.member(node_id_of(key))
-            if info is not None and info.state in (MemberState.DEAD, MemberState.LEFT):
-                out.add(key)
-        return frozenset(out)
-
-    def _rtt_of(self, node_key: bytes) -> float:
-        from ..identity import node_id_of
-
-        gossip = self.agent.gossip
-        if gossip is not None and gossip.node is not None:
-            info = gossip.node.membership.member(node_id_of(node_key))
-            if info is not None and info.rtt is not None:
-                return info.rtt
-        return 0.001
+    def _rtts(self) -> dict[str, float]:
+        """Node id -> the membership's RTT estimate (seconds), where it has one."""
+        out = {}
+        for row in self.ports.members.rows():
+            if row.get("rtt_ms") is not None:
+                out[row["node_id"]] = row["rtt_ms"] / 1000.0
+        return out
 
     # -- views ------------------------------------------------------------------------
 
     def explain(self, machine: str) -> dict[str, Any]:
-        inv = self.agent.inventory.inventory
-        if inv is None or machine not in inv.machines:
-            raise KeyError(machine)
-        m = inv.doc["machines"][machine]
-        key = m["node_key"]
-        handshake = None
-        if self._device is not None:
-            status = self._device.status.get(m["wg_key"])
-            handshake = None if status is None else status.last_handshake
-        out: dict[str, Any] = {
-            "machine": machine,
-            "overlay6": str(overlay_ip6(inv.clan_id, key)),
-            "wireguard": self.backend is not None,
-            "handshake": handshake is not None and time.time() - handshake < HANDSHAKE_FRESH,
-            "tor_socks": _socks_text(self.tor),
-            "mesh_stats": dict(self.stats),
-        }
-        if self.selector is None:
-            # No WireGuard: still rank what we know, for gossip and ssh.
-            from ..inventory.select import path_preference
-
-            sel = PathSelector(self._self_allows_public(), random.Random(0))
-            sel.set_candidates(
-                key,
-                self._candidates().get(key, []),
-                path_preference(inv.doc, machine),
-                bool(m["public"]),
-                time.time(),
-            )
-            out.update(sel.explain(key, time.time()))
-        else:
-            out.update(self.selector.explain(key, time.time()))
-        return out
+        return _explain(
+            self.ports,
+            machine,
+            selector=self.selector,
+            candidates=self._candidates,
+            extra={
+                "wireguard": self.backend is not None,
+                "tor_socks": _socks_text(self.tor),
+                "mesh_stats": dict(self.stats),
+            },
+            device=self._device,
+        )
