@@ -59,6 +59,7 @@ from tests.sim.driver import EventLog
 from tests.sim.network import Latency, Network
 
 __all__ = [
+    "ALL_SERVICES",
     "SIM_EPOCH",
     "AgentSim",
     "Arrivals",
@@ -74,6 +75,9 @@ __all__ = [
     "run_sim",
     "sign_version",
     "start_secrets_and_services",
+    "start_topology",
+    "start_vms",
+    "vm_entry",
 ]
 
 # The wall clock every simulated agent reads at virtual time 0 (2027-01-15):
@@ -431,6 +435,35 @@ class SimAgent:
             return False
         return True
 
+    # -- views the parts are given (as Agent's) -----------------------------------
+
+    def machines(self) -> list[dict[str, Any]]:
+        """`clanctl machine list` rows (Agent.machines): gossip state per machine."""
+        from clanagent.identity import node_id_of
+        from clanagent.inventory import views
+
+        inv = self.inventory.inventory
+        states: dict[bytes, str] = {}
+        if inv is not None:
+            by_id = {m["node_id"]: m["state"] for m in self.node.members()}
+            for key in inv.node_keys():
+                states[key] = by_id.get(node_id_of(key), "unknown")
+        states[self.identity.public_key] = "self"
+        return views.machines(self.inventory, states)
+
+    def vm_list(self) -> list[dict[str, Any]]:
+        vms = self.parts.get("vms")
+        return [] if vms is None else vms.clan_vms()
+
+    def capability_rows(self) -> list[dict[str, Any]]:
+        from clanagent.capabilities import Capability
+
+        caps = [Capability("gossip", True, f"simulated at {self.addr}").to_wire()]
+        vms = self.parts.get("vms")
+        if vms is not None:
+            caps.append(vms.capability().to_wire())
+        return caps
+
     # -- the shell around the node ------------------------------------------------
 
     def publish_record(self, kind: str, key: str, body: Any) -> bool:
@@ -554,6 +587,75 @@ async def start_secrets_and_services(agent: SimAgent, nursery: trio.Nursery) -> 
     )
     await nursery.start(secrets.run)
     agent.parts.update(services=services, secrets=secrets)
+
+
+async def start_vms(agent: SimAgent, nursery: trio.Nursery) -> None:
+    """The VM part on the agent's ports with the in-memory backend
+    (tests/_fake_vm_backend.py): VMs "boot" at once and report status; the
+    file work runs inline, so the virtual clock does not jump under it."""
+    from clanagent.vmhost.service import VmService
+    from clanagent.vmhost.spec import HostLimits
+    from tests._fake_vm_backend import FakeHost, fake_backends, inline
+
+    assert agent.workdir is not None, "the VM part keeps run dirs: give a workdir"
+    host = FakeHost()
+    vms = VmService(
+        agent.ports,
+        state_dir=agent.workdir / "state",
+        runtime_dir=agent.workdir / "run",
+        backends=lambda: fake_backends(host),
+        host_limits=lambda: HostLimits.from_totals(4, 8192),
+        run_sync=inline,
+        rng=random.Random(f"vms-{agent.sim.seed}-{agent.addr}"),
+    )
+    await nursery.start(vms.run)
+    agent.parts.update(vms=vms, vm_host=host)
+
+
+async def start_topology(agent: SimAgent, nursery: trio.Nursery) -> None:
+    """The topology part: publishes this machine's links (a member that
+    fails makes its link "down") and answers the clan map."""
+    from clanagent.topology import TopologyService
+
+    topology = TopologyService(
+        agent.ports,
+        name=agent.name,
+        machines=agent.machines,
+        vms=agent.vm_list,
+        capabilities=agent.capability_rows,
+        path_kind=None,  # no mesh in the simulator: the gossip address says
+        rng=random.Random(f"topology-{agent.sim.seed}-{agent.addr}"),
+    )
+    await nursery.start(topology.run)
+    agent.parts["topology"] = topology
+
+
+# Every service the simulator runs (the benchmark starts all of them).
+ALL_SERVICES: list[ServiceStarter] = [start_secrets_and_services, start_vms, start_topology]
+
+
+def vm_entry(workdir: Path, tags: list[str]) -> dict[str, Any]:
+    """An inventory VM placed by tag; its kernel and initrd are stand-in files
+    under `workdir` (the in-memory backend never reads them)."""
+    kernel, initrd = workdir / "vmlinuz", workdir / "initrd.img"
+    for f in (kernel, initrd):
+        if not f.exists():
+            f.write_bytes(b"not a kernel: the simulator's VM backend never reads it")
+    return {
+        "machines": [],
+        "tags": tags,
+        "count": 1,
+        "vcpus": 1,
+        "memory_mb": 128,
+        "kernel": str(kernel),
+        "initrd": str(initrd),
+        "rootfs": "",
+        "disk_mb": 0,
+        "networks": [],
+        "secrets": [],
+        "backend": "auto",
+        "graphics": False,
+    }
 
 
 # -- the clan ---------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Each test is one trio run on a MockClock (`tests/sim/agents.run_sim`): the
 virtual seconds below cost only the work done in them. Every agent runs the
-real gossip node, store, inventory manager and record checks behind the
-same ports the real agent builds (clanagent/ports.py).
+real gossip node, store, inventory manager and record checks, and (where a
+test gives `ALL_SERVICES`) the real secrets, services, VM (in-memory
+backend) and topology parts, behind the same ports the real agent builds
+(clanagent/ports.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from clanagent.gossip.config import GossipConfig
 from clanagent.inventory import RECORD_KIND
 from clanagent.secrets.record import SECRET_KIND
 from tests.sim.agents import (
+    ALL_SERVICES,
     AgentSim,
     backup_service,
     genesis_doc,
     run_sim,
     sign_version,
-    start_secrets_and_services,
+    vm_entry,
 )
 
 N = 50
@@ -68,7 +71,7 @@ def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
             admins=[bytes(ADMIN.verify_key)],
             seed=1,
             workdir=tmp_path,
-            service_starters=[start_secrets_and_services],
+            service_starters=ALL_SERVICES,
         )
         async with trio.open_nursery() as nursery:
             g = await found(sim, nursery)
@@ -124,6 +127,36 @@ def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
             assert len(values[0]) == 24 and values.count(values[0]) == len(servers)
             assert secret_files(sim, "n3") == {}  # a client is no holder
             print(f"secret {srec.key} spread: {sim.spread(srec)}")
+            # a VM placed on n9 by a tag: its host boots it (the in-memory
+            # backend) and its status record reaches every machine
+            doc4 = copy.deepcopy(v3.doc)
+            doc4["machines"]["n9"]["tags"] = ["base", "vmhost"]
+            doc4["vms"]["web"] = vm_entry(tmp_path, ["vmhost"])
+            v4 = version(doc4, [v3.hash], "a VM on n9")
+            sim["n0"].submit_inventory(v4)
+            n9 = sim["n9"]
+
+            def vm_status():
+                return n9.store.get(n9.identity.public_key, "vm-status", "web")
+
+            def running_everywhere():
+                st = vm_status()
+                return (
+                    st is not None
+                    and st.body["state"] == "running"
+                    and st.body["machine"] == "n9"
+                    and sim.all_hold(st)
+                )
+
+            assert await sim.wait_for(running_everywhere, 60), vm_status()
+            assert n9.parts["vm_host"].started == ["web"]
+            assert all(a.parts["vm_host"].started == [] for a in sim.live() if a is not n9)
+            vrec = vm_status()
+            print(f"vm-status spread: {sim.spread(vrec)}")
+            rows = sim["n44"].vm_list()
+            assert [(r["vm"], r["machine"], r["state"]) for r in rows] == [
+                ("web", "n9", "running")
+            ], rows
             assert sim.false_deaths() == []
             # records were checked by the real body rules, none refused
             assert all(a.record_stats["checked"] > 0 for a in sim.live())
@@ -158,11 +191,34 @@ def test_a_broken_delivery_path_is_not_counted_as_converged():
     run_sim(main)
 
 
-def test_a_crashed_whole_agent_is_marked_dead_by_all():
+def test_a_crashed_whole_agent_is_marked_dead_by_all_and_its_link_goes_down(tmp_path):
     async def main():
-        sim = AgentSim(N, admins=[bytes(ADMIN.verify_key)], seed=3)
+        sim = AgentSim(
+            N,
+            admins=[bytes(ADMIN.verify_key)],
+            seed=3,
+            workdir=tmp_path,
+            service_starters=ALL_SERVICES,
+        )
         async with trio.open_nursery() as nursery:
             await found(sim, nursery)
+            observer = sim["n2"]
+
+            def topology_of(agent):
+                return agent.store.get(agent.identity.public_key, "topology", "")
+
+            def link_to_victim(rec):
+                return {link["peer"]: link["kind"] for link in rec.body["links"]}.get("n21")
+
+            # every machine publishes its links; n2's shows n21 up (by gossip address)
+            assert await sim.wait_for(
+                lambda: (
+                    topology_of(observer) is not None
+                    and link_to_victim(topology_of(observer)) == "other"
+                    and sim.all_hold(topology_of(observer))
+                ),
+                30,
+            )
             victim = sim["n21"]
             crashed_at = trio.current_time()
             victim.crash()
@@ -182,20 +238,51 @@ def test_a_crashed_whole_agent_is_marked_dead_by_all():
             print(f"detected in {t:.2f} virtual s (bound {bound:.1f})")
             assert not victim.up
             assert sim.false_deaths() == []
+            # the topology change: n2 republishes its links with n21 down
+            # (within the kind's min interval) and every live machine gets it
+            from clanagent.topology import MIN_INTERVAL
+
+            assert await sim.wait_for(
+                lambda: (
+                    link_to_victim(topology_of(observer)) == "down"
+                    and sim.all_hold(topology_of(observer))
+                ),
+                3 * MIN_INTERVAL + 1,
+            )
+            down = topology_of(observer)
+            print(f"link down spread: {sim.spread(down)}")
+            edges = sim["n30"].parts["topology"].view()["links"]
+            to_victim = [e for e in edges if "n21" in (e["a"], e["b"])]
+            assert to_victim and all(e["kind"] == "down" for e in to_victim), to_victim
             nursery.cancel_scope.cancel()
 
     run_sim(main)
 
 
-def test_admission_of_65_whole_agents():
+def test_admission_of_65_whole_agents(tmp_path):
     # More than 64: a msgpack map limit once stopped clans at that size.
     async def main():
-        sim = AgentSim(65, admins=[bytes(ADMIN.verify_key)], seed=4)
+        sim = AgentSim(
+            65,
+            admins=[bytes(ADMIN.verify_key)],
+            seed=4,
+            workdir=tmp_path,
+            service_starters=ALL_SERVICES,
+        )
         async with trio.open_nursery() as nursery:
             g = await found(sim, nursery)
             assert all(a.inventory.head.leaves == (g.hash,) for a in sim.live())
             key = sim["n64"].identity.public_key
             assert all(a.inventory.admit_peer(key) is True for a in sim.live())
+            # n64's own records count everywhere: its links reach every machine
+            n64 = sim["n64"]
+            assert await sim.wait_for(
+                lambda: (
+                    (rec := n64.store.get(key, "topology", "")) is not None and sim.all_hold(rec)
+                ),
+                30,
+            )
+            assert all(a.record_stats["refused"] == 0 for a in sim.live())
             assert len(sim.live()) == 65
             nursery.cancel_scope.cancel()
 
