@@ -15,7 +15,7 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | phase | what is measured |
 | --- | --- |
 | join | `join_s`: all N agents start at t=0 through one seed, until every agent sees every other alive |
-| found | `found_s`: the admin's genesis (every machine, one service with a shared secret) from n0 until it arrived in every store |
+| found | `found_s`: the admin's genesis (every machine, one service with a shared secret, one VM on n5) from n0 until it arrived in every store |
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
 | early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over `window` (30) virtual seconds, and `early_published_per_s` by record kind |
 | steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
@@ -77,6 +77,8 @@ async def _measure(
 
         doc = simagents.genesis_doc(sim)
         doc["services"]["backup"] = simagents.backup_service(["n1", "n2", "n3"], ["n4"])
+        doc["machines"]["n5"]["tags"] = ["base", "vmhost"]
+        doc["vms"]["web"] = simagents.vm_entry(workdir, ["vmhost"])
         g = simagents.sign_version(doc, [], "genesis", ADMIN)
         sim["n0"].submit_inventory(g)
         rec = sim["n0"].store.get(sim["n0"].identity.public_key, "inventory", g.hash.hex())
