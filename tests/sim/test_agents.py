@@ -158,6 +158,9 @@ def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
                 ("web", "n9", "running")
             ], rows
             assert sim.false_deaths() == []
+            # no part's handler failed, no node hit an internal error
+            assert all(a.bus.subscriptions.faults == 0 and a.faults == 0 for a in sim.live())
+            assert all(a.node.stats["internal_errors"] == 0 for a in sim.live())
             # records were checked by the real body rules, none refused
             assert all(a.record_stats["checked"] > 0 for a in sim.live())
             assert sum(a.record_stats["refused"] for a in sim.live()) == 0
