@@ -23,6 +23,9 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
 
 Times are virtual seconds except `real_s` (wall clock, the whole size).
+Agents share decoded records (`shared_record_decoding`): bodies are
+read-only, so no decision changes, and N agents in one process do not each
+hold a copy of every record.
 """
 
 from __future__ import annotations
@@ -137,7 +140,10 @@ async def _measure(
 def run_size(n: int, *, quick: bool = False) -> dict[str, Any]:
     wall0 = time.perf_counter()
     settle, window = (30.0, 10.0) if quick else (None, 30.0)
-    with tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp,
+        simagents.shared_record_decoding(),
+    ):
         row = run_sim(lambda: _measure(n, Path(tmp), settle, window, 120.0))
     row["window_s"] = window
     row["real_s"] = round(time.perf_counter() - wall0, 1)

@@ -32,12 +32,13 @@ is in memory, as in `tests/sim/driver.py`).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from clanagent.inventory.versions import InventoryVersion, OfferStatus
 from clanagent.ports import Ports, Subscriptions
 from clanagent.records import RecordContext, Refusal, is_durable, validate
 from clanagent.store import Store
-from clanagent.wire import NodeInfo, SignedRecord
+from clanagent.wire import RECORD_LIMITS, NodeInfo, SignedRecord
 from tests.sim.cluster import peak_rss_mb, seeded_identity
 from tests.sim.driver import EventLog
 from tests.sim.network import Latency, Network
@@ -73,6 +74,7 @@ __all__ = [
     "genesis_doc",
     "machine_entry",
     "run_sim",
+    "shared_record_decoding",
     "sign_version",
     "start_secrets_and_services",
     "start_topology",
@@ -90,6 +92,42 @@ def run_sim(fn: Callable[[], Awaitable[Any]]) -> Any:
     """Run `fn()` in a fresh trio run on a MockClock that jumps whenever every
     task waits (virtual time costs nothing)."""
     return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@contextlib.contextmanager
+def shared_record_decoding(max_records: int = 1 << 20) -> Iterator[None]:
+    """While inside: `SignedRecord.decode` hands every agent the same object
+    for the same bytes (checked once, signature verified on every call that
+    asks for it, as before).
+
+    A record's body is read-only and shared by everyone who holds it (see
+    SignedRecord), so this changes no decision of any part; it only stops N
+    agents in one process from each holding a decoded copy of every record,
+    which at hundreds of agents with per-machine link lists (topology) is
+    gigabytes. The benchmark uses it; the tests do not need it."""
+    orig = SignedRecord.__dict__["decode"].__func__
+    cache: dict[bytes, SignedRecord] = {}
+
+    def decode(
+        cls: type[SignedRecord], data: bytes, limits: Any = RECORD_LIMITS, *, verify: bool = True
+    ) -> SignedRecord:
+        if limits is not RECORD_LIMITS or type(data) is not bytes:
+            return orig(cls, data, limits, verify=verify)
+        rec = cache.get(data)
+        if rec is None:
+            rec = orig(cls, data, limits, verify=False)
+            if len(cache) >= max_records:
+                cache.clear()
+            cache[data] = rec
+        if verify:
+            rec.verify()
+        return rec
+
+    SignedRecord.decode = classmethod(decode)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        SignedRecord.decode = classmethod(orig)  # type: ignore[method-assign,assignment]
 
 
 def machine_entry(ident: Identity, tags: Iterable[str] = ()) -> dict[str, Any]:

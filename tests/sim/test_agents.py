@@ -14,6 +14,7 @@ import copy
 import time
 
 import nacl.signing
+import pytest
 import trio
 
 from clanagent.gossip.config import GossipConfig
@@ -290,3 +291,21 @@ def test_admission_of_65_whole_agents(tmp_path):
             nursery.cancel_scope.cancel()
 
     run_sim(main)
+
+
+def test_shared_record_decoding_shares_objects_and_still_verifies():
+    from clanagent.wire import SignedRecord, WireError
+    from tests.sim.agents import shared_record_decoding
+    from tests.sim.cluster import seeded_identity
+
+    ident = seeded_identity(0, 1)
+    data = SignedRecord.create(ident, "note", "k", 1, {"v": 1}).encode()
+    forged = bytearray(data)
+    forged[-1] ^= 1
+    with shared_record_decoding():
+        a = SignedRecord.decode(data)
+        assert SignedRecord.decode(data, verify=False) is a
+        SignedRecord.decode(bytes(forged), verify=False)  # parses: the check is verify's
+        with pytest.raises(WireError):
+            SignedRecord.decode(bytes(forged))
+    assert SignedRecord.decode(data) is not a  # back to one object per decode
