@@ -19,6 +19,7 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
 | early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over `window` (30) virtual seconds, and `early_published_per_s` by record kind |
 | steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
+| (both) | `*_bytes_by_message`: the same bytes split by gossip message type (ping, ack, push_pull, record, ae_request, ae_reply, ...) |
 | edit | `edit_s`: an inventory edit from n1 until it arrived in every store |
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
 
@@ -54,6 +55,31 @@ __all__ = ["main", "run_size"]
 RESULTS = Path(__file__).resolve().parent / "results" / "agents_sim.json"
 ADMIN = nacl.signing.SigningKey(bytes([7]) * 32)
 SETTLE_INTERVALS = 3  # anti-entropy intervals between the early and the steady window
+
+
+def _message_bytes(into: dict[str, int]) -> Any:
+    """A SimNet tap adding each datagram's bytes to `into` by gossip message type."""
+    import msgpack
+
+    from clanagent.gossip.node import MsgType
+
+    def tap(src: str, dst: str, data: bytes) -> None:
+        try:
+            _, items = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception:  # noqa: BLE001 - a probe: an odd datagram is counted as such
+            into["undecodable"] = into.get("undecodable", 0) + len(data)
+            return
+        sizes = [(item[0], len(msgpack.packb(item))) for item in items]
+        total = sum(n for _, n in sizes) or 1
+        for mtype, n in sizes:
+            try:
+                name = MsgType(mtype).name.lower()
+            except ValueError:
+                name = str(mtype)
+            # the datagram's framing shared out in proportion
+            into[name] = into.get(name, 0) + round(len(data) * n / total)
+
+    return tap
 
 
 def _r(v: float | None, nd: int = 2) -> float | None:
@@ -98,7 +124,16 @@ async def _measure(
         async def window_of(name: str) -> None:
             before = dict(sim.published)
             t_start = trio.current_time()
+            by_type: dict[str, int] = {}
+            tap = _message_bytes(by_type)
+            sim.net.taps.append(tap)
             bw = await sim.bandwidth(window)
+            sim.net.taps.remove(tap)
+            live = len(sim.live())
+            row[f"{name}_bytes_by_message"] = {
+                k: round(v / window / live, 1)
+                for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])
+            }
             row[f"{name}_at_s"] = _r(t_start)
             row[f"{name}_bytes_per_node_per_s"] = {k: round(v, 1) for k, v in bw.items()}
             row[f"{name}_published_per_s"] = {

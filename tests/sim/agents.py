@@ -287,6 +287,8 @@ class SimNet:
         self._wake = trio.Event()
         self.blackholed: set[str] = set()
         self.stats = {"sent": 0, "delivered": 0, "blackholed": 0}
+        # Called with (src, dst, data) for every datagram sent (a benchmark's probe).
+        self.taps: list[Callable[[str, str, bytes], None]] = []
 
     def attach(self, agent: SimAgent) -> None:
         self.agents[agent.addr] = agent
@@ -298,6 +300,8 @@ class SimNet:
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         self.stats["sent"] += 1
+        for tap in self.taps:
+            tap(src, dst, data)
         t = self.network.send(trio.current_time(), src, dst, len(data))
         if t is None:
             return
