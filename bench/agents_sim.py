@@ -168,6 +168,7 @@ async def _measure(
         row["detect_s"] = _r(sim.detection_time(victim, crashed))
         row["false_deaths"] = len(sim.false_deaths())
         row["virtual_s"] = _r(trio.current_time())
+        row["peak_in_flight_mb"] = round(sim.net.stats["peak_in_flight_bytes"] / 2**20, 1)
         nursery.cancel_scope.cancel()
     return row
 

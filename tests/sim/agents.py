@@ -286,7 +286,8 @@ class SimNet:
         self._seq = itertools.count()
         self._wake = trio.Event()
         self.blackholed: set[str] = set()
-        self.stats = {"sent": 0, "delivered": 0, "blackholed": 0}
+        self.stats = {"sent": 0, "delivered": 0, "blackholed": 0, "peak_in_flight_bytes": 0}
+        self._in_flight = 0  # bytes in the heap
         # Called with (src, dst, data) for every datagram sent (a benchmark's probe).
         self.taps: list[Callable[[str, str, bytes], None]] = []
 
@@ -307,6 +308,9 @@ class SimNet:
             return
         first = self._heap[0][0] if self._heap else math.inf
         heapq.heappush(self._heap, (t, next(self._seq), src, dst, data))
+        self._in_flight += len(data)
+        if self._in_flight > self.stats["peak_in_flight_bytes"]:
+            self.stats["peak_in_flight_bytes"] = self._in_flight
         if t < first:
             self._wake.set()
 
@@ -321,6 +325,7 @@ class SimNet:
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 _, _, src, dst, data = heapq.heappop(heap)
+                self._in_flight -= len(data)
                 if dst in self.blackholed:
                     self.stats["blackholed"] += 1
                     self.network.counters[src].msgs_dropped += 1
