@@ -17,8 +17,8 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | join | `join_s`: all N agents start at t=0 through one seed, until every agent sees every other alive |
 | found | `found_s`: the admin's genesis (every machine, one service with a shared secret, one VM on n5) from n0 until it arrived in every store |
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
-| early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over `window` (30) virtual seconds, and `early_published_per_s` by record kind |
-| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
+| early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over 30 virtual seconds, and `early_published_per_s` by record kind |
+| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (300 s: every machine republishes its links once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
 | (both) | `*_bytes_by_message`: the same bytes split by gossip message type (ping, ack, push_pull, record, ae_request, ae_reply, ...) |
 | edit | `edit_s`: an inventory edit from n1 until it arrived in every store |
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
@@ -47,6 +47,7 @@ import nacl.signing
 import trio
 
 from clanagent.gossip.config import push_pull_scale
+from clanagent.topology import REFRESH as TOPOLOGY_REFRESH
 from tests.sim import agents as simagents
 from tests.sim.agents import AgentSim, run_sim
 
@@ -87,7 +88,12 @@ def _r(v: float | None, nd: int = 2) -> float | None:
 
 
 async def _measure(
-    n: int, workdir: Path, settle: float | None, window: float, timeout: float
+    n: int,
+    workdir: Path,
+    settle: float | None,
+    window: float,
+    steady_window: float,
+    timeout: float,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"n": n}
     sim = AgentSim(
@@ -121,7 +127,7 @@ async def _measure(
         ok = await sim.wait_for(lambda: bool(secret()) and sim.all_hold(secret()[0]), timeout)
         row["secret_s"] = _r(trio.current_time() - t_g) if ok else None
 
-        async def window_of(name: str) -> None:
+        async def window_of(name: str, window: float) -> None:
             before = dict(sim.published)
             t_start = trio.current_time()
             by_type: dict[str, int] = {}
@@ -135,6 +141,7 @@ async def _measure(
                 for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])
             }
             row[f"{name}_at_s"] = _r(t_start)
+            row[f"{name}_window_s"] = _r(window)
             row[f"{name}_bytes_per_node_per_s"] = {k: round(v, 1) for k, v in bw.items()}
             row[f"{name}_published_per_s"] = {
                 k: round((v - before.get(k, 0)) / window, 3)
@@ -142,7 +149,7 @@ async def _measure(
                 if v - before.get(k, 0)
             }
 
-        await window_of("early")
+        await window_of("early", window)
         # Steady state: a few anti-entropy intervals later (a new origin's
         # watermark moves by anti-entropy claims, so the first exchanges
         # after founding still resend records).
@@ -150,7 +157,7 @@ async def _measure(
             settle = SETTLE_INTERVALS * push_pull_scale(sim.config.push_pull_interval, n)
         row["settle_s"] = _r(settle)
         await trio.sleep(settle)
-        await window_of("steady")
+        await window_of("steady", steady_window)
         row["records_held_n0"] = len(sim["n0"].store)
 
         doc2 = copy.deepcopy(g.doc)
@@ -175,13 +182,15 @@ async def _measure(
 
 def run_size(n: int, *, quick: bool = False) -> dict[str, Any]:
     wall0 = time.perf_counter()
-    settle, window = (30.0, 10.0) if quick else (None, 30.0)
+    # The steady window spans a whole refresh period of the topology kind
+    # (every machine republishes its links once in it): shorter, it would
+    # measure whether a refresh wave happened to fall inside.
+    settle, window, steady = (30.0, 10.0, 10.0) if quick else (None, 30.0, TOPOLOGY_REFRESH)
     with (
         tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp,
         simagents.shared_record_decoding(),
     ):
-        row = run_sim(lambda: _measure(n, Path(tmp), settle, window, 120.0))
-    row["window_s"] = window
+        row = run_sim(lambda: _measure(n, Path(tmp), settle, window, steady, 120.0))
     row["real_s"] = round(time.perf_counter() - wall0, 1)
     row["peak_rss_mb"] = round(AgentSim.peak_rss_mb(), 1)
     return row
