@@ -159,6 +159,12 @@ async def _measure(
         await trio.sleep(settle)
         await window_of("steady", steady_window)
         row["records_held_n0"] = len(sim["n0"].store)
+        sizes: dict[str, list[int]] = {}
+        for rec in sim["n0"].store.records():
+            sizes.setdefault(rec.kind, []).append(rec.size)
+        row["record_bytes_by_kind_n0"] = {
+            k: {"count": len(v), "mean": round(sum(v) / len(v))} for k, v in sorted(sizes.items())
+        }
 
         doc2 = copy.deepcopy(g.doc)
         doc2["machines"]["n5"]["tags"] = ["base", "edited"]
