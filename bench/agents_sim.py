@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one is not None:
         json.dump(run_size(args.one, quick=args.quick), sys.stdout)
         return 0
-    sizes = args.sizes or ([20] if args.quick else [100, 300, 1000])
+    sizes = args.sizes or ([20] if args.quick else [100, 300])
     rows = run_all(sizes, quick=args.quick)
     if not args.quick:
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
