@@ -94,14 +94,16 @@ async def _measure(
     window: float,
     steady_window: float,
     timeout: float,
+    version_floor: bool = True,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"n": n}
+    row: dict[str, Any] = {"n": n, "version_floor": version_floor}
     sim = AgentSim(
         n,
         admins=[bytes(ADMIN.verify_key)],
         seed=1,
         workdir=workdir,
         service_starters=simagents.ALL_SERVICES,
+        version_floor=version_floor,
     )
     row["services"] = [s.__name__ for s in simagents.ALL_SERVICES]
     async with trio.open_nursery() as nursery:
@@ -186,7 +188,7 @@ async def _measure(
     return row
 
 
-def run_size(n: int, *, quick: bool = False) -> dict[str, Any]:
+def run_size(n: int, *, quick: bool = False, version_floor: bool = True) -> dict[str, Any]:
     wall0 = time.perf_counter()
     # The steady window spans a whole refresh period of the topology kind
     # (every machine republishes its links once in it): shorter, it would
@@ -196,13 +198,13 @@ def run_size(n: int, *, quick: bool = False) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp,
         simagents.shared_record_decoding(),
     ):
-        row = run_sim(lambda: _measure(n, Path(tmp), settle, window, steady, 120.0))
+        row = run_sim(lambda: _measure(n, Path(tmp), settle, window, steady, 120.0, version_floor))
     row["real_s"] = round(time.perf_counter() - wall0, 1)
     row["peak_rss_mb"] = round(AgentSim.peak_rss_mb(), 1)
     return row
 
 
-def run_all(sizes: list[int], *, quick: bool) -> list[dict[str, Any]]:
+def run_all(sizes: list[int], *, quick: bool, version_floor: bool = True) -> list[dict[str, Any]]:
     rows = []
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
@@ -210,6 +212,8 @@ def run_all(sizes: list[int], *, quick: bool) -> list[dict[str, Any]]:
         cmd = [sys.executable, "-m", "bench.agents_sim", "--one", str(n)]
         if quick:
             cmd.append("--quick")
+        if not version_floor:
+            cmd.append("--no-version-floor")
         proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, check=False)
         if proc.returncode != 0:
             print(f"n={n}: the run failed (exit {proc.returncode})", file=sys.stderr)
@@ -257,13 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="N=20 only, short phases")
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--no-version-floor",
+        action="store_true",
+        help="diagnostic: record versions count up by one (no wall-clock floor); not saved",
+    )
     args = p.parse_args(argv)
+    floor = not args.no_version_floor
     if args.one is not None:
-        json.dump(run_size(args.one, quick=args.quick), sys.stdout)
+        json.dump(run_size(args.one, quick=args.quick, version_floor=floor), sys.stdout)
         return 0
     sizes = args.sizes or ([20] if args.quick else [100, 300])
-    rows = run_all(sizes, quick=args.quick)
-    if not args.quick:
+    rows = run_all(sizes, quick=args.quick, version_floor=floor)
+    if not args.quick and floor:
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
         by_n = {r["n"]: r for r in old.get("rows", [])}
         by_n.update({r["n"]: r for r in rows})

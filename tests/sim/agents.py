@@ -430,7 +430,7 @@ class SimAgent:
             name=self.name,
             admit=self.admit_record,
             validate=self.validate_record,
-            wall_clock=self.clock.wall,
+            wall_clock=self.clock.wall if self.sim.version_floor else None,
         )
 
     # -- hooks the gossip node asks (as Agent's) ------------------------------------
@@ -729,8 +729,13 @@ class AgentSim:
         workdir: Path | None = None,
         identities: Sequence[Identity] | None = None,
         service_starters: Sequence[ServiceStarter] = (),
+        version_floor: bool = True,
     ) -> None:
+        """`version_floor=False` gives the nodes no wall clock (record
+        versions count up by one, as before the floor): a diagnostic, to see
+        what the floor costs; the agent always has one."""
         self.n = n
+        self.version_floor = version_floor
         self.seed = seed
         self.config = config if config is not None else GossipConfig.lan()
         self.anchor = Anchor(clan_id, "sim", tuple(sorted(admins)))
