@@ -23,11 +23,19 @@ the kernel (those parts' backends are replaced by fakes); read the wall
 clock for a decision (the wall clock a part sees is `SIM_EPOCH` plus the
 virtual time); reach into a part beyond the ports the agent also gives it.
 
+The services (`ALL_SERVICES`; a test picks its own `service_starters`):
+secrets and service wiring (files under the agent's workdir), VMs (the
+in-memory backend of tests/_fake_vm_backend.py) and topology. Not run: the
+mesh (WireGuard, discovery, path probes: the kernel side), so topology
+classifies links by gossip address; the control socket and web console.
+
 What differs from the real agent, on purpose: no peer sessions (a datagram
 arrives from the sender's node id, as an authenticated session would say),
 so the inventory's admission gates records (the node's `admit=`) but not
 who may exchange membership messages; persistence is immediate (the store
-is in memory, as in `tests/sim/driver.py`).
+is in memory, as in `tests/sim/driver.py`); the secrets part's file work
+runs in trio's worker threads, during which the MockClock may jump (the
+VM part's runs inline).
 """
 
 from __future__ import annotations
