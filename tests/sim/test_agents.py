@@ -11,7 +11,6 @@ backend) and topology parts, behind the same ports the real agent builds
 from __future__ import annotations
 
 import copy
-import time
 
 import nacl.signing
 import pytest
@@ -64,8 +63,6 @@ async def found(sim: AgentSim, nursery: trio.Nursery, *, timeout: float = 60.0):
 
 
 def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
-    wall0 = time.perf_counter()
-
     async def main():
         sim = AgentSim(
             N,
@@ -168,7 +165,6 @@ def test_whole_agents_found_a_clan_and_converge_on_an_edit(tmp_path):
             nursery.cancel_scope.cancel()
 
     run_sim(main)
-    assert time.perf_counter() - wall0 < 60
 
 
 def test_a_broken_delivery_path_is_not_counted_as_converged():
