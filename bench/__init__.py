@@ -1,7 +1,7 @@
 """Benchmarks of clanagent, run with `make bench` (`python -m bench`).
 
-Owns: one module per benchmark (`gossip`, `agents`, `mesh`, `vm`, `store`) and the dispatcher in
-`__main__`; results go to `bench/results/<name>.json`.
+Owns: one module per benchmark (`gossip`, `agents`, `agents_sim`, `mesh`, `vm`,
+`store`) and the dispatcher in `__main__`; results go to `bench/results/<name>.json`.
 
 Must never: be imported by the product or by the unit tests.
 """
@@ -12,6 +12,7 @@ __all__ = ["BENCHMARKS"]
 BENCHMARKS = {
     "gossip": "bench.gossip",
     "agents": "bench.agents",
+    "agents_sim": "bench.agents_sim",
     "mesh": "bench.mesh",
     "vm": "bench.vm",
     "store": "bench.store",

@@ -3,7 +3,10 @@
 `network` decides which datagram arrives when, `driver` runs the event loop
 (deliveries and node timers), `cluster` builds and joins N real nodes and
 measures them, `scenarios` scripts the standard experiments.  `fakenode`
-holds stand-ins used to test the harness itself.
+holds stand-ins used to test the harness itself.  `agents` runs N *whole*
+agents (gossip, store, inventory, record checks and the services, on the
+same ports the real agent builds) in trio on a MockClock over the same
+`network`.
 """
 
 from tests.sim.cluster import Cluster, peak_rss_mb

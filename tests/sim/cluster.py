@@ -111,6 +111,8 @@ class Cluster:
         self.restarts: dict[str, int] = {}
         # record_id -> virtual time it was published
         self.published_at: dict[bytes, float] = {}
+        # record_id -> address of the node that published it
+        self.published_by: dict[bytes, str] = {}
         self._wall_start = time.perf_counter()
         for i in range(n):
             self.driver.add_node(self._make_node(i))
@@ -210,6 +212,7 @@ class Cluster:
         now = self.driver.now
         rec = self.driver.call(addr, lambda node: node.publish(now, kind, key, body))
         self.published_at[rec.record_id] = now
+        self.published_by[rec.record_id] = addr
         return rec
 
     def holds(self, addr: str, record: Any) -> bool:
@@ -225,14 +228,19 @@ class Cluster:
         return all(self.holds(a, r) for a in self.live() for r in records)
 
     def spread_times(self, record: Any) -> list[float]:
-        """Sorted seconds from publication until each live node accepted `record`."""
+        """Sorted seconds from publication until each live node accepted `record`.
+
+        A node counts only once the record arrived (its node reported it
+        accepted); only the publisher, whose node may report nothing for its
+        own record, counts from the publication itself."""
         t0 = self.published_at[record.record_id]
         seen = self.log.holders_at(record.record_id)
+        publisher = self.published_by.get(record.record_id)
         times = []
         for a in self.live():
             t = seen.get(a)
-            if t is None and self.holds(a, record):
-                t = t0  # the publisher, if its node reports nothing for its own record
+            if t is None and a == publisher and self.holds(a, record):
+                t = t0
             if t is not None:
                 times.append(max(0.0, t - t0))
         times.sort()

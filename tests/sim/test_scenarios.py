@@ -126,3 +126,17 @@ def test_real_node_runs_are_reproducible_for_a_seed() -> None:
         return events, c.network.totals()
 
     assert run() == run()
+
+
+def test_a_holder_counts_only_once_its_record_arrived() -> None:
+    from tests.sim.cluster import Cluster
+
+    c = Cluster(4, GossipConfig.local(), seed=9)
+    assert c.wait_converged(timeout=30)
+    c.partition([["n0", "n1", "n2"]])  # n3 hears nothing from now on
+    rec = c.publish("n0", "note", "k", {"v": 1})
+    c.stores["n3"].put(rec)  # in its store, but it never arrived through the network
+    c.run_for(3)
+    assert len(c.spread_times(rec)) == 3
+    assert c.time_to_fraction(rec, 1.0) is None
+    assert c.time_to_fraction(rec, 0.75) is not None
