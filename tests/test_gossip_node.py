@@ -382,3 +382,37 @@ def test_bytes_sent_are_split_by_what_they_were_for():
         assert st["bytes_sent_ae"] > 0  # push-pull rounds ran
     assert sum(n.stats["bytes_sent_records"] for n in nodes.values()) >= 3 * 200
     assert nodes["n1"].stats["bytes_sent_gossip"] > 0
+
+
+def test_big_records_are_pushed_half_as_often_as_small_ones():
+    """A record over BIG_RECORD bytes costs its bytes every time it is pushed:
+    it gets memberlist's plain retransmit budget (anti-entropy brings it to
+    whoever the push missed), a small one twice that."""
+    from clanagent.gossip.node import BIG_RECORD, RECORD_RETRANSMIT_FACTOR
+
+    router, nodes = make_nodes(6)
+    router.run_until(3.0)
+    sent: list[bytes] = []
+    handle = router.handle
+
+    def spy(src, actions):
+        actions = list(actions)
+        if src == "n1":
+            sent.extend(a.data for a in actions if isinstance(a, SendTo))
+        handle(src, actions)
+
+    router.handle = spy
+    small, acts = nodes["n1"].publish(router.now, "svc", "small", {"v": "s" * 100})
+    router.handle("n1", acts)
+    big, acts = nodes["n1"].publish(router.now, "svc", "big", {"v": "b" * (2 * BIG_RECORD)})
+    router.handle("n1", acts)
+    router.run_until(router.now + 20.0)
+    for node in nodes.values():
+        assert node.store.get(big.origin, "svc", "big") is not None  # it still arrives
+    pushes = {
+        name: sum(rec.signature in data for data in sent)
+        for name, rec in (("small", small), ("big", big))
+    }
+    limit = nodes["n1"].config.retransmit_limit(6)
+    assert pushes["small"] == limit * RECORD_RETRANSMIT_FACTOR, pushes
+    assert pushes["big"] == limit, pushes

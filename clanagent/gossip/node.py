@@ -145,6 +145,9 @@ AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
 EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
+# Records bigger than this (encoded, in bytes) are pushed with the plain
+# membership budget instead (see GossipNode._rq_big).
+BIG_RECORD = 1024
 # Members we marked dead or left are tried again (a full state exchange, as
 # a join) on a per-member schedule (rejoin.RejoinSchedule): exponential
 # backoff with jitter from the push-pull interval (RECONNECT_INTERVAL when
@@ -425,6 +428,10 @@ class GossipNode:
         self._rq = BroadcastQueue(
             config.retransmit_mult * RECORD_RETRANSMIT_FACTOR, self._num_nodes
         )
+        # Records over BIG_RECORD bytes (a topology view of many machines)
+        # get memberlist's plain budget: their bytes, not their count, are
+        # the cost, and anti-entropy brings them to whoever the push missed.
+        self._rq_big = BroadcastQueue(config.retransmit_mult, self._num_nodes)
         # Members we marked dead or left: we keep trying to reach them, so
         # partitions heal (Serf's reconnect) and a restarted member that
         # remembers nobody is found again (see REJOIN_FANOUT).
@@ -898,7 +905,8 @@ class GossipNode:
             if cont.rebroadcast or rec.size > _PUSH_MAX:
                 item = pack_plain([int(MsgType.RECORD), rec.encode()])
                 if len(item) <= _PUSH_MAX:
-                    self._rq.queue(("r", rec.origin, rec.kind, rec.key), item)
+                    queue = self._rq_big if len(item) > BIG_RECORD else self._rq
+                    queue.queue(("r", rec.origin, rec.kind, rec.key), item)
                     fresh = True
                 else:
                     # Too big for a gossip datagram: it would wait in the
@@ -1158,18 +1166,24 @@ class GossipNode:
         """Lost members we keep trying: node id -> (addr, attempts, next at)."""
         return self._rejoin.pending()
 
+    def _queued(self) -> bool:
+        return bool(len(self._bq) or len(self._rq) or len(self._rq_big))
+
     def _take_broadcasts(self, room: int) -> list[bytes]:
         items = self._bq.get_broadcasts(2, room)
         if items:
             room -= sum(len(i) + 2 for i in items)
-        if room > 0 and len(self._rq):
-            recs = self._rq.get_broadcasts(2, room)
-            self.stats["bytes_sent_records"] += sum(len(i) for i in recs)
-            items.extend(recs)
+        for queue in (self._rq, self._rq_big):
+            if room > 0 and len(queue):
+                recs = queue.get_broadcasts(2, room)
+                size = sum(len(i) for i in recs)
+                self.stats["bytes_sent_records"] += size
+                room -= size + 2 * len(recs)
+                items.extend(recs)
         return items
 
     def _gossip(self, out: list[NodeAction]) -> None:
-        if not (len(self._bq) or len(self._rq)) or self.config.gossip_nodes == 0:
+        if not self._queued() or self.config.gossip_nodes == 0:
             return
         # The retransmit budget is spent on alive members only: during a
         # partition, gossip to the unreachable half would use it up and leave
@@ -1194,7 +1208,7 @@ class GossipNode:
 
     def next_deadline(self) -> float:
         best = self._membership.next_deadline()
-        t = self._next_gossip_at if (len(self._bq) or len(self._rq)) else math.inf
+        t = self._next_gossip_at if self._queued() else math.inf
         t = min(t, self._rejoin.next_deadline())
         if self._eager_rounds > 0:
             t = min(t, self._next_eager_pull_at)
