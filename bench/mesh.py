@@ -226,6 +226,17 @@ class Pair:
         self.lan_b.teardown()  # the agents' logs stay in self.work
 
 
+def _ping_cost(pair: Pair) -> float:
+    """The median wall time of one successful `_ping` call (process start-ups
+    included): how finely the polling can see the moment pings flow again."""
+    took = []
+    for _ in range(3):
+        t = time.monotonic()
+        _ping(pair.lan_a, 1, pair.overlay_m1)
+        took.append(time.monotonic() - t)
+    return round(statistics.median(took), 3)
+
+
 def one_run(run: int, pair_class: type[Pair] = Pair) -> dict:
     pair = pair_class(run)
     row: dict = {"run": run, "first_ping_s": None, "failover_s": None}
@@ -262,6 +273,7 @@ def one_run(run: int, pair_class: type[Pair] = Pair) -> dict:
             row["failover_s"] = round(time.monotonic() - t1, 3)
             row["from"] = used.subnet
             row["to"] = other.subnet
+            row["ping_call_s"] = _ping_cost(pair)
         return row
     finally:
         pair.close()

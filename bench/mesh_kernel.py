@@ -168,7 +168,7 @@ def host_main(runs: int = 5, budget: float = 900.0, out: Path = RESULTS) -> int:
         print("the guest reported no run; console tail:\n" + text[-4000:])
         return 1
     label = (
-        f"{WHERE} ({accel()}, 2 vCPUs, 1.5 GB) on a 2-core host, load average "
+        f"{WHERE}: accel {accel()}, 2 vCPUs, 1.5 GB, on a 2-core host, load average "
         f"{load_before} before and {_load()} after (1/5/15 min); guest wall {wall:.0f} s"
     )
     section = summarise(rows, label)
