@@ -16,8 +16,10 @@ leave a namespace or nftables table behind.
 
 Needs root, ip, ping, nft and wireguard-go; otherwise it says what is missing
 and writes nothing.  The backend is whatever the agent picks (here
-wireguard-go: these machines have no WireGuard module; the kernel backend is
-measured inside a QEMU guest, see bench/README.md).
+wireguard-go: these machines have no WireGuard module).  `--kernel-guest`
+measures the kernel backend instead, with the same runs inside a QEMU guest
+(bench/mesh_kernel.py); its rows go under "kernel" in the same file, and
+each mode keeps the other's.
 """
 
 from __future__ import annotations
@@ -38,16 +40,6 @@ from tests._netns import Lan, agent_config, clanctl, clanctl_json, netns_missing
 RESULTS = Path(__file__).resolve().parent / "results" / "mesh.json"
 PY = sys.executable
 LOSS_MOD = 10  # drop one frame in LOSS_MOD, each way: 10 %
-
-
-def _keygen(state: Path) -> str:
-    out = subprocess.run(
-        [PY, "-m", "clanagent.cli.agent_main", "keygen", "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
 
 
 def _poll(pred, timeout: float, every: float = 0.05) -> float | None:
@@ -74,7 +66,28 @@ def _ping(lan: Lan, i: int, addr: str) -> bool:
 
 
 class Pair:
-    """m1 founds a clan, m2 joins it; both on two LANs (a and b)."""
+    """m1 founds a clan, m2 joins it; both on two LANs (a and b).
+
+    The class attributes and the `ctl`/`cli` methods are what
+    bench/mesh_kernel.py changes for its run inside a QEMU guest (slower
+    starts, in-process CLI calls, the `lan` gossip profile)."""
+
+    AGENT = [PY, "-m", "clanagent.cli.agent_main", "run", "--config"]  # + the config path
+    PROFILE = "local"  # the gossip profile of both agents
+    START_TIMEOUT = 20.0  # m1's control socket
+    PING_TIMEOUT = 30.0  # m2's first ping (and again after restarting m1)
+    SETTLE_TIMEOUT = 30.0
+
+    def ctl(self, sock: Path, *args: str) -> str:
+        return clanctl(sock, *args)
+
+    def ctl_json(self, sock: Path, *args: str):
+        return clanctl_json(sock, *args)
+
+    def cli(self, *args: str) -> str:
+        """`clanagent ARGS` (keygen, join): its stdout."""
+        argv = [PY, "-m", "clanagent.cli.agent_main", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
     def __init__(self, run: int) -> None:
         self.lan_a = Lan(2, prefix=f"cb{run}", subnet="10.91.0", tag="a")
@@ -85,39 +98,40 @@ class Pair:
         self.run = run
         self.overlay_m1 = ""
         self.lossy: list[str] = []  # the switch namespaces with a loss table
+        self.agent_up_s: float | None = None
 
     def start(self) -> float | None:
-        """Both agents up; the seconds from starting m2 to its first ping of m1."""
+        """Both agents up; the seconds from starting m2 to its first ping of m1
+        (`agent_up_s`: to its control socket, the Python start-up)."""
         self.lan_a.setup()
         self.lan_b.setup()
         for i, h in enumerate(self.homes):
             h.mkdir()
-            agent_config(h, f"m{i + 1}", f"cb{self.run}w{i + 1}")
-        argv = [PY, "-m", "clanagent.cli.agent_main", "run", "--config"]
+            agent_config(h, f"m{i + 1}", f"cb{self.run}w{i + 1}", profile=self.PROFILE)
+        argv = self.AGENT
         self.lan_a.spawn(0, [*argv, str(self.homes[0] / "agent.toml")], self.homes[0] / "agent.log")
-        if _poll(self.socks[0].exists, 20) is None:
+        if _poll(self.socks[0].exists, self.START_TIMEOUT) is None:
             raise RuntimeError("m1 did not start")
         admin = self.work / "admin.key"
-        clanctl(
+        self.ctl(
             self.socks[0], "clan", "init", "bench", "--admin-key", str(admin), "--machine", "m1"
         )
-        key = _keygen(self.homes[1] / "state")
-        out = clanctl(
+        out = self.cli("keygen", "--state-dir", str(self.homes[1] / "state"))
+        key = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
+        out = self.ctl(
             self.socks[0], "machine", "add", "m2", "--key", key, "--admin-key", str(admin), "--yes"
         )
         token = next(
             ln.split()[-1] for ln in out.splitlines() if ln.strip().startswith("clanagent join")
         )
-        state = str(self.homes[1] / "state")
-        subprocess.run(
-            [PY, "-m", "clanagent.cli.agent_main", "join", token, "--state-dir", state],
-            check=True,
-            capture_output=True,
-        )
-        self.overlay_m1 = clanctl_json(self.socks[0], "path", "m1")["overlay6"]
+        self.cli("join", token, "--state-dir", str(self.homes[1] / "state"))
+        self.overlay_m1 = self.ctl_json(self.socks[0], "path", "m1")["overlay6"]
         t0 = time.monotonic()
         self.lan_a.spawn(1, [*argv, str(self.homes[1] / "agent.toml")], self.homes[1] / "agent.log")
-        if _poll(lambda: _ping(self.lan_a, 1, self.overlay_m1), 30, every=0.02) is None:
+        up = _poll(self.socks[1].exists, self.PING_TIMEOUT, every=0.02)
+        self.agent_up_s = None if up is None else round(up, 3)
+        left = self.PING_TIMEOUT - (time.monotonic() - t0)
+        if _poll(lambda: _ping(self.lan_a, 1, self.overlay_m1), left, every=0.02) is None:
             return None
         return round(time.monotonic() - t0, 3)
 
@@ -127,17 +141,18 @@ class Pair:
         proc = self.lan_a.procs[0]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        argv = [PY, "-m", "clanagent.cli.agent_main", "run", "--config"]
+        argv = self.AGENT
         log = self.homes[0] / "agent.restarted.log"
         self.lan_a.procs[0] = self.lan_a.spawn(0, [*argv, str(self.homes[0] / "agent.toml")], log)
         self.lan_a.procs.pop()
-        return _poll(lambda: _ping(self.lan_a, 1, self.overlay_m1), 30, every=0.1) is not None
+        ok = _poll(lambda: _ping(self.lan_a, 1, self.overlay_m1), self.PING_TIMEOUT, every=0.1)
+        return ok is not None
 
     def path(self, i: int) -> dict:
         """Agent i's view of its path to the other machine."""
-        return clanctl_json(self.socks[i], "path", "m2" if i == 0 else "m1")
+        return self.ctl_json(self.socks[i], "path", "m2" if i == 0 else "m1")
 
-    def settled(self, timeout: float = 30.0, other_lan: bool = True) -> str | None:
+    def settled(self, timeout: float | None = None, other_lan: bool = True) -> str | None:
         """Wait until m2 can fail over: a path in use with an RTT, and (with
         `other_lan`) a path on the other LAN with the peer's WireGuard port,
         which only m1's endpoints record tells.  None, or what is missing."""
@@ -162,6 +177,7 @@ class Pair:
                 return True
             return False
 
+        timeout = self.SETTLE_TIMEOUT if timeout is None else timeout
         return None if _poll(ready, timeout, every=0.2) is not None else why[0]
 
     def lans(self) -> tuple[Lan, Lan]:
@@ -171,7 +187,7 @@ class Pair:
         return (a, b) if addr.startswith(a.subnet) else (b, a)
 
     def backend(self) -> str:
-        st = clanctl_json(self.socks[1], "status")
+        st = self.ctl_json(self.socks[1], "status")
         cap = next((c for c in st["capabilities"] if c["name"] == "mesh.wireguard"), None)
         return "?" if cap is None or not cap["available"] else cap["reason"].split()[0]
 
@@ -210,12 +226,28 @@ class Pair:
         self.lan_b.teardown()  # the agents' logs stay in self.work
 
 
-def one_run(run: int) -> dict:
-    pair = Pair(run)
+def _ping_cost(pair: Pair) -> float:
+    """The median wall time of one successful `_ping` call (process start-ups
+    included): how finely the polling can see the moment pings flow again."""
+    took = []
+    for _ in range(3):
+        t = time.monotonic()
+        _ping(pair.lan_a, 1, pair.overlay_m1)
+        took.append(time.monotonic() - t)
+    return round(statistics.median(took), 3)
+
+
+def one_run(run: int, pair_class: type[Pair] = Pair) -> dict:
+    pair = pair_class(run)
     row: dict = {"run": run, "first_ping_s": None, "failover_s": None}
     try:
         row["first_ping_s"] = pair.start()
-        missing = None if row["first_ping_s"] is not None else "no first ping within 30 s"
+        row["agent_up_s"] = pair.agent_up_s
+        missing = (
+            None
+            if row["first_ping_s"] is not None
+            else f"no first ping within {pair.PING_TIMEOUT:.0f} s"
+        )
         if missing is None:
             missing = pair.settled()
         if missing is not None:
@@ -241,6 +273,7 @@ def one_run(run: int) -> dict:
             row["failover_s"] = round(time.monotonic() - t1, 3)
             row["from"] = used.subnet
             row["to"] = other.subnet
+            row["ping_call_s"] = _ping_cost(pair)
         return row
     finally:
         pair.close()
@@ -308,7 +341,19 @@ def _table(result: dict) -> None:
             )
         else:
             print(f"{label:<30} {name:<14} {'-':>8} {'-':>8} {'-':>8}  0/{runs}")
-    print(f"{'kernel WireGuard, QEMU guest':<30} (not measured by this run: see bench/README.md)")
+    k = result.get("kernel")
+    if not k:
+        print(f"{'kernel WireGuard, QEMU guest':<30} (not measured yet: --kernel-guest)")
+    for name in ("first_ping_s", "failover_s") if k else ():
+        vals = [r[name] for r in k["rows"] if r[name] is not None]
+        cells = (
+            f"{statistics.median(vals):>8.3f} {min(vals):>8.3f} {max(vals):>8.3f}"
+            if vals
+            else f"{'-':>8} {'-':>8} {'-':>8}"
+        )
+        print(f"{'kernel WireGuard, QEMU guest':<30} {name:<14} {cells}  {len(vals)}/{k['runs']}")
+    if k:
+        print(f"  (kernel: {k['date']}, {k['label']})")
     lossy = result.get("lossy")
     if lossy:
         print()
@@ -340,7 +385,22 @@ def main(argv: list[str] | None = None) -> int:
         help="how long the lossy link runs (0: skip it)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--kernel-guest",
+        action="store_true",
+        help="measure the kernel backend inside a QEMU guest instead (bench/mesh_kernel.py)",
+    )
+    p.add_argument(
+        "--guest-budget",
+        type=float,
+        default=900.0,
+        help="--kernel-guest: no run starts after this many guest seconds",
+    )
     args = p.parse_args(argv)
+    if args.kernel_guest:
+        from bench.mesh_kernel import host_main
+
+        return host_main(1 if args.quick else args.runs, args.guest_budget, args.out)
     missing = netns_missing_reason() or (None if shutil.which("nft") else "needs nft on PATH")
     if missing:
         print(f"mesh benchmark skipped: {missing}")
@@ -377,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             result["lossy"] = lossy_run(lossy_seconds, run=9 - attempt)
             if result["lossy"].get("error") != "no first ping":
                 break
+    if args.out.exists():  # the kernel backend's rows (--kernel-guest) stay
+        kernel = json.loads(args.out.read_text()).get("kernel")
+        if kernel:
+            result["kernel"] = kernel
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     _table(result)
