@@ -84,6 +84,11 @@ def missing() -> str | None:
     for tool in ("ip", "wg", "ping"):
         if shutil.which(tool) is None:
             return f"needs {tool} on PATH (apt install iproute2 wireguard-tools iputils-ping)"
+    for what, path in (("the checkout", HERE), ("the Python", Path(sys.executable))):
+        # The guest mounts its own tmpfs over /tmp and /run (its only writable
+        # places), so it cannot see files of the host's there.
+        if any(Path(path).resolve().is_relative_to(d) for d in ("/tmp", "/run")):
+            return f"needs {what} outside /tmp and /run (the guest mounts tmpfs there)"
     return None
 
 
