@@ -34,6 +34,7 @@ from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
 from .ports import Ports, Subscriptions
 from .publish_policy import PublishGate
+from .record_checks import RecordChecker
 from .records import is_durable, min_interval
 from .store import Store
 from .wire import SignedRecord
@@ -143,13 +144,13 @@ class Agent:
         # for it instead of cancelling a gossip run that has not started yet.
         self._parts_lock = trio.Lock()
         # Record body checks (clanagent.records): peers' records and our own.
-        self.record_stats: dict[str, int] = {
-            "checked": 0,
-            "refused": 0,
-            "deferred": 0,
-            "own_refusals": 0,
-        }
-        self._refusals_logged: set[tuple[str, str, bool]] = set()  # (kind, origin, own)
+        self.records = RecordChecker(
+            wall=time.time,
+            inventory=lambda: self.inventory.inventory,
+            store=lambda: self.store,
+            identity=lambda: self.identity,
+            clan=lambda: self.anchor.clan_id if self.anchor else b"",
+        )
         self._logs_asked: dict[str, float] = {}  # VM -> monotonic time of our last logs request
         self.bus = AgentBus(self)
         self.membership = GossipMembership(self)
@@ -626,77 +627,23 @@ class Agent:
         if self.gossip is not None:
             self.gossip.on_inventory(inv.node_keys())
 
-    # -- record bodies (clanagent.records) -----------------------------------------
-
-    def record_context(self) -> Any:
-        from .records import RecordContext
-
-        return RecordContext(
-            now=time.time(),
-            inventory=self.inventory.inventory,
-            secret_generation=self._secret_generation,
-        )
-
-    def _secret_generation(self, instance_id: str) -> int:
-        """The highest generation of a secret instance any clan machine has published."""
-        from .secrets.record import SECRET_KIND
-
-        inv = self.inventory.inventory
-        if inv is None or self.store is None:
-            return 0
-        best = 0
-        for nk in inv.node_keys():
-            rec = self.store.get(nk, SECRET_KIND, instance_id)
-            gen = rec.body.get("generation") if rec is not None and type(rec.body) is dict else None
-            if type(gen) is int and gen > best:
-                best = gen
-        return best
+    # -- record bodies (clanagent.records, checked by clanagent.record_checks) ------
 
     def validate_record(self, record: SignedRecord) -> None:
-        """The gossip node's `validate=` hook: None to take the record, Refusal to refuse it.
+        """The gossip node's `validate=` hook (RecordChecker.validate)."""
+        self.records.validate(record)
 
-        A transient Refusal (`.transient`) means "not now" (no inventory yet,
-        or it names a generation or placement we may not know yet)."""
-        from .records import Refusal, validate
-
-        self.record_stats["checked"] += 1
-        try:
-            validate(record, self.record_context())
-        except Refusal as exc:
-            self.record_stats["deferred" if exc.transient else "refused"] += 1
-            self._log_refusal(record, exc, own=False)
-            raise
+    @property
+    def record_stats(self) -> dict[str, int]:
+        return self.records.stats
 
     def record_counters(self) -> dict[str, int]:
         """Record body checks: checked, refused, deferred (transient), own_refusals."""
-        return dict(self.record_stats)
-
-    def _log_refusal(self, record: SignedRecord, exc: Any, *, own: bool) -> None:
-        key = (record.kind[:64], record.origin.hex()[:16], own)
-        if key in self._refusals_logged:
-            return
-        if len(self._refusals_logged) < 1024:
-            self._refusals_logged.add(key)
-        log.log(
-            logging.WARNING if own or not exc.transient else logging.INFO,
-            "own record not published" if own else "record refused",
-            extra=kv(kind=key[0], origin=key[1], reason=exc.reason, transient=exc.transient),
-        )
+        return dict(self.records.stats)
 
     def check_own_record(self, kind: str, key: str, body: Any) -> bool:
         """Would our peers take this record of ours?  False (counted, logged once) if not."""
-        from .records import Refusal, validate
-
-        assert self.identity is not None
-        clan = self.anchor.clan_id if self.anchor else b""
-        try:
-            trial = SignedRecord.create(self.identity, kind, key, 1, body, clan=clan)
-            validate(trial, self.record_context())
-        except Refusal as exc:
-            self.record_stats["own_refusals"] += 1
-            self._log_refusal(trial, exc, own=True)
-            return False
-        return True
+        return self.records.check_own(kind, key, body)
 
     async def publish_record(self, kind: str, key: str, body: Any) -> bool:
         """Store a record of ours and gossip it (store only, when gossip is off).

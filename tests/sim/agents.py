@@ -60,7 +60,8 @@ from clanagent.identity import Identity
 from clanagent.inventory import RECORD_KIND, Anchor, InventoryManager
 from clanagent.inventory.versions import InventoryVersion, OfferStatus
 from clanagent.ports import Ports, Subscriptions
-from clanagent.records import RecordContext, Refusal, is_durable, validate
+from clanagent.record_checks import RecordChecker
+from clanagent.records import is_durable
 from clanagent.store import Store
 from clanagent.wire import RECORD_LIMITS, NodeInfo, SignedRecord
 from tests.sim.cluster import peak_rss_mb, seeded_identity
@@ -415,7 +416,15 @@ class SimAgent:
             inventory=self.inventory,
             events=self.events,
         )
-        self.record_stats = {"checked": 0, "refused": 0, "deferred": 0, "own_refusals": 0}
+        # the agent's own record checks (clanagent.record_checks), on our clock
+        self.checks = RecordChecker(
+            wall=self.clock.wall,
+            inventory=lambda: self.inventory.inventory,
+            store=lambda: self.store,
+            identity=lambda: self.identity,
+            clan=lambda: self.anchor.clan_id,
+        )
+        self.record_stats = self.checks.stats
         self.faults = 0
         self.up = False
         self.seeds: list[str] = []
@@ -437,7 +446,7 @@ class SimAgent:
             now=trio.current_time(),
             name=self.name,
             admit=self.admit_record,
-            validate=self.validate_record,
+            validate=self.checks.validate,
             wall_clock=self.clock.wall if self.sim.version_floor else None,
         )
 
@@ -449,46 +458,6 @@ class SimAgent:
             return verdict
         peer = self.inventory.admit_peer(rec.origin)
         return True if peer is None else peer
-
-    def record_context(self) -> RecordContext:
-        return RecordContext(
-            now=self.clock.wall(),
-            inventory=self.inventory.inventory,
-            secret_generation=self._secret_generation,
-        )
-
-    def _secret_generation(self, instance_id: str) -> int:
-        """As Agent._secret_generation: the highest generation of a secret
-        instance any clan machine has published."""
-        from clanagent.secrets.record import SECRET_KIND
-
-        inv = self.inventory.inventory
-        if inv is None:
-            return 0
-        best = 0
-        for nk in inv.node_keys():
-            rec = self.store.get(nk, SECRET_KIND, instance_id)
-            gen = rec.body.get("generation") if rec is not None and type(rec.body) is dict else None
-            if type(gen) is int and gen > best:
-                best = gen
-        return best
-
-    def validate_record(self, record: SignedRecord) -> None:
-        self.record_stats["checked"] += 1
-        try:
-            validate(record, self.record_context())
-        except Refusal as exc:
-            self.record_stats["deferred" if exc.transient else "refused"] += 1
-            raise
-
-    def check_own_record(self, kind: str, key: str, body: Any) -> bool:
-        try:
-            trial = SignedRecord.create(self.identity, kind, key, 1, body, clan=self.anchor.clan_id)
-            validate(trial, self.record_context())
-        except Refusal:
-            self.record_stats["own_refusals"] += 1
-            return False
-        return True
 
     # -- views the parts are given (as Agent's) -----------------------------------
 
@@ -523,7 +492,7 @@ class SimAgent:
 
     def publish_record(self, kind: str, key: str, body: Any) -> bool:
         """Our own body check, then sign and spread (Agent.publish_record)."""
-        if not self.up or not self.check_own_record(kind, key, body):
+        if not self.up or not self.checks.check_own(kind, key, body):
             return False
         rec, actions = self.node.publish(trio.current_time(), kind, key, body)
         self.sim.published_at.setdefault(rec.record_id, trio.current_time())
