@@ -258,11 +258,15 @@ async def test_forged_records_of_every_kind_change_nothing(clan):
     # m1's VM status and the psk's first generation are in (so a forgery
     # would replace something)
     def settled() -> bool:
-        vms = call(clan.socks["m3"], "vm.list")
+        # (a row for "web" is there from the inventory alone: wait until every
+        # machine shows the host's own status, or it may arrive mid-test and
+        # look like a change)
+        views = [_stable_vms(call(clan.socks[x], "vm.list")) for x in MACHINES]
+        known = all(
+            r["state"] != "unknown" for x in MACHINES for r in call(clan.socks[x], "vm.list")
+        )
         gens = [r["generation"] for x in MACHINES for r in call(clan.socks[x], "secrets.list")]
-        # (a row for "web" is there from the inventory alone: wait for the
-        # host's status itself, or it may arrive mid-test and look like a change)
-        return any(r["vm"] == "web" and r["state"] != "unknown" for r in vms) and None not in gens
+        return known and all(v == views[0] for v in views) and None not in gens
 
     deadline = time.monotonic() + 60
     while not settled() and time.monotonic() < deadline:
