@@ -706,6 +706,19 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------
 
+    def make_ports(self) -> Ports:
+        """The ports every part gets (once identity, store and inventory exist)."""
+        assert self.identity is not None and self.store is not None
+        return Ports(
+            clock=TrioClock(),
+            identity=self.identity,
+            store=self.store,
+            bus=self.bus,
+            members=self.membership,
+            inventory=self.inventory,
+            events=self.events_bus,
+        )
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -838,15 +851,7 @@ class Agent:
         self.inventory.listeners.append(self._inventory_changed)
         # Every version we ever accepted is in the store: rebuild the head from it.
         await trio.to_thread.run_sync(self.inventory.load, list(self.store.records()))
-        self.ports = Ports(
-            clock=TrioClock(),
-            identity=self.identity,
-            store=self.store,
-            bus=self.bus,
-            members=self.membership,
-            inventory=self.inventory,
-            events=self.events_bus,
-        )
+        self.ports = self.make_ports()
         self.capabilities = await trio.to_thread.run_sync(probe_all)
         for cap in self.capabilities:
             if not cap.available:

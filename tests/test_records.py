@@ -87,16 +87,7 @@ def make_agents(tmp_path) -> tuple[nacl.signing.SigningKey, Anchor, Any, dict[in
 
 def ports_of(agent: Agent) -> Ports:
     """The ports `Agent.run` builds, for an agent that is not started."""
-    assert agent.identity is not None and agent.store is not None
-    return Ports(
-        clock=TrioClock(),
-        identity=agent.identity,
-        store=agent.store,
-        bus=agent.bus,
-        members=agent.membership,
-        inventory=agent.inventory,
-        events=agent.events_bus,
-    )
+    return agent.make_ports()
 
 
 def vm_service(agent: Agent) -> Any:
@@ -119,7 +110,6 @@ def own(agent: Agent, kind: str, key: str | None = None) -> SignedRecord:
 async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, SignedRecord]]:
     """One record of every kind, each made by the code that makes it in the agent."""
     from clanagent import __version__
-    from clanagent.agent import TrioClock
     from clanagent.mesh import candidates as cands
     from clanagent.ports import Ports
     from clanagent.secrets.service import SecretsService
