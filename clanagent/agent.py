@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from .gossip.config import RecordLimits
 from .identity import Identity, load_or_create
 from .inventory.anchor import Anchor, load_anchor, save_anchor
 from .inventory.manager import InventoryManager
-from .ports import Ports, Subscriptions
+from .ports import NodeMembership, Ports, Subscriptions
 from .publish_policy import PublishGate
 from .record_checks import RecordChecker
 from .records import is_durable, min_interval
@@ -57,61 +57,30 @@ class TrioClock:
 
 
 class AgentBus:
-    """The RecordBus port: our records go out through the agent (body check,
-    then gossip, or the store alone before gossip runs), never one (kind, key)
-    faster than its kind's min_interval (`PublishGate`: a publisher that
-    asks sooner waits); stored records come back to subscribers by kind
-    from `Agent.on_record`."""
+    """The RecordBus port: our records go out through `publish` (the agent's
+    body check, then gossip), never one (kind, key) faster than its kind's
+    min_interval (`PublishGate`: a publisher that asks sooner waits, on
+    trio's clock); stored records come back to subscribers by kind through
+    `subscriptions.dispatch`. The whole-agent simulator uses it too."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(
+        self,
+        publish: Callable[[str, str, Any], Awaitable[bool]],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._publish = publish
         self.subscriptions = Subscriptions()
-        self.gate = PublishGate(min_interval, random.Random())
+        self.gate = PublishGate(min_interval, rng or random.Random())
 
     async def publish(self, kind: str, key: str, body: Any) -> bool:
         wait = self.gate.wait(trio.current_time(), kind, key)
         if wait > 0:
             await trio.sleep(wait)
         self.gate.published(trio.current_time(), kind, key)
-        return await self._agent.publish_record(kind, key, body)
+        return await self._publish(kind, key, body)
 
     def subscribe(self, kinds: Any, handler: Any) -> None:
         self.subscriptions.subscribe(kinds, handler)
-
-
-class GossipMembership:
-    """The Membership port over whichever gossip service runs now (a clan
-    change restarts gossip; the parts keep the same port)."""
-
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-        self._handlers: list[Any] = []
-
-    def _node(self) -> Any:
-        gossip = self._agent.gossip
-        return None if gossip is None else gossip.node
-
-    def state(self, node_id: str) -> str | None:
-        node = self._node()
-        return None if node is None else node.member_state(node_id)
-
-    def rows(self) -> list[dict[str, Any]]:
-        node = self._node()
-        return [] if node is None else node.members()
-
-    def synced(self) -> bool:
-        node = self._node()
-        return node is not None and node.stats.get("ae_synced", 0) > 0
-
-    def subscribe(self, handler: Any) -> None:
-        self._handlers.append(handler)
-
-    def changed(self) -> None:
-        for handler in list(self._handlers):
-            try:
-                handler()
-            except Exception as exc:  # one part's fault must not stop the others hearing
-                log.warning("membership handler failed", extra=kv(error=exc))
 
 
 class Agent:
@@ -152,8 +121,9 @@ class Agent:
             clan=lambda: self.anchor.clan_id if self.anchor else b"",
         )
         self._logs_asked: dict[str, float] = {}  # VM -> monotonic time of our last logs request
-        self.bus = AgentBus(self)
-        self.membership = GossipMembership(self)
+        self.bus = AgentBus(self.publish_record)
+        # over whichever gossip node runs now (a clan change restarts gossip)
+        self.membership = NodeMembership(lambda: None if self.gossip is None else self.gossip.node)
         self.ports: Ports | None = None  # built in run(), once identity and store exist
 
     # -- AgentView (the control API calls these) ----------------------------

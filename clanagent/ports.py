@@ -4,11 +4,11 @@ Owns: the typed interfaces between the parts -- a clock, the record store
 (read side), the record bus (publish; subscribe by kind), the membership
 view, the inventory view and the event bus -- bundled as `Ports`, plus
 `Subscriptions`, the plain by-kind dispatch table a bus implementation
-keeps. The agent builds one `Ports` from its real parts (`agent.py`); the
+keeps, and `NodeMembership`, the Membership port over a gossip node. The agent builds one `Ports` from its real parts (`agent.py`); the
 whole-agent simulator (`tests/sim/agents.py`) builds the same from its
 virtual clock and in-memory network, so the services it runs are the ones
 people run.
-Must never: hold state beyond the subscription table, do I/O, or import
+Must never: hold state beyond the subscription tables, do I/O, or import
 trio: a port is an interface, its implementations live with their owners.
 
 A service receives `Ports` plus the few part-specific queries or settings
@@ -33,6 +33,7 @@ __all__ = [
     "EventSink",
     "InventoryView",
     "Membership",
+    "NodeMembership",
     "Ports",
     "RecordBus",
     "RecordReader",
@@ -170,4 +171,43 @@ class Subscriptions:
                 log.warning(
                     "record handler failed",
                     extra={"kind": rec.kind, "error": f"{type(exc).__name__}: {exc}"},
+                )
+
+
+class NodeMembership:
+    """The Membership port over a gossip node (`GossipNode`'s queries).
+
+    `node()` is asked on every call: the agent's gossip node is replaced when
+    a clan change restarts gossip, and there is none before gossip runs.
+    Whoever drives the node calls `changed()` when a member joins, leaves or
+    fails; a handler that raises is logged and counted, the others still hear."""
+
+    def __init__(self, node: Callable[[], Any]) -> None:
+        self._node = node
+        self._handlers: list[Callable[[], None]] = []
+        self.faults = 0
+
+    def state(self, node_id: str) -> str | None:
+        node = self._node()
+        return None if node is None else node.member_state(node_id)
+
+    def rows(self) -> list[dict[str, Any]]:
+        node = self._node()
+        return [] if node is None else node.members()
+
+    def synced(self) -> bool:
+        node = self._node()
+        return node is not None and node.stats.get("ae_synced", 0) > 0
+
+    def subscribe(self, handler: Callable[[], None]) -> None:
+        self._handlers.append(handler)
+
+    def changed(self) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler()
+            except Exception as exc:  # noqa: BLE001 - one part's fault stays there
+                self.faults += 1
+                log.warning(
+                    "membership handler failed", extra={"error": f"{type(exc).__name__}: {exc}"}
                 )

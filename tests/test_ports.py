@@ -37,3 +37,24 @@ def test_a_failing_handler_is_counted_and_the_others_still_hear(caplog):
     subs.dispatch(rec("a", "k2", 2))
     assert heard == ["k1", "k2"] and subs.faults == 2
     assert "record handler failed" in caplog.text
+
+
+def test_node_membership_follows_the_node_it_is_given_and_isolates_faults():
+    from types import SimpleNamespace
+
+    from clanagent.ports import NodeMembership
+
+    current: list = [None]
+    view = NodeMembership(lambda: current[0])
+    assert view.state("x") is None and view.rows() == [] and not view.synced()
+    current[0] = SimpleNamespace(
+        member_state=lambda nid: "alive" if nid == "x" else None,
+        members=lambda: [{"node_id": "x", "state": "alive"}],
+        stats={"ae_synced": 1},
+    )
+    assert view.state("x") == "alive" and view.rows()[0]["node_id"] == "x" and view.synced()
+    heard = []
+    view.subscribe(lambda: 1 / 0)
+    view.subscribe(lambda: heard.append(1))
+    view.changed()
+    assert heard == [1] and view.faults == 1

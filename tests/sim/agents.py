@@ -5,7 +5,7 @@ Owns: the whole-agent harness (DESIGN rule 7). Each `SimAgent` is what
 identity, an in-memory `Store`, a real `InventoryManager`, a real
 `GossipNode` (with the real record body checks as its `validate=` hook and
 the inventory's admission as its `admit=` hook), and one `Ports` (a virtual
-`SimClock`, the store, a `SimBus`, a `NodeMembership`, the inventory and an
+`SimClock`, the store, the agent's `AgentBus` and `NodeMembership`, the inventory and an
 `EventRecorder`) on which the real services run. The agents talk through a
 `SimNet`: the datagram decisions of `tests/sim/network.Network` (latency,
 loss, partitions, crashes, byte counters) with a trio task that delivers
@@ -54,12 +54,13 @@ import trio
 import trio.testing
 
 from clanagent import __version__
+from clanagent.agent import AgentBus
 from clanagent.gossip.config import GossipConfig
 from clanagent.gossip.node import GossipNode
 from clanagent.identity import Identity
 from clanagent.inventory import RECORD_KIND, Anchor, InventoryManager
 from clanagent.inventory.versions import InventoryVersion, OfferStatus
-from clanagent.ports import Ports, Subscriptions
+from clanagent.ports import NodeMembership, Ports
 from clanagent.record_checks import RecordChecker
 from clanagent.records import is_durable
 from clanagent.store import Store
@@ -74,9 +75,7 @@ __all__ = [
     "AgentSim",
     "Arrivals",
     "EventRecorder",
-    "NodeMembership",
     "SimAgent",
-    "SimBus",
     "SimClock",
     "SimNet",
     "backup_service",
@@ -233,50 +232,6 @@ class EventRecorder:
         return [(t, f) for t, top, f in self.events if top == topic]
 
 
-class SimBus:
-    """The RecordBus port: publish goes through the agent's own body check,
-    then its gossip node; stored records come back by kind."""
-
-    def __init__(self, agent: SimAgent) -> None:
-        self._agent = agent
-        self.subscriptions = Subscriptions()
-
-    async def publish(self, kind: str, key: str, body: Any) -> bool:
-        ok = self._agent.publish_record(kind, key, body)
-        await trio.lowlevel.checkpoint()
-        return ok
-
-    def subscribe(self, kinds: Any, handler: Callable[[SignedRecord], None]) -> None:
-        self.subscriptions.subscribe(kinds, handler)
-
-
-class NodeMembership:
-    """The Membership port over the agent's gossip node."""
-
-    def __init__(self, agent: SimAgent) -> None:
-        self._agent = agent
-        self._handlers: list[Callable[[], None]] = []
-
-    def state(self, node_id: str) -> str | None:
-        return self._agent.node.member_state(node_id)
-
-    def rows(self) -> list[dict[str, Any]]:
-        return self._agent.node.members()
-
-    def synced(self) -> bool:
-        return self._agent.node.stats.get("ae_synced", 0) > 0
-
-    def subscribe(self, handler: Callable[[], None]) -> None:
-        self._handlers.append(handler)
-
-    def changed(self) -> None:
-        for handler in list(self._handlers):
-            try:
-                handler()
-            except Exception:  # noqa: BLE001 - as GossipMembership: one part's fault stays there
-                self._agent.faults += 1
-
-
 # -- the network ------------------------------------------------------------------
 
 
@@ -405,8 +360,9 @@ class SimAgent:
         self.inventory = InventoryManager(anchor)
         self.clock = SimClock()
         self.events = EventRecorder()
-        self.bus = SimBus(self)
-        self.membership = NodeMembership(self)
+        # the agent's bus (its PublishGate included) and membership view
+        self.bus = AgentBus(self._publish, random.Random(f"bus-{seed}-{addr}"))
+        self.membership = NodeMembership(lambda: self.node)
         self.ports = Ports(
             clock=self.clock,
             identity=identity,
@@ -425,7 +381,6 @@ class SimAgent:
             clan=lambda: self.anchor.clan_id,
         )
         self.record_stats = self.checks.stats
-        self.faults = 0
         self.up = False
         self.seeds: list[str] = []
         self._rng = random.Random(f"agent-{seed}-{addr}")
@@ -434,6 +389,16 @@ class SimAgent:
         self.parts: dict[str, Any] = {}  # the services started on our ports, by name
         self.inventory.subscribe(self._inventory_changed)
         self.node: GossipNode = self._make_node()
+
+    @property
+    def faults(self) -> int:
+        """Membership handlers that raised (the bus counts its own)."""
+        return self.membership.faults
+
+    async def _publish(self, kind: str, key: str, body: Any) -> bool:
+        ok = self.publish_record(kind, key, body)
+        await trio.lowlevel.checkpoint()
+        return ok
 
     def _make_node(self) -> GossipNode:
         return GossipNode(
