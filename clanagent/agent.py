@@ -227,19 +227,12 @@ class Agent:
         return views.conflicts(self.inventory)
 
     def machines(self) -> list[dict[str, Any]]:
-        from .identity import node_id_of
         from .inventory import views
 
-        states: dict[bytes, str] = {}
-        inv = self.inventory.inventory
-        if inv is not None:
-            by_id = {}
-            if self.gossip is not None and self.gossip.node is not None:
-                by_id = {m["node_id"]: m["state"] for m in self.gossip.node.members()}
-            for key in inv.node_keys():
-                states[key] = by_id.get(node_id_of(key), "unknown")
         assert self.identity is not None
-        states[self.identity.public_key] = "self"
+        states = views.member_states(
+            self.inventory, self.membership.rows(), self.identity.public_key
+        )
         return views.machines(self.inventory, states)
 
     async def inventory_submit(self, version_wire: Any, init: bool) -> dict[str, Any]:

@@ -64,6 +64,21 @@ def conflicts(manager: InventoryManager) -> list[dict[str, Any]]:
     return _conflicts(manager)
 
 
+def member_states(
+    manager: InventoryManager, member_rows: list[dict[str, Any]], own_key: bytes
+) -> dict[bytes, str]:
+    """Node key -> gossip state for every machine of the inventory ("unknown"
+    for one gossip has not seen), this node itself as "self"."""
+    states: dict[bytes, str] = {}
+    inv = manager.inventory
+    if inv is not None:
+        by_id = {m["node_id"]: m["state"] for m in member_rows}
+        for key in inv.node_keys():
+            states[key] = by_id.get(node_id_of(key), "unknown")
+    states[own_key] = "self"
+    return states
+
+
 def machines(manager: InventoryManager, member_states: dict[bytes, str]) -> list[dict[str, Any]]:
     """Every machine of the inventory with its tags, online state, services and VMs.
 

@@ -428,16 +428,11 @@ class SimAgent:
 
     def machines(self) -> list[dict[str, Any]]:
         """`clanctl machine list` rows (Agent.machines): gossip state per machine."""
-        from clanagent.identity import node_id_of
         from clanagent.inventory import views
 
-        inv = self.inventory.inventory
-        states: dict[bytes, str] = {}
-        if inv is not None:
-            by_id = {m["node_id"]: m["state"] for m in self.node.members()}
-            for key in inv.node_keys():
-                states[key] = by_id.get(node_id_of(key), "unknown")
-        states[self.identity.public_key] = "self"
+        states = views.member_states(
+            self.inventory, self.membership.rows(), self.identity.public_key
+        )
         return views.machines(self.inventory, states)
 
     def vm_list(self) -> list[dict[str, Any]]:
