@@ -20,14 +20,13 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, agent_api
 from ._eventbus import EventBus
 from ._log import kv
 from ._sdnotify import Notifier, watchdog_interval
-from .bus import AgentBus, TrioClock
+from .bus import AgentBus, TrioClock, drop_other_clans, publish_own
 from .capabilities import Capability, probe_all
 from .config import Config
-from .control.api import ApiTable, register_core
 from .control.server import ControlServer
 from .gossip.config import RecordLimits
 from .identity import Identity, load_or_create
@@ -36,7 +35,6 @@ from .inventory.manager import InventoryManager
 from .ports import NodeMembership, Ports
 from .record_checks import RecordChecker
 from .records import is_durable
-from .status import NodeStatus
 from .store import Store
 from .wire import SignedRecord
 
@@ -87,74 +85,15 @@ class Agent:
         # over whichever gossip node runs now (a clan change restarts gossip)
         self.membership = NodeMembership(lambda: None if self.gossip is None else self.gossip.node)
         self.ports: Ports | None = None  # built in run(), once identity and store exist
-        self.api = self._control_api()
-
-    def _control_api(self) -> ApiTable:
-        """The one control API table (socket and web console): each part's methods,
-        registered by its `api.py` with the few objects they need."""
-        from . import topology_api
-        from .inventory import api as inventory_api
-        from .mesh import api as mesh_api
-        from .secrets import api as secrets_api
-        from .services import api as services_api
-        from .vmhost import api as vm_api
-        from .web import api as web_api
-
-        def get(name: str) -> Any:
-            return lambda: getattr(self, name)
-
-        def publish(kind: str, key: str, body: Any) -> Any:
-            return self.publish_record(kind, key, body)  # late: tests wrap it
-
-        api = ApiTable()
-        self.node = NodeStatus(
-            self.cfg,
-            self.name,
-            identity=get("identity"),
-            store=get("store"),
-            anchor=get("anchor"),
-            capabilities=get("capabilities"),
-            control=get("control"),
-            gossip=get("gossip"),
-            mesh=get("mesh"),
-            vms=get("vms"),
-            web=get("web"),
-            record_stats=lambda: self.records.stats,
-            events=self.events_bus,
+        # The one control API table (socket and web console), and the parts'
+        # answers tests and the topology read directly.
+        api = agent_api.build(self)
+        self.api, self.node, self.inventory_api, self.vm_api = (
+            api.table,
+            api.node,
+            api.inventory,
+            api.vms,
         )
-        register_core(api, self.node)
-        self.inventory_api = inventory_api.InventoryApi(
-            inventory=get("inventory"),
-            identity=get("identity"),
-            members=self.membership,
-            anchor=get("anchor"),
-            join=self.set_anchor,
-            publish=publish,
-            seeds=lambda: inventory_api.gossip_seeds(self.gossip),
-        )
-        inventory_api.register(api, self.inventory_api)
-        services_api.register(api, services=get("services"))
-        self.vm_api = vm_api.VmApi(
-            inventory=lambda: self.inventory.inventory,
-            identity=get("identity"),
-            store=get("store"),
-            vms=get("vms"),
-            in_clan=lambda: self.anchor is not None,
-            publish=publish,
-            open_remote=mesh_api.console_dialer(get("mesh"), self.cfg.mesh.console_port),
-        )
-        vm_api.register(api, self.vm_api)
-        secrets_api.register(api, secrets=get("secrets"))
-        mesh_api.register(
-            api,
-            mesh=get("mesh"),
-            has_inventory=lambda: self.inventory.inventory is not None,
-            ports=get("ports"),
-            inventory_endpoints=self.inventory_api.endpoints,
-        )
-        topology_api.register(api, topology=get("topology"), make=self._topology_service)
-        web_api.register(api, console=self._web_console)
-        return api
 
     def _topology_service(self) -> Any:
         from .topology import TopologyService
@@ -212,26 +151,11 @@ class Agent:
     async def publish_record(self, kind: str, key: str, body: Any) -> bool:
         """Store a record of ours and gossip it (store only, when gossip is off).
 
-        The record passes the same body check as a peer's first: one our
-        peers would refuse is not published (False, counted in
-        record_stats["own_refusals"])."""
+        One our peers would refuse (the same body check as theirs) is not
+        published: False, counted in record_stats["own_refusals"]."""
         if not self.records.check_own(kind, key, body):
             return False
-        gossip = self.gossip
-        if (
-            gossip is not None
-            and gossip.node is not None
-            and (self.anchor is None or gossip.clan == self.anchor.clan_id)
-        ):
-            gossip.publish(kind, key, body)
-            return True
-        assert self.store is not None and self.identity is not None
-        store, ident = self.store, self.identity
-        clan = self.anchor.clan_id if self.anchor else b""
-        rec = SignedRecord.create(
-            ident, kind, key, store.max_version(ident.public_key) + 1, body, clan=clan
-        )
-        await trio.to_thread.run_sync(store.put, rec)
+        await publish_own(self.gossip, self.anchor, self.store, self.identity, kind, key, body)
         return True
 
     async def set_anchor(self, anchor: Anchor) -> None:
@@ -254,17 +178,7 @@ class Agent:
                 await self._start_gossip(self._nursery)
 
     async def _drop_other_clans(self, clan_id: bytes) -> None:
-        """Forget records signed for another clan (ours from before a clan
-        init, or from an older bug): peers refuse them and score the sender
-        down, and our own would never be republished (same body)."""
-        assert self.store is not None
-        store = self.store
-
-        def drop() -> int:
-            stale = [r for r in store.records() if r.clan != clan_id]
-            return sum(store.delete(r.origin, r.kind, r.key) for r in stale)
-
-        dropped = await trio.to_thread.run_sync(drop)
+        dropped = await drop_other_clans(self.store, clan_id)
         if dropped:
             log.info("dropped records of another clan", extra=kv(records=dropped))
 
