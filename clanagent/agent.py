@@ -1,40 +1,38 @@
 """The composition root: builds every part from the config and runs them.
 
 Owns: start-up order (identity, store, capabilities, control socket, then
-the network parts), which objects each part gets (its ports and a few
-getters), the one control API table every part registers its methods into
-(`_control_api`), the one trio nursery everything runs in, sd_notify and
-the watchdog, and a clean stop.  Must never: let one part's failure to
-start (no tor, no root) stop the others (it reports it as a capability),
-or answer a control method itself (each part's `api.py` does).
+the network parts; the rest once in a clan), joining a clan, the one trio
+nursery everything runs in, sd_notify and the watchdog, and a clean stop.
+How each part is built is `agent_parts.py`'s; the one control API table,
+which every part's `api.py` fills, is built by `agent_api.py`.
+Must never: let one part's failure to start (no tor, no root) stop the
+others (it reports it as a capability), hand a part the agent, or answer a
+control method itself.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import __version__, agent_api
+from . import __version__, agent_api, agent_parts
 from ._eventbus import EventBus
 from ._log import kv
 from ._sdnotify import Notifier, watchdog_interval
 from .bus import AgentBus, TrioClock, drop_other_clans, publish_own
 from .capabilities import Capability, probe_all
 from .config import Config
+from .control.protocol import ControlError, ErrorCode
 from .control.server import ControlServer
-from .gossip.config import RecordLimits
-from .identity import Identity, load_or_create
-from .inventory.anchor import Anchor, load_anchor, save_anchor
+from .identity import Identity
+from .inventory.anchor import Anchor, save_anchor
 from .inventory.manager import InventoryManager
 from .ports import NodeMembership, Ports
-from .record_checks import RecordChecker
-from .records import is_durable
 from .store import Store
 from .wire import SignedRecord
 
@@ -74,13 +72,7 @@ class Agent:
         # for it instead of cancelling a gossip run that has not started yet.
         self._parts_lock = trio.Lock()
         # Record body checks (clanagent.records): peers' records and our own.
-        self.records = RecordChecker(
-            wall=time.time,
-            inventory=lambda: self.inventory.inventory,
-            store=lambda: self.store,
-            identity=lambda: self.identity,
-            clan=lambda: self.anchor.clan_id if self.anchor else b"",
-        )
+        self.records = agent_parts.record_checker(self)
         self.bus = AgentBus(self.publish_record)
         # over whichever gossip node runs now (a clan change restarts gossip)
         self.membership = NodeMembership(lambda: None if self.gossip is None else self.gossip.node)
@@ -88,34 +80,14 @@ class Agent:
         # The one control API table (socket and web console), and the parts'
         # answers tests and the topology read directly.
         api = agent_api.build(self)
-        self.api, self.node, self.inventory_api, self.vm_api = (
-            api.table,
-            api.node,
-            api.inventory,
-            api.vms,
-        )
+        self.api, self.node = api.table, api.node
+        self.inventory_api, self.vm_api = api.inventory, api.vms
 
     def _topology_service(self) -> Any:
-        from .topology import TopologyService
-
-        def path_kind(node_key: bytes) -> str | None:
-            current = getattr(self.mesh, "selector", None)
-            current = None if current is None else current.current(node_key)
-            return None if current is None else current.kind
-
-        assert self.ports is not None
-        return TopologyService(
-            self.ports,
-            name=self.name,
-            machines=self.inventory_api.machines,
-            vms=self.vm_api.list,
-            capabilities=self.node.capability_rows,
-            path_kind=path_kind,
-        )
+        return agent_parts.topology(self)
 
     async def _web_console(self) -> tuple[Any, int]:
         """The web console, started if it is not running: (it, its port)."""
-        from .control.protocol import ControlError, ErrorCode
         from .web import WebConsole
 
         if self._nursery is None:
@@ -173,29 +145,15 @@ class Agent:
             log.info("clan set", extra=kv(clan=anchor.clan_id.hex(), name=anchor.name))
             if self._gossip_scope is not None:
                 self._gossip_scope.cancel()
-            await self._drop_other_clans(anchor.clan_id)
+            await drop_other_clans(self.store, anchor.clan_id)
             if self._nursery is not None:
                 await self._start_gossip(self._nursery)
-
-    async def _drop_other_clans(self, clan_id: bytes) -> None:
-        dropped = await drop_other_clans(self.store, clan_id)
-        if dropped:
-            log.info("dropped records of another clan", extra=kv(records=dropped))
 
     # -- lifecycle ----------------------------------------------------------
 
     def make_ports(self) -> Ports:
         """The ports every part gets (once identity, store and inventory exist)."""
-        assert self.identity is not None and self.store is not None
-        return Ports(
-            clock=TrioClock(),
-            identity=self.identity,
-            store=self.store,
-            bus=self.bus,
-            members=self.membership,
-            inventory=self.inventory,
-            events=self.events_bus,
-        )
+        return agent_parts.ports(self)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -205,41 +163,11 @@ class Agent:
             self.notifier.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _start_parts(self, nursery: trio.Nursery) -> None:
-        """Start the network parts; each one that cannot run is reported, not fatal."""
-        async with self._parts_lock:
-            await self._start_gossip(nursery)
-
-    async def _start_web(self) -> None:
-        from .control.protocol import ControlError
-
-        try:
-            await self._web_console()
-        except ControlError:
-            pass  # logged and shown in `clanctl status`; the agent runs on
-
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
-        from .gossip.service import GossipService
-
         seeds = self.cfg.gossip.join or (self.anchor.seeds if self.anchor else ())
         if not (self.cfg.gossip.listen or seeds):
             return
-        assert self.identity is not None and self.store is not None
-        self.gossip = GossipService(
-            self.cfg.gossip,
-            identity=self.identity,
-            store=self.store,
-            name=self.name,
-            state_path=self.cfg.state_path,
-            anchor=self.anchor,
-            admit_peer=self.admit_peer,
-            admit_record=self.inventory.admit_record,
-            validate=self.validate_record,
-            on_record=self.on_record,
-            on_member_changed=self.membership.changed,
-            events=self.events_bus,
-            tor=lambda: None if self.mesh is None else self.mesh.tor,
-        )
+        self.gossip = agent_parts.gossip(self)
 
         async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
@@ -250,79 +178,32 @@ class Agent:
         inv = self.inventory.inventory
         if inv is not None:
             self.gossip.on_inventory(inv.node_keys())
-        await self._start_mesh(nursery)
+        await self._start_clan_parts(nursery)
 
-    async def _start_mesh(self, nursery: trio.Nursery) -> None:
-        from .mesh.service import GossipEndpoint, MeshService
-
+    async def _start_clan_parts(self, nursery: trio.Nursery) -> None:
+        """Once in a clan: the mesh, service wiring, secrets, VMs and the topology."""
         if self.anchor is None or self.mesh is not None:
             return
-
-        def gossip_listening() -> tuple[str, int] | None:
-            g = self.gossip  # the current one: a clan change restarts gossip
-            return None if g is None or g.port is None else (g.listen_host, g.port)
-
-        def gossip_add_seed(addr: str) -> None:
-            if self.gossip is not None:
-                self.gossip.add_seed(addr)
-
-        assert self.ports is not None
-        self.mesh = MeshService(
-            self.ports,
-            cfg=self.cfg.mesh,
-            state_path=self.cfg.state_path,
-            capabilities=self.capabilities,
-            gossip_endpoint=GossipEndpoint(gossip_listening, gossip_add_seed),
-            inventory_endpoints=self.inventory_api.endpoints,
-        )
+        self.mesh = agent_parts.mesh(self)
         await nursery.start(self.mesh.run)
-        from .services.service import ServicesService
-
-        assert self.ports is not None
-        self.services = ServicesService(self.ports, runtime_dir=self.cfg.runtime_dir)
+        self.services = agent_parts.services(self)
         await nursery.start(self.services.run)
-        from .secrets.service import SecretsService
-
-        self.secrets = SecretsService(
-            self.ports,
-            runtime_dir=self.cfg.runtime_dir,
-            default_owner=self.cfg.secrets_owner,
-            on_public_files_changed=self.services.wake,
-        )
+        self.secrets = agent_parts.secrets(self)
         await nursery.start(self.secrets.run)
-        from .vmhost.service import VmService
-
-        assert self.ports is not None
-        self.vms = VmService(
-            self.ports,
-            state_dir=self.cfg.state_dir,
-            runtime_dir=self.cfg.runtime_dir,
-            clan_interface=self.cfg.mesh.interface,
-            console_port=self.cfg.mesh.console_port,
-            wireguard=self.cfg.mesh.wireguard,
-            overlay6=lambda: None if self.mesh is None else self.mesh.overlay6,
-        )
+        self.vms = agent_parts.vms(self)
         await nursery.start(self.vms.run)
-        self.topology = self._topology_service()
+        self.topology = agent_parts.topology(self)
         await nursery.start(self.topology.run)
         await nursery.start(self.vms.serve_consoles)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        state = cfg.state_path
-        self.identity, created = await trio.to_thread.run_sync(load_or_create, state)
+        opened = await trio.to_thread.run_sync(agent_parts.open_state, cfg)
+        self.identity, created, self.store, self.anchor = opened
         if created:
-            log.info("generated node keys", extra=kv(state_dir=state))
-        g = self.cfg.gossip
-        quota = RecordLimits(
-            g.max_records_per_origin, g.max_bytes_per_origin, g.max_records, g.max_bytes
-        )
-        self.store = await trio.to_thread.run_sync(
-            functools.partial(Store.open, state / "records", quota=quota, durable=is_durable)
-        )
-        self.anchor = await trio.to_thread.run_sync(load_anchor, state)
+            log.info("generated node keys", extra=kv(state_dir=cfg.state_path))
         if self.anchor is not None:
-            await self._drop_other_clans(self.anchor.clan_id)
+            await drop_other_clans(self.store, self.anchor.clan_id)
         self.inventory = InventoryManager(self.anchor)
         self.inventory.listeners.append(self._inventory_changed)
         # Every version we ever accepted is in the store: rebuild the head from it.
@@ -337,9 +218,11 @@ class Agent:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.control.serve)
-            await self._start_parts(nursery)
+            async with self._parts_lock:  # each part that cannot run is reported, not fatal
+                await self._start_gossip(nursery)
             if cfg.web.enabled:
-                await self._start_web()
+                with contextlib.suppress(ControlError):  # logged, and shown in `clanctl status`
+                    await self._web_console()
             wd = watchdog_interval()
             if wd:
                 nursery.start_soon(self._watchdog, wd)

@@ -14,6 +14,7 @@ the event loop (store writes run in a worker thread).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -21,12 +22,15 @@ from typing import Any
 
 import trio
 
+from ._log import kv
 from .ports import Subscriptions
 from .publish_policy import PublishGate
 from .records import min_interval
 from .wire import SignedRecord
 
 __all__ = ["AgentBus", "TrioClock", "drop_other_clans", "publish_own"]
+
+log = logging.getLogger("clanagent.agent")
 
 
 class TrioClock:
@@ -94,4 +98,7 @@ async def drop_other_clans(store: Any, clan_id: bytes) -> int:
         stale = [r for r in store.records() if r.clan != clan_id]
         return sum(store.delete(r.origin, r.kind, r.key) for r in stale)
 
-    return await trio.to_thread.run_sync(drop)
+    dropped = await trio.to_thread.run_sync(drop)
+    if dropped:
+        log.info("dropped records of another clan", extra=kv(records=dropped))
+    return dropped
