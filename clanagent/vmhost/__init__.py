@@ -3,8 +3,8 @@
 `spec` (declarations checked against this host), `backend` (the interface
 and run dirs), `qemu` (QEMU -M microvm, KVM or TCG) with `qmp`,
 `firecracker` and `cloudhv` (their API sockets, via `http_unix`),
-`lifecycle` (the sans-IO reconciler with restart backoff and adoption) and
-`console` (rotated console logs).
+`lifecycle` (the sans-IO reconciler with restart backoff and adoption),
+`console` (rotated console logs) and `api` (the vm.* control methods).
 """
 
 from .backend import Backend, RunDir, VmHandle, VmStatus
