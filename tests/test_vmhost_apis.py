@@ -40,6 +40,7 @@ from clanagent.vmhost.firecracker import (
     available,
     kvm_problem,
 )
+from clanagent.vmhost.network import Nic
 from clanagent.vmhost.spec import VmSpec
 
 # Starts real (sleeping) processes as stand-in VMMs.
@@ -376,8 +377,7 @@ FULL = dict(
     initrd="/k/initrd.img",
     rootfs="/k/root.ext4",
     disk="/k/data.img",
-    tap="tapweb0",
-    mac="02:00:00:00:00:01",
+    nics=(Nic("lan", "tapweb0", "02:00:00:00:00:01"),),
 )
 
 FAST = dict(api_timeout=1.0, ready_timeout=5.0, kill_timeout=5.0, poll_interval=0.01)
