@@ -50,6 +50,7 @@ __all__ = [
     "VmNetwork",
     "VmNetworkError",
     "clan_rules",
+    "enable_ipv6_forwarding",
     "plan_nics",
     "tap_name",
 ]
