@@ -382,7 +382,8 @@ class TopologyService:
             if self.policy.hold_until is not None:
                 self.stats["held"] += 1
             return False
-        await self.ports.bus.publish(TOPOLOGY_KIND, "", body)
+        # an unchanged view only renews its TTL: anti-entropy carries it
+        await self.ports.bus.publish(TOPOLOGY_KIND, "", body, push=not self.policy.refresh_only)
         self.policy.published(now, shape)
         self.stats["published"] += 1
         return True

@@ -252,9 +252,14 @@ def test_jitter_and_deaths_only_refresh_and_a_path_kind_change_goes_out_within_a
         assert all(REFRESH * 0.9 <= g <= REFRESH + CHECK_INTERVAL for g in gaps), gaps
         for _, body in quiet:
             assert body["kind"] == "lan" and body["links"] == []  # no RTT, no down link
-        # the path kind change is out within one check interval
+        # the refreshes only renew the TTL: anti-entropy carries them, no push
+        unpushed = clan.ports.bus.unpushed
+        assert len(unpushed) == len(quiet) - 1 >= 1
+        assert all(rec.body == body for rec, (_, body) in zip(unpushed, quiet[1:], strict=True))
+        # the path kind change is out within one check interval, pushed
         t, body = clan.published[-1]
         assert len(clan.published) == len(quiet) + 1
+        assert len(clan.ports.bus.unpushed) == len(unpushed)
         assert changed_at <= t <= changed_at + CHECK_INTERVAL
         assert body["kind"] == "lan" and body["links"] == [{"peer": "m04", "kind": "tor"}]
 

@@ -363,13 +363,15 @@ class GossipService:
                 nursery.start_soon(self._peer_book_loop)
             task_status.started(self)
 
-    def _publish(self, kind: str, key: str, body: Any) -> None:
+    def _publish(self, kind: str, key: str, body: Any, push: bool = True) -> None:
         assert self.node is not None
-        _, actions = self.node.publish(trio.current_time(), kind, key, body)
+        _, actions = self.node.publish(trio.current_time(), kind, key, body, push=push)
         self._handle(actions)
 
-    def publish(self, kind: str, key: str, body: Any) -> None:
-        self._publish(kind, key, body)
+    def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> None:
+        """Sign and spread a record of ours (`push=False`: by anti-entropy only,
+        see GossipNode.publish)."""
+        self._publish(kind, key, body, push)
 
     def add_seed(self, addr: str) -> None:
         """A new way to reach the clan (LAN discovery): contact it now."""

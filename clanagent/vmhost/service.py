@@ -397,12 +397,17 @@ class VmService:
             }
             now = self.ports.clock.now()
             # a soft kind: republished on a change, and before its TTL runs out
-            if self._published.get(name) != body or now >= self._refresh_due.get(name, now + 1):
+            changed = self._published.get(name) != body
+            if changed or now >= self._refresh_due.get(name, now + 1):
                 self._published[name] = body
                 refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * self._rng.random())
                 self._refresh_due[name] = now + refresh
+                # an unchanged status only renews its TTL: anti-entropy carries it
                 await self.ports.bus.publish(
-                    VM_STATUS_KIND, name, {**body, "at": int(self.ports.clock.wall())}
+                    VM_STATUS_KIND,
+                    name,
+                    {**body, "at": int(self.ports.clock.wall())},
+                    push=changed,
                 )
 
     def _booted(self, h: Any) -> int:
