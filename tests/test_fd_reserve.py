@@ -1,0 +1,69 @@
+"""The fd reserve (clanagent/fd_reserve.py) and the listeners that respect it.
+
+At the open-file limit the control server borrows the whole reserve to serve
+root: the request needs descriptors of its own (a module import, a durable
+write), and the gossip listener must not take them meanwhile.  The whole
+agent at its limit is tested in tests/hostile/test_fd_limit.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from clanagent.fd_reserve import FdReserve
+from clanagent.gossip.errors import PeerDisconnected
+from clanagent.gossip.peer import open_peer_session
+
+from .test_gossip_listener_limits import ALICE, CLAN, always, listening, url_of
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fill_borrow_give_back():
+    r = FdReserve(4)
+    base = _open_fds()
+    r.fill()
+    assert r.held == 4 and _open_fds() == base + 4 and not r.lent
+    assert r.borrow()
+    assert r.lent and r.held == 0 and _open_fds() == base
+    r.fill()  # no refill while lent
+    assert r.held == 0
+    assert r.borrow()  # a second borrower shares the loan
+    r.give_back()
+    assert r.lent and r.held == 0
+    r.give_back()
+    assert not r.lent and r.held == 4
+    r.close()
+    assert _open_fds() == base
+
+
+def test_an_empty_reserve_lends_nothing():
+    r = FdReserve(2)
+    assert not r.borrow() and not r.lent
+    with r.lending() as ok:
+        assert not ok
+    with pytest.raises(ValueError):
+        FdReserve(0)
+
+
+async def test_the_gossip_listener_does_not_accept_while_the_reserve_is_lent():
+    r = FdReserve(2)
+    r.fill()
+    with trio.fail_after(20):
+        async with listening(fd_reserve=r) as listener:
+            assert r.borrow()
+            # A peer dialing now waits in the backlog: the descriptors are root's.
+            with pytest.raises(PeerDisconnected):
+                async with open_peer_session(url_of(listener), ALICE, CLAN, always, timeout=1):
+                    pass
+            assert listener.counters()["sessions_accepted"] == 0
+            r.give_back()
+            async with open_peer_session(url_of(listener), ALICE, CLAN, always, timeout=3) as s:
+                await s.send(b"hi")
+                assert await s.receive() == b"echo:hi"
+    r.close()
