@@ -8,15 +8,19 @@ agent at its limit is tested in tests/hostile/test_fd_limit.py.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 
 import pytest
 import trio
 
+from clanagent.control import server as control_server
 from clanagent.fd_reserve import FdReserve
 from clanagent.gossip.errors import PeerDisconnected
 from clanagent.gossip.peer import open_peer_session
 
+from .test_control_server import call, start_server
 from .test_gossip_listener_limits import ALICE, CLAN, always, listening, url_of
 
 
@@ -67,3 +71,58 @@ async def test_the_gossip_listener_does_not_accept_while_the_reserve_is_lent():
                 await s.send(b"hi")
                 assert await s.receive() == b"echo:hi"
     r.close()
+
+
+# -- the control server borrows it at the limit ------------------------------------
+
+
+def _emfile_once(monkeypatch) -> list[int]:
+    """The control socket's next accept fails with EMFILE, as at the fd limit."""
+    real = socket.socket.accept
+    failed: list[int] = []
+
+    def accept(self):
+        if not failed and self.family == socket.AF_UNIX:
+            failed.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    return failed
+
+
+async def test_root_at_the_limit_is_served_on_the_lent_reserve(tmp_path, monkeypatch):
+    r = FdReserve(4)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, _ = await start_server(n, tmp_path, fd_reserve=r)
+            assert r.held == 4
+            failed = _emfile_once(monkeypatch)
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            assert failed and server.counters()["accept_errors"] == 1
+            while r.lent:  # given back as the connection ends
+                await trio.sleep(0.01)
+            assert r.held == 4
+            n.cancel_scope.cancel()
+
+
+async def test_a_connection_left_open_holds_the_reserve_no_longer_than_the_limit(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(control_server, "LOAN_LIMIT", 0.5)
+    r = FdReserve(4)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            server, _ = await start_server(n, tmp_path, fd_reserve=r)
+            _emfile_once(monkeypatch)
+            silent = await trio.open_unix_socket(str(server.path))
+            while not r.lent:
+                await trio.sleep(0.01)
+            t0 = trio.current_time()
+            while r.lent:
+                await trio.sleep(0.01)
+            assert 0.4 < trio.current_time() - t0 < 2
+            assert r.held == 4  # back, though the connection is still open
+            assert (await call(server.path, "status"))["node_id"] == "n1"
+            await silent.aclose()
+            n.cancel_scope.cancel()

@@ -60,6 +60,10 @@ REQUEST_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
 # How long the accept loop waits when the process is out of file descriptors.
 ACCEPT_BACKOFF = 0.1
+# A connection accepted at the fd limit holds the whole fd reserve (and so
+# keeps the listeners from accepting) until it ends, but never longer than
+# this: time enough for a request, not for a stream left open.
+LOAN_LIMIT = REQUEST_TIMEOUT
 # Faults logged once per (uid, kind); beyond this many keys the oldest goes.
 MAX_LOGGED = 256
 
@@ -240,6 +244,26 @@ _COUNTERS = (
     "idle_closed",
     "accept_errors",
 )
+
+
+class _Loan:
+    """The fd reserve lent to one connection: given back once, at its end or at the limit."""
+
+    def __init__(self, fds: FdReserve) -> None:
+        self._fds = fds
+        self._out = True
+        self.scope = trio.CancelScope()
+
+    def end(self) -> None:
+        if self._out:
+            self._out = False
+            self._fds.give_back()
+            self.scope.cancel()
+
+    async def expire(self, after: float) -> None:
+        with self.scope:
+            await trio.sleep(after)
+            self.end()
 
 
 class ControlServer:
@@ -483,7 +507,10 @@ class ControlServer:
             self.slots.release(cred.uid, privileged)
             conn.close()
             raise
-        nursery.start_soon(self._client, stream, cred, privileged, out_of_fds)
+        loan = _Loan(self._fds) if out_of_fds else None
+        nursery.start_soon(self._client, stream, cred, privileged, loan)
+        if loan is not None:
+            nursery.start_soon(loan.expire, LOAN_LIMIT)
 
     def _reject(self, conn: socket.socket, cred: PeerCred, counter: str, why: str) -> None:
         # Costs nothing to hold: one non-blocking send into an empty buffer, then close.
@@ -510,7 +537,11 @@ class ControlServer:
             raise _SendStalled
 
     async def _client(
-        self, stream: trio.SocketStream, cred: PeerCred, privileged: bool, borrowed: bool = False
+        self,
+        stream: trio.SocketStream,
+        cred: PeerCred,
+        privileged: bool,
+        loan: _Loan | None = None,
     ) -> None:
         try:
             if not privileged:  # root and the agent's user need no group lookups
@@ -538,10 +569,9 @@ class ControlServer:
             # Close now and take the freed fds back into the reserve before any
             # other task runs: at the fd limit another listener would grab them.
             stream.socket.close()
-            if borrowed:
-                self._fds.give_back()
-            else:
-                self._keep_spare()
+            if loan is not None:
+                loan.end()
+            self._keep_spare()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
