@@ -3,9 +3,10 @@
 Owns: a few descriptors on /dev/null, held while the agent is below its
 open-file limit and lent out, all at once, while the control server serves
 root or the agent's uid at that limit; whether they are lent now.
-Must never: block, or hold more than its size; a listener must not accept
-while they are lent (the freed descriptors are for the request that borrowed
-them: a lazy import, a durable write, the store's work).
+Must never: block, or hold more than its size.  While they are lent no
+listener accepts and the gossip service dials nobody: the freed descriptors
+are for the request that borrowed them (a lazy import, a durable write, the
+store's work).
 
 Accepting one connection on one spare descriptor answers `status` but leaves
 nothing for the request itself: at the limit an admin's edit failed on a

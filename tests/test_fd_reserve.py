@@ -126,3 +126,32 @@ async def test_a_connection_left_open_holds_the_reserve_no_longer_than_the_limit
             assert (await call(server.path, "status"))["node_id"] == "n1"
             await silent.aclose()
             n.cancel_scope.cancel()
+
+
+async def test_the_gossip_service_dials_nobody_while_the_reserve_is_lent(tmp_path, monkeypatch):
+    from clanagent import fd_reserve
+    from clanagent.gossip import service
+    from clanagent.gossip.node import SendTo
+
+    from .test_gossip_service import make_cfg, start_agent
+
+    async def hang(*args, **kwargs):
+        await trio.sleep_forever()
+
+    r = FdReserve(2)
+    r.fill()
+    monkeypatch.setattr(service, "PROCESS_FDS", r)
+    monkeypatch.setattr(service, "connect", hang)
+    assert fd_reserve.PROCESS is not r
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            a1, _ = await start_agent(n, make_cfg(tmp_path, 1, []))
+            svc = a1.gossip
+            with r.lending():
+                svc._send(SendTo(None, "192.0.2.1:7000", b"ping"))
+                assert svc.counters()["dials_refused"] == 1
+                assert svc.counters()["dials_in_progress"] == 0
+            svc._send(SendTo(None, "192.0.2.1:7000", b"ping"))
+            assert svc.counters()["dials_in_progress"] == 1
+            n.cancel_scope.cancel()
+    r.close()
