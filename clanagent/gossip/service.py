@@ -29,6 +29,7 @@ from .. import __version__
 from .._log import kv
 from ..capabilities import Capability
 from ..config import ConfigError, split_hostport
+from ..fd_reserve import PROCESS as PROCESS_FDS
 from ..records import soft_ttl
 from ..wire import NodeInfo
 from .admission import MAX_SESSIONS, AdmissionLimits, FaultLog, SessionTable
@@ -611,7 +612,8 @@ class GossipService:
             if len(waiting) < OUTBOX:
                 waiting.append(action.data)
             return
-        if len(self._dialing) >= MAX_DIALS:
+        if len(self._dialing) >= MAX_DIALS or PROCESS_FDS.lent:
+            # (at the fd limit the reserve is lent to root's request: not ours to take)
             self._counts["dials_refused"] += 1
             self.stats["dropped"] += 1
             return
