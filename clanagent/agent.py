@@ -120,14 +120,15 @@ class Agent:
     def record_stats(self) -> dict[str, int]:
         return self.records.stats
 
-    async def publish_record(self, kind: str, key: str, body: Any) -> bool:
+    async def publish_record(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         """Store a record of ours and gossip it (store only, when gossip is off).
 
         One our peers would refuse (the same body check as theirs) is not
         published: False, counted in record_stats["own_refusals"]."""
         if not self.records.check_own(kind, key, body):
             return False
-        await publish_own(self.gossip, self.anchor, self.store, self.identity, kind, key, body)
+        parts = (self.gossip, self.anchor, self.store, self.identity)
+        await publish_own(*parts, kind, key, body, push=push)
         return True
 
     async def set_anchor(self, anchor: Anchor) -> None:

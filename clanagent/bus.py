@@ -52,35 +52,44 @@ class AgentBus:
 
     def __init__(
         self,
-        publish: Callable[[str, str, Any], Awaitable[bool]],
+        publish: Callable[..., Awaitable[bool]],
         rng: random.Random | None = None,
     ) -> None:
         self._publish = publish
         self.subscriptions = Subscriptions()
         self.gate = PublishGate(min_interval, rng or random.Random())
 
-    async def publish(self, kind: str, key: str, body: Any) -> bool:
+    async def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         wait = self.gate.wait(trio.current_time(), kind, key)
         if wait > 0:
             await trio.sleep(wait)
         self.gate.published(trio.current_time(), kind, key)
-        return await self._publish(kind, key, body)
+        return await self._publish(kind, key, body, push=push)
 
     def subscribe(self, kinds: Any, handler: Any) -> None:
         self.subscriptions.subscribe(kinds, handler)
 
 
 async def publish_own(
-    gossip: Any, anchor: Any, store: Any, identity: Any, kind: str, key: str, body: Any
+    gossip: Any,
+    anchor: Any,
+    store: Any,
+    identity: Any,
+    kind: str,
+    key: str,
+    body: Any,
+    *,
+    push: bool = True,
 ) -> None:
     """Gossip a record of ours (already checked), or only store it when gossip
-    is off or still runs under another clan than our anchor's."""
+    is off or still runs under another clan than our anchor's.  push=False:
+    anti-entropy only (an unchanged soft refresh), no push to peers."""
     if (
         gossip is not None
         and gossip.node is not None
         and (anchor is None or gossip.clan == anchor.clan_id)
     ):
-        gossip.publish(kind, key, body)
+        gossip.publish(kind, key, body, push=push)
         return
     assert store is not None and identity is not None
     clan = anchor.clan_id if anchor else b""

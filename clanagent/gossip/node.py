@@ -984,9 +984,14 @@ class GossipNode:
             out.extend(actions)
 
     def publish(
-        self, now: float, kind: str, key: str, body: Any
+        self, now: float, kind: str, key: str, body: Any, *, push: bool = True
     ) -> tuple[SignedRecord, list[NodeAction]]:
-        """Sign and spread a new record of ours (version = our highest + 1)."""
+        """Sign and spread a new record of ours (version = our highest + 1).
+
+        `push=False` (a soft record republished unchanged, only to renew its
+        TTL): no epidemic push; it spreads by anti-entropy alone, reaching
+        each member about once instead of being pushed by every member
+        `transmit_limit` times."""
         self._now = now
         top = self.store.max_version(self.origin)
         if top >= MAX_RECORD_VERSION - 1:
@@ -1019,7 +1024,9 @@ class GossipNode:
         self._own[(kind, key)] = rec.body
         self._remember(rec.record_id)
         out: list[NodeAction] = []
-        self._persist(now, (rec,), _Continuation(), out)
+        self._persist(now, (rec,), _Continuation(rebroadcast=push), out)
+        if not push:
+            self.stats["published_unpushed"] = self.stats.get("published_unpushed", 0) + 1
         return rec, out
 
     # -- anti-entropy ------------------------------------------------------
