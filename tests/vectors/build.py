@@ -155,7 +155,7 @@ def build_frames() -> dict[str, Any]:
 
 def _signed_records() -> list[tuple[str, SignedRecord]]:
     a, b = identity(ALICE), identity(BOB)
-    info = NodeInfo(name="alice", version="0.1.0", addrs=["ws://192.0.2.1:9945/"])
+    info = NodeInfo(name="alice", version="0.1.0", addrs=["192.0.2.1:9945"])
     status = VmStatusBody(
         vm="web",
         machine="bob",
@@ -218,7 +218,7 @@ def gossip_messages() -> list[tuple[str, Any, bytes]]:
     """(name, decoded message, encoded [type, body] item) for every message type."""
     a, b = identity(ALICE), identity(BOB)
     ida, idb = a.node_id, b.node_id
-    addr_a, addr_b = "ws://192.0.2.1:9945/", "ws://192.0.2.2:9945/"
+    addr_a, addr_b = "192.0.2.1:9945", "192.0.2.2:9945"
     meta = encode_node_meta("alice")
     members: list[tuple[str, Any]] = [
         ("PING", Ping(7, idb, ida, addr_a)),
