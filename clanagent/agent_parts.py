@@ -173,7 +173,7 @@ def topology(agent: Agent) -> Any:
         agent.ports,
         name=agent.name,
         machines=agent.inventory_api.machines,
-        vms=agent.vm_api.list,
+        vms=agent.vm_api.rows,
         capabilities=agent.node.capability_rows,
         path_kind=path_kind,
     )

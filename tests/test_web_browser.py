@@ -337,7 +337,7 @@ async def test_console_in_a_real_browser(tmp_path):
                 if image is not None:
                     await wait_until(
                         lambda: any(
-                            r["vm"] == "hello" and r["state"] == "running" for r in a1.vm_api.list()
+                            r["vm"] == "hello" and r["state"] == "running" for r in a1.vm_api.rows()
                         ),
                         "the VM to run",
                         45,

@@ -53,7 +53,8 @@ class VmApi:
         self.open_remote = open_remote
         self._logs_asked: dict[str, float] = {}  # VM -> monotonic time of our last ask
 
-    def list(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
+        """`vm.list`: every VM of the clan, from every host's status."""
         vms = self.vms()
         return [] if vms is None else vms.clan_vms()
 
@@ -171,7 +172,7 @@ def register(table: ApiTable, api: VmApi) -> None:
         return params["request"]
 
     async def vm_list(params: dict[str, Any]) -> Any:
-        return api.list()
+        return api.rows()
 
     async def logs(params: dict[str, Any]) -> Any:
         name, since = params.get("name"), params.get("since", 0)
