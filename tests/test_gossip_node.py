@@ -322,7 +322,7 @@ def test_fast_encoding_is_canonical():
         PushPull,
         Suspect,
     )
-    from clanagent.gossip.node import _MEMBERSHIP_TYPES, encode_message
+    from clanagent.gossip.messages import _MEMBERSHIP_TYPES, encode_message
 
     msgs = [
         Ping(1, "a", "b", "b:1"),
