@@ -31,7 +31,7 @@ from .envelope import (
     SignedRecord,
     Signer,
 )
-from .schema import NodeInfo, Record, record_class, record_type
+from .schema import CheckedRecord, NodeInfo, Range, Record, Size, record_class, record_type
 
 __all__ = [
     "WireError",
@@ -43,6 +43,9 @@ __all__ = [
     "unpack",
     "unpack_shallow",
     "Record",
+    "CheckedRecord",
+    "Range",
+    "Size",
     "record_type",
     "record_class",
     "NodeInfo",
