@@ -197,6 +197,9 @@ def test_membership_does_what_the_table_says(view: View, msg: StateMsg, v: Varia
     stats = dict(m.stats)
     sent = message(msg, v)
     stale = isinstance(sent, Alive) and m.alive_is_stale(x, sent.incarnation, sent.addr)
+    stale_suspect = isinstance(sent, Suspect) and m.suspect_is_stale(
+        x, sent.incarnation, sent.from_node
+    )
     out = m.receive(v.now, "x:1", sent, from_node="x" if v.from_x else "p3")
     after = m.member(x)
     gossiped = m.take_broadcasts()
@@ -204,9 +207,12 @@ def test_membership_does_what_the_table_says(view: View, msg: StateMsg, v: Varia
     # The rule's counter, and no other.
     changed_stats = {k for k in m.stats if m.stats[k] != stats.get(k)} - {"refutes"}
     assert changed_stats == ({rule.count} if rule.count else set())
+    # The node's cheap pre-checks skip only what the table ignores (or a
+    # confirmation that is no news).
     if stale:
-        # The node's cheap pre-check skips only what the table ignores.
         assert rule.then is Outcome.IGNORE
+    if stale_suspect:
+        assert rule.then in (Outcome.IGNORE, Outcome.CONFIRM) and gossiped == []
 
     then = rule.then
     if then is Outcome.IGNORE:

@@ -197,7 +197,7 @@ MESSAGE_CLASSES: tuple[type, ...] = (Ping, IndirectPing, Ack, Nack, Suspect, Ali
 
 # -- record and anti-entropy messages ----------------------------------------
 #
-# Decoded (and checked field by field) by `clanagent.gossip.node.decode_message`
+# Decoded (and checked field by field) by `clanagent.gossip.messages.decode_message`
 # with the anti-entropy shape checks, before anything reaches node state.
 
 

@@ -515,10 +515,10 @@ class Membership:
     def alive_is_stale(self, node_id: object, incarnation: object, addr: object) -> bool:
         """True when an Alive about `node_id` at `incarnation` would be ignored.
 
-        A cheap pre-check on the raw wire values (the table's "Alive inc <=
-        ours" row, for the same address: another address may be a reclaim),
-        so the duplicate copies an epidemic delivers cost a dict lookup
-        instead of building a message."""
+        A cheap pre-check on the raw wire values (TRANSITIONS' NOT_NEWER rule
+        of a member we hold, at the address we hold: another address may be a
+        reclaim or a move), so the duplicate copies an epidemic delivers cost
+        a dict lookup instead of building a message."""
         if type(incarnation) is not int or not isinstance(node_id, str):
             return False
         node = self._nodes.get(node_id)
@@ -530,7 +530,7 @@ class Membership:
         )
 
     def suspect_is_stale(self, node_id: object, incarnation: object, from_node: object) -> bool:
-        """True when a Suspect would change nothing (the table's Suspect rows):
+        """True when a Suspect would change nothing (TRANSITIONS' Suspect rules):
         unknown member, older incarnation, a confirmation we already counted or
         no longer need, or a member that is neither alive nor suspected."""
         if type(incarnation) is not int or type(node_id) is not str or type(from_node) is not str:
