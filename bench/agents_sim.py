@@ -18,7 +18,7 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | found | `found_s`: the admin's genesis (every machine, one service with a shared secret, one VM on n5) from n0 until it arrived in every store |
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
 | early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over 30 virtual seconds, and `early_published_per_s` by record kind |
-| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (300 s: every machine republishes its links once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
+| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (`topology.refresh_for(N)`: 300 s up to 30 machines, 10 s per machine beyond, at most 10 000 s; every machine republishes its view once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
 | (both) | `*_bytes_by_message`: the same bytes split by gossip message type (ping, ack, push_pull, record, ae_request, ae_reply, ...) |
 | edit | `edit_s`: an inventory edit from n1 until it arrived in every store |
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
@@ -47,7 +47,7 @@ import nacl.signing
 import trio
 
 from clanagent.gossip.config import push_pull_scale
-from clanagent.topology import REFRESH as TOPOLOGY_REFRESH
+from clanagent.topology import refresh_for
 from tests.sim import agents as simagents
 from tests.sim.agents import AgentSim, run_sim
 
@@ -193,7 +193,7 @@ def run_size(n: int, *, quick: bool = False, version_floor: bool = True) -> dict
     # The steady window spans a whole refresh period of the topology kind
     # (every machine republishes its links once in it): shorter, it would
     # measure whether a refresh wave happened to fall inside.
-    settle, window, steady = (30.0, 10.0, 10.0) if quick else (None, 30.0, TOPOLOGY_REFRESH)
+    settle, window, steady = (30.0, 10.0, 10.0) if quick else (None, 30.0, refresh_for(n))
     with (
         tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp,
         simagents.shared_record_decoding(),

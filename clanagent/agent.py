@@ -65,19 +65,19 @@ class AgentBus:
 
     def __init__(
         self,
-        publish: Callable[[str, str, Any], Awaitable[bool]],
+        publish: Callable[..., Awaitable[bool]],
         rng: random.Random | None = None,
     ) -> None:
         self._publish = publish
         self.subscriptions = Subscriptions()
         self.gate = PublishGate(min_interval, rng or random.Random())
 
-    async def publish(self, kind: str, key: str, body: Any) -> bool:
+    async def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         wait = self.gate.wait(trio.current_time(), kind, key)
         if wait > 0:
             await trio.sleep(wait)
         self.gate.published(trio.current_time(), kind, key)
-        return await self._publish(kind, key, body)
+        return await self._publish(kind, key, body, push=push)
 
     def subscribe(self, kinds: Any, handler: Any) -> None:
         self.subscriptions.subscribe(kinds, handler)
@@ -608,7 +608,7 @@ class Agent:
         """Would our peers take this record of ours?  False (counted, logged once) if not."""
         return self.records.check_own(kind, key, body)
 
-    async def publish_record(self, kind: str, key: str, body: Any) -> bool:
+    async def publish_record(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         """Store a record of ours and gossip it (store only, when gossip is off).
 
         The record passes the same body check as a peer's first: one our
@@ -622,7 +622,7 @@ class Agent:
             and gossip.node is not None
             and (self.anchor is None or gossip.clan == self.anchor.clan_id)
         ):
-            gossip.publish(kind, key, body)
+            gossip.publish(kind, key, body, push=push)
             return True
         assert self.store is not None and self.identity is not None
         store, ident = self.store, self.identity

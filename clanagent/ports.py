@@ -69,9 +69,11 @@ class RecordReader(Protocol):
 class RecordBus(Protocol):
     """Where a part publishes its records and hears of everyone's."""
 
-    async def publish(self, kind: str, key: str, body: Any) -> bool:
+    async def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         """Sign and spread one of our records; False when its body is refused
-        by our own check (clanagent.records) -- it is then not published."""
+        by our own check (clanagent.records) -- it is then not published.
+        `push=False` for a soft record republished unchanged (only to renew
+        its TTL): it spreads by anti-entropy alone, not by epidemic push."""
         ...
 
     def subscribe(self, kinds: Collection[str], handler: Callable[[SignedRecord], None]) -> None:

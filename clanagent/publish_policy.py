@@ -55,10 +55,14 @@ class PublishPolicy:
         self.earliest = -math.inf  # no publication before this
         self.next_refresh = -math.inf
         self.hold_until: float | None = None  # a change waits for min_interval until then
+        # the last `due` said yes only for the refresh: the shape is unchanged,
+        # so the publication only renews a soft record's TTL (no push needed)
+        self.refresh_only = False
 
     def due(self, now: float, shape: Any) -> bool:
         """Should the view with this shape be published now?"""
         self.hold_until = None
+        self.refresh_only = False
         if self.shape is None:
             return True
         if shape != self.shape:
@@ -66,7 +70,8 @@ class PublishPolicy:
                 return True
             self.hold_until = self.earliest
             return False
-        return self.refresh is not None and now >= self.next_refresh
+        self.refresh_only = self.refresh is not None and now >= self.next_refresh
+        return self.refresh_only
 
     def published(self, now: float, shape: Any) -> None:
         self.shape, self.published_at, self.hold_until = shape, now, None

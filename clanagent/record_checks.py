@@ -110,7 +110,9 @@ class RecordChecker:
         if len(self._logged) < MAX_LOGGED:
             self._logged.add(key)
         log.log(
-            logging.WARNING if own or not exc.transient else logging.INFO,
+            # transient: the inventory that allows it has not arrived yet (a
+            # VM status at start-up, say): it goes out once it has
+            logging.INFO if exc.transient else logging.WARNING,
             "own record not published" if own else "record refused",
             extra=kv(kind=key[0], origin=key[1], reason=exc.reason, transient=exc.transient),
         )

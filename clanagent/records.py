@@ -268,46 +268,15 @@ def _parse_endpoints(body: Any) -> Any:
     return parse_endpoints_body(body)
 
 
-_TOPOLOGY_KEYS = frozenset({"at", "links", "capabilities"})
+def _parse_topology(body: Any) -> Any:
+    from .topology import parse_body
+
+    return parse_body(body)
 
 
-def _parse_topology(body: Any) -> dict[str, Any]:
-    from .topology import LINK_KINDS, MAX_CAPS, MAX_LINKS
-
-    if type(body) is not dict or body.keys() != _TOPOLOGY_KEYS:
-        raise WireError("topology: expected {at, links, capabilities}")
-    at, links, caps = body["at"], body["links"], body["capabilities"]
-    if type(at) is not int or not 0 <= at < 2**63:
-        raise WireError("topology.at: expected a unix time")
-    if type(links) is not list or len(links) > MAX_LINKS:
-        raise WireError(f"topology.links: expected a list of at most {MAX_LINKS}")
-    for link in links:
-        if type(link) is not dict or link.keys() != {"peer", "kind", "rtt_ms"}:
-            raise WireError("topology.links: expected {peer, kind, rtt_ms}")
-        rtt = link["rtt_ms"]
-        if type(link["peer"]) is not str or len(link["peer"]) > 255:
-            raise WireError("topology.links.peer: expected a machine name")
-        if link["kind"] not in LINK_KINDS or type(link["kind"]) is not str:
-            raise WireError("topology.links.kind: unknown")
-        if rtt is not None and (type(rtt) not in (int, float) or not 0 <= rtt < 1e9):
-            raise WireError("topology.links.rtt_ms: expected a number or nil")
-    if type(caps) is not list or len(caps) > MAX_CAPS:
-        raise WireError(f"topology.capabilities: expected a list of at most {MAX_CAPS}")
-    for c in caps:
-        if type(c) is not dict or c.keys() != {"name", "available", "reason"}:
-            raise WireError("topology.capabilities: expected {name, available, reason}")
-        if type(c["name"]) is not str or len(c["name"]) > 64:
-            raise WireError("topology.capabilities.name: expected a short str")
-        if type(c["available"]) is not bool:
-            raise WireError("topology.capabilities.available: expected bool")
-        if type(c["reason"]) is not str or len(c["reason"]) > 300:
-            raise WireError("topology.capabilities.reason: expected a str of at most 300")
-    return body
-
-
-def _topology_rules(rec: SignedRecord, body: dict[str, Any], ctx: RecordContext) -> None:
+def _topology_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
     _singleton(rec, body, ctx)
-    _future(rec.kind, "at", body["at"], ctx)
+    _future(rec.kind, "at", body.at, ctx)
 
 
 # -- services
@@ -455,10 +424,10 @@ def _registry() -> dict[str, KindSpec]:
     from .mesh.candidates import ENDPOINTS_KIND
     from .secrets.record import ROTATE_KIND, SECRET_KIND, RotateRequest, SecretBody
     from .services.wiring import EXPORT_KIND
+    from .topology import MAX_REFRESH as TOPOLOGY_REFRESH
     from .topology import MIN_INTERVAL as TOPOLOGY_MIN_INTERVAL
-    from .topology import REFRESH as TOPOLOGY_REFRESH
     from .topology import STALE as TOPOLOGY_TTL
-    from .topology import TOPOLOGY_KIND
+    from .topology import TOPOLOGY_KIND, TopologyBody
     from .vmhost.requests import REQUEST_KIND
     from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND, VM_STATUS_KIND
 
@@ -475,10 +444,11 @@ def _registry() -> dict[str, KindSpec]:
             TOPOLOGY_KIND,
             _parse_topology,
             _topology_rules,
+            TopologyBody,
             durable=False,
-            ttl=TOPOLOGY_TTL,  # three refreshes
+            ttl=TOPOLOGY_TTL,  # three of the longest refreshes
             min_interval=TOPOLOGY_MIN_INTERVAL,
-            refresh=TOPOLOGY_REFRESH,
+            refresh=TOPOLOGY_REFRESH,  # the longest: it stretches with the clan (topology.refresh_for)
         ),
         KindSpec(EXPORT_KIND, _parse_export, _export_rules, min_interval=1.0),
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),

@@ -1,19 +1,28 @@
 """The clan's topology: which machine reaches which, over what kind of path, how fast.
 
 Owns: this machine's view of its links (to every other machine of the
-inventory: path kind lan / public / tor / down and the round-trip time),
-the `topology` record that carries that view (and a summary of this
-machine's capabilities) to the rest of the clan, and the clan-wide map the
-`topology` control method returns (machines, links, services and VMs per
-machine).  Must never: publish more often than the view really changes
-for its readers (a link's kind or up/down, a capability: not RTT jitter;
-RTTs are published coarse and refreshed only with the periodic
-republish), publish faster than the kind's min_interval (records.py),
-trust a peer's record beyond display (it is shown, never acted on), fail
-the caller because one record is malformed, or reach into another part: it
-reads the rest of the agent through its ports (clanagent.ports) and the
-callables it is given (machine rows, VM rows, capability rows, the current
-path kind to a machine).
+inventory: path kind lan / public / tor / other / down and the round-trip
+time), the `topology` record that carries what of that view the rest of
+the clan cannot learn elsewhere (and a summary of this machine's
+capabilities), and the clan-wide map the `topology` control method returns
+(machines, links, services and VMs per machine).
+
+The record is small and constant-sized in a uniform clan: the kind most of
+our up links have plus the links that differ from it.  Which machines are
+up is left out (every reader's membership tells, and a crash would
+otherwise make every machine republish), and so are RTTs (jitter would
+republish; the map shows the RTTs the viewing machine measures itself).
+Its refresh stretches with the clan (`refresh_for`), so the clan as a
+whole republishes unchanged views at a bounded rate.
+
+Must never: publish more often than the view really changes for its
+readers (a link's kind, a capability: not up/down, not RTT jitter),
+publish faster than the kind's min_interval (records.py), trust a peer's
+record beyond display (it is shown, never acted on), fail the caller
+because one record is malformed, or reach into another part: it reads the
+rest of the agent through its ports (clanagent.ports) and the callables it
+is given (machine rows, VM rows, capability rows, the current path kind to
+a machine).
 """
 
 from __future__ import annotations
@@ -22,13 +31,17 @@ import ipaddress
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from ._log import kv
+from .limits import TARGET_MACHINES
 from .publish_policy import PublishPolicy
+from .wire import Record, WireError, record_type
 
 if TYPE_CHECKING:
     from .ports import Ports
@@ -36,39 +49,116 @@ if TYPE_CHECKING:
 __all__ = [
     "TOPOLOGY_KIND",
     "LINK_KINDS",
+    "TopologyBody",
+    "parse_body",
+    "UP_KINDS",
     "TopologyService",
     "classify_addr",
+    "compact_links",
+    "expand_links",
     "merge_links",
     "min_interval_for",
+    "refresh_for",
 ]
 
 log = logging.getLogger("clanagent.topology")
 
 TOPOLOGY_KIND = "topology"
 LINK_KINDS = ("lan", "public", "tor", "other", "down")
+UP_KINDS = LINK_KINDS[:-1]
 CHECK_INTERVAL = 3.0  # seconds between looks at our own links
 # The topology kind's cadence (the registry in records.py takes it from
-# here): republish an unchanged view every REFRESH (minus up to
-# REFRESH_JITTER of it), never two within MIN_INTERVAL (plus up to
-# MIN_JITTER of it); a view older than STALE (the kind's TTL) no longer
-# describes links.
-REFRESH = 300.0
-MIN_INTERVAL = 2.0
-# ... and never two within PER_MACHINE seconds per machine of the clan: the
-# whole clan then publishes at most 1 / PER_MACHINE topology records a
+# here): never two publications within MIN_INTERVAL (plus up to MIN_JITTER
+# of it) -- and never two within PER_MACHINE seconds per machine of the
+# clan, so the whole clan publishes at most 1 / PER_MACHINE changed views a
 # second however big it grows.  (At N=100 with a 2 s floor, a membership
 # flapping under CPU starvation made every machine republish its O(N)-sized
 # view every 2 s: 480 MB of records sent by one agent in 16 minutes.)
+MIN_INTERVAL = 2.0
 PER_MACHINE = 0.5
-STALE = 3 * REFRESH  # the kind's TTL
-MAX_LINKS = 256  # links in one record (a bigger clan shows the first 256 by name)
+# An unchanged view goes out again every REFRESH seconds -- stretched to
+# REFRESH_PER_MACHINE seconds per machine of the clan, at most MAX_REFRESH
+# (minus up to REFRESH_JITTER of it) -- so the clan refreshes at most one
+# view every REFRESH_PER_MACHINE seconds up to TARGET_MACHINES machines.
+REFRESH = 300.0
+REFRESH_PER_MACHINE = 10.0
+MAX_REFRESH = REFRESH_PER_MACHINE * TARGET_MACHINES
+# A peer's view lives this long after its last refresh (the kind's TTL,
+# three of the longest refreshes); views of machines the reader sees down
+# are not shown anyway.
+STALE = 3 * MAX_REFRESH
+MAX_LINKS = TARGET_MACHINES  # exceptions in one record (the rest show the default kind)
 MAX_CAPS = 32
 FUTURE_SKEW = 300  # a view dated further ahead than this is ignored (records.MAX_FUTURE_SKEW)
+
+
+# -- the record body (records.py registers it; readers parse with `parse_body`)
+
+
+@dataclass(frozen=True, slots=True)
+class TopologyLink(Record):
+    """An up link whose kind differs from the view's default."""
+
+    peer: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.peer) <= 255:
+            raise WireError("peer: expected a machine name")
+        if self.kind not in UP_KINDS:
+            raise WireError(f"kind: expected one of {', '.join(UP_KINDS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Capability(Record):
+    """One capability of the publishing machine, as `clanctl status` shows it."""
+
+    name: str
+    available: bool
+    reason: str
+
+    def __post_init__(self) -> None:
+        if len(self.name) > 64:
+            raise WireError("name: expected a short str")
+        if len(self.reason) > 300:
+            raise WireError("reason: expected a str of at most 300")
+
+
+@record_type
+@dataclass(frozen=True, slots=True)
+class TopologyBody(Record):
+    """A machine's links as it publishes them (key "")."""
+
+    KIND: ClassVar[str] = "topology"
+    at: int  # unix seconds of the publication
+    kind: str  # the kind most of its up links have; "" when none is up
+    links: list[TopologyLink]  # the up links of another kind
+    capabilities: list[Capability]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.at < 2**63:
+            raise WireError("at: expected a unix time")
+        if self.kind and self.kind not in UP_KINDS:
+            raise WireError(f"kind: expected one of {', '.join(UP_KINDS)} or empty")
+        if len(self.links) > MAX_LINKS:
+            raise WireError(f"links: expected at most {MAX_LINKS}")
+        if len(self.capabilities) > MAX_CAPS:
+            raise WireError(f"capabilities: expected at most {MAX_CAPS}")
+
+
+def parse_body(body: Any) -> TopologyBody:
+    """A topology record's body, checked field by field; WireError when malformed."""
+    return TopologyBody.from_wire(body, path="body")
 
 
 def min_interval_for(machines: int) -> float:
     """Seconds between two publications of our view in a clan of `machines`."""
     return max(MIN_INTERVAL, PER_MACHINE * machines)
+
+
+def refresh_for(machines: int) -> float:
+    """Seconds between two publications of an unchanged view in a clan of `machines`."""
+    return min(MAX_REFRESH, max(REFRESH, REFRESH_PER_MACHINE * machines))
 
 
 def classify_addr(addr: str) -> str:
@@ -93,7 +183,7 @@ def _bucket(rtt_ms: float | None) -> int | None:
 
 
 def coarse_rtt(rtt_ms: float | None) -> float | None:
-    """The RTT as published: its half-power-of-two bucket's lower bound, rounded
+    """The RTT as shown: its half-power-of-two bucket's lower bound, rounded
     up to 3 significant digits (so it stays in the bucket)."""
     b = _bucket(rtt_ms)
     if b is None:
@@ -103,39 +193,34 @@ def coarse_rtt(rtt_ms: float | None) -> float | None:
     return math.ceil(v * q) / q
 
 
-def _parse_body(body: Any) -> dict[str, Any] | None:
-    """A peer's topology record body, checked; None when malformed (then ignored)."""
-    if not isinstance(body, dict):
-        return None
-    links, caps, at = body.get("links"), body.get("capabilities"), body.get("at")
-    if not isinstance(links, list) or not isinstance(caps, list) or type(at) is not int:
-        return None
-    out_links = []
-    for link in links[:MAX_LINKS]:
-        if not isinstance(link, dict):
-            return None
-        peer, kind, rtt = link.get("peer"), link.get("kind"), link.get("rtt_ms")
-        if not isinstance(peer, str) or kind not in LINK_KINDS:
-            return None
-        if rtt is not None and not (isinstance(rtt, (int, float)) and 0 <= rtt < 1e7):
-            rtt = None
-        out_links.append({"peer": peer, "kind": kind, "rtt_ms": rtt})
-    out_caps = []
-    for c in caps[:MAX_CAPS]:
-        if (
-            isinstance(c, dict)
-            and isinstance(c.get("name"), str)
-            and isinstance(c.get("available"), bool)
-        ):
-            reason = c.get("reason")
-            out_caps.append(
-                {
-                    "name": c["name"][:64],
-                    "available": c["available"],
-                    "reason": reason[:300] if isinstance(reason, str) else "",
-                }
-            )
-    return {"at": at, "links": out_links, "capabilities": out_caps}
+def compact_links(links: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """Our links as published: the kind most up links have ("" when none is
+    up; ties go to the first in UP_KINDS) and the up links of another kind,
+    by peer name, at most MAX_LINKS.  Down links are left out."""
+    up = [link for link in links if link["kind"] in UP_KINDS]
+    if not up:
+        return "", []
+    counts = Counter(link["kind"] for link in up)
+    default = max(UP_KINDS, key=lambda k: (counts[k], -UP_KINDS.index(k)))
+    other = sorted(
+        ({"peer": link["peer"], "kind": link["kind"]} for link in up if link["kind"] != default),
+        key=lambda link: link["peer"],
+    )
+    return default, other[:MAX_LINKS]
+
+
+def expand_links(
+    default: str, exceptions: list[dict[str, str]], origin: str, machines: list[str]
+) -> list[dict[str, Any]]:
+    """A peer's published links as link rows to every machine of `machines`
+    (but itself): the exception's kind, else the default; none when it had no
+    up link.  No RTT (the record carries none)."""
+    if not default:
+        return []
+    kinds = {link["peer"]: link["kind"] for link in exceptions}
+    return [
+        {"peer": m, "kind": kinds.get(m, default), "rtt_ms": None} for m in machines if m != origin
+    ]
 
 
 def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> list[dict[str, Any]]:
@@ -143,9 +228,9 @@ def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> lis
 
     `views`: machine -> its links ({peer, kind, rtt_ms}); `online`: the
     machines we see online.  An edge is up when either end reports it up
-    (each end only knows its own sessions) and both ends are online; its
-    kind and RTT then come from the end that reports it up (the one whose
-    name sorts first when both do).
+    and both ends are online; its kind comes from the end that reports it
+    up (the one whose name sorts first when both do), its RTT from the
+    first of those that measured one (only the viewing machine does).
     """
     pairs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for src in sorted(views):
@@ -159,7 +244,8 @@ def merge_links(views: dict[str, list[dict[str, Any]]], online: set[str]) -> lis
     for (a, b), seen in sorted(pairs.items()):
         up = [seen[m] for m in sorted(seen) if seen[m]["kind"] != "down"]
         if up and a in online and b in online:
-            kind, rtt = up[0]["kind"], up[0]["rtt_ms"]
+            kind = up[0]["kind"]
+            rtt = next((u["rtt_ms"] for u in up if u["rtt_ms"] is not None), None)
         else:
             kind, rtt = "down", None
         edges.append(
@@ -252,8 +338,6 @@ class TopologyService:
                 kind = classify_addr(str(member.get("addr") or ""))
             rtt = member.get("rtt_ms")
             links.append({"peer": name, "kind": kind, "rtt_ms": rtt})
-            if len(links) >= MAX_LINKS:
-                break
         return links
 
     def _capabilities(self) -> list[dict[str, Any]]:
@@ -267,29 +351,30 @@ class TopologyService:
         ]
 
     def _body(self) -> dict[str, Any]:
-        links = [{**link, "rtt_ms": coarse_rtt(link["rtt_ms"])} for link in self.local_links()]
+        default, exceptions = compact_links(self.local_links())
         return {
             "at": int(self.ports.clock.wall()),
-            "links": links,
+            "kind": default,
+            "links": exceptions,
             "capabilities": self._capabilities(),
         }
 
     @staticmethod
     def _shape(body: dict[str, Any]) -> Any:
-        """What readers act on: each link's kind (down included) and the capabilities.
-
-        RTTs are left out: jitter alone never republishes (the periodic
-        refresh carries the current coarse RTT)."""
+        """What readers act on: the kinds of the links and the capabilities (not `at`)."""
         return (
+            body["kind"],
             [(link["peer"], link["kind"]) for link in body["links"]],
-            [(c["name"], c["available"]) for c in body["capabilities"]],
+            [(c["name"], c["available"], c["reason"]) for c in body["capabilities"]],
         )
 
     async def publish_once(self) -> bool:
         inv = self.ports.inventory.inventory
         if inv is None:
             return False
-        self.policy.min_interval = min_interval_for(len(inv.doc["machines"]))
+        n = len(inv.doc["machines"])
+        self.policy.min_interval = min_interval_for(n)
+        self.policy.refresh = refresh_for(n)
         body = self._body()
         now = self.ports.clock.now()
         shape = self._shape(body)
@@ -297,7 +382,8 @@ class TopologyService:
             if self.policy.hold_until is not None:
                 self.stats["held"] += 1
             return False
-        await self.ports.bus.publish(TOPOLOGY_KIND, "", body)
+        # an unchanged view only renews its TTL: anti-entropy carries it
+        await self.ports.bus.publish(TOPOLOGY_KIND, "", body, push=not self.policy.refresh_only)
         self.policy.published(now, shape)
         self.stats["published"] += 1
         return True
@@ -344,19 +430,22 @@ class TopologyService:
         caps: dict[str, list[dict[str, Any]]] = {me: self._capabilities()}
         now = self.ports.clock.wall()
         reported: dict[str, int] = {me: int(now)}
+        names = sorted(machines)
         for rec in self.ports.store.of_kind(TOPOLOGY_KIND):
             name = by_key.get(rec.origin)
             if name is None or name == me:
                 continue
-            body = _parse_body(rec.body)
-            if body is None:
+            try:
+                body = parse_body(rec.body)
+            except WireError:
                 self.stats["bad_records"] += 1
                 continue
-            caps[name] = body["capabilities"]
-            reported[name] = body["at"]
+            caps[name] = [c.to_wire() for c in body.capabilities]
+            reported[name] = body.at
             # A view dated in the future is never "fresh": it would stay forever.
-            if 0 <= now - body["at"] < STALE or 0 < body["at"] - now <= FUTURE_SKEW:
-                views[name] = [link for link in body["links"] if link["peer"] in machines]
+            if 0 <= now - body.at < STALE or 0 < body.at - now <= FUTURE_SKEW:
+                exceptions = [{"peer": x.peer, "kind": x.kind} for x in body.links]
+                views[name] = expand_links(body.kind, exceptions, name, names)
         vms: dict[str, list[dict[str, Any]]] = {}
         for row in self._vms():
             vms.setdefault(row["machine"], []).append(

@@ -124,15 +124,18 @@ class ListBus:
         self.subscriptions = Subscriptions()
         self.published: list[SignedRecord] = []
         self.refused: list[tuple[str, str, Any]] = []
+        self.unpushed: list[SignedRecord] = []  # published with push=False (refreshes)
         self._changed: trio.Event | None = None
 
-    async def publish(self, kind: str, key: str, body: Any) -> bool:
+    async def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         if self.check is not None and not self.check(kind, key, body):
             self.refused.append((kind, key, body))
             return False
         version = self.store.max_version(self.identity.public_key) + 1
         rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan())
         self.published.append(rec)
+        if not push:
+            self.unpushed.append(rec)
         self.deliver(rec)
         return True
 

@@ -417,3 +417,36 @@ def test_big_records_are_pushed_half_as_often_as_small_ones():
     limit = nodes["n1"].config.retransmit_limit(6)
     assert pushes["small"] == limit * RECORD_RETRANSMIT_FACTOR, pushes
     assert pushes["big"] == limit, pushes
+
+
+def test_an_unpushed_refresh_reaches_every_member_by_anti_entropy_about_once_each():
+    """`publish(push=False)` (a soft record republished unchanged, only to renew
+    its TTL) is not pushed by the epidemic: anti-entropy brings it to each
+    member about once, where a pushed record is sent `transmit_limit` times
+    by every member."""
+    router, nodes = make_nodes(6)
+    router.run_until(3.0)
+    sent: list[bytes] = []
+    handle = router.handle
+
+    def spy(src, actions):
+        actions = list(actions)
+        sent.extend(a.data for a in actions if isinstance(a, SendTo))
+        handle(src, actions)
+
+    router.handle = spy
+    n1 = nodes["n1"]
+    pushed, acts = n1.publish(router.now, "status", "a", {"v": "p" * 100})
+    router.handle("n1", acts)
+    quiet, acts = n1.publish(router.now, "status", "b", {"v": "q" * 100}, push=False)
+    router.handle("n1", acts)
+    router.run_until(router.now + 8 * n1.config.push_pull_interval)
+    for node in nodes.values():
+        assert node.store.get(n1.origin, "status", "b") == quiet  # it still arrives
+    sends = {
+        name: sum(rec.signature in data for data in sent)
+        for name, rec in (("pushed", pushed), ("quiet", quiet))
+    }
+    assert sends["pushed"] >= 5 * n1.config.retransmit_limit(6), sends
+    assert sends["quiet"] <= 2 * 5, sends  # five members lacked it
+    assert n1.stats["published_unpushed"] == 1

@@ -338,9 +338,11 @@ def test_status_answers_at_the_fd_limit_and_the_accept_loop_does_not_spin(reques
             assert time.monotonic() - start < 1.0
             return st
 
-        for _ in range(5):  # the spare fd comes back after each answer
+        for _ in range(5):  # the reserve comes back after each answer
             st = status()
-        assert st["counters"]["control"]["accept_errors"] >= 5
+        # (a call arriving while the reserve is still lent to the one before
+        # is accepted on it without meeting EMFILE)
+        assert st["counters"]["control"]["accept_errors"] >= 1
 
         if root:  # another user is told why, and the spare comes back for root
             lines = _as_user.call_as(

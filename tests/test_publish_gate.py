@@ -34,7 +34,7 @@ async def test_the_agent_bus_slows_a_publisher_that_floods_one_key(autojump_cloc
     sent: list[tuple[float, str, str]] = []
 
     class FakeAgent:
-        async def publish_record(self, kind, key, body):
+        async def publish_record(self, kind, key, body, *, push=True):
             sent.append((trio.current_time(), kind, key))
             return True
 

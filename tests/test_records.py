@@ -478,12 +478,12 @@ async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path)
 
     agents, made = await produce_every_kind(tmp_path)
     a1, a2 = agents[1], agents[2]
-    links = [{"peer": "m3", "kind": "lan", "rtt_ms": 1.0}]
+    links = [{"peer": "m3", "kind": "tor"}]
     real = a1.machines
     a1.machines = lambda: [{**r, "online": True} for r in real()]
 
     def m2_m3_seen_by(at: int) -> set[str]:
-        body = {"at": at, "links": links, "capabilities": []}
+        body = {"at": at, "kind": "lan", "links": links, "capabilities": []}
         a1.store.put(SignedRecord.create(a2.identity, "topology", "", at, body))
         edges = a1._topology_service().view()["links"]
         return {m for e in edges if (e["a"], e["b"]) == ("m2", "m3") for m in e["seen_by"]}

@@ -14,16 +14,21 @@ from clanagent.identity import node_id_of
 from clanagent.publish_policy import MIN_JITTER, PublishPolicy
 from clanagent.topology import (
     CHECK_INTERVAL,
+    MAX_REFRESH,
     MIN_INTERVAL,
     REFRESH,
+    STALE,
     TopologyService,
     _bucket,
-    _parse_body,
     classify_addr,
-    coarse_rtt,
+    compact_links,
+    expand_links,
     merge_links,
     min_interval_for,
+    parse_body,
+    refresh_for,
 )
+from clanagent.wire import WireError, pack
 
 from ._fake_ports import WALL0, FakeInventory, fake_ports
 
@@ -71,43 +76,100 @@ def test_an_offline_machine_has_only_down_links():
     assert merge_links({"a": [link("a", "lan")]}, {"a"}) == []  # no self loops
 
 
+def test_the_viewers_own_rtt_shows_on_an_edge_the_far_end_reports():
+    views = {"a": [link("b", "lan", None)], "b": [link("a", "lan", 0.4)]}
+    [edge] = merge_links(views, {"a", "b"})
+    assert (edge["kind"], edge["rtt_ms"]) == ("lan", 0.4)
+
+
 @pytest.mark.parametrize(
     "body",
     [
         None,
         [],
-        {"links": [], "capabilities": []},
-        {"at": "1", "links": [], "capabilities": []},
-        {"at": 1, "links": [{"peer": "b", "kind": "wormhole", "rtt_ms": 1}], "capabilities": []},
-        {"at": 1, "links": [{"peer": 5, "kind": "lan"}], "capabilities": []},
-        {"at": 1, "links": ["x"], "capabilities": []},
+        {"kind": "lan", "links": [], "capabilities": []},
+        {"at": "1", "kind": "lan", "links": [], "capabilities": []},
+        {"at": 1, "kind": "wormhole", "links": [], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": [{"peer": "b", "kind": "wormhole"}], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": [{"peer": "b", "kind": "down"}], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": [{"peer": 5, "kind": "tor"}], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": [{"peer": "", "kind": "tor"}], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": ["x"], "capabilities": []},
+        {"at": -1, "kind": "lan", "links": [], "capabilities": []},
+        {"at": 1, "kind": "lan", "links": [], "capabilities": [{"name": 3, "available": True}]},
+        {
+            "at": 1,
+            "kind": "lan",
+            "links": [],
+            "capabilities": [{"name": "kvm", "available": True, "reason": "x" * 301}],
+        },
+        # the old shape, with RTTs and every link
+        {"at": 1, "links": [{"peer": "b", "kind": "lan", "rtt_ms": 1.0}], "capabilities": []},
     ],
 )
-def test_malformed_records_are_ignored(body):
-    assert _parse_body(body) is None
+def test_malformed_records_are_refused_with_the_field_named(body):
+    with pytest.raises(WireError, match="body"):
+        parse_body(body)
 
 
-def test_records_are_cleaned():
-    body = {
-        "at": 5,
-        "links": [{"peer": "b", "kind": "lan", "rtt_ms": -3}],
-        "capabilities": [
-            {"name": "kvm", "available": True, "reason": "x" * 1000},
-            {"name": 3, "available": True},
-        ],
-    }
-    parsed = _parse_body(body)
-    assert parsed["links"] == [{"peer": "b", "kind": "lan", "rtt_ms": None}]
-    assert len(parsed["capabilities"]) == 1 and len(parsed["capabilities"][0]["reason"]) == 300
+def test_a_uniform_clans_view_is_the_same_few_bytes_at_any_size():
+    """Only what membership cannot tell goes out: the usual kind and the
+    links of another kind. Down links and RTTs stay home."""
+
+    def body_of(n: int, tor: int = 0, down: int = 0) -> bytes:
+        links = [link(f"m{i:04d}", "lan", 0.5) for i in range(n)]
+        for i in range(tor):
+            links[i]["kind"] = "tor"
+        for i in range(tor, tor + down):
+            links[i] = link(f"m{i:04d}", "down", None)
+        default, exceptions = compact_links(links)
+        return pack({"at": 1, "kind": default, "links": exceptions, "capabilities": []})
+
+    assert len(body_of(10)) == len(body_of(1000)) == len(body_of(1000, down=400)) < 60
+    assert len(body_of(1000, tor=3)) < 150  # three exceptions
+    default, exceptions = compact_links([link("a", "tor"), link("b", "lan"), link("c", "tor")])
+    assert default == "tor" and exceptions == [{"peer": "b", "kind": "lan"}]
+    assert compact_links([link("a", "down", None)]) == ("", [])
 
 
-def test_rtt_jitter_does_not_republish():
+def test_a_peers_view_expands_to_every_machine_with_its_exceptions():
+    machines = ["a", "b", "c", "d"]
+    rows = expand_links("lan", [{"peer": "c", "kind": "tor"}], "b", machines)
+    assert [(r["peer"], r["kind"], r["rtt_ms"]) for r in rows] == [
+        ("a", "lan", None),
+        ("c", "tor", None),
+        ("d", "lan", None),
+    ]
+    assert expand_links("", [], "b", machines) == []  # no up link: says nothing
+    # merged with membership: a machine the viewer sees offline is down
+    views = {"b": rows}
+    edges = {(e["a"], e["b"]): e["kind"] for e in merge_links(views, {"a", "b", "c"})}
+    assert edges == {("a", "b"): "lan", ("b", "c"): "tor", ("b", "d"): "down"}
+
+
+def test_rtt_jitter_and_deaths_do_not_change_the_shape():
     assert _bucket(1.0) == _bucket(1.1)
     assert _bucket(1.0) != _bucket(4.0)
-    a = {"links": [link("b", "lan", 1.0)], "capabilities": []}
-    b = {"links": [link("b", "lan", 1.1)], "capabilities": []}
-    c = {"links": [link("b", "down", None)], "capabilities": []}
-    assert TopologyService._shape(a) == TopologyService._shape(b) != TopologyService._shape(c)
+
+    def shape(links):
+        default, exceptions = compact_links(links)
+        body = {"kind": default, "links": exceptions, "capabilities": []}
+        return TopologyService._shape(body)
+
+    a = [link("b", "lan", 1.0), link("c", "lan", 1.0)]
+    b = [link("b", "lan", 3.0), link("c", "lan", 1.1)]
+    c = [link("b", "lan", 1.0), link("c", "down", None)]
+    d = [link("b", "lan", 1.0), link("c", "tor", 1.0)]
+    assert shape(a) == shape(b) == shape(c) != shape(d)
+
+
+def test_the_refresh_stretches_with_the_clan_so_its_total_rate_stays_bounded():
+    assert refresh_for(3) == REFRESH == 300.0
+    assert refresh_for(100) == 1000.0 and refresh_for(1000) == MAX_REFRESH == 10_000.0
+    assert refresh_for(10_000) == MAX_REFRESH  # beyond the target: capped
+    for n in (3, 10, 30, 100, 300, 1000):
+        assert n / refresh_for(n) <= 0.1  # unchanged views a second, clan-wide
+        assert refresh_for(n) <= STALE / 3  # three refreshes fit in the TTL
 
 
 # -- the publish cadence: fake ports on trio's virtual clock -------------------------
@@ -165,9 +227,10 @@ class FakeClan:
         return svc
 
 
-def test_rtt_jitter_only_refreshes_and_a_link_down_goes_out_within_a_check():
+def test_jitter_and_deaths_only_refresh_and_a_path_kind_change_goes_out_within_a_check():
     clan = FakeClan(peers=10)
-    service = clan.service(rng=random.Random(7))
+    kinds: dict[bytes, str] = {}
+    service = clan.service(rng=random.Random(7), path_kind=kinds.get)
     down_at = 600.5
 
     async def main() -> None:
@@ -175,37 +238,44 @@ def test_rtt_jitter_only_refreshes_and_a_link_down_goes_out_within_a_check():
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 await trio.sleep(down_at)
-                jitter_only = list(clan.published)
-                clan.members.members[node_id_of(clan.keys["m03"])]["state"] = "dead"  # unsaid
+                clan.set_state("m03", "dead")  # membership tells every reader
+                await trio.sleep(10 * CHECK_INTERVAL)
+                quiet = list(clan.published)
+                kinds[clan.keys["m04"]] = "tor"  # the mesh moved to Tor: unsaid
+                changed_at = trio.current_time()
                 await trio.sleep(CHECK_INTERVAL + 0.01)
                 nursery.cancel_scope.cancel()
-        # ten minutes of jitter: the first view and the periodic refreshes, no more
-        times = [t for t, _ in jitter_only]
-        assert 2 <= len(times) <= 1 + down_at // (REFRESH * 0.9)
+        # ten minutes of jitter and a death: the first view and the refreshes, no more
+        times = [t for t, _ in quiet]
+        assert 2 <= len(times) <= 1 + (down_at + 10 * CHECK_INTERVAL) // (REFRESH * 0.9)
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         assert all(REFRESH * 0.9 <= g <= REFRESH + CHECK_INTERVAL for g in gaps), gaps
-        # the RTTs published are coarse (a bucket's lower bound)
-        for _, body in jitter_only:
-            for link in body["links"]:
-                assert link["kind"] == "lan" and link["rtt_ms"] == coarse_rtt(link["rtt_ms"])
-        # the link going down is out within one check interval
+        for _, body in quiet:
+            assert body["kind"] == "lan" and body["links"] == []  # no RTT, no down link
+        # the refreshes only renew the TTL: anti-entropy carries them, no push
+        unpushed = clan.ports.bus.unpushed
+        assert len(unpushed) == len(quiet) - 1 >= 1
+        assert all(rec.body == body for rec, (_, body) in zip(unpushed, quiet[1:], strict=True))
+        # the path kind change is out within one check interval, pushed
         t, body = clan.published[-1]
-        assert len(clan.published) == len(jitter_only) + 1
-        assert down_at < t <= down_at + CHECK_INTERVAL
-        assert {link["peer"]: link["kind"] for link in body["links"]}["m03"] == "down"
+        assert len(clan.published) == len(quiet) + 1
+        assert len(clan.ports.bus.unpushed) == len(unpushed)
+        assert changed_at <= t <= changed_at + CHECK_INTERVAL
+        assert body["kind"] == "lan" and body["links"] == [{"peer": "m04", "kind": "tor"}]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_a_link_down_is_republished_through_the_bus_at_once_and_jitter_is_not():
-    """Through the ports alone: membership says m02 failed, and the new view is
-    on the bus with no wait for the next check; RTT jitter inside one bucket
-    (1.0 -> 1.3 ms) changes nothing on the bus."""
+def test_a_changed_exception_goes_through_the_bus_at_once_and_jitter_is_not():
+    """Through the ports alone: m02 (reached over Tor, unlike the rest) fails,
+    and the new view is on the bus with no wait for the next check; RTT
+    jitter and the death of a machine of the usual kind change nothing."""
     clan = FakeClan(peers=3)
     ports = replace(clan.ports, identity=SimpleNamespace(public_key=clan.me))
     for row in clan.members.members.values():
         row["rtt_ms"] = 1.0
-    service = TopologyService(ports, name="m00", rng=random.Random(5))
+    kinds = {clan.keys["m02"]: "tor"}
+    service = TopologyService(ports, name="m00", rng=random.Random(5), path_kind=kinds.get)
 
     async def main() -> None:
         with trio.fail_after(100):
@@ -215,16 +285,13 @@ def test_a_link_down_is_republished_through_the_bus_at_once_and_jitter_is_not():
                 assert len(clan.published) == 1
                 first_t, first = clan.published[0]
                 assert first_t == 0.0
-                assert {link["peer"]: link["rtt_ms"] for link in first["links"]} == {
-                    "m01": 1.0,
-                    "m02": 1.0,
-                    "m03": 1.0,
-                }
+                assert first["kind"] == "lan"
+                assert first["links"] == [{"peer": "m02", "kind": "tor"}]
                 for row in clan.members.members.values():
-                    row["rtt_ms"] = 1.3  # the same half-power-of-two bucket as 1.0
+                    row["rtt_ms"] = 7.0
+                clan.set_state("m01", "dead")
                 await trio.sleep(60.0)
-                assert len(clan.published) == 1  # jitter: nothing on the bus
-                assert _bucket(1.3) == _bucket(1.0)
+                assert len(clan.published) == 1  # jitter and m01: nothing on the bus
                 down_at = trio.current_time() + 0.25
                 await trio.sleep(0.25)
                 clan.set_state("m02", "dead")
@@ -232,11 +299,7 @@ def test_a_link_down_is_republished_through_the_bus_at_once_and_jitter_is_not():
                 nursery.cancel_scope.cancel()
         t, body = clan.published[-1]
         assert len(clan.published) == 2 and t == down_at  # woken: not at the next check
-        assert {link["peer"]: link["kind"] for link in body["links"]} == {
-            "m01": "lan",
-            "m02": "down",
-            "m03": "lan",
-        }
+        assert body["kind"] == "lan" and body["links"] == []
         rec = clan.ports.store.get(clan.ports.identity.public_key, "topology", "")
         assert rec is not None and rec.body == body  # what the bus stored
         assert body["at"] == int(WALL0 + down_at)  # the wall clock port, not time.time()
@@ -246,7 +309,8 @@ def test_a_link_down_is_republished_through_the_bus_at_once_and_jitter_is_not():
 
 def test_a_change_waits_for_min_interval_then_goes_at_once():
     clan = FakeClan(peers=3)
-    service = clan.service(rng=random.Random(3))
+    kinds = {clan.keys["m01"]: "tor", clan.keys["m02"]: "tor"}
+    service = clan.service(rng=random.Random(3), path_kind=kinds.get)
 
     async def main() -> None:
         with trio.fail_after(100):
@@ -264,6 +328,12 @@ def test_a_change_waits_for_min_interval_then_goes_at_once():
         assert times[2] - times[1] >= MIN_INTERVAL
         assert times[2] - times[1] <= MIN_INTERVAL * (1 + MIN_JITTER) + 1e-6
         assert service.counters()["held"] >= 1
+        bodies = [(b["kind"], b["links"]) for _, b in clan.published]
+        assert bodies == [
+            ("tor", [{"peer": "m03", "kind": "lan"}]),
+            ("lan", [{"peer": "m02", "kind": "tor"}]),  # a tie goes to lan
+            ("lan", []),
+        ]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -274,7 +344,8 @@ def test_the_min_interval_grows_with_the_clan_so_its_total_rate_does_not():
     for n in (10, 100, 1000):
         assert n / min_interval_for(n) <= 2.0  # clan-wide topology records a second
     clan = FakeClan(peers=99)  # a clan of 100 machines
-    service = clan.service(rng=random.Random(3))
+    kinds = {clan.keys["m01"]: "tor", clan.keys["m02"]: "tor"}
+    service = clan.service(rng=random.Random(3), path_kind=kinds.get)
 
     async def main() -> None:
         with trio.fail_after(500):
@@ -289,8 +360,7 @@ def test_the_min_interval_grows_with_the_clan_so_its_total_rate_does_not():
         times = [t for t, _ in clan.published]
         assert len(times) == 2, times  # two changes, one publication
         assert 50.0 <= times[1] - times[0] <= 50.0 * (1 + MIN_JITTER) + 1e-6
-        down = {link["peer"] for link in clan.published[1][1]["links"] if link["kind"] == "down"}
-        assert down == {"m01", "m02"}
+        assert len(clan.published[0][1]["links"]) == 2 and clan.published[1][1]["links"] == []
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -356,7 +426,7 @@ def test_the_view_reads_peers_topology_records_of_that_kind_only():
     ports = fake_ports(inventory=inventory)
     ports = replace(ports, identity=SimpleNamespace(public_key=keys["m00"]))
     wall = int(ports.clock.wall())
-    body = {"at": wall, "links": [{"peer": "m00", "kind": "public", "rtt_ms": 9.0}]}
+    body = {"at": wall, "kind": "lan", "links": [{"peer": "m00", "kind": "public"}]}
     ports.bus.deliver(SignedRecord.create(peer, "topology", "", 1, {**body, "capabilities": []}))
     ports.bus.deliver(SignedRecord.create(peer, "endpoints", "", 2, {"not": "topology"}))
     rows = [

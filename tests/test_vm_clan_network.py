@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +27,7 @@ from clanagent.mesh.overlay import vm_ip6
 from clanagent.vmhost import image
 from clanagent.vmhost.backend import RunDir
 from clanagent.vmhost.lifecycle import VmExited, VmStarted
+from clanagent.vmhost.network import plan_nics
 from clanagent.vmhost.qemu import build_command
 from clanagent.vmhost.spec import (
     CLAN_GATEWAY,
@@ -45,7 +46,8 @@ def _opt(argv, flag):
 
 
 def _argv(spec: VmSpec, taps=("tap0",)):
-    return build_command(spec, RunDir("/r/web"), "tcg", tsc_khz=2_600_000, taps=list(taps))
+    nics = [replace(n, tap=t) for n, t in zip(plan_nics(spec), taps, strict=False)]
+    return build_command(spec, RunDir("/r/web"), "tcg", tsc_khz=2_600_000, nics=nics)
 
 
 def test_cmdline_and_argv_for_a_clan_vm():

@@ -262,3 +262,31 @@ def test_other_machines_records_do_not_wake_the_service(tmp_path, kind):
     assert not svc._wakeup.is_set()
     clan.deliver(clan.m2, REQUEST_KIND, "x", {"anything": 1})
     assert svc._wakeup.is_set()
+
+
+def test_an_unchanged_status_is_refreshed_unpushed_and_a_change_is_pushed(tmp_path):
+    """vm-status is soft: an unchanged status goes out again before its TTL
+    runs out, by anti-entropy only (push=False); a change is pushed."""
+    refresh = records.spec(VM_STATUS_KIND).refresh
+    clan = Clan(tmp_path)
+    svc = clan.service()
+
+    async def main() -> None:
+        with trio.fail_after(4 * refresh):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(svc.run)
+                await clan.until(lambda: (clan.status() or {}).get("state") == "running")
+                bus = clan.ports.bus
+                first = len(bus.published)
+                assert bus.unpushed == []  # every change so far was pushed
+                await trio.sleep(refresh * 1.05)
+                refreshed = bus.published[first:]
+                assert refreshed and bus.unpushed == refreshed
+                assert all(r.body["state"] == "running" for r in refreshed)
+                req = sign_request(clan.admin, "web", "stop", int(clan.ports.clock.wall()))
+                clan.deliver(clan.m2, REQUEST_KIND, "web", req.to_wire())
+                await clan.until(lambda: (clan.status() or {}).get("state") != "running")
+                assert bus.published[-1] not in bus.unpushed  # the change: pushed
+                nursery.cancel_scope.cancel()
+
+    run(main)

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 import trio
 
+from clanagent.mesh.overlay import vm_ip6
 from clanagent.vmhost.backend import Backend, RunDir, VmHandle
 from clanagent.vmhost.cloudhv import CloudHypervisorBackend
 from clanagent.vmhost.cloudhv import available as ch_available
@@ -40,7 +42,8 @@ from clanagent.vmhost.firecracker import (
     available,
     kvm_problem,
 )
-from clanagent.vmhost.spec import VmSpec
+from clanagent.vmhost.network import Nic, VmNetwork, tap_name
+from clanagent.vmhost.spec import VmSpec, clan_cmdline, clan_mac
 
 # Starts real (sleeping) processes as stand-in VMMs.
 pytestmark = pytest.mark.integration
@@ -376,8 +379,7 @@ FULL = dict(
     initrd="/k/initrd.img",
     rootfs="/k/root.ext4",
     disk="/k/data.img",
-    tap="tapweb0",
-    mac="02:00:00:00:00:01",
+    nics=(Nic("lan", "tapweb0", "02:00:00:00:00:01"),),
 )
 
 FAST = dict(api_timeout=1.0, ready_timeout=5.0, kill_timeout=5.0, poll_interval=0.01)
@@ -861,3 +863,126 @@ def test_both_backends_satisfy_the_backend_protocol():
         "firecracker",
         "cloud-hypervisor",
     )
+
+
+# -- the clan NIC (root: real taps in a throwaway namespace) ---------------------------
+
+
+def _netns_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespace and tap)"
+    if shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
+        return "needs iproute2 and /dev/net/tun"
+    return None
+
+
+@pytest.fixture
+def netns():
+    ns = f"vma{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    yield ns
+    subprocess.run(["ip", "netns", "del", ns])
+
+
+def _ip(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *args], capture_output=True, text=True).stdout
+
+
+CLAN_ADDR = str(vm_ip6(b"clan-one", "web"))
+
+
+def _nic_in_config(fake: FakeVmm) -> tuple[dict[str, Any], str]:
+    """(the NIC the VMM was given, the kernel command line)."""
+    if isinstance(fake, FakeFirecracker):
+        return fake.configured["network-interfaces/eth0"], fake.configured["boot-source"][
+            "boot_args"
+        ]
+    assert fake.config is not None
+    (net,) = fake.config["net"]
+    return net, fake.config["payload"]["cmdline"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(_netns_missing() is not None, reason=_netns_missing() or "")
+@pytest.mark.parametrize("kind", ["firecracker", "cloud-hypervisor"])
+async def test_clan_vm_gets_its_tap_and_mac_and_stop_removes_them(rundir, netns, kind):
+    fake: FakeVmm = FakeFirecracker() if kind == "firecracker" else FakeCloudHypervisor()
+    cls = FirecrackerBackend if kind == "firecracker" else CloudHypervisorBackend
+    spec = VmSpec(
+        "web", "/k/vmlinux", initrd="/k/initrd", networks=("clan",), overlay_ip6=CLAN_ADDR
+    )
+    tap = tap_name("web", 0)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            h = Harness(n, fake)
+            network = VmNetwork(netns=netns, clan_interface="wg0")
+            be = cls(f"/opt/{kind}", spawn=h.spawn, network=network, **FAST)
+            handle = await be.start(spec, rundir)
+            # the VMM runs where its tap is
+            assert h.argvs[0][:5] == ["ip", "netns", "exec", netns, f"/opt/{kind}"]
+            nic, cmdline = _nic_in_config(fake)
+            if kind == "firecracker":
+                assert nic == {
+                    "iface_id": "eth0",
+                    "host_dev_name": tap,
+                    "guest_mac": clan_mac("web"),
+                }
+            else:
+                assert nic == {"id": "net0", "tap": tap, "mac": clan_mac("web")}
+            assert cmdline == f"{spec.cmdline} {clan_cmdline(spec)}"
+            assert ",UP" in _ip(netns, "link", "show", tap)
+            assert _ip(netns, "-6", "route", "show", CLAN_ADDR).startswith(f"{CLAN_ADDR} dev {tap}")
+            assert f"from {CLAN_ADDR} iif {tap} lookup main" in _ip(netns, "-6", "rule", "show")
+            assert await be.stop(handle, timeout=1.0) == "poweroff"
+            assert _ip(netns, "link", "show", tap) == ""
+            assert "3010" not in _ip(netns, "-6", "rule", "show")
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(_netns_missing() is not None, reason=_netns_missing() or "")
+async def test_taps_go_after_a_failed_start_a_crash_and_an_adopted_corpse(rundir, netns):
+    spec = VmSpec("web", "/k/vmlinux", networks=("lan", "clan"), overlay_ip6=CLAN_ADDR)
+    taps = [tap_name("web", 0), tap_name("web", 1)]
+
+    def links() -> list[str]:
+        return [t for t in taps if _ip(netns, "link", "show", t)]
+
+    network = VmNetwork(netns=netns)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            # a boot the VMM refuses: killed, and its taps removed
+            fake = FakeFirecracker()
+            fake.faults[("PUT", "/actions")] = (400, {"fault_message": "no KVM"})
+            h = Harness(n, fake)
+            be = FirecrackerBackend(spawn=h.spawn, network=network, **FAST)
+            with pytest.raises(VmmStartError, match="no KVM"):
+                await be.start(spec, rundir)
+            assert [c[1] for c in fake.calls if c[1].startswith("/network")] == [
+                "/network-interfaces/eth0",
+                "/network-interfaces/eth1",
+            ]
+            assert links() == []
+            # the guest crashes (the VMM exits on its own): reap removes the taps
+            fake = FakeFirecracker()
+            h = Harness(n, fake)
+            be = FirecrackerBackend(spawn=h.spawn, network=network, **FAST)
+            handle = await be.start(spec, rundir)
+            assert links() == taps
+            h.procs[-1].kill()
+            await h.procs[-1].wait()
+            assert not (await be.status(handle)).alive
+            await be.reap(handle)
+            assert links() == []
+            # a VMM that died while no agent ran: the next agent's adopt cleans up
+            h = Harness(n, FakeFirecracker())
+            be = FirecrackerBackend(spawn=h.spawn, network=network, **FAST)
+            await be.start(spec, rundir)
+            assert links() == taps
+            h.procs[-1].kill()
+            await h.procs[-1].wait()
+            later = FirecrackerBackend(network=VmNetwork(netns=netns), **FAST)
+            assert await later.adopt(rundir) is None
+            assert links() == []
+            h.cleanup()
+            n.cancel_scope.cancel()

@@ -37,13 +37,13 @@ from clanagent.vmhost.lifecycle import (
     VmStartFailed,
     VmStopped,
 )
+from clanagent.vmhost.network import Nic, VmNetwork, tap_name
 from clanagent.vmhost.qemu import (
     QemuBackend,
     QemuStartError,
     build_command,
     host_tsc_khz,
     probe_kvm,
-    tap_name,
 )
 from clanagent.vmhost.spec import HostLimits, VmHostError, VmSpec, VmSpecError, validate_spec
 
@@ -52,7 +52,8 @@ from clanagent.vmhost.spec import HostLimits, VmHostError, VmSpec, VmSpecError, 
 
 def _argv(**kw):
     spec = VmSpec("web", "/boot/vmlinux", initrd="/img/initrd", vcpus=2, memory_mb=384, **kw)
-    return build_command(spec, RunDir("/run/vm/web"), "tcg", tsc_khz=2_600_000, taps=["tap0"])
+    nics = [Nic("lan", "tap0")]
+    return build_command(spec, RunDir("/run/vm/web"), "tcg", tsc_khz=2_600_000, nics=nics)
 
 
 def _opt(argv, flag):
@@ -415,7 +416,7 @@ async def test_vm_gets_a_tap_in_its_netns_and_cleanup_removes_it(vm_assets, vmdi
     ns = f"vmt{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        backend = QemuBackend(accel="tcg", netns=ns)
+        backend = QemuBackend(accel="tcg", network=VmNetwork(netns=ns))
         spec = _spec(vm_assets, "t5", networks=("lan",))
         tap = tap_name("t5", 0)
         with trio.fail_after(30):
@@ -429,7 +430,8 @@ async def test_vm_gets_a_tap_in_its_netns_and_cleanup_removes_it(vm_assets, vmdi
             os.kill(h.pid, signal.SIGKILL)
             while (await backend.status(h)).alive:
                 await trio.sleep(0.02)
-            assert await QemuBackend(accel="tcg", netns=ns).adopt(h.rundir) is None
+            other = QemuBackend(accel="tcg", network=VmNetwork(netns=ns))
+            assert await other.adopt(h.rundir) is None
             gone = subprocess.run(["ip", "-n", ns, "link", "show", tap], capture_output=True)
             assert gone.returncode != 0
             assert not os.path.exists(RunDir(h.rundir).control)

@@ -32,6 +32,7 @@ import trio
 
 from .._log import kv
 from ..config import ControlConfig
+from ..fd_reserve import PROCESS, FdReserve
 from ..wire import Limits
 from .api import AgentView, check_params, lookup
 from .protocol import (
@@ -59,6 +60,10 @@ REQUEST_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
 # How long the accept loop waits when the process is out of file descriptors.
 ACCEPT_BACKOFF = 0.1
+# A connection accepted at the fd limit holds the whole fd reserve (and so
+# keeps the listeners from accepting) until it ends, but never longer than
+# this: time enough for a request, not for a stream left open.
+LOAN_LIMIT = REQUEST_TIMEOUT
 # Faults logged once per (uid, kind); beyond this many keys the oldest goes.
 MAX_LOGGED = 256
 
@@ -241,6 +246,26 @@ _COUNTERS = (
 )
 
 
+class _Loan:
+    """The fd reserve lent to one connection: given back once, at its end or at the limit."""
+
+    def __init__(self, fds: FdReserve) -> None:
+        self._fds = fds
+        self._out = True
+        self.scope = trio.CancelScope()
+
+    def end(self) -> None:
+        if self._out:
+            self._out = False
+            self._fds.give_back()
+            self.scope.cancel()
+
+    async def expire(self, after: float) -> None:
+        with self.scope:
+            await trio.sleep(after)
+            self.end()
+
+
 class ControlServer:
     def __init__(
         self,
@@ -253,6 +278,7 @@ class ControlServer:
         idle_timeout: float = IDLE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
+        fd_reserve: FdReserve | None = None,
     ) -> None:
         self.path = Path(path)
         self.agent = agent
@@ -273,7 +299,8 @@ class ControlServer:
         self._logged: dict[tuple[int, str], None] = {}
         self._gid_cache: dict[str, int] = {}
         self._sock: socket.socket | None = None
-        self._spare: int | None = None
+        # Descriptors held back for root and the agent's uid at the fd limit.
+        self._fds = PROCESS if fd_reserve is None else fd_reserve
 
     # -- counters and logging ---------------------------------------------
 
@@ -384,22 +411,21 @@ class ControlServer:
     # -- accepting -----------------------------------------------------------
 
     def _keep_spare(self) -> None:
-        """Hold one fd in reserve, to accept (and answer) a client at the fd limit."""
-        if self._spare is None:
-            try:
-                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                pass  # still out of fds: try again later
+        """Hold descriptors in reserve, to accept and serve a client at the fd limit."""
+        self._fds.fill()
 
     def _accept_on_spare(self, sock: socket.socket) -> socket.socket | None:
-        if self._spare is None:
+        """Accept on the reserve, borrowed until that connection ends (or is refused).
+
+        The whole reserve is freed, not one descriptor: the request needs some
+        too (an import, a durable write), and listeners do not accept while it
+        is lent."""
+        if not self._fds.borrow():
             return None
-        os.close(self._spare)
-        self._spare = None
         try:
             conn, _ = sock.accept()
         except OSError:
-            self._keep_spare()
+            self._fds.give_back()
             return None
         return conn
 
@@ -415,9 +441,6 @@ class ControlServer:
                 await self._accept_loop(sock, nursery)
         finally:
             sock.close()
-            if self._spare is not None:
-                os.close(self._spare)
-                self._spare = None
             try:
                 self.path.unlink()
             except OSError:
@@ -450,23 +473,32 @@ class ControlServer:
             except Exception as exc:  # a bug admitting one caller must not stop the loop
                 self._fault(PeerCred(0, -1, -1), exc, "accept")
                 conn.close()
+                if out_of_fds:
+                    self._fds.give_back()
 
     def _admit(self, conn: socket.socket, nursery: trio.Nursery, out_of_fds: bool) -> None:
-        """Give the new connection a slot and a task, or answer it and close it at once."""
+        """Give the new connection a slot and a task, or answer it and close it at once.
+
+        `out_of_fds`: accepted on the borrowed reserve; the caller (if it raises)
+        or the connection's task gives it back."""
         try:
             cred = peer_cred(conn)
         except OSError as exc:
             log.warning("cannot read peer credentials", extra=kv(error=exc))
             conn.close()
+            if out_of_fds:
+                self._fds.give_back()
             return
         privileged = cred.uid in (0, self.agent_uid)
         if out_of_fds and not privileged:
             self._reject(conn, cred, "refused_fds", "the agent is out of file descriptors")
-            self._keep_spare()
+            self._fds.give_back()
             return
         why = self.slots.acquire(cred.uid, privileged)
         if why is not None:
             self._reject(conn, cred, "refused_slots", why)
+            if out_of_fds:
+                self._fds.give_back()
             return
         self._count("accepted")
         try:
@@ -475,7 +507,10 @@ class ControlServer:
             self.slots.release(cred.uid, privileged)
             conn.close()
             raise
-        nursery.start_soon(self._client, stream, cred, privileged)
+        loan = _Loan(self._fds) if out_of_fds else None
+        nursery.start_soon(self._client, stream, cred, privileged, loan)
+        if loan is not None:
+            nursery.start_soon(loan.expire, LOAN_LIMIT)
 
     def _reject(self, conn: socket.socket, cred: PeerCred, counter: str, why: str) -> None:
         # Costs nothing to hold: one non-blocking send into an empty buffer, then close.
@@ -501,7 +536,13 @@ class ControlServer:
         if scope.cancelled_caught:
             raise _SendStalled
 
-    async def _client(self, stream: trio.SocketStream, cred: PeerCred, privileged: bool) -> None:
+    async def _client(
+        self,
+        stream: trio.SocketStream,
+        cred: PeerCred,
+        privileged: bool,
+        loan: _Loan | None = None,
+    ) -> None:
         try:
             if not privileged:  # root and the agent's user need no group lookups
                 cred = dataclasses.replace(
@@ -525,9 +566,11 @@ class ControlServer:
                 )
         finally:
             self.slots.release(cred.uid, privileged)
-            # Close now and take the freed fd as the spare before any other task
-            # runs: at the fd limit another listener would grab it otherwise.
+            # Close now and take the freed fds back into the reserve before any
+            # other task runs: at the fd limit another listener would grab them.
             stream.socket.close()
+            if loan is not None:
+                loan.end()
             self._keep_spare()
             with trio.CancelScope(shield=True):
                 await stream.aclose()

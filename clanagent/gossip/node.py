@@ -562,12 +562,17 @@ class GossipNode:
                 self._eager_pull(now, from_addr, out)
 
     def publish(
-        self, now: float, kind: str, key: str, body: Any
+        self, now: float, kind: str, key: str, body: Any, *, push: bool = True
     ) -> tuple[SignedRecord, list[NodeAction]]:
-        """Sign and spread a new record of ours (version = our highest + 1)."""
+        """Sign and spread a new record of ours (version = our highest + 1).
+
+        `push=False` (a soft record republished unchanged, only to renew its
+        TTL): no epidemic push; it spreads by anti-entropy alone, reaching
+        each member about once instead of being pushed by every member
+        `transmit_limit` times."""
         self._now = now
         out: list[NodeAction] = []
-        rec = self._records.publish(now, kind, key, body, out)
+        rec = self._records.publish(now, kind, key, body, out, push=push)
         return rec, out
 
     # -- anti-entropy ------------------------------------------------------

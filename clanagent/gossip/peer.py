@@ -36,6 +36,7 @@ from trio_websocket import (
 )
 
 from clanagent._log import kv
+from clanagent.fd_reserve import PROCESS, FdReserve
 from clanagent.gossip.admission import AdmissionLimits, FaultLog, PendingTable, source_of
 from clanagent.gossip.errors import LocalProtocolError, PeerDisconnected, RemoteProtocolError
 from clanagent.gossip.handshake import Handshake, Role, SigningIdentity
@@ -596,9 +597,11 @@ class PeerListener:
         *,
         timeout: float = HANDSHAKE_DEADLINE,
         limits: AdmissionLimits | None = None,
+        fd_reserve: FdReserve | None = None,
     ) -> None:
         if timeout <= 0:
             raise LocalProtocolError("timeout must be positive")
+        self._fds = PROCESS if fd_reserve is None else fd_reserve
         self._host = host
         self._port = port
         self._identity = identity
@@ -616,6 +619,7 @@ class PeerListener:
         self._counts = {
             "accepted": 0,
             "accept_errors": 0,
+            "accept_deferred": 0,  # closed unread: the fd reserve was lent at the limit
             "handshake_timeouts": 0,
             "handshake_failures": 0,
             "sessions_accepted": 0,
@@ -663,6 +667,8 @@ class PeerListener:
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
         async with listener:
             while True:
+                while self._fds.lent:  # the control server serves root on those fds
+                    await trio.sleep(ACCEPT_BACKOFF)
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
@@ -676,6 +682,10 @@ class PeerListener:
                             extra=kv(error=errno.errorcode.get(exc.errno or 0, str(exc))),
                         )
                     await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if self._fds.lent:  # lent while we waited to accept: not ours to take
+                    stream.socket.close()
+                    self._counts["accept_deferred"] += 1
                     continue
                 self._counts["accepted"] += 1
                 try:

@@ -403,9 +403,17 @@ class RecordPipeline:
             self.publish(now, rec.kind, rec.key, mine, out)
 
     def publish(
-        self, now: float, kind: str, key: str, body: Any, out: list[NodeAction]
+        self,
+        now: float,
+        kind: str,
+        key: str,
+        body: Any,
+        out: list[NodeAction],
+        *,
+        push: bool = True,
     ) -> SignedRecord:
-        """Sign and store a new record of ours (version = our highest + 1)."""
+        """Sign and store a new record of ours (version = our highest + 1);
+        `push=False`: not for the epidemic push (see `GossipNode.publish`)."""
         top = self.store.max_version(self.origin)
         if top >= MAX_RECORD_VERSION - 1:
             # A store that holds one of ours at the bound (one that does not
@@ -436,7 +444,9 @@ class RecordPipeline:
         rec = SignedRecord.create(self.identity, kind, key, version, body, clan=self.clan)
         self._own[(kind, key)] = rec.body
         self._remember(rec.record_id)
-        self._persist(now, (rec,), _Continuation(), out)
+        self._persist(now, (rec,), _Continuation(rebroadcast=push), out)
+        if not push:
+            self.stats["published_unpushed"] = self.stats.get("published_unpushed", 0) + 1
         return rec
 
     def on_delta(

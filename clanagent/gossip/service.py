@@ -29,6 +29,7 @@ from .. import __version__
 from .._log import kv
 from ..capabilities import Capability
 from ..config import ConfigError, split_hostport
+from ..fd_reserve import PROCESS as PROCESS_FDS
 from ..records import soft_ttl
 from ..wire import NodeInfo
 from .admission import MAX_SESSIONS, AdmissionLimits, FaultLog, SessionTable
@@ -363,13 +364,15 @@ class GossipService:
                 nursery.start_soon(self._peer_book_loop)
             task_status.started(self)
 
-    def _publish(self, kind: str, key: str, body: Any) -> None:
+    def _publish(self, kind: str, key: str, body: Any, push: bool = True) -> None:
         assert self.node is not None
-        _, actions = self.node.publish(trio.current_time(), kind, key, body)
+        _, actions = self.node.publish(trio.current_time(), kind, key, body, push=push)
         self._handle(actions)
 
-    def publish(self, kind: str, key: str, body: Any) -> None:
-        self._publish(kind, key, body)
+    def publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> None:
+        """Sign and spread a record of ours (`push=False`: by anti-entropy only,
+        see GossipNode.publish)."""
+        self._publish(kind, key, body, push)
 
     def add_seed(self, addr: str) -> None:
         """A new way to reach the clan (LAN discovery): contact it now."""
@@ -609,7 +612,8 @@ class GossipService:
             if len(waiting) < OUTBOX:
                 waiting.append(action.data)
             return
-        if len(self._dialing) >= MAX_DIALS:
+        if len(self._dialing) >= MAX_DIALS or PROCESS_FDS.lent:
+            # (at the fd limit the reserve is lent to root's request: not ours to take)
             self._counts["dials_refused"] += 1
             self.stats["dropped"] += 1
             return

@@ -1,11 +1,12 @@
-"""Link, address and route plumbing for the WireGuard interface, via pyroute2.
+"""Link, address, route and policy-rule plumbing over rtnetlink, via pyroute2.
 
 Owns: idempotent helpers over rtnetlink (pyroute2 `IPRoute`, optionally in a
 named network namespace) for the things both WireGuard backends need once
 the interface exists: find it, set it up/down, add/remove its overlay
-addresses, add/remove the route for the overlay prefix. Each has a blocking
-`*_sync` form and an async form that runs it in `trio.to_thread` so the
-event loop never waits on netlink.
+addresses, add/remove the route for the overlay prefix; and for the VM taps
+(vmhost/network.py): create/remove a persistent tap, replace a route, add and
+remove IPv6 policy rules. Each has a blocking `*_sync` form and an async form
+that runs it in `trio.to_thread` so the event loop never waits on netlink.
 
 Must never: shell out to `ip`, create a network namespace as a side effect
 of a lookup (we open namespaces with flags=0, so a missing one is an error),
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -45,11 +48,24 @@ __all__ = [
     "remove_address",
     "ensure_route",
     "remove_route",
+    "Rule6",
+    "ensure_tap_sync",
+    "remove_link_sync",
+    "replace_route_sync",
+    "ensure_rule_sync",
+    "remove_rule_sync",
+    "ensure_tap",
+    "remove_link",
+    "replace_route",
+    "ensure_rule",
+    "remove_rule",
 ]
 
 T = TypeVar("T")
 
 IFF_UP = 0x1
+IFA_F_NODAD = 0x02  # linux/if_addr.h (0x80 is IFA_F_PERMANENT)
+RT_TABLE_MAIN = 254
 
 
 class NetlinkHelperError(WireGuardLocalError):
@@ -124,7 +140,7 @@ def ensure_address_sync(ifname: str, cidr: str, netns: str | None = None) -> boo
                 prefixlen=want.network.prefixlen,
                 # IPv6 DAD would hold the overlay address "tentative" for ~1 s,
                 # and a tunnel has no one to collide with.
-                **({"flags": 0x80} if want.version == 6 else {}),  # IFA_F_NODAD
+                **({"flags": IFA_F_NODAD} if want.version == 6 else {}),
             )
         except NetlinkError as e:
             if e.code == errno.EEXIST:
@@ -181,6 +197,112 @@ def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise NetlinkHelperError(f"{prefix!r}: expected a network prefix") from None
 
 
+# -- taps and policy rules (vmhost/network.py) -----------------------------------------
+
+
+def ensure_tap_sync(ifname: str, netns: str | None = None) -> bool:
+    """Create a persistent tap IFNAME (no packet-info header) and set it up.
+
+    False if it existed already (it is set up all the same). A VMM attaches
+    to it by name later, in the same namespace."""
+    with open_ipr(netns) as ipr:
+        created = False
+        if not ipr.link_lookup(ifname=ifname):
+            try:
+                # pyroute2 creates a tap with the TUNSETIFF ioctl (rtnetlink
+                # cannot), in a child process when a namespace is named.
+                ipr.link("add", ifname=ifname, kind="tuntap", mode="tap", ifr={"no_pi": True})
+            except (NetlinkError, OSError) as e:
+                raise NetlinkHelperError(f"create tap {ifname}: {e}") from None
+            created = True
+        ipr.link("set", index=_index(ipr, ifname), state="up")
+    return created
+
+
+def remove_link_sync(ifname: str, netns: str | None = None) -> bool:
+    """Delete the link IFNAME; False if there was none."""
+    with open_ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise NetlinkHelperError(f"remove link {ifname}: {e}") from None
+    return True
+
+
+def replace_route_sync(ifname: str, prefix: str, netns: str | None = None) -> None:
+    """Route PREFIX via IFNAME, replacing any route to exactly PREFIX."""
+    net = _net(prefix)
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    with open_ipr(netns) as ipr:
+        idx = _index(ipr, ifname)
+        try:
+            ipr.route("replace", dst=str(net), oif=idx, family=family)
+        except NetlinkError as e:
+            raise NetlinkHelperError(f"route {prefix} via {ifname}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Rule6:
+    """One IPv6 policy rule: match (iif, from, to) at `priority`, then look
+    up the main table, or drop (`blackhole`). Empty fields match anything."""
+
+    priority: int
+    iif: str = ""
+    src: str = ""  # a prefix, "addr/len"
+    dst: str = ""
+    blackhole: bool = False
+
+    def _kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"family": socket.AF_INET6, "priority": self.priority}
+        if self.iif:
+            kw["iifname"] = self.iif
+        for name, prefix in (("src", self.src), ("dst", self.dst)):
+            if prefix:
+                net = _net(prefix)
+                if net.version != 6:
+                    raise NetlinkHelperError(f"{prefix!r}: not an IPv6 prefix")
+                kw[name], kw[f"{name}_len"] = str(net.network_address), net.prefixlen
+        if self.blackhole:
+            kw["action"] = "blackhole"
+        else:
+            kw["table"] = RT_TABLE_MAIN
+        return kw
+
+
+def ensure_rule_sync(rule: Rule6, netns: str | None = None) -> bool:
+    """Add RULE; False if an identical rule was there already."""
+    with open_ipr(netns) as ipr:
+        try:
+            # pyroute2 asks with NLM_F_EXCL, so the kernel refuses a duplicate
+            # (EEXIST) instead of stacking a second copy as `ip rule add` does.
+            ipr.rule("add", **rule._kwargs())
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return False
+            raise NetlinkHelperError(f"add rule {rule}: {e}") from None
+    return True
+
+
+def remove_rule_sync(rule: Rule6, netns: str | None = None, most: int = 16) -> int:
+    """Remove every copy of RULE (up to `most`; `ip rule add` stacks duplicates)."""
+    removed = 0
+    with open_ipr(netns) as ipr:
+        while removed < most:
+            try:
+                ipr.rule("del", **rule._kwargs())
+            except NetlinkError as e:
+                if e.code in (errno.ENOENT, errno.ESRCH):
+                    break
+                raise NetlinkHelperError(f"remove rule {rule}: {e}") from None
+            removed += 1
+    return removed
+
+
 async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     # abandon_on_cancel=False: a netlink change half-way must finish before
     # the caller moves on, or the next reconcile would race it.
@@ -217,3 +339,23 @@ async def ensure_route(ifname: str, prefix: str, netns: str | None = None) -> bo
 
 async def remove_route(ifname: str, prefix: str, netns: str | None = None) -> bool:
     return await _run(remove_route_sync, ifname, prefix, netns)
+
+
+async def ensure_tap(ifname: str, netns: str | None = None) -> bool:
+    return await _run(ensure_tap_sync, ifname, netns)
+
+
+async def remove_link(ifname: str, netns: str | None = None) -> bool:
+    return await _run(remove_link_sync, ifname, netns)
+
+
+async def replace_route(ifname: str, prefix: str, netns: str | None = None) -> None:
+    await _run(replace_route_sync, ifname, prefix, netns)
+
+
+async def ensure_rule(rule: Rule6, netns: str | None = None) -> bool:
+    return await _run(ensure_rule_sync, rule, netns)
+
+
+async def remove_rule(rule: Rule6, netns: str | None = None) -> int:
+    return await _run(remove_rule_sync, rule, netns)

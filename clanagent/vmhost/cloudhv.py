@@ -59,11 +59,14 @@ def vm_config(spec: LaunchConfig) -> dict[str, Any]:
         disks.append({"id": "data", "path": str(spec.disk), "readonly": False})
     if disks:
         config["disks"] = disks
-    if spec.tap:
-        net: dict[str, Any] = {"id": "net0", "tap": spec.tap}
-        if spec.mac:
-            net["mac"] = spec.mac
-        config["net"] = [net]
+    nets = []
+    for i, nic in enumerate(spec.nics):
+        net: dict[str, Any] = {"id": f"net{i}", "tap": nic.tap}
+        if nic.mac:
+            net["mac"] = nic.mac
+        nets.append(net)
+    if nets:
+        config["net"] = nets
     return config
 
 

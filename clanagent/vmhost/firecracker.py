@@ -10,6 +10,10 @@ the API socket.
 :class:`ApiVmmBackend` and :class:`LaunchConfig` are shared with
 cloud-hypervisor (they belong in a private module once the layout allows one).
 
+Taps and the clan route come from :class:`~clanagent.vmhost.network.VmNetwork`
+(the same as QEMU's); a VmSpec on the clan network gets its NIC with the clan
+MAC and the guest's ``clan.*`` kernel arguments.
+
 Must never: kill or adopt a process it cannot tie to this VM (a pid counts
 only while its command line names the VM's API socket), leave a
 half-configured VMM running after a failed start, leave the secrets initrd on
@@ -42,7 +46,14 @@ from clanagent.vmhost.backend import (
     write_secrets_initrd,
 )
 from clanagent.vmhost.http_unix import ApiConnectError, ApiError, request
-from clanagent.vmhost.spec import VmHostError, VmHostLocalError, VmHostRemoteError, VmSpec
+from clanagent.vmhost.network import Nic, VmNetwork
+from clanagent.vmhost.spec import (
+    VmHostError,
+    VmHostLocalError,
+    VmHostRemoteError,
+    VmSpec,
+    clan_cmdline,
+)
 
 __all__ = [
     "ApiVmmBackend",
@@ -79,9 +90,9 @@ class VmmSetupError(VmmError, VmHostLocalError):
 class LaunchConfig:
     """Everything a VMM needs to boot one VM: the spec plus this host's runtime choices.
 
-    VmSpec says what the VM is; its disk image, console log and (once the
-    lifecycle passes them) tap and MAC are decided at run time.
-    :meth:`resolve` builds one from a VmSpec and the runtime dir.
+    VmSpec says what the VM is; its disk image, console log and NICs (taps
+    made by network.VmNetwork) are decided at run time.  :meth:`resolve`
+    builds one from a VmSpec, the runtime dir and the NICs.
     """
 
     name: str
@@ -93,27 +104,29 @@ class LaunchConfig:
     initrd: str | None = None
     rootfs: str | None = None
     disk: str | None = None
-    tap: str | None = None
-    mac: str | None = None
+    nics: tuple[Nic, ...] = ()
 
     @classmethod
-    def resolve(cls, spec: VmSpec | LaunchConfig, run: RunDir) -> LaunchConfig:
+    def resolve(
+        cls, spec: VmSpec | LaunchConfig, run: RunDir, nics: tuple[Nic, ...] = ()
+    ) -> LaunchConfig:
         if isinstance(spec, LaunchConfig):
             return spec
         disk = run.disk if spec.disk_mb > 0 else None
+        cmdline = spec.cmdline
+        if any(n.clan for n in nics):
+            cmdline += " " + clan_cmdline(spec)
         return cls(
             name=spec.name,
             vcpus=spec.vcpus,
             memory_mb=spec.memory_mb,
             kernel=spec.kernel,
-            cmdline=spec.cmdline,
+            cmdline=cmdline.strip(),
             console_log=run.console,
             initrd=spec.initrd or None,
             rootfs=spec.rootfs or None,
             disk=disk,
-            # VmSpec has no tap/mac yet; a spec type that grows them is honoured.
-            tap=getattr(spec, "tap", None) or None,
-            mac=getattr(spec, "mac", None) or None,
+            nics=nics,
         )
 
 
@@ -180,6 +193,7 @@ class ApiVmmBackend:
         binary: str,
         *,
         spawn: Spawner = spawn_process,
+        network: VmNetwork | None = None,
         api_timeout: float = 5.0,
         ready_timeout: float = 5.0,
         kill_timeout: float = 5.0,
@@ -187,6 +201,8 @@ class ApiVmmBackend:
     ) -> None:
         self.binary = binary
         self._spawn = spawn
+        # Taps, routes and rules; the VMM runs in the namespace its taps are in.
+        self.network = network or VmNetwork()
         self.api_timeout = api_timeout
         self.ready_timeout = ready_timeout
         self.kill_timeout = kill_timeout
@@ -241,7 +257,23 @@ class ApiVmmBackend:
         run.ensure()
         if await self.adopt(run.path) is not None:
             raise VmmSetupError(f"{self.name} for {spec.name} is already running in {run.path}")
-        cfg = LaunchConfig.resolve(spec, run)
+        # A LaunchConfig names taps its caller made; a VmSpec gets them here.
+        nics = await self.network.setup(spec, run) if isinstance(spec, VmSpec) else ()
+        try:
+            return await self._start(spec, run, nics, secrets)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.network.teardown(run)
+            raise
+
+    async def _start(
+        self,
+        spec: VmSpec | LaunchConfig,
+        run: RunDir,
+        nics: tuple[Nic, ...],
+        secrets: Mapping[str, bytes] | None,
+    ) -> VmHandle:
+        cfg = LaunchConfig.resolve(spec, run, nics)
         if cfg.disk == run.disk and not os.path.exists(run.disk):
             # A sparse file: costs nothing until the guest writes to it.
             with open(run.disk, "wb") as f:
@@ -251,7 +283,8 @@ class ApiVmmBackend:
             cfg = replace(cfg, initrd=initrd)
         fingerprint = spec.fingerprint() if isinstance(spec, VmSpec) else ""
         try:
-            proc = await self._spawn(self.argv(run.control), self.log_path(run))
+            argv = [*self.network.exec_prefix(), *self.argv(run.control)]
+            proc = await self._spawn(argv, self.log_path(run))
         except OSError as e:
             run.remove_stale()
             raise VmmStartError(f"cannot start {self.binary}: {e}") from None
@@ -324,9 +357,7 @@ class ApiVmmBackend:
             await self.kill(handle)
             return "killed"
         log.info("%s %s stopped (%s)", self.name, handle.name, how)
-        self._forget(handle)
-        RunDir(handle.rundir).remove_stale()
-        _unlink(RunDir(handle.rundir).control + ".lock")
+        await self._cleanup(handle)
         return how
 
     async def kill(self, handle: VmHandle) -> None:
@@ -339,12 +370,21 @@ class ApiVmmBackend:
                 pass
             if not await self.wait_exit(handle, self.kill_timeout):
                 raise VmmError(f"{self.name} {handle.name}: pid {handle.pid} survived SIGKILL")
-        self._forget(handle)
-        RunDir(handle.rundir).remove_stale()
-        _unlink(RunDir(handle.rundir).control + ".lock")  # cloud-hypervisor's socket lock
+        await self._cleanup(handle)
 
-    def _forget(self, handle: VmHandle) -> None:
+    async def reap(self, handle: VmHandle) -> None:
+        """Forget a VMM that exited on its own and remove what it left (taps too)."""
+        if not self.is_alive(handle):
+            await self._cleanup(handle)
+
+    async def _cleanup(self, handle: VmHandle) -> None:
         self._children.pop(handle.pid, None)
+        await self._remove_leftovers(RunDir(handle.rundir))
+
+    async def _remove_leftovers(self, run: RunDir) -> None:
+        run.remove_stale()
+        _unlink(run.control + ".lock")  # cloud-hypervisor's socket lock
+        await self.network.teardown(run)
 
     async def status(self, handle: VmHandle) -> VmStatus:
         proc = self._children.get(handle.pid)
@@ -364,8 +404,7 @@ class ApiVmmBackend:
         pid = read_pidfile(run.pidfile)
         # The command-line check guards against a recycled pid now owned by another program.
         if pid is None or not (pid_alive(pid) and process_mentions(pid, run.control)):
-            run.remove_stale()
-            _unlink(run.control + ".lock")
+            await self._remove_leftovers(run)
             return None
         handle = VmHandle(
             run.name, run.path, pid, self.name, "kvm", run.read_fingerprint(), adopted=True
@@ -435,11 +474,11 @@ def boot_requests(spec: LaunchConfig) -> list[tuple[str, str, dict[str, Any]]]:
                 },
             )
         )
-    if spec.tap:
-        net: dict[str, Any] = {"iface_id": "eth0", "host_dev_name": spec.tap}
-        if spec.mac:
-            net["guest_mac"] = spec.mac
-        seq.append(("PUT", "/network-interfaces/eth0", net))
+    for i, nic in enumerate(spec.nics):
+        net: dict[str, Any] = {"iface_id": f"eth{i}", "host_dev_name": nic.tap}
+        if nic.mac:
+            net["guest_mac"] = nic.mac
+        seq.append(("PUT", f"/network-interfaces/eth{i}", net))
     seq.append(("PUT", "/actions", {"action_type": "InstanceStart"}))
     return seq
 

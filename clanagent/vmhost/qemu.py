@@ -17,18 +17,14 @@ Decisions worth knowing:
   agent would lose the console, or block the guest, while the agent restarts.
 - `-no-reboot`: a guest reboot or panic ends the process, so the lifecycle
   sees it and restarts with backoff instead of QEMU looping silently.
-- The "clan" network (spec.CLAN_NETWORK) is a routed tap, not a bridge: the
-  host end gets fe80::1/64 (no DAD) and a route to the VM's overlay /128, and
-  IPv6 forwarding is turned on in the backend's namespace (never turned off:
-  something else may rely on it).  The mesh routes the /128 to this machine
-  over WireGuard; the route goes away with the tap.
+- Taps, the clan route and its policy rules are network.py's, shared with
+  the other backends; with a namespace QEMU runs inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -46,16 +42,9 @@ from clanagent.vmhost.backend import (
     read_pidfile,
     write_secrets_initrd,
 )
+from clanagent.vmhost.network import Nic, VmNetwork
 from clanagent.vmhost.qmp import QmpDisconnected, QmpProtocolError, open_qmp
-from clanagent.vmhost.spec import (
-    CLAN_GATEWAY,
-    CLAN_NETWORK,
-    VmHostLocalError,
-    VmHostRemoteError,
-    VmSpec,
-    clan_cmdline,
-    clan_mac,
-)
+from clanagent.vmhost.spec import VmHostLocalError, VmHostRemoteError, VmSpec, clan_cmdline
 
 __all__ = [
     "QEMU_BINARY",
@@ -64,7 +53,6 @@ __all__ = [
     "build_command",
     "host_tsc_khz",
     "probe_kvm",
-    "tap_name",
 ]
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -118,11 +106,6 @@ def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int | None:
     return None
 
 
-def tap_name(vm: str, index: int) -> str:
-    """A deterministic tap name within IFNAMSIZ (15 chars): vm<hash>-<index>."""
-    return f"vm{hashlib.sha256(vm.encode()).hexdigest()[:8]}-{index}"
-
-
 def build_command(
     spec: VmSpec,
     run: RunDir,
@@ -130,10 +113,11 @@ def build_command(
     *,
     tsc_khz: int | None = None,
     initrd: str | None = None,
-    taps: Sequence[str] = (),
+    nics: Sequence[Nic] = (),
     binary: str = QEMU_BINARY,
 ) -> list[str]:
-    """The argv for QEMU microvm.  `initrd` overrides spec.initrd (secrets initrd)."""
+    """The argv for QEMU microvm.  `initrd` overrides spec.initrd (secrets initrd);
+    `nics` are network.plan_nics(spec) (their taps made by network.VmNetwork)."""
     argv = [binary, "-name", f"{spec.name},process=qemu-vm-{spec.name}"]
     argv += ["-M", "microvm"]
     if accel == "kvm":
@@ -168,7 +152,7 @@ def build_command(
         append += " root=/dev/vda ro"
     if accel != "kvm" and tsc_khz:
         append += f" tsc_early_khz={tsc_khz}"
-    clan = clan_cmdline(spec) if taps else ""
+    clan = clan_cmdline(spec) if any(n.clan for n in nics) else ""
     if clan:
         append += " " + clan
     argv += ["-append", append.strip()]
@@ -178,11 +162,9 @@ def build_command(
     if spec.disk_mb:
         argv += ["-drive", f"id=disk,file={run.disk},format=raw,if=none"]
         argv += ["-device", "virtio-blk-device,drive=disk"]
-    for i, tap in enumerate(taps):
-        argv += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no"]
-        mac = ""
-        if clan and i < len(spec.networks) and spec.networks[i] == CLAN_NETWORK:
-            mac = f",mac={clan_mac(spec.name)}"
+    for i, nic in enumerate(nics):
+        argv += ["-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no"]
+        mac = f",mac={nic.mac}" if nic.mac else ""
         argv += ["-device", f"virtio-net-device,netdev=net{i}{mac}"]
     return argv
 
@@ -193,38 +175,6 @@ def _ensure_disk(path: str, size_mb: int) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.truncate(size_mb << 20)
-
-
-def _ip(netns: str | None, *args: str) -> None:
-    ns = ["-n", netns] if netns else []
-    subprocess.run(["ip", *ns, *args], check=True, capture_output=True, timeout=10)
-
-
-def _link_exists(netns: str | None, name: str) -> bool:
-    if not netns:
-        return os.path.exists(f"/sys/class/net/{name}")
-    r = subprocess.run(["ip", "-n", netns, "link", "show", name], capture_output=True, timeout=10)
-    return r.returncode == 0
-
-
-_FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
-
-
-def _enable_ipv6_forwarding(netns: str | None) -> None:
-    """Route between the clan taps and the mesh interface (in `netns`, or ours)."""
-    if netns:
-        subprocess.run(
-            ["ip", "netns", "exec", netns, "sh", "-c", f"echo 1 > {_FORWARDING}"],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )
-        return
-    with open(_FORWARDING) as f:
-        if f.read().strip() == "1":
-            return
-    with open(_FORWARDING, "w") as f:
-        f.write("1\n")
 
 
 class QemuBackend:
@@ -238,10 +188,8 @@ class QemuBackend:
         binary: str | None = None,
         accel: str = "auto",
         start_timeout: float = 10.0,
-        create_taps: bool = True,
-        netns: str | None = None,
+        network: VmNetwork | None = None,
         qmp_timeout: float = 2.0,
-        clan_interface: str = "",
     ) -> None:
         self.binary = binary or shutil.which(QEMU_BINARY) or QEMU_BINARY
         if accel == "auto":
@@ -255,13 +203,8 @@ class QemuBackend:
         # How long a QMP exchange may take before QEMU counts as hung; also the
         # wait for QEMU to exit after `quit`.
         self.qmp_timeout = qmp_timeout
-        self.create_taps = create_taps
-        # The mesh's WireGuard interface: the only way in to a clan tap from outside.
-        self.clan_interface = clan_interface
-        # QEMU attaches to a tap in its own network namespace, so with `netns`
-        # both the taps and QEMU live there (`ip netns exec` execs QEMU, so the
-        # pid we hold is QEMU's).
-        self.netns = netns
+        # Taps, routes and rules; QEMU runs in the namespace its taps are in.
+        self.network = network or VmNetwork()
         # Our own children, so exits are reaped and their codes known; adopted
         # VMs are someone else's children and only their pid is watched.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -287,27 +230,18 @@ class QemuBackend:
             initrd = write_secrets_initrd(run, spec.initrd, secrets)
         if spec.disk_mb:
             _ensure_disk(run.disk, spec.disk_mb)
-        taps = [tap_name(spec.name, i) for i in range(len(spec.networks))]
-        if self.create_taps and taps:
-            with open(os.path.join(run.path, "taps"), "w") as f:
-                f.write("\n".join(taps) + "\n")
-            for tap in taps:
-                await trio.to_thread.run_sync(self._ensure_tap, tap)
-            if spec.overlay_ip6 and CLAN_NETWORK in spec.networks:
-                tap = taps[spec.networks.index(CLAN_NETWORK)]
-                await trio.to_thread.run_sync(self._route_clan_tap, tap, spec.overlay_ip6, run)
+        nics = await self.network.setup(spec, run)
         argv = build_command(
             spec,
             run,
             self._accel[0],
             tsc_khz=self.tsc_khz,
             initrd=initrd,
-            taps=taps,
+            nics=nics,
             binary=self.binary,
         )
         run.write_fingerprint(spec.fingerprint())
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+        argv = [*self.network.exec_prefix(), *argv]
         errlog = open(os.path.join(run.path, "qemu.stderr"), "wb")  # noqa: SIM115
         try:
             proc = subprocess.Popen(
@@ -318,6 +252,10 @@ class QemuBackend:
                 start_new_session=True,  # survives the agent's process group and signals
                 close_fds=True,
             )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._remove_leftovers, run)
+            raise
         finally:
             errlog.close()
         self._children[proc.pid] = proc
@@ -373,83 +311,6 @@ class QemuBackend:
                 return f.read()[-500:].decode(errors="replace").strip()
         except FileNotFoundError:
             return ""
-
-    def _ensure_tap(self, tap: str) -> None:
-        if not _link_exists(self.netns, tap):
-            _ip(self.netns, "tuntap", "add", tap, "mode", "tap")
-        _ip(self.netns, "link", "set", tap, "up")
-
-    def _clan_rules(self, tap: str, addr: str) -> list[list[str]]:
-        """Policy rules that keep a clan tap honest (no packet filter needed).
-
-        From the tap only the VM's own address is routed (a guest cannot send
-        as its host or a sibling); to the VM only what comes in over the mesh
-        interface or from this host (a LAN neighbour that routes the clan
-        prefix here reaches nothing).  Local delivery (the `local` table at
-        priority 0) is looked up first, so NDP and the gateway still work."""
-        rules = [
-            ["pref", "30100", "iif", tap, "from", f"{addr}/128", "lookup", "main"],
-            ["pref", "30101", "iif", tap, "blackhole"],
-        ]
-        if self.clan_interface:
-            rules.append(
-                ["pref", "30102", "to", f"{addr}/128", "iif", self.clan_interface, "lookup", "main"]
-            )
-        rules += [
-            ["pref", "30103", "to", f"{addr}/128", "iif", "lo", "lookup", "main"],
-            ["pref", "30104", "to", f"{addr}/128", "blackhole"],
-        ]
-        return rules
-
-    def _del_rules(self, rules: list[list[str]]) -> None:
-        for rule in rules:
-            for _ in range(8):  # duplicates left by a crash: remove them all
-                try:
-                    _ip(self.netns, "-6", "rule", "del", *rule)
-                except (subprocess.CalledProcessError, FileNotFoundError):
-                    break
-
-    def _route_clan_tap(self, tap: str, addr: str, run: RunDir | None = None) -> None:
-        # `replace` and delete-then-add keep this idempotent across restarts.
-        try:
-            _ip(self.netns, "-6", "addr", "replace", f"{CLAN_GATEWAY}/64", "dev", tap, "nodad")
-            _ip(self.netns, "-6", "route", "replace", f"{addr}/128", "dev", tap)
-            rules = self._clan_rules(tap, addr)
-            self._del_rules(rules)
-            if run is not None:
-                with open(os.path.join(run.path, "clan-rules"), "w") as f:
-                    f.write(f"{tap} {addr}\n")
-            for rule in rules:
-                _ip(self.netns, "-6", "rule", "add", *rule)
-            _enable_ipv6_forwarding(self.netns)
-        except subprocess.CalledProcessError as e:
-            err = (e.stderr or b"").decode(errors="replace").strip()
-            raise VmHostLocalError(f"cannot route {addr} to {tap}: {err}") from None
-        except OSError as e:
-            raise VmHostLocalError(f"cannot route {addr} to {tap}: {e}") from None
-
-    def _remove_taps(self, run: RunDir) -> None:
-        # The taps a VM got are recorded in its rundir at start, so cleanup
-        # after an agent restart removes exactly those and nothing else.
-        path = os.path.join(run.path, "taps")
-        try:
-            with open(path) as f:
-                taps = f.read().split()
-        except FileNotFoundError:
-            return
-        for tap in taps:
-            if _link_exists(self.netns, tap):
-                with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
-                    _ip(self.netns, "link", "del", tap)
-        os.unlink(path)
-        rules_file = os.path.join(run.path, "clan-rules")
-        try:
-            with open(rules_file) as f:
-                tap, addr = f.read().split()
-        except (FileNotFoundError, ValueError):
-            return
-        self._del_rules(self._clan_rules(tap, addr))
-        os.unlink(rules_file)
 
     def _alive(self, handle: VmHandle) -> bool:
         proc = self._children.get(handle.pid)
@@ -519,8 +380,7 @@ class QemuBackend:
 
     def _remove_leftovers(self, run: RunDir) -> None:
         run.remove_stale()
-        if self.create_taps:
-            self._remove_taps(run)
+        self.network.teardown_sync(run)
 
     async def reap(self, handle: VmHandle) -> None:
         """Forget an exited VM and remove its stale socket, pidfile and taps."""

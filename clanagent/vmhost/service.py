@@ -80,16 +80,20 @@ def probe_backends(clan_interface: str = "") -> BackendChoice:
     """The real VMMs this machine can run (blocks: call it in a thread)."""
     from .cloudhv import CloudHypervisorBackend
     from .firecracker import FirecrackerBackend
+    from .network import VmNetwork
     from .qemu import QemuBackend
 
     usable: dict[str, Backend] = {}
     unusable: dict[str, str] = {}
-    qemu = QemuBackend(clan_interface=clan_interface)
+    # One network for all three: every backend's VMs get the same taps, clan
+    # route and policy rules.
+    network = VmNetwork(clan_interface=clan_interface)
+    qemu = QemuBackend(network=network)
     if qemu.available():
         usable["qemu"] = qemu
     else:
         unusable["qemu"] = "no qemu-system-x86_64 on PATH (apt install qemu-system-x86)"
-    for other in (FirecrackerBackend(), CloudHypervisorBackend()):
+    for other in (FirecrackerBackend(network=network), CloudHypervisorBackend(network=network)):
         ok, why = other.available()
         if ok:
             usable[other.name] = other
@@ -393,12 +397,17 @@ class VmService:
             }
             now = self.ports.clock.now()
             # a soft kind: republished on a change, and before its TTL runs out
-            if self._published.get(name) != body or now >= self._refresh_due.get(name, now + 1):
+            changed = self._published.get(name) != body
+            if changed or now >= self._refresh_due.get(name, now + 1):
                 self._published[name] = body
                 refresh = spec(VM_STATUS_KIND).refresh * (1 - 0.1 * self._rng.random())
                 self._refresh_due[name] = now + refresh
+                # an unchanged status only renews its TTL: anti-entropy carries it
                 await self.ports.bus.publish(
-                    VM_STATUS_KIND, name, {**body, "at": int(self.ports.clock.wall())}
+                    VM_STATUS_KIND,
+                    name,
+                    {**body, "at": int(self.ports.clock.wall())},
+                    push=changed,
                 )
 
     def _booted(self, h: Any) -> int:

@@ -30,6 +30,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from .._log import kv
+from ..fd_reserve import PROCESS, FdReserve
 from ._faults import Faults
 
 __all__ = ["Listener", "Slot", "slot_of", "MAX_WEB_CONNECTIONS", "KEEP_ALIVE"]
@@ -121,8 +122,15 @@ class _Connection(TCPServer):
 class Listener:
     """Serves an ASGI app on hypercorn's config's binds; `counters` live across restarts."""
 
-    def __init__(self, app: Any, *, max_connections: int = MAX_WEB_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_connections: int = MAX_WEB_CONNECTIONS,
+        fd_reserve: FdReserve | None = None,
+    ) -> None:
         self.max_connections = max_connections
+        self._fds = PROCESS if fd_reserve is None else fd_reserve
         self.counters: dict[str, int] = {
             "connections": 0,  # open now
             "accepted": 0,
@@ -130,6 +138,7 @@ class Listener:
             "evicted": 0,  # idle (or unauthenticated WebSocket) closed to make room at the cap
             "internal_errors": 0,
             "idle_closed": 0,  # no request within KEEP_ALIVE (or headers not done by then)
+            "refused_fds": 0,  # closed unread: the fd reserve was lent at the fd limit
         }
         self.faults = Faults(self.counters)
         self._app = app
@@ -198,6 +207,12 @@ class Listener:
         self, app: Any, config: Any, context: WorkerContext, stream: trio.SocketStream
     ) -> None:
         c = self.counters
+        if self._fds.lent:  # at the fd limit, the control server serves root on those fds
+            c["refused_fds"] += 1
+            stream.socket.close()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
         if len(self._slots) >= self.max_connections:
             if self._evict_one():
                 self._log_burst(

@@ -170,7 +170,7 @@ def forgeries(clan, m: Mallory) -> tuple[list[SignedRecord], dict[str, list[tupl
     add("node-info", INERT_NAME, "", info, inert=True)
     add("node-info", "keyed as m1's node key", machines["m1"]["node_key"].hex(), info)
     add("endpoints", "keyed as m1", "m1", endpoints_body(["127.0.0.1:1"], [], 51820))
-    topo = {"at": now, "links": [{"peer": "m2", "kind": "direct", "rtt_ms": 1}], "capabilities": []}
+    topo = {"at": now, "kind": "lan", "links": [{"peer": "m2", "kind": "tor"}], "capabilities": []}
     add("topology", "keyed as m1", "m1", topo)
     add("topology", "far-future at", "", {**topo, "at": now + FAR})
 

@@ -395,8 +395,8 @@ class SimAgent:
         """Membership handlers that raised (the bus counts its own)."""
         return self.membership.faults
 
-    async def _publish(self, kind: str, key: str, body: Any) -> bool:
-        ok = self.publish_record(kind, key, body)
+    async def _publish(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
+        ok = self.publish_record(kind, key, body, push=push)
         await trio.lowlevel.checkpoint()
         return ok
 
@@ -450,11 +450,11 @@ class SimAgent:
 
     # -- the shell around the node ------------------------------------------------
 
-    def publish_record(self, kind: str, key: str, body: Any) -> bool:
+    def publish_record(self, kind: str, key: str, body: Any, *, push: bool = True) -> bool:
         """Our own body check, then sign and spread (Agent.publish_record)."""
         if not self.up or not self.checks.check_own(kind, key, body):
             return False
-        rec, actions = self.node.publish(trio.current_time(), kind, key, body)
+        rec, actions = self.node.publish(trio.current_time(), kind, key, body, push=push)
         self.sim.published_at.setdefault(rec.record_id, trio.current_time())
         self.sim.published[kind] = self.sim.published.get(kind, 0) + 1
         self._handle(actions)
