@@ -1,11 +1,14 @@
 """Typed records: frozen dataclasses whose annotations are their wire schema.
 
 Owns: compiling a `Record` type's annotations (once, lazily) into strict
-converters between the wire form (a map of field name to value) and the
-dataclass, the registry of record kinds (`record_type`, `record_class`), and
+converters between the wire form (a map of field name to value, or an array
+of the values for `WIRE_ARRAY` types) and the dataclass, with the bounds
+`Range` and `Size`; `CheckedRecord`, checked when built as well as when
+decoded; the registry of record kinds (`record_type`, `record_class`), and
 the one record type every node speaks (`NodeInfo`).  This is the one
-validation engine for record bodies: a body is valid when its kind's Record
-type decodes it (and its `__post_init__` accepts the values).
+validation engine for record bodies and protocol messages: a body is valid
+when its kind's Record type decodes it (and its `__post_init__` accepts the
+values); a membership message when its CheckedRecord type does.
 
 Must never: coerce a value to another type (bool is not an int, an int is
 not a float), accept an unknown or missing field, or raise anything but
