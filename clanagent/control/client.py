@@ -30,10 +30,11 @@ class ClientError(Exception):
 
 
 class AgentNotRunning(ClientError):
-    def __init__(self, path: Path, detail: str) -> None:
+    def __init__(self, path: Path, detail: str, *, message: str = "") -> None:
         super().__init__(
             "not_running",
-            f"clanagent is not running ({detail} at {path}): start it with "
+            message
+            or f"clanagent is not running ({detail} at {path}): start it with "
             "'systemctl start clanagent' or 'clanagent run'",
         )
         self.path = path
@@ -65,6 +66,13 @@ class ControlClient:
             raise AgentNotRunning(self.path, "no socket") from None
         except ConnectionRefusedError:
             s.close()
+            if self.path.is_dir():  # connect() says "refused" for a directory too
+                raise AgentNotRunning(
+                    self.path,
+                    "a directory, not a socket,",
+                    message=f"{self.path} is a directory, not the agent's control socket: "
+                    "name the socket with --socket (or $CLANAGENT_SOCKET)",
+                ) from None
             raise AgentNotRunning(self.path, "nobody listening on the socket") from None
         except PermissionError:
             s.close()
