@@ -135,7 +135,12 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("path", help="the chosen path to a machine, and the ranked alternatives")
     p.add_argument("machine")
     p.set_defaults(handler=cmd_path, needs_clan=True)
-    s = sub.add_parser("ssh", help="ssh to a machine over the best path")
+    s = sub.add_parser(
+        "ssh",
+        help="ssh to a machine over the best path",
+        description="ssh to a machine over the best path. clanctl's own options (--print, "
+        "--json) go before MACHINE: everything after it is passed to ssh.",
+    )
     s.add_argument("machine")
     s.add_argument("--print", action="store_true", help="print the ssh command instead")
     s.add_argument("args", nargs=argparse.REMAINDER, help="passed to ssh")

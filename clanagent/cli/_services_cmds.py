@@ -232,7 +232,10 @@ ESCAPE = b"\x1d"  # Ctrl-], as in telnet and virsh console
 
 
 def _console_host(client: ControlClient, name: str, machine: str | None) -> str:
-    rows = [r for r in client.call("vm.list") if r["vm"] == name]
+    rows = client.call("vm.list")
+    if not rows:
+        require_clan(client)
+    rows = [r for r in rows if r["vm"] == name]
     if not rows:
         raise CommandError(f"no VM '{name}' in the inventory (see 'clanctl vm list')")
     hosts = [r["machine"] for r in rows]

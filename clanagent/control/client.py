@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ class AgentNotRunning(ClientError):
         self.path = path
 
 
+def _not_a_socket(path: Path) -> str:
+    """ "a directory" / "a regular file" / ... when `path` is there but no socket, else ""."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    return (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a regular file"
+        if stat.S_ISREG(mode)
+        else "not a socket"
+    )
+
+
 class ControlClient:
     def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
         self.path = Path(path)
@@ -66,11 +84,12 @@ class ControlClient:
             raise AgentNotRunning(self.path, "no socket") from None
         except ConnectionRefusedError:
             s.close()
-            if self.path.is_dir():  # connect() says "refused" for a directory too
+            what = _not_a_socket(self.path)  # connect() says "refused" for those too
+            if what:
                 raise AgentNotRunning(
                     self.path,
-                    "a directory, not a socket,",
-                    message=f"{self.path} is a directory, not the agent's control socket: "
+                    what,
+                    message=f"{self.path} is {what}, not the agent's control socket: "
                     "name the socket with --socket (or $CLANAGENT_SOCKET)",
                 ) from None
             raise AgentNotRunning(self.path, "nobody listening on the socket") from None
