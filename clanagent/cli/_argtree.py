@@ -44,16 +44,16 @@ class Command:
     subcommands: list[Command] = field(default_factory=list)
 
 
-_FILE_WORDS = ("file", "path", "socket", "config", "key", "dir", "out")
+# What a shell completes for a value, by the argument's dest (explicit: a
+# heuristic would offer files for `machine add --key`, which takes a key text).
+FILE_DESTS = frozenset({"socket", "control_socket", "config", "admin_key", "out", "file"})
+DIR_DESTS = frozenset({"state_dir", "dir"})
 
 
 def _kind(action: argparse.Action) -> str:
-    if action.type is not None and getattr(action.type, "__name__", "") == "Path":
-        return "dir" if "dir" in action.dest else "file"
-    dest = action.dest.replace("_", "-")
-    if any(w in dest for w in _FILE_WORDS) and action.nargs != 0:
-        return "dir" if "dir" in dest else "file"
-    return ""
+    if action.dest in DIR_DESTS:
+        return "dir"
+    return "file" if action.dest in FILE_DESTS else ""
 
 
 def _text(value: str | None) -> str:

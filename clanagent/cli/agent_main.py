@@ -90,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="seed peer address (repeatable)",
     )
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="how much to log"
+    )
 
     kg = sub.add_parser("keygen", help="create this node's keys (run also does it on first start)")
-    kg.add_argument("--state-dir", required=True, type=Path)
+    kg.add_argument("--state-dir", required=True, type=Path, help="where the keys live")
 
     vi = sub.add_parser("vm-image", help="build a minimal VM image (kernel + busybox initramfs)")
     vi.add_argument("dir", type=Path, help="where to write vmlinux and initramfs.cpio.gz")
