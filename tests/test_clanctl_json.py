@@ -89,6 +89,11 @@ def test_every_command_prints_json_against_real_agents(tmp_path, vm_kernel):
             "--tags", "server", "--endpoint", f"127.0.0.1:{pa}", "--out", str(inv),
         )  # fmt: skip
         assert founded["status"] == "accepted" and len(founded["clan_id"]) == 32
+        # in a clan without secrets, the secrets commands say so (and exit 0)
+        for words in (["secrets", "status"], ["secrets", "list"]):
+            r = ctl(alpha, *words)
+            assert r.returncode == 0 and r.stdout.startswith("no secrets: no service"), r
+        assert js(alpha, "secrets", "status") == []
 
         # beta: keys first, then the admin adds it, then it joins with the token
         mk = clanagent("keygen", "--state-dir", str(tmp_path / "beta")).stdout
