@@ -81,10 +81,19 @@ def test_a_bad_timeout_is_a_usage_error(value, capsys):
     assert "argument --timeout" in err and "Traceback" not in err
 
 
-def test_a_bad_count_is_a_usage_error(capsys):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["events", "--count", "-3"],
+        ["vm", "logs", "web", "--timeout", "-1"],
+        ["vm", "console", "web", "--linger", "nan"],
+    ],
+)
+def test_other_bad_numbers_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        clanctl.main(["events", "--count", "-3"])
+        clanctl.main(argv)
     assert exc.value.code == Exit.USAGE
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # -- the exit-code scheme ---------------------------------------------------------------
@@ -190,7 +199,8 @@ def test_clanagent_version(capsys):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--listen", "nonsense"], ["--join", "nonsense"], ["--listen", "h:99999"]]
+    "flags",
+    [["--listen", "nonsense"], ["--join", "nonsense"], ["--listen", "h:99999"], ["--join", ""]],
 )
 def test_a_bad_flag_value_blames_the_flag_not_the_config(flags, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -31,7 +31,7 @@ from .errors import NOT_IN_CLAN_HINT, CommandError, Exit
 # a clanctl process imports only what its command needs (start-up time is
 # part of every command's latency; see bench/vm.py).
 
-__all__ = ["add_parsers", "run", "create_admin_key", "load_admin_key"]
+__all__ = ["add_parsers", "create_admin_key", "load_admin_key"]
 
 
 # -- admin keys --------------------------------------------------------------
@@ -436,7 +436,3 @@ def add_parsers(sub: Any) -> None:
     hist.set_defaults(handler=cmd_inventory_history, needs_clan=True)
     conf = isub.add_parser("conflicts", help="entries concurrent edits changed differently")
     conf.set_defaults(handler=cmd_inventory_conflicts, needs_clan=True)
-
-
-def run(client: ControlClient, args: argparse.Namespace) -> Any:
-    return args.handler(client, args)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..control.client import ControlClient
+from ._argtypes import seconds
 from ._clan import require_clan
 from ._table import table
 from .errors import CommandError
@@ -385,7 +386,7 @@ def add_parsers(sub: Any) -> None:
     lg = vsub.add_parser("logs", help="a VM's console log, from any machine")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    lg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the host")
+    lg.add_argument("--timeout", type=seconds, default=15.0, help="seconds to wait for the host")
     lg.set_defaults(handler=cmd_vm_logs, needs_clan=True)
     co = vsub.add_parser(
         "console",
@@ -399,7 +400,7 @@ def add_parsers(sub: Any) -> None:
     co.add_argument("--admin-key", help="admin key file (default $CLANAGENT_ADMIN_KEY)")
     co.add_argument(
         "--linger",
-        type=float,
+        type=seconds,
         default=1.0,
         help="with stdin not a terminal: seconds of quiet output before exiting (default 1)",
     )

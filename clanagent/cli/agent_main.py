@@ -50,10 +50,13 @@ def raise_fd_limit(cap: int = FD_LIMIT_CAP) -> tuple[int, int]:
     return soft, hard
 
 
+def _listen(text: str) -> str:
+    """--listen: HOST:PORT, or "" for do not listen."""
+    return text if text == "" else _hostport(text)
+
+
 def _hostport(text: str) -> str:
     """A HOST:PORT flag value, checked where the flag is named (not blamed on agent.toml)."""
-    if text == "":
-        return text  # --listen "": do not listen
     try:
         split_hostport(text, "HOST:PORT")
     except ConfigError:
@@ -79,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--control-socket", help="path of the control socket")
     run.add_argument(
         "--listen",
-        type=_hostport,
+        type=_listen,
         metavar="HOST:PORT",
         help='address for peer connections (default 0.0.0.0:7946; "" = do not listen)',
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from .. import __version__
 from ..control.client import AgentNotRunning, ClientError, ControlClient
 from . import _inventory_cmds, _mesh_cmds, _services_cmds, _ui_cmds
+from ._argtypes import count, seconds
 from ._clan import clan_of, no_clan_error
 from ._table import table
 from .errors import EXIT_CODES_HELP, NOT_IN_CLAN_HINT, CommandError, Exit
@@ -178,26 +178,6 @@ def cmd_events(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}': must be a number of seconds above 0")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}': must be 0 or more")
-    return value
-
-
 JSON_HELP = "print JSON for scripts (before or after the command; stdout is then only JSON)"
 
 
@@ -241,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="seconds to wait for the agent (default 10)",
@@ -257,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         handler=cmd_peers
     )
     ev = sub.add_parser("events", help="stream agent events until interrupted")
-    ev.add_argument("--count", type=_count, default=0, help="stop after N events")
+    ev.add_argument("--count", type=count, default=0, help="stop after N events")
     ev.set_defaults(handler=cmd_events)
     _inventory_cmds.add_parsers(sub)
     _mesh_cmds.add_parsers(sub)
