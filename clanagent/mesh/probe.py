@@ -55,9 +55,13 @@ def encode(
     my_key: bytes,
     my_box: nacl.public.PrivateKey,
     peer_box: bytes,
+    *,
+    rng: Callable[[int], bytes] = os.urandom,
 ) -> bytes:
+    """One probe datagram; `rng` gives the 24-byte nonce (a seam for the
+    test vectors, which need fixed bytes)."""
     box = nacl.public.Box(my_box, nacl.public.PublicKey(peer_box))
-    nonce = os.urandom(24)
+    nonce = rng(24)
     sealed = box.encrypt(pack([kind, probe_id, sent_at]), nonce).ciphertext
     return MAGIC + my_key + nonce + sealed
 

@@ -1,8 +1,10 @@
 """HTTP/1.1 requests and responses for local VMM API sockets, sans-IO.
 
-Owns: building a request, parsing a response within the limits (no chunked
-bodies, bounded headers and body), and the error types and the API fault
-message of each product.  Must never: import trio or do any I/O.
+Owns: building a request and parsing a response within the limits (no
+chunked bodies, bounded headers and body), with h11 doing the HTTP/1.1
+itself; the error types and the API fault message of each product.  Must
+never: import trio or do any I/O, or let h11's errors out as anything but
+ApiProtocolError.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import h11
 
 from clanagent.vmhost.spec import VmHostError, VmHostLocalError, VmHostRemoteError
 
@@ -69,13 +73,15 @@ _METHODS = frozenset({"GET", "PUT", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~/\-]*")
 
 
-_STATUS_RE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: ([\t\x20-\x7e]*))?")
-
-
-_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z\-]+")
-
-
-_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# h11's reasons for the errors a VMM's reply can make, as our reasons (the
+# h11 text follows); anything else is "malformed response".  Only wording:
+# every one is an ApiProtocolError.
+_H11_REASONS = (
+    ("illegal status line", "bad status line"),
+    ("illegal header line", "bad header line"),
+    ("conflicting content-length", "conflicting content-length headers"),
+    ("bad content-length", "bad content-length"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,84 +102,101 @@ def build_request(method: str, path: str, body: Any = None) -> bytes:
         raise ApiLocalError(f"unsupported method {method!r}")
     if not _PATH_RE.fullmatch(path):
         raise ApiLocalError(f"bad request path {path!r}")
-    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Accept: application/json"]
+    headers = [("Host", "localhost"), ("Accept", "application/json")]
     payload = b""
     if body is not None:
         try:
             payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as e:
             raise ApiLocalError(f"request body is not JSON: {e}") from None
-        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
     elif method != "GET":
-        head.append("Content-Length: 0")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + payload
+        headers.append(("Content-Length", "0"))
+    conn = h11.Connection(h11.CLIENT)
+    out = conn.send(h11.Request(method=method, target=path, headers=headers)) or b""
+    if payload:
+        out += conn.send(h11.Data(data=payload)) or b""
+    return out + (conn.send(h11.EndOfMessage()) or b"")
+
+
+def _reason(exc: h11.ProtocolError, got_head: bool, eof: bool, limits: HttpLimits) -> str:
+    text = str(exc)
+    if not got_head:
+        if text == "Receive buffer too long":
+            return f"response headers exceed {limits.max_header_bytes} bytes"
+        for theirs, ours in _H11_REASONS:
+            if text.lower().startswith(theirs):
+                return f"{ours} ({text[:80]})"
+        if eof:
+            return "connection closed before the response headers ended"
+    elif eof:
+        return "connection closed before the response body ended"
+    return f"malformed response ({text[:80]})"
 
 
 def parse_response(
     data: bytes, *, eof: bool, limits: HttpLimits = DEFAULT_HTTP_LIMITS
 ) -> Response | None:
-    """Parse one response from everything received so far.
+    """Parse one response from everything received so far (with h11).
 
     Returns None while more bytes are needed (and ``eof`` is False); raises
     ApiProtocolError for anything malformed, oversized, or cut short at EOF.
     Bytes after a Content-Length body are ignored: we send one request per
     connection, so nothing legitimate can follow.
     """
-    # Search only inside the limit, so a header block that never ends costs us nothing extra.
-    end = data.find(b"\r\n\r\n", 0, limits.max_header_bytes)
-    if end < 0:
-        if len(data) >= limits.max_header_bytes:
-            raise ApiProtocolError(f"response headers exceed {limits.max_header_bytes} bytes")
-        if eof:
-            raise ApiProtocolError("connection closed before the response headers ended")
-        return None
-    lines = data[:end].split(b"\r\n")
-    m = _STATUS_RE.fullmatch(lines[0])
-    if m is None:
-        raise ApiProtocolError(f"bad status line {lines[0][:80]!r}")
-    status = int(m.group(1))
-    if status < 200:
-        # We never send Expect or Upgrade, so an interim response is a broken server.
-        raise ApiProtocolError(f"unexpected informational status {status}")
-    reason = (m.group(2) or b"").decode("ascii")
-    if len(lines) - 1 > limits.max_headers:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
+    # h11 reads a response only after its request (the method decides the
+    # framing; we never send HEAD or CONNECT, so any GET stands for ours).
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "localhost")]))
+    conn.send(h11.EndOfMessage())
+    if data:
+        conn.receive_data(data)
+    if eof:
+        conn.receive_data(b"")
+    head: h11.Response | None = None
+    body = bytearray()
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.InformationalResponse):
+                # We never send Expect or Upgrade, so an interim response is a broken server.
+                raise ApiProtocolError(f"unexpected informational status {event.status_code}")
+            if isinstance(event, h11.Response):
+                head = event
+                _check_head(head, limits)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limits.max_body_bytes:
+                    raise ApiProtocolError("response body exceeds the limit")
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                headers = tuple(
+                    (name.decode("ascii"), value.decode("latin-1")) for name, value in head.headers
+                )
+                return Response(
+                    head.status_code, head.reason.decode("latin-1"), headers, bytes(body)
+                )
+            else:  # ConnectionClosed or PAUSED cannot come before EndOfMessage
+                raise ApiProtocolError(f"unexpected {type(event).__name__} in the response")
+    except h11.ProtocolError as exc:
+        raise ApiProtocolError(_reason(exc, head is not None, eof, limits)) from None
+
+
+def _check_head(head: h11.Response, limits: HttpLimits) -> None:
+    if len(head.headers) > limits.max_headers:
         raise ApiProtocolError(f"more than {limits.max_headers} response headers")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN_RE.fullmatch(name):
-            raise ApiProtocolError(f"bad header line {line[:80]!r}")
-        value = value.strip(b" \t")
-        if not _VALUE_RE.fullmatch(value):
-            raise ApiProtocolError(f"bad header value for {name[:40]!r}")
-        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
-    if any(n == "transfer-encoding" for n, _ in headers):
-        # Neither Firecracker nor cloud-hypervisor chunk; refusing keeps the parser small.
+    names = [name for name, _ in head.headers]
+    if b"transfer-encoding" in names:
+        # Neither Firecracker nor cloud-hypervisor chunk; refusing keeps the limits simple.
         raise ApiProtocolError("transfer-encoding is not supported")
-    lengths = {v for n, v in headers if n == "content-length"}
-    rest = data[end + 4 :]
-    if status in (204, 304):
-        return Response(status, reason, tuple(headers), b"")
-    if len(lengths) > 1:
-        raise ApiProtocolError("conflicting content-length headers")
-    if lengths:
-        (text,) = lengths
-        if not text.isascii() or not text.isdigit() or len(text) > 12:
-            raise ApiProtocolError(f"bad content-length {text[:20]!r}")
-        length = int(text)
-        if length > limits.max_body_bytes:
-            raise ApiProtocolError(f"response body of {length} bytes exceeds the limit")
-        if len(rest) < length:
-            if eof:
-                raise ApiProtocolError("connection closed before the response body ended")
-            return None
-        return Response(status, reason, tuple(headers), rest[:length])
-    # No length: the body runs to EOF (HTTP/1.1 allows it when the server closes).
-    if len(rest) > limits.max_body_bytes:
-        raise ApiProtocolError("response body exceeds the limit")
-    if not eof:
-        return None
-    return Response(status, reason, tuple(headers), rest)
+    if head.status_code in (204, 304):
+        return
+    for name, value in head.headers:
+        # h11 checked it is digits and that all copies agree.
+        if name == b"content-length" and int(value) > limits.max_body_bytes:
+            raise ApiProtocolError(f"response body of {int(value)} bytes exceeds the limit")
 
 
 def fault_message(body: bytes, limit: int = DEFAULT_HTTP_LIMITS.max_fault_chars) -> str:
@@ -218,9 +241,6 @@ __all__ = [
     "DEFAULT_HTTP_LIMITS",
     "_METHODS",
     "_PATH_RE",
-    "_STATUS_RE",
-    "_TOKEN_RE",
-    "_VALUE_RE",
     "Response",
     "build_request",
     "parse_response",

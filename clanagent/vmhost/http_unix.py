@@ -25,9 +25,6 @@ import trio
 from .http_codec import (  # noqa: F401 (re-exported: the I/O-free core)
     _METHODS,
     _PATH_RE,
-    _STATUS_RE,
-    _TOKEN_RE,
-    _VALUE_RE,
     DEFAULT_HTTP_LIMITS,
     ApiConnectError,
     ApiError,
