@@ -23,6 +23,7 @@ from ._clanctl_agents import (
     wait_for,
     write_config,
 )
+from .test_vmhost_qemu import vm_assets  # noqa: F401 (a fixture, asked for by vm_kernel)
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +63,6 @@ def vm_kernel(request):
         return request.getfixturevalue("vm_assets")
     except pytest.skip.Exception:
         return None
-
-
-from .test_vmhost_qemu import vm_assets  # noqa: E402, F401 (a fixture)
 
 
 def test_every_command_prints_json_against_real_agents(tmp_path, vm_kernel):
