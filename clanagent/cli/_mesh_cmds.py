@@ -92,6 +92,8 @@ def cmd_ssh(client: ControlClient, args: argparse.Namespace) -> Any:
         raise CommandError("ssh is not installed (apt install openssh-client)")
     argv = [ssh, *opts, host, *args.args]
     if args.print:
+        if args.json:
+            return {"argv": argv, "host": host}
         print(" ".join(argv))
         return None
     client.close()
@@ -132,12 +134,17 @@ def tor_connect(socks: str, host: str, port: int) -> None:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("path", help="the chosen path to a machine, and the ranked alternatives")
     p.add_argument("machine")
-    p.set_defaults(handler=cmd_path)
-    s = sub.add_parser("ssh", help="ssh to a machine over the best path")
+    p.set_defaults(handler=cmd_path, needs_clan=True)
+    s = sub.add_parser(
+        "ssh",
+        help="ssh to a machine over the best path",
+        description="ssh to a machine over the best path. clanctl's own options (--print, "
+        "--json) go before MACHINE: everything after it is passed to ssh.",
+    )
     s.add_argument("machine")
     s.add_argument("--print", action="store_true", help="print the ssh command instead")
     s.add_argument("args", nargs=argparse.REMAINDER, help="passed to ssh")
-    s.set_defaults(handler=cmd_ssh)
+    s.set_defaults(handler=cmd_ssh, needs_clan=True)
     t = sub.add_parser(
         "tor-connect", help="(used by `clanctl ssh` as its ProxyCommand to reach onion hosts)"
     )
