@@ -25,7 +25,6 @@ from tests.sim.agents import (
     backup_service,
     genesis_doc,
     run_sim,
-    shared_record_decoding,
     sign_version,
     vm_entry,
 )
