@@ -70,13 +70,18 @@ def collect(
     opened_inventory: Mapping[str, list[str]],
     lan_seen: Mapping[bytes, Iterable[str]],
     onions: Mapping[bytes, str],
+    reflexive: Mapping[bytes, Iterable[str]] | None = None,
+    relayed: Mapping[bytes, Iterable[tuple[str, str]]] | None = None,
 ) -> dict[bytes, list[Candidate]]:
     """Candidates per peer node key, from every source we have.
 
     `records`: node key -> parsed endpoints body (gossip); `opened_inventory`:
     machine name -> endpoints from the inventory (sealed, already opened);
     `lan_seen`: node key -> addresses found by mDNS; `onions`: node key ->
-    onion host:port (opened from the sealed record field).
+    onion host:port (opened from the sealed record field); `reflexive`: node
+    key -> the peer's NAT mappings of its WireGuard socket that we may use
+    now (mesh/nat.py: opened, and admitted by the punch planner); `relayed`:
+    node key -> (relay address, relay name) granted for us (mesh/relay.py).
     """
     out: dict[bytes, list[Candidate]] = {}
     for name, m in sorted(doc.get("machines", {}).items()):
@@ -93,6 +98,12 @@ def collect(
             cands += [Candidate(key, "public", a, "gossip", wg_port) for a in rec["public"]]
         for addr in opened_inventory.get(name, []) + list(m.get("endpoints", [])):
             cands.append(Candidate(key, "public", addr, "inventory", wg_port))
+        for addr in (reflexive or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "reflexive", addr, "nat", port))
+        for addr, via in (relayed or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "relay", addr, "relay", port, via=via))
         if key in onions:
             cands.append(Candidate(key, "tor", onions[key], "tor", None))
         out[key] = cands

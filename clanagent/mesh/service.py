@@ -31,6 +31,7 @@ from ..config import split_hostport
 from ..identity import node_id_of
 from ..wire import SignedRecord, WireError
 from . import candidates as cands
+from .nat import effective_preference
 from .overlay import clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
 from .peerplan import join_host_port, plan_peers
@@ -168,7 +169,7 @@ def _explain(
         selector.set_candidates(
             key,
             candidates().get(key, []),
-            path_preference(inv.doc, machine),
+            effective_preference(path_preference(inv.doc, machine)),
             bool(m["public"]),
             now,
         )
