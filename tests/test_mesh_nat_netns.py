@@ -115,3 +115,135 @@ def test_unsolicited_inbound_is_dropped_and_punching_by_hand_gets_through(net_fa
     got_a, got_b = result(a), result(b)
     assert [wb, 5555, "from b"] in got_a
     assert [wa, 5555, "from a"] in got_b
+
+
+# ---------------------------------------------------------------- real agents
+
+
+def keygen(state) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "clanagent.cli.agent_main", "keygen", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
+
+
+def nat_config(home, name: str, iface: str, public: str | None) -> None:
+    (home / "agent.toml").write_text(
+        f'state_dir = "{home / "state"}"\n'
+        f'runtime_dir = "{home / "run"}"\n'
+        f'[control]\nsocket = "{home / "control.sock"}"\n'
+        f'[gossip]\nlisten = "0.0.0.0:7946"\nprofile = "local"\nname = "{name}"\n'
+        f'[mesh]\ninterface = "{iface}"\nwg_port = 51820\nmdns = false\n'
+        + (f'public_endpoints = ["{public}"]\n' if public else "")
+    )
+
+
+class Clan:
+    """Machines "a" and "b" behind the sites' NATs, "p" the public founder.
+    Nobody types an address but p's (the seed and p's own public endpoint)."""
+
+    names = ("a", "b", "p")
+
+    def __init__(self, net: NatNet, tmp_path) -> None:
+        from clanagent.inventory import Anchor, parse_token, save_anchor
+
+        from ._netns import clanctl, wait_until
+
+        self.net = net
+        self.homes = {n: tmp_path / n for n in self.names}
+        self.socks = {n: h / "control.sock" for n, h in self.homes.items()}
+        self.ifaces = {n: f"{net.prefix}w{n}" for n in self.names}
+        seed = f"{net.public_ip}:7946"
+        for n, home in self.homes.items():
+            home.mkdir()
+            nat_config(home, n, self.ifaces[n], seed if n == "p" else None)
+        argv = [sys.executable, "-m", "clanagent.cli.agent_main", "run", "--config"]
+        self.started = time.monotonic()
+        net.spawn(2, [*argv, str(self.homes["p"] / "agent.toml")], self.homes["p"] / "agent.log")
+        wait_until(self.socks["p"].exists, 20, "p to start")
+        admin = tmp_path / "admin.key"
+        clanctl(self.socks["p"], "clan", "init", "natclan", "--admin-key", str(admin),
+                "--machine", "p", "--tags", "server")  # fmt: skip
+        for i, n in enumerate(("a", "b")):
+            key = keygen(self.homes[n] / "state")
+            out = clanctl(self.socks["p"], "machine", "add", n, "--key", key, "--tags", "home",
+                          "--admin-key", str(admin), "--yes")  # fmt: skip
+            token = parse_token(
+                next(ln.split()[-1] for ln in out.splitlines() if "clanagent join" in ln)
+            )
+            save_anchor(
+                self.homes[n] / "state",
+                Anchor(token.clan_id, token.name, token.admins, (seed,), token.machine),
+            )
+            net.spawn(i, [*argv, str(self.homes[n] / "agent.toml")], self.homes[n] / "agent.log")
+            wait_until(self.socks[n].exists, 20, f"{n} to start")
+
+    def path(self, frm: str, to: str) -> dict:
+        from ._netns import clanctl_json
+
+        return clanctl_json(self.socks[frm], "path", to)
+
+    def logs(self) -> str:
+        out = []
+        for n, h in self.homes.items():
+            log = h / "agent.log"
+            if log.exists():
+                out.append(f"--- {n}\n" + log.read_text()[-4000:])
+        return "\n".join(out)
+
+
+def _punched(clan: Clan, mode: str, tmp_path) -> None:
+    from ._netns import wait_until
+
+    net = clan.net
+    wa, wb = net.sites[0].wan_ip, net.sites[1].wan_ip
+    overlay = {n: clan.path("p", n)["overlay6"] for n in ("a", "b")}
+
+    # both reach the public member, which sees their NAT mappings
+    for i, n in enumerate(("a", "b")):
+        wait_until(lambda i=i: net.ping(i, clan.path("a", "p")["overlay6"]), 60, f"{n} -> p")
+
+    def refl(n: str, wan: str) -> bool:
+        return any(a.startswith(wan + ":") for a in clan.path(n, "p")["nat_self"]["reflexive"])
+
+    wait_until(lambda: refl("a", wa) and refl("b", wb), 60, "a and b to learn their mappings")
+    t_refl = time.monotonic() - clan.started
+    # then they punch: a direct path, with nobody between them
+    took = wait_until(
+        lambda: net.ping(0, overlay["b"]) and net.ping(1, overlay["a"]),
+        90,
+        "a <-> b over WireGuard",
+    )
+    t_ping = time.monotonic() - clan.started
+    # and the window is judged: WireGuard hears b at its mapping, twice in a row
+    wait_until(lambda: clan.path("a", "b")["nat"]["punch"].startswith("punched"), 20, "punched")
+    path = clan.path("a", "b")
+    assert path["chosen"]["kind"] == "reflexive", path
+    assert path["chosen"]["address"] == f"{wb}:51820", path
+    assert path["nat"]["punch"].startswith("punched"), path["nat"]
+    # the stock wg tool: a's peer b is at b's router, with b's WireGuard port
+    eps = net.wg_show(0, clan.ifaces["a"])
+    assert f"{wb}:51820" in eps, eps
+    assert f"{wa}:51820" in net.wg_show(1, clan.ifaces["b"])
+    # nothing relayed: p is cut off and the two still talk
+    net.cut_public(False)
+    try:
+        wait_until(lambda: net.ping(0, overlay["b"]), 10, "a -> b with p gone")
+    finally:
+        net.cut_public(True)
+    print(f"{mode}: reflexive learnt {t_refl:.1f} s, first a<->b ping {t_ping:.1f} s "
+          f"after start ({took:.1f} s after the mappings)")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["eim", "firewall"])
+def test_two_sites_behind_nats_punch_a_direct_path(net_factory, tmp_path, mode):
+    net = net_factory(mode, mode)
+    clan = Clan(net, tmp_path)
+    try:
+        _punched(clan, mode, tmp_path)
+    except BaseException:
+        print(clan.logs())
+        raise

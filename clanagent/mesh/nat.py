@@ -592,7 +592,7 @@ class PunchPlanner:
         if st.attempts:
             wait = max(0.0, st.next_try - now)
             return f"punch failed {st.attempts}x, next try in {wait:.0f} s"
-        return "no punch needed" if st.next_try == 0.0 else "waiting to punch"
+        return "no punch tried" if st.next_try == 0.0 else "waiting to punch"
 
     def next_deadline(self) -> float | None:
         """When something may change: a window opens or closes, a retry is due."""

@@ -360,6 +360,11 @@ class PathSelector:
             return None
         return peer.paths[peer.current].candidate
 
+    def healthy(self, node_key: bytes, candidate: Candidate) -> bool:
+        """Is `candidate` known and working (no failure since its last success)?"""
+        _, path = self._lookup(node_key, candidate)
+        return path is not None and path.healthy
+
     def rtt(self, node_key: bytes, candidate: Candidate) -> float | None:
         """The path's RTT estimate (EWMA, seconds); None when unmeasured or unknown."""
         _, path = self._lookup(node_key, candidate)

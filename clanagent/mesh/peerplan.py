@@ -48,6 +48,17 @@ def _wg_endpoint(chosen: Candidate | None) -> str | None:
     return join_host_port(host, chosen.port_wg)
 
 
+def _working(selector: PathSelector, key: bytes, now: float) -> Candidate | None:
+    """The chosen path when it is not known to be failing, else None: "no
+    opinion", so WireGuard keeps the address the peer's own authenticated
+    packets last came from (behind a NAT, the only one that works) instead
+    of being sent back to a path our probes found dead."""
+    chosen = selector.choose(key, now)
+    if chosen is None or not selector.healthy(key, chosen):
+        return None
+    return chosen
+
+
 @dataclass(frozen=True)
 class PeerPlan:
     """What one reconcile round wants."""
@@ -111,7 +122,7 @@ def plan_peers(
                 m["wg_key"],
                 overlay_ip6(clan_id, key),
                 v4.get(key),
-                _wg_endpoint(selector.choose(key, now)),
+                _wg_endpoint(_working(selector, key, now)),
                 tuple(vms.get(key, ())),
             )
         )
