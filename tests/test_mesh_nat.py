@@ -151,6 +151,17 @@ def test_the_lower_key_asks_and_both_open_the_same_window():
     assert not pb.requested(A, at_ms, pid, T0 + 2.0)
 
 
+def test_no_new_round_before_the_last_one_is_judged():
+    p = PunchPlanner(A, PunchConfig(lead=1.0, window=10.0))
+    p.consider(B, ours=True, theirs=True, direct_ok=False, now=T0)
+    [(_, _, first)] = p.requests(T0)
+    # the window is over, the shell has not judged it yet: no new round
+    p.consider(B, ours=True, theirs=True, direct_ok=False, now=T0 + 12)
+    assert p.requests(T0 + 12) == [] and p.ended(T0 + 12) == [B]
+    p.failed(B, T0 + 12)
+    assert p.ended(T0 + 12) == []
+
+
 def test_no_punch_without_both_reflexive_addresses_or_with_a_working_direct_path():
     p = PunchPlanner(A)
     p.consider(B, ours=True, theirs=False, direct_ok=False, now=T0)

@@ -106,5 +106,9 @@ def collect(
             cands.append(Candidate(key, "relay", addr, "relay", port, via=via))
         if key in onions:
             cands.append(Candidate(key, "tor", onions[key], "tor", None))
-        out[key] = cands
+        # One address is one path: a public endpoint that the peer also lists
+        # as a LAN address is that LAN path (probes and their verdicts are
+        # per address, so two kinds of one address would split them).
+        lan_addrs = {c.address for c in cands if c.kind == "lan"}
+        out[key] = [c for c in cands if c.kind != "public" or c.address not in lan_addrs]
     return out

@@ -472,7 +472,8 @@ class PunchPlanner:
             return
         if not self.self_key < peer:
             return
-        if self._window_pending(st, now) or now < st.next_try:
+        # st.start set: a window is pending, open, or over and not judged yet
+        if st.start is not None or now < st.next_try:
             return
         st.start = now + self.config.lead
         st.id = self._next_id

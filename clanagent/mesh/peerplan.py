@@ -48,13 +48,17 @@ def _wg_endpoint(chosen: Candidate | None) -> str | None:
     return join_host_port(host, chosen.port_wg)
 
 
-def _working(selector: PathSelector, key: bytes, now: float) -> Candidate | None:
+def _working(selector: PathSelector, key: bytes, now: float, roamed: bool) -> Candidate | None:
     """The chosen path when it is not known to be failing, else None: "no
     opinion", so WireGuard keeps the address the peer's own authenticated
     packets last came from (behind a NAT, the only one that works) instead
-    of being sent back to a path our probes found dead."""
+    of being sent back to a path our probes found dead.  When WireGuard
+    holds a live session (`roamed`), an unproven path (no RTT measured yet)
+    does not replace it either: it takes over once a probe proved it."""
     chosen = selector.choose(key, now)
     if chosen is None or not selector.healthy(key, chosen):
+        return None
+    if roamed and chosen.kind in ("lan", "public") and selector.rtt(key, chosen) is None:
         return None
     return chosen
 
@@ -85,13 +89,15 @@ def plan_peers(
     onions: Mapping[bytes, str] | None = None,
     reflexive: Mapping[bytes, Iterable[str]] | None = None,
     relayed: Mapping[bytes, Iterable[tuple[str, str]]] | None = None,
+    live: frozenset[bytes] = frozenset(),
 ) -> PeerPlan:
     """The desired peers of this machine (`self_key`) in clan `clan_id`.
 
     `endpoints`: node key -> parsed `endpoints` record body; `vm_status`:
     (origin, key, body) of `vm-status` records; `gone`: node keys the
-    membership holds dead or left (their VM routes lapse); `now` is the
-    selector's (monotonic) clock."""
+    membership holds dead or left (their VM routes lapse); `live`: node keys
+    WireGuard has a fresh session with; `now` is the selector's (monotonic)
+    clock."""
     by_key = {m["node_key"]: (name, m) for name, m in doc["machines"].items()}
     all_cands = cands.collect(
         doc,
@@ -122,7 +128,7 @@ def plan_peers(
                 m["wg_key"],
                 overlay_ip6(clan_id, key),
                 v4.get(key),
-                _wg_endpoint(_working(selector, key, now)),
+                _wg_endpoint(_working(selector, key, now, key in live)),
                 tuple(vms.get(key, ())),
             )
         )

@@ -230,6 +230,7 @@ class MeshService:
         # overlay address to another peer; a new inventory changes everything.
         self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
         self._trigger_sock: Any = None
+        self._relay_pairs: dict[Any, Any] = {}
         ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND], self.on_record)
         ports.inventory.subscribe(lambda inv: self.wake())
 
@@ -379,6 +380,9 @@ class MeshService:
         )
 
     async def _stop_wireguard(self) -> None:
+        for sockets in self._relay_pairs.values():
+            sockets.close()
+        self._relay_pairs.clear()
         if self._trigger_sock is not None:
             self._trigger_sock.close()
             self._trigger_sock = None
@@ -722,6 +726,9 @@ class MeshService:
         now = ports.clock.now()
         wall = ports.clock.wall()
         ident = ports.identity
+        # Read first: which peers WireGuard holds a live session with (at an
+        # address their own packets chose) decides what the plan may override.
+        actual = await self.backend.get()
         plan = plan_peers(
             inv.doc,
             inv.clan_id,
@@ -736,10 +743,17 @@ class MeshService:
             lan_seen=self.lan_seen,
             onions=self.onions,
             reflexive=self.traversal.admitted(wall),
+            relayed=self.traversal.relayed,
+            live=self._live(inv, actual, wall),
         )
+        # Probes are keyed by address; where two kinds share one (a public
+        # endpoint that is also a LAN address), the first -- the more
+        # preferred, as collected -- takes the probe results.
+        cands_now: dict[tuple[bytes, str], Candidate] = {}
         for key, found in plan.candidates.items():
             for c in found:
-                self._cands[(key, c.address)] = c
+                cands_now.setdefault((key, c.address), c)
+        self._cands = cands_now
         desired = desired_from(
             ident.wg_private,
             ident.wg_public,
@@ -747,7 +761,6 @@ class MeshService:
             plan.peers,
             behind_nat=self._behind_nat(wall),
         )
-        actual = await self.backend.get()
         diff = reconcile(desired, actual)
         if not diff.empty:
             await self.backend.apply(diff)
@@ -771,6 +784,19 @@ class MeshService:
 
     # -- NAT traversal (mesh/traversal.py) ---------------------------------------------
 
+    def _live(self, inv: Any, device: Any, wall: float) -> frozenset[bytes]:
+        """Peers WireGuard has a fresh session with."""
+        wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
+        out = set()
+        for wg_key, st in device.status.items():
+            if (
+                st.last_handshake
+                and wall - st.last_handshake < HANDSHAKE_FRESH
+                and wg_key in wg_to_node
+            ):
+                out.add(wg_to_node[wg_key])
+        return frozenset(out)
+
     def _behind_nat(self, wall: float) -> bool:
         """Keep every mapping open (a keepalive to every peer) unless we have a
         public address of our own: until a member saw us, we cannot know."""
@@ -793,10 +819,45 @@ class MeshService:
         result = self.traversal.round(
             self._device, wg_to_node, inv.doc, self.selector, plan.candidates, now, wall
         )
+        for pair in result.close_pairs:
+            sockets = self._relay_pairs.pop(pair, None)
+            if sockets is not None:
+                sockets.close()
+        for pair in result.open_pairs:
+            await self._open_relay_pair(pair)
         if result.body is not None and await self.ports.bus.publish(NAT_KIND, "", result.body):
             self.traversal.published(result.body)
+        if result.relayed_changed or result.open_pairs:
+            self.wake()  # plan the new relay paths; publish the new grants' ports
         for key in result.triggers:
             await self._trigger(key)
+
+    async def _open_relay_pair(self, pair: Any) -> None:
+        """As a relay: two ports for the pair, forwarding until it is closed."""
+        from .relay_socket import RelaySockets
+
+        listening = self.gossip_endpoint.listening()
+        host = listening[0] if listening else ""
+        if host in ("", "::"):
+            host = "0.0.0.0"
+        sockets = RelaySockets(
+            pair,
+            host,
+            lambda key: [self.traversal.wg_hosts.get(key, "")],
+            self.ports.clock.now,
+        )
+        try:
+            pa, pb = await sockets.bind()
+        except OSError as exc:
+            log.warning("relay ports unavailable", extra=kv(error=exc))
+            return
+        self.traversal.bind(pair, pa, pb)
+        self._relay_pairs[pair] = sockets
+        assert self._nursery is not None
+        self._nursery.start_soon(sockets.run)
+        log.info(
+            "relaying", extra=kv(a=pair[0].hex()[:12], b=pair[1].hex()[:12], ports=f"{pa},{pb}")
+        )
 
     async def _trigger(self, node_key: bytes) -> None:
         """Send one datagram through the tunnel to the peer, so WireGuard sends
@@ -830,17 +891,22 @@ class MeshService:
             if node_key is None or peer.endpoint is None:
                 continue
             current = self.selector.current(node_key)
-            if current is None:
+            if current is None or current.kind in ("reflexive", "relay"):
+                # judged by the traversal: a punch window's counters, the relay's reach
                 continue
             status = device.status.get(wg_key)
             last = status.last_handshake if status is not None else None
             # A handshake speaks for the current path only when WireGuard heard
             # the peer there: behind a NAT the peer's packets come from its
             # mapping, and a dead LAN path must not look alive because of them.
+            # Where probes run they decide (a handshake up to 3 minutes old would
+            # keep a path that just died alive; WireGuard's counters can still
+            # veto a probe failure, see probe.wg_says_alive).
             if (
                 last is not None
                 and wall - last < HANDSHAKE_FRESH
                 and _host(peer.endpoint) == _host(current.address)
+                and self._probe_sock is None
             ):
                 rtt = rtts.get(node_id_of(node_key), 0.001)
                 self.selector.report_success(node_key, current, rtt, now)
@@ -884,4 +950,8 @@ class MeshService:
         if key is not None:
             out["nat"] = self.traversal.explain(key, self.ports.clock.wall())
         out["nat_self"] = self.traversal.own(self.ports.clock.wall())
+        out["nat_self"]["relay_stats"] = {
+            f"{a.hex()[:12]}-{b.hex()[:12]}": dict(r.state.stats)
+            for (a, b), r in self._relay_pairs.items()
+        }
         return out

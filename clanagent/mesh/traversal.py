@@ -31,6 +31,7 @@ from ..inventory.sealing import SealError, open_endpoints, recipients_of, seal_e
 from ..wire import SignedRecord, WireError
 from . import nat
 from .paths import Candidate, PathSelector
+from .relay import Pair, RelayGrants, RelayPolicy, choose_relays
 from .wireguard import Device, normalize_endpoint
 
 __all__ = ["Traversal", "RoundResult"]
@@ -57,6 +58,9 @@ class RoundResult:
 
     body: dict[str, Any] | None = None  # our nat record, when it changed
     triggers: list[bytes] = field(default_factory=list)  # peers to send tunnel traffic to
+    open_pairs: list[Pair] = field(default_factory=list)  # as a relay: bind two ports each
+    close_pairs: list[Pair] = field(default_factory=list)
+    relayed_changed: bool = False  # relay paths changed: plan again
 
 
 @dataclass
@@ -85,6 +89,15 @@ class Traversal:
         self._refl_sealed: tuple[tuple[tuple[str, ...], frozenset], bytes] | None = None
         self._published: dict[str, Any] | None = None
         self.stats = {"punch_rounds": 0, "punched": 0, "punch_failed": 0, "observed": 0}
+        # relaying: asks naming us as the relay (origin -> peers), grants naming
+        # us (relay -> [(peer, our port)]), the pairs we serve and their ports
+        self.asks_for_me: dict[bytes, list[bytes]] = {}
+        self.offers: dict[bytes, list[tuple[bytes, int]]] = {}
+        self.grants = RelayGrants()
+        self.bound: dict[Pair, tuple[int, int]] = {}
+        self.relayed: dict[bytes, list[tuple[str, str]]] = {}
+        self.relay_choice: dict[bytes, list[Any]] = {}  # peer -> RelayOptions (explain)
+        self.wg_hosts: dict[bytes, str] = {}  # node key -> host our WireGuard sees it at
 
     # ---- records ------------------------------------------------------------
 
@@ -108,6 +121,14 @@ class Traversal:
                 opened = None
             refl = [a for a in (opened or []) if nat._hostport(a) is not None]
         self.peer_reflexive[rec.origin] = refl[: nat.MAX_REFLEXIVE]
+        self.asks_for_me[rec.origin] = [a.peer for a in body.relay_ask if a.via == self.self_key]
+        offers = []
+        for g in body.relays:
+            if g.a == self.self_key:
+                offers.append((g.b, g.pa))
+            elif g.b == self.self_key:
+                offers.append((g.a, g.pb))
+        self.offers[rec.origin] = offers
         for p in body.punch:
             if p.peer == self.self_key and self.planner.requested(rec.origin, p.at, p.id, wall):
                 self.stats["punch_rounds"] += 1
@@ -115,7 +136,7 @@ class Traversal:
 
     def retain(self, keys: Iterable[bytes]) -> None:
         keep = set(keys)
-        for d in (self.peer_reflexive, self._watch):
+        for d in (self.peer_reflexive, self._watch, self.asks_for_me, self.offers):
             for k in [k for k in d if k not in keep]:
                 del d[k]
         for o in list(self.book._by_observer):
@@ -199,15 +220,106 @@ class Traversal:
                 now=wall,
             )
             self._judge(key, device, node_to_wg.get(key), selector, candidates, now, wall, out)
-        # 3. our record
+        # 3. relaying
+        asks = self._relay_round(device, wg_to_node, doc, selector, now, wall, out)
+        # 4. our record
         body = nat.nat_body(
             seen=sealed_seen,
             reflexive=self._sealed_reflexive(ours, doc),
             punch=self.planner.requests(wall),
+            relay_ask=asks,
+            relays=[
+                (a, b, *self.bound[(a, b)]) for a, b in self.grants.pairs if (a, b) in self.bound
+            ],
         )
         if body != self._published:
             out.body = body
         return out
+
+    def _relay_round(
+        self,
+        device: Device,
+        wg_to_node: Mapping[bytes, bytes],
+        doc: Mapping[str, Any],
+        selector: PathSelector,
+        now: float,
+        wall: float,
+        out: RoundResult,
+    ) -> list[tuple[bytes, bytes]]:
+        """Our relay asks, the relay paths we may use, and (as a relay) the pairs to serve."""
+        names = {m["node_key"]: name for name, m in doc["machines"].items()}
+        keys = {v: k for k, v in names.items()}
+        me = names.get(self.self_key)
+        policy = RelayPolicy.from_doc(doc)
+        # where our WireGuard hears each machine (the relay's proof of a side)
+        self.wg_hosts = {}
+        alive: set[bytes] = set()
+        for wg_key, peer in device.peers.items():
+            key = wg_to_node.get(wg_key)
+            st = device.status.get(wg_key)
+            ep = _norm(peer.endpoint)
+            if key is None or ep is None:
+                continue
+            self.wg_hosts[key] = ep.rpartition(":")[0].strip("[]")
+            if (
+                st is not None
+                and st.last_handshake
+                and wall - st.last_handshake < nat.HANDSHAKE_FRESH
+            ):
+                alive.add(key)
+        # the paths we have to each machine that a relay must be reached over
+        reach: dict[str, tuple[str, float | None] | None] = {}
+        for key, name in names.items():
+            cur = selector.current(key) if key != self.self_key else None
+            ok = cur is not None and cur.kind in ("lan", "public") and selector.healthy(key, cur)
+            reach[name] = (cur.kind, selector.rtt(key, cur)) if ok else None
+        asks: list[tuple[bytes, bytes]] = []
+        relayed: dict[bytes, list[tuple[str, str]]] = {}
+        self.relay_choice = {}
+        for key, name in names.items():
+            if key == self.self_key or me is None:
+                continue
+            cur = selector.current(key)
+            direct_ok = (
+                cur is not None
+                and cur.kind in ("lan", "public", "reflexive")
+                and selector.healthy(key, cur)
+            )
+            opts = choose_relays(policy, me, name, reach)
+            self.relay_choice[key] = opts
+            usable = [o for o in opts if o.usable]
+            if not direct_ok and usable:
+                asks.append((key, keys[usable[0].relay]))
+            # relay paths granted to us, over relays we reach directly now
+            for o in usable:
+                rkey = keys[o.relay]
+                rcur = selector.current(rkey)
+                for peer, port in self.offers.get(rkey, []):
+                    if peer == key and rcur is not None:
+                        host = rcur.address.rpartition(":")[0]
+                        relayed.setdefault(key, []).append((f"{host}:{port}", o.relay))
+        if relayed != self.relayed:
+            self.relayed = relayed
+            out.relayed_changed = True
+        # as a relay
+        if me is not None and me in policy.relays:
+            want = [(o, p) for o, peers in self.asks_for_me.items() for p in peers]
+
+            def allowed(a: bytes, b: bytes) -> bool:
+                return a in names and b in names and policy.why_not(me, names[a], names[b]) is None
+
+            opened, closed = self.grants.update(want, alive.__contains__, allowed, wall)
+        else:
+            opened, closed = [], list(self.grants.pairs)
+            self.grants = RelayGrants(self.grants.config)
+        out.open_pairs, out.close_pairs = opened, closed
+        for p in closed:
+            self.bound.pop(p, None)
+        return asks[: nat.MAX_ASKS]
+
+    def bind(self, pair: Pair, pa: int, pb: int) -> None:
+        """The shell bound the pair's two ports."""
+        self.bound[pair] = (pa, pb)
 
     def published(self, body: dict[str, Any]) -> None:
         self._published = body
@@ -285,10 +397,15 @@ class Traversal:
         return {
             "punch": self.planner.explain(key, wall),
             "reflexive": list(self.peer_reflexive.get(key, [])),
+            "relays": [
+                {"relay": o.relay, "usable": o.usable, "reason": o.reason}
+                for o in self.relay_choice.get(key, [])
+            ],
         }
 
     def own(self, wall: float) -> dict[str, Any]:
         return {
+            "relaying": len(self.bound),
             "reflexive": self.book.addresses(wall),
             "mapping_varies": self.book.mapping_varies(wall),
             **self.stats,
