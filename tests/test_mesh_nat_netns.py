@@ -271,6 +271,10 @@ def test_a_symmetric_nat_is_crossed_through_a_relaying_member(net_factory, tmp_p
         assert "relay via p" in row["reason"], row
         # the stock wg tool: a sends to b through p's relay port
         assert path["chosen"]["address"] in net.wg_show(0, clan.ifaces["a"])
+        from ._netns import clanctl
+
+        text = clanctl(clan.socks["a"], "path", "b")
+        assert "chosen     relay via p" in text and "relay      p: relay via p" in text, text
         print(f"symmetric: first relayed a<->b ping {t_ping:.1f} s after start ({took:.1f} s)")
         # the relay goes away: the path falls back (no Tor here: no path)
         net.cut_public(False)

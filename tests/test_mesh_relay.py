@@ -220,3 +220,21 @@ def test_a_relay_candidate_must_name_its_relay():
     except PathError:
         return
     raise AssertionError("a direct candidate with a relay")
+
+
+def test_clanctl_ssh_never_dials_a_relay_port_or_a_nat_mapping():
+    import pytest
+
+    from clanagent.cli._mesh_cmds import ssh_target
+    from clanagent.cli.errors import CommandError
+
+    info = {
+        "machine": "b",
+        "overlay6": "fd00::b",
+        "wireguard": True,
+        "handshake": False,
+        "chosen": {"kind": "relay", "address": "192.0.2.1:40002", "via": "r"},
+    }
+    with pytest.raises(CommandError, match="relay via r"):
+        ssh_target(info)
+    assert ssh_target({**info, "handshake": True}) == ("fd00::b", [])
