@@ -56,11 +56,15 @@ def test_observations_are_bounded():
 def test_a_sealed_observation_opens_only_for_its_machine():
     mine, other = nacl.public.PrivateKey.generate(), nacl.public.PrivateKey.generate()
     sealed = nat.seal_seen("203.0.113.1:51820", bytes(mine.public_key))
-    assert nat.open_seen(sealed, mine) == "203.0.113.1:51820"
+    assert nat.open_seen(sealed, mine) == ["203.0.113.1:51820"]
     assert nat.open_seen(sealed, other) is None
     assert nat.open_seen(b"\x00" * 60, mine) is None
     # a member that seals nonsense to us gets nothing published
     assert nat.open_seen(nat.seal_seen("evil.example:1", bytes(mine.public_key)), mine) is None
+    three = ["203.0.113.1:1", "203.0.113.1:2", "203.0.113.1:3"]
+    assert nat.open_seen(nat.seal_seen(three, bytes(mine.public_key)), mine) is None
+    two = three[:2]
+    assert nat.open_seen(nat.seal_seen(two, bytes(mine.public_key)), mine) == two
 
 
 # ---------------------------------------------------------------- gathering
@@ -93,6 +97,16 @@ def test_a_mapping_that_varies_by_destination_publishes_nothing():
     book.update(C, "203.0.113.1:40777", 0.0)  # symmetric NAT
     assert book.mapping_varies(1.0)
     assert book.addresses(1.0) == []
+
+
+def test_a_relay_seeing_our_socket_at_a_second_port_reveals_a_symmetric_nat():
+    book = ReflexiveBook()
+    # one observer only (the public member, also our relay): its WireGuard
+    # sees us at one port, our packets to its relay port come from another
+    book.update(B, ["203.0.113.1:40001", "203.0.113.1:40777"], 0.0)
+    assert book.mapping_varies(1.0) and book.addresses(1.0) == []
+    book.update(B, ["203.0.113.1:51820"], 2.0)  # no relay in use: one view
+    assert book.addresses(3.0) == ["203.0.113.1:51820"]
 
 
 def test_more_observers_rank_an_address_first():

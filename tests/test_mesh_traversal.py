@@ -166,3 +166,21 @@ def test_a_window_whose_endpoint_roams_away_fails_and_backs_off():
     assert lo.t.planner.established(hi.key) is None
     assert lo.t.stats["punch_failed"] == 1
     assert "punch failed 1x" in lo.t.explain(hi.key, start + 12)["punch"]
+
+
+def test_a_relay_tells_a_machine_its_nat_maps_per_destination():
+    ids, doc = clan()
+    a, b, p = (Machine(n, ids, doc) for n in ("a", "b", "p"))
+    p.endpoint["b"], p.handshake["b"] = "198.51.100.2:51918", T0
+    # b's packets to p's relay port come from another port of its router
+    p.t.relay_sources = {b.key: "198.51.100.2:40777", a.key: WAN["a"]}
+    p.endpoint["a"], p.handshake["a"] = WAN["a"], T0
+    p.round(T0)
+    deliver(p, [a, b], T0)
+    assert b.t.book.mapping_varies(T0) and b.t.book.addresses(T0) == []
+    # a's NAT keeps one mapping: the relay's view agrees with WireGuard's
+    assert a.t.book.addresses(T0) == [WAN["a"]]
+    # so b publishes no reflexive address, and nobody asks b to punch
+    b.round(T0)
+    deliver(b, [a], T0)
+    assert a.t.peer_reflexive[b.key] == []

@@ -235,19 +235,28 @@ def nat_semantics(origin: bytes, body: NatBody, members: frozenset[bytes] | None
 # ---------------------------------------------------------------- sealing one address
 
 
-def seal_seen(addr: str, box_key: bytes) -> bytes:
-    """`addr` sealed to one machine's X25519 key (only it can read it)."""
-    return nacl.public.SealedBox(nacl.public.PublicKey(box_key)).encrypt(addr.encode())
+MAX_SEEN_ADDRS = 2  # one observer: its WireGuard's view, and its relay port's
 
 
-def open_seen(sealed: bytes, box_private: nacl.public.PrivateKey) -> str | None:
-    """The address in an observation sealed to us; None when it is not for us or
-    is not a plausible `host:port`."""
+def seal_seen(addrs: str | Iterable[str], box_key: bytes) -> bytes:
+    """The addresses one observer sees a machine at (its WireGuard session's
+    source, and, from a relay, the source of that machine's relayed packets),
+    sealed to that machine's X25519 key (only it can read them)."""
+    text = addrs if isinstance(addrs, str) else " ".join(addrs)
+    return nacl.public.SealedBox(nacl.public.PublicKey(box_key)).encrypt(text.encode())
+
+
+def open_seen(sealed: bytes, box_private: nacl.public.PrivateKey) -> list[str] | None:
+    """The addresses in an observation sealed to us; None when it is not for
+    us or is not one or two plausible `host:port`s."""
     try:
         text = nacl.public.SealedBox(box_private).decrypt(sealed).decode()
     except (nacl.exceptions.CryptoError, UnicodeDecodeError, ValueError):
         return None
-    return text if _hostport(text) is not None else None
+    addrs = text.split(" ")
+    if not 0 < len(addrs) <= MAX_SEEN_ADDRS or any(_hostport(a) is None for a in addrs):
+        return None
+    return addrs
 
 
 def _hostport(addr: str) -> tuple[str, int] | None:
@@ -315,14 +324,18 @@ class ReflexiveBook:
     def __init__(self, ttl: float = REFLEXIVE_TTL, cap: int = 64) -> None:
         self.ttl = ttl
         self.cap = cap  # observers remembered (a bound on memory; the oldest goes)
-        self._by_observer: dict[bytes, tuple[str, float]] = {}
+        self._by_observer: dict[bytes, tuple[tuple[str, ...], float]] = {}
 
-    def update(self, observer: bytes, addr: str | None, now: float) -> None:
-        """`observer`'s record arrived: it sees us at `addr` (None: not at all)."""
-        if addr is None or _hostport(addr) is None:
+    def update(self, observer: bytes, addr: str | Iterable[str] | None, now: float) -> None:
+        """`observer`'s record arrived: it sees us at `addr` (None: not at all).
+        The first address is its WireGuard's view; a second one, from a relay,
+        is where our packets to its relay port come from."""
+        addrs = () if addr is None else ((addr,) if isinstance(addr, str) else tuple(addr))
+        addrs = tuple(a for a in addrs[:MAX_SEEN_ADDRS] if _hostport(a) is not None)
+        if not addrs:
             self._by_observer.pop(observer, None)
             return
-        self._by_observer[observer] = (addr, now)
+        self._by_observer[observer] = (addrs, now)
         if len(self._by_observer) > self.cap:
             oldest = min(self._by_observer, key=lambda o: self._by_observer[o][1])
             del self._by_observer[oldest]
@@ -330,27 +343,29 @@ class ReflexiveBook:
     def forget(self, observer: bytes) -> None:
         self._by_observer.pop(observer, None)
 
-    def _live(self, now: float) -> dict[bytes, str]:
+    def _live(self, now: float) -> dict[bytes, tuple[str, ...]]:
         return {o: a for o, (a, t) in self._by_observer.items() if now - t < self.ttl}
 
     def mapping_varies(self, now: float) -> bool:
         """Do observers see one host of ours behind different ports (a NAT that
-        maps per destination, "symmetric")?"""
+        maps per destination, "symmetric")?  One relay seeing our WireGuard
+        socket at two ports (its WireGuard's and its relay port's) is enough."""
         ports: dict[str, set[int]] = {}
-        for addr in self._live(now).values():
-            hp = _hostport(addr)
-            assert hp is not None
-            ports.setdefault(hp[0], set()).add(hp[1])
+        for addrs in self._live(now).values():
+            for addr in addrs:
+                hp = _hostport(addr)
+                assert hp is not None
+                ports.setdefault(hp[0], set()).add(hp[1])
         return any(len(p) > 1 for p in ports.values())
 
     def addresses(self, now: float) -> list[str]:
-        """What to publish: the addresses observers see us at (most observers
-        first, then by address), none when the mapping varies."""
+        """What to publish: the addresses observers' WireGuard sees us at (most
+        observers first, then by address), none when the mapping varies."""
         if self.mapping_varies(now):
             return []
         count: dict[str, int] = {}
-        for addr in self._live(now).values():
-            count[addr] = count.get(addr, 0) + 1
+        for addrs in self._live(now).values():
+            count[addrs[0]] = count.get(addrs[0], 0) + 1
         return sorted(count, key=lambda a: (-count[a], a))[:MAX_REFLEXIVE]
 
     def next_deadline(self) -> float | None:

@@ -816,6 +816,13 @@ class MeshService:
         self, inv: Any, plan: Any, wg_to_node: dict, now: float, wall: float
     ) -> None:
         assert self.selector is not None
+        sources: dict[bytes, str] = {}
+        for (a, b), sockets in self._relay_pairs.items():
+            for side, key in (("a", a), ("b", b)):
+                learnt = sockets.state.learnt.get(side)
+                if learnt is not None:
+                    sources[key] = join_host_port(*learnt[0])
+        self.traversal.relay_sources = sources
         result = self.traversal.round(
             self._device, wg_to_node, inv.doc, self.selector, plan.candidates, now, wall
         )

@@ -98,6 +98,8 @@ class Traversal:
         self.relayed: dict[bytes, list[tuple[str, str]]] = {}
         self.relay_choice: dict[bytes, list[Any]] = {}  # peer -> RelayOptions (explain)
         self.wg_hosts: dict[bytes, str] = {}  # node key -> host our WireGuard sees it at
+        # as a relay: node key -> "host:port" its relayed packets come from (the shell sets it)
+        self.relay_sources: dict[bytes, str] = {}
 
     # ---- records ------------------------------------------------------------
 
@@ -111,8 +113,8 @@ class Traversal:
             log.debug("bad nat record", extra=kv(reason=exc.reason))
             return
         mine = next((s for s in body.seen if s.node == self.self_key), None)
-        addr = None if mine is None else nat.open_seen(mine.addr, self._box)
-        self.book.update(rec.origin, addr, wall)
+        addrs = None if mine is None else nat.open_seen(mine.addr, self._box)
+        self.book.update(rec.origin, addrs, wall)
         refl: list[str] = []
         if body.reflexive:
             try:
@@ -192,16 +194,22 @@ class Traversal:
         seen = nat.observations(peers, advertised, wall)
         self.stats["observed"] = len(seen)
         sealed_seen = []
+        used: set[tuple[bytes, str]] = set()
         for key, addr in seen.items():
             box = members[key].get("box_key")
             if box is None:
                 continue
-            ck = (key, addr)
+            # as a relay: the machine's relayed packets come from another port
+            # of the same host -- its NAT maps per destination; tell it
+            extra = self.relay_sources.get(key)
+            same_host = extra is not None and extra.rpartition(":")[0] == addr.rpartition(":")[0]
+            text = f"{addr} {extra}" if same_host and extra != addr else addr
+            ck = (key, text)
+            used.add(ck)
             if ck not in self._seal_cache:
-                self._seal_cache[ck] = nat.seal_seen(addr, box)
+                self._seal_cache[ck] = nat.seal_seen(text, box)
             sealed_seen.append((key, self._seal_cache[ck]))
-        live = set(seen.items())
-        for ck in [ck for ck in self._seal_cache if ck not in live]:
+        for ck in [ck for ck in self._seal_cache if ck not in used]:
             del self._seal_cache[ck]
         # 2. punching
         ours = self.book.addresses(wall)
