@@ -83,13 +83,18 @@ def collect(
     opened_inventory: Mapping[str, list[str]],
     lan_seen: Mapping[bytes, Iterable[str]],
     onions: Mapping[bytes, str],
+    reflexive: Mapping[bytes, Iterable[str]] | None = None,
+    relayed: Mapping[bytes, Iterable[tuple[str, str]]] | None = None,
 ) -> dict[bytes, list[Candidate]]:
     """Candidates per peer node key, from every source we have.
 
     `records`: node key -> parsed endpoints body (gossip); `opened_inventory`:
     machine name -> endpoints from the inventory (sealed, already opened);
     `lan_seen`: node key -> addresses found by mDNS; `onions`: node key ->
-    onion host:port (opened from the sealed record field).
+    onion host:port (opened from the sealed record field); `reflexive`: node
+    key -> the peer's NAT mappings of its WireGuard socket that we may use
+    now (mesh/nat.py: opened, and admitted by the punch planner); `relayed`:
+    node key -> (relay address, relay name) granted for us (mesh/relay.py).
     """
     out: dict[bytes, list[Candidate]] = {}
     for name, m in sorted(doc.get("machines", {}).items()):
@@ -106,7 +111,17 @@ def collect(
             cands += [Candidate(key, "public", a, "gossip", wg_port) for a in rec["public"]]
         for addr in opened_inventory.get(name, []) + list(m.get("endpoints", [])):
             cands.append(Candidate(key, "public", addr, "inventory", wg_port))
+        for addr in (reflexive or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "reflexive", addr, "nat", port))
+        for addr, via in (relayed or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "relay", addr, "relay", port, via=via))
         if key in onions:
             cands.append(Candidate(key, "tor", onions[key], "tor", None))
-        out[key] = cands
+        # One address is one path: a public endpoint that the peer also lists
+        # as a LAN address is that LAN path (probes and their verdicts are
+        # per address, so two kinds of one address would split them).
+        lan_addrs = {c.address for c in cands if c.kind == "lan"}
+        out[key] = [c for c in cands if c.kind != "public" or c.address not in lan_addrs]
     return out
