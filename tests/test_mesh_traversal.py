@@ -79,7 +79,7 @@ class Machine:
                 self.sel.choose(m["node_key"], wall)
         out = self.t.round(self.device(), wg_to_node, self.doc, self.sel, cands, wall, wall)
         if out.body is not None:
-            self.t.published(out.body)
+            self.t.published(out.body, wall)
             self.record = SignedRecord.create(
                 self.ids[self.name], "nat", "", next(_versions), out.body
             )
@@ -181,6 +181,38 @@ def test_a_relay_tells_a_machine_its_nat_maps_per_destination():
     # a's NAT keeps one mapping: the relay's view agrees with WireGuard's
     assert a.t.book.addresses(T0) == [WAN["a"]]
     # so b publishes no reflexive address, and nobody asks b to punch
-    b.round(T0)
-    deliver(b, [a], T0)
-    assert a.t.peer_reflexive[b.key] == []
+    out = b.round(T0)
+    if out.body is not None:  # b may ask for a relay; it names no address
+        deliver(b, [a], T0)
+    assert a.t.peer_reflexive.get(b.key, []) == []
+
+
+def test_an_unchanged_body_is_refreshed_unpushed_and_an_empty_one_never_goes_out():
+    """The nat record is soft (TTL 600 s): an unchanged body goes out again
+    within its refresh (only to renew the TTL: not pushed), so a stable
+    reflexive address never expires at the peers; a machine with nothing to
+    say publishes nothing at all (a LAN-only clan pays nothing for NAT)."""
+    from clanagent.mesh.nat import REFRESH, TTL
+
+    ids, doc = clan()
+    a, b, p = (Machine(n, ids, doc) for n in ("a", "b", "p"))
+    lonely = Machine("a", ids, doc)  # nothing observed, nothing asked
+    for t in (T0, T0 + REFRESH, T0 + 3 * REFRESH, T0 + TTL):
+        assert lonely.round(t).body is None
+    for n in ("a", "b"):
+        p.endpoint[n], p.handshake[n] = WAN[n], T0
+    first = p.round(T0)
+    assert first.body is not None and not first.refresh_only
+    sent = [T0]
+    t = T0
+    while t < T0 + 2 * TTL:
+        t += 10.0
+        for n in ("a", "b"):
+            p.handshake[n] = t  # the sessions stay fresh: the body stays the same
+        out = p.round(t)
+        if out.body is not None:
+            assert out.refresh_only and out.body == first.body
+            sent.append(t)
+    gaps = [y - x for x, y in zip(sent, sent[1:], strict=False)]
+    assert gaps and all(0.9 * REFRESH - 10 <= g <= REFRESH + 10 for g in gaps), gaps
+    assert max(gaps) < TTL / 2

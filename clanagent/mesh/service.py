@@ -832,8 +832,10 @@ class MeshService:
                 sockets.close()
         for pair in result.open_pairs:
             await self._open_relay_pair(pair)
-        if result.body is not None and await self.ports.bus.publish(NAT_KIND, "", result.body):
-            self.traversal.published(result.body)
+        if result.body is not None and await self.ports.bus.publish(
+            NAT_KIND, "", result.body, push=not result.refresh_only
+        ):
+            self.traversal.published(result.body, wall)
         if result.relayed_changed or result.open_pairs:
             self.wake()  # plan the new relay paths; publish the new grants' ports
         for key in result.triggers:

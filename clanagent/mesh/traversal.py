@@ -20,6 +20,7 @@ machines that left the inventory.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ from . import nat
 from .paths import Candidate, PathSelector
 from .relay import Pair, RelayGrants, RelayPolicy, choose_relays
 from .wireguard import Device, normalize_endpoint
+
+EMPTY_BODY = nat.nat_body()  # nothing observed, asked or granted
 
 __all__ = ["Traversal", "RoundResult"]
 
@@ -56,7 +59,8 @@ def _norm(addr: str | None) -> str | None:
 class RoundResult:
     """What the shell must do after a round."""
 
-    body: dict[str, Any] | None = None  # our nat record, when it changed
+    body: dict[str, Any] | None = None  # our nat record, when it changed or is due
+    refresh_only: bool = False  # unchanged: only renews the TTL (anti-entropy carries it)
     triggers: list[bytes] = field(default_factory=list)  # peers to send tunnel traffic to
     open_pairs: list[Pair] = field(default_factory=list)  # as a relay: bind two ports each
     close_pairs: list[Pair] = field(default_factory=list)
@@ -88,6 +92,8 @@ class Traversal:
         self._seal_cache: dict[tuple[bytes, str], bytes] = {}
         self._refl_sealed: tuple[tuple[tuple[str, ...], frozenset], bytes] | None = None
         self._published: dict[str, Any] | None = None
+        self._refresh_due = 0.0  # wall clock: when an unchanged body goes out again
+        self._rng = random.Random()
         self.stats = {"punch_rounds": 0, "punched": 0, "punch_failed": 0, "observed": 0}
         # relaying: asks naming us as the relay (origin -> peers), grants naming
         # us (relay -> [(peer, our port)]), the pairs we serve and their ports
@@ -240,8 +246,15 @@ class Traversal:
                 (a, b, *self.bound[(a, b)]) for a, b in self.grants.pairs if (a, b) in self.bound
             ],
         )
-        if body != self._published:
-            out.body = body
+        if body != self._published and not (self._published is None and body == EMPTY_BODY):
+            out.body = body  # changed (a machine with nothing to say says nothing)
+        elif (
+            self._published is not None
+            and self._published != EMPTY_BODY
+            and wall >= self._refresh_due
+        ):
+            # unchanged, but soft: renew it before its TTL runs out
+            out.body, out.refresh_only = body, True
         return out
 
     def _relay_round(
@@ -329,8 +342,9 @@ class Traversal:
         """The shell bound the pair's two ports."""
         self.bound[pair] = (pa, pb)
 
-    def published(self, body: dict[str, Any]) -> None:
+    def published(self, body: dict[str, Any], wall: float) -> None:
         self._published = body
+        self._refresh_due = wall + nat.REFRESH * (1 - 0.1 * self._rng.random())
 
     def _sealed_reflexive(self, addrs: list[str], doc: Mapping[str, Any]) -> bytes:
         if not addrs:
