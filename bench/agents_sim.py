@@ -18,7 +18,7 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | found | `found_s`: the admin's genesis (every machine, one service with a shared secret, one VM on n5) from n0 until it arrived in every store |
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
 | early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over 30 virtual seconds, and `early_published_per_s` by record kind |
-| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (`topology.refresh_for(N)`: 300 s up to 30 machines, 10 s per machine beyond, at most 10 000 s; every machine republishes its view once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s` |
+| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (`topology.refresh_for(N)`: 300 s up to 30 machines, 10 s per machine beyond, at most 10 000 s; every machine republishes its view once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s`. With `--amortized` (the default from N=500, where a whole period is hours of simulation): a 300 s `base` window with no refresh in it, then one refresh `wave` (every machine's view refreshed at a random moment within min(10 % of the period, 100 s), the window running 5 push-pull intervals past it, and checked complete: every agent holds every refreshed view), and `steady` = base + (wave - base) x wave window / refresh period (`steady_method`) |
 | (both) | `*_bytes_by_message`: the same bytes split by gossip message type (ping, ack, push_pull, record, ae_request, ae_reply, ...) |
 | edit | `edit_s`: an inventory edit from n1 until it arrived in every store |
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
@@ -36,6 +36,7 @@ import copy
 import datetime
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,11 @@ def _message_bytes(into: dict[str, int]) -> Any:
     return tap
 
 
+def _view_version(agent: Any) -> int:
+    rec = agent.store.get(agent.identity.public_key, "topology", "")
+    return 0 if rec is None else rec.version
+
+
 def _r(v: float | None, nd: int = 2) -> float | None:
     return None if v is None else round(v, nd)
 
@@ -95,6 +101,7 @@ async def _measure(
     steady_window: float,
     timeout: float,
     version_floor: bool = True,
+    amortized: bool = False,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"n": n, "version_floor": version_floor}
     sim = AgentSim(
@@ -159,7 +166,57 @@ async def _measure(
             settle = SETTLE_INTERVALS * push_pull_scale(sim.config.push_pull_interval, n)
         row["settle_s"] = _r(settle)
         await trio.sleep(settle)
-        await window_of("steady", steady_window)
+        if not amortized:
+            await window_of("steady", steady_window)
+            row["steady_method"] = "one whole refresh period"
+        else:
+            await window_of("base", min(300.0, steady_window))
+            period = refresh_for(n)
+            spread = min(0.1 * period, 100.0)
+            t = trio.current_time()
+            rng = random.Random(5)
+            for a in sim.live():
+                a.parts["topology"].policy.next_refresh = t + rng.uniform(0.0, spread)
+            before = {a.addr: _view_version(a) for a in sim.live()}
+            interval = push_pull_scale(sim.config.push_pull_interval, n)
+            wave = spread + 5 * interval
+            await window_of("wave", wave)
+            row["wave_refreshed"] = sum(1 for a in sim.live() if _view_version(a) > before[a.addr])
+
+            def held() -> float:
+                live = sim.live()
+                got = sum(
+                    1
+                    for a in live
+                    for b in live
+                    if (r := b.store.get(a.identity.public_key, "topology", "")) is not None
+                    and r.version == _view_version(a)
+                )
+                return got / (len(live) ** 2)
+
+            # anti-entropy carries the refreshes: measure on, one push-pull
+            # interval at a time, until every agent holds every refreshed view
+            burst = dict(row["wave_bytes_per_node_per_s"])
+            tails = 0
+            while held() < 1.0 and tails < 20:
+                bw = await sim.bandwidth(interval)
+                burst = {
+                    k: (burst[k] * wave + bw[k] * interval) / (wave + interval)
+                    for k in ("mean", "p50", "max")
+                }
+                wave += interval
+                tails += 1
+            row["wave_held"] = round(held(), 4)
+            row["wave_window_s"] = _r(wave)
+            row["wave_bytes_per_node_per_s"] = {k: round(v, 1) for k, v in burst.items()}
+            base = row["base_bytes_per_node_per_s"]
+            row["steady_bytes_per_node_per_s"] = {
+                k: round(base[k] + (burst[k] - base[k]) * wave / period, 1)
+                for k in ("mean", "p50", "max")
+            }
+            row["steady_method"] = (
+                f"amortized: base + (wave - base) x {wave:.0f} s / {period:.0f} s"
+            )
         row["records_held_n0"] = len(sim["n0"].store)
         sizes: dict[str, list[int]] = {}
         for rec in sim["n0"].store.records():
@@ -188,7 +245,12 @@ async def _measure(
     return row
 
 
-def run_size(n: int, *, quick: bool = False, version_floor: bool = True) -> dict[str, Any]:
+AMORTIZE_FROM = 500  # machines: a whole refresh period is then hours of simulation
+
+
+def run_size(
+    n: int, *, quick: bool = False, version_floor: bool = True, amortized: bool | None = None
+) -> dict[str, Any]:
     wall0 = time.perf_counter()
     # The steady window spans a whole refresh period of the topology kind
     # (every machine republishes its links once in it): shorter, it would
@@ -198,13 +260,21 @@ def run_size(n: int, *, quick: bool = False, version_floor: bool = True) -> dict
         tempfile.TemporaryDirectory(prefix="agents-sim-") as tmp,
         simagents.shared_record_decoding(),
     ):
-        row = run_sim(lambda: _measure(n, Path(tmp), settle, window, steady, 120.0, version_floor))
+        if amortized is None:
+            amortized = not quick and n >= AMORTIZE_FROM
+        row = run_sim(
+            lambda: _measure(
+                n, Path(tmp), settle, window, steady, 120.0, version_floor, amortized and not quick
+            )
+        )
     row["real_s"] = round(time.perf_counter() - wall0, 1)
     row["peak_rss_mb"] = round(AgentSim.peak_rss_mb(), 1)
     return row
 
 
-def run_all(sizes: list[int], *, quick: bool, version_floor: bool = True) -> list[dict[str, Any]]:
+def run_all(
+    sizes: list[int], *, quick: bool, version_floor: bool = True, amortized: bool | None = None
+) -> list[dict[str, Any]]:
     rows = []
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root))
@@ -214,6 +284,8 @@ def run_all(sizes: list[int], *, quick: bool, version_floor: bool = True) -> lis
             cmd.append("--quick")
         if not version_floor:
             cmd.append("--no-version-floor")
+        if amortized is not None:
+            cmd.append("--amortized" if amortized else "--whole-period")
         proc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, check=False)
         if proc.returncode != 0:
             print(f"n={n}: the run failed (exit {proc.returncode})", file=sys.stderr)
@@ -266,13 +338,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="diagnostic: record versions count up by one (no wall-clock floor); not saved",
     )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--amortized",
+        dest="amortized",
+        action="store_const",
+        const=True,
+        help=f"steady state from a base window and one refresh wave (default from N={AMORTIZE_FROM})",
+    )
+    how.add_argument(
+        "--whole-period",
+        dest="amortized",
+        action="store_const",
+        const=False,
+        help="steady state over one whole refresh period (default below that)",
+    )
     args = p.parse_args(argv)
     floor = not args.no_version_floor
     if args.one is not None:
-        json.dump(run_size(args.one, quick=args.quick, version_floor=floor), sys.stdout)
+        row = run_size(args.one, quick=args.quick, version_floor=floor, amortized=args.amortized)
+        json.dump(row, sys.stdout)
         return 0
-    sizes = args.sizes or ([20] if args.quick else [100, 300])
-    rows = run_all(sizes, quick=args.quick, version_floor=floor)
+    sizes = args.sizes or ([20] if args.quick else [100, 300, 1000])
+    rows = run_all(sizes, quick=args.quick, version_floor=floor, amortized=args.amortized)
     if not args.quick and floor:
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
         by_n = {r["n"]: r for r in old.get("rows", [])}
