@@ -2,8 +2,8 @@
 
 Owns: `missing` (one line saying what this machine lacks, or None) and
 `boot`: the project's wheel and the list of its runtime dependencies' files
-in this venv (tests/_wheel.py; the guest copies them into the README's venv:
-it has no network), then one TCG boot through tests/_kernel_guest/boot.py with
+in this venv as one tar (tests/_wheel.py; the guest unpacks it into the
+README's venv: it has no network), then one TCG boot through tests/_kernel_guest/boot.py with
 this directory's init.sh: systemd as PID 1 over the host's root, running
 guest.py, whose `KGUEST_RESULT {json}` line comes back on the serial
 console.  Used by tests/test_systemd_guest.py.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 from tests import _wheel
@@ -52,8 +53,11 @@ def missing() -> str | None:
 
 def boot(out: Path, *, timeout: float = BOOT_TIMEOUT) -> tuple[dict, str, float]:
     (wheel,) = _wheel.build_dists(out)
-    deps = out / "deps.txt"
-    deps.write_text("".join(f"{p}\n" for p in _wheel.runtime_files()))
+    # One tar file: 9p under TCG pays per file, and these are thousands.
+    deps = out / "deps.tar"
+    with tarfile.open(deps, "w") as tar:
+        for p in _wheel.runtime_files():
+            tar.add(p, arcname=p.name)
     return kguest.boot(
         out,
         timeout=timeout,

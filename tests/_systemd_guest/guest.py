@@ -1,11 +1,14 @@
 """Runs inside the systemd guest as clanprobe.service (root, system python3, stdlib only).
 
 Owns: installing clanagent exactly as the README's "Run it under systemd"
-section says (its shell block, run line by line: `sudo ` dropped, the
-checkout path replaced by the wheel built from it and `--no-index`, because
-the guest has no network; the runtime dependencies are copied into the venv
-from the test's own venv just before pip runs, and `control.group` is set in
-agent.toml before the start, as the README's text says), then checking the
+section says (its shell block, run line by line from the checkout, with
+`sudo ` dropped and three changes because the guest has no network and
+runs under TCG: the venv is made `--without-pip` (ensurepip byte-compiles
+pip for minutes) and the test's own pip installs into it; the checkout path
+becomes the wheel built from it, with `--no-index`; the runtime
+dependencies, as installed in the test's venv, are unpacked into the venv
+just before.  `control.group` is set in agent.toml before the start, as
+the README's text says), then checking the
 unit under systemd: READY, status text, watchdog pings, `clanctl status` as
 root, as a member of `control.group` and (refused) as a non-member, kernel
 WireGuard made by the agent, a `kill -9` brought back by Restart=on-failure,
@@ -118,7 +121,9 @@ def install_as_readme_says() -> bool:
                     "import sysconfig; print(sysconfig.get_path('purelib'))",
                 ]
             )
-            r = sh(["cp", "-a", *Path(DEPS).read_text().split(), site.stdout.strip() + "/"])
+            t = time.monotonic()
+            r = sh(["tar", "-xf", DEPS, "-C", site.stdout.strip()])
+            timings["unpack_dependencies_s"] = round(time.monotonic() - t, 1)
             if r.returncode:
                 return check("readme_install", False, f"copying the dependencies: {r.stderr}")
             line = re.sub(
