@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -41,10 +42,16 @@ def missing() -> str | None:
     if not os.path.exists("/lib/systemd/systemd"):
         return "needs systemd (apt install systemd)"
     r = subprocess.run(
-        ["/usr/bin/python3", "-c", "import ensurepip, venv"], capture_output=True, timeout=60
+        ["/usr/bin/python3", "-c", "import venv, sys; print(*sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if r.returncode != 0:
-        return "needs /usr/bin/python3 with venv (apt install python3-venv)"
+        return "needs /usr/bin/python3 with venv (apt install python3 python3-venv)"
+    if r.stdout.split() != [str(v) for v in sys.version_info[:2]]:
+        # The guest's venv gets this venv's dependencies (compiled for this python).
+        return f"needs /usr/bin/python3 of this venv's version {sys.version_info[:2]}"
     for tool in ("useradd", "runuser", "unshare"):
         if shutil.which(tool) is None:
             return f"needs {tool} (apt install passwd util-linux)"
