@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench lint format clean dist sysdeps-demo sysdeps-test
+.PHONY: test demo bench lint format clean cli-docs dist sysdeps-demo sysdeps-test
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format clanagent tests bench scripts
 	$(VENV)/bin/ruff check --fix clanagent tests bench scripts
+
+# Shell completion and man pages from the argparse parsers, into share/ (committed).
+cli-docs: $(STAMP)
+	$(PY) scripts/cli_docs.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from clanagent.config import ControlConfig
+from clanagent.control.api import ApiTable, handler
 from clanagent.control.protocol import encode_frame
 from clanagent.control.server import ControlServer, peer_groups
 from clanagent.wire import unpack
@@ -24,9 +25,15 @@ VIEW, OPS = "cactl-view", "cactl-ops"
 READER, WRITER, OUTSIDER = "cactl-reader", "cactl-writer", "cactl-outsider"
 
 
-class GroupsAgent(FakeAgent):
-    def invite(self, machine):
-        return {"token": f"for-{machine}"}
+def groups_api() -> ApiTable:
+    """The fake agent's methods plus one write method, `invite`."""
+
+    async def invite(params):
+        return {"token": f"for-{params['machine']}"}
+
+    table = ApiTable.of(FakeAgent())
+    table.add(handler("invite", "write", invite, "a join token", params=("machine",)))
+    return table
 
 
 def _request(rid: int, method: str, **params) -> bytes:
@@ -64,7 +71,7 @@ async def test_read_group_members_connect_and_read_but_never_write(users):
     where = _as_user.shared_dir("clanctl-groups-")
     path = where / "ctl.sock"
     cfg = ControlConfig(socket=str(path), group=OPS, read_group=VIEW)
-    server = ControlServer(path, GroupsAgent(), cfg)
+    server = ControlServer(path, groups_api(), cfg)
 
     async def as_user(name: str, *frames: bytes) -> list[dict]:
         lines = await trio.to_thread.run_sync(_as_user.call_as, users[name], path, *frames)
@@ -106,7 +113,7 @@ async def test_read_group_members_connect_and_read_but_never_write(users):
             # Without a read group the file mode keeps everyone but the control
             # group out, before any credentials are looked at.
             cfg = ControlConfig(socket=str(path), group=OPS)
-            server = ControlServer(path, GroupsAgent(), cfg)
+            server = ControlServer(path, groups_api(), cfg)
             async with trio.open_nursery() as n:
                 await n.start(server.serve)
                 assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
@@ -159,7 +166,7 @@ async def test_write_refusal_without_a_write_group_says_how_to_get_one(tmp_path,
 
     cfg = ControlConfig(socket=str(tmp_path / "ctl.sock"), read_group="viewers")
     server = ControlServer(
-        tmp_path / "ctl.sock", GroupsAgent(), cfg, authorizer=lambda c: ("read", "test")
+        tmp_path / "ctl.sock", groups_api(), cfg, authorizer=lambda c: ("read", "test")
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as n:

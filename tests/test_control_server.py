@@ -195,16 +195,14 @@ async def test_refused_caller_gets_a_clear_error(tmp_path):
             n.cancel_scope.cancel()
 
 
-async def test_read_only_caller_cannot_write(tmp_path, monkeypatch):
-    async def poke(agent, params):
+async def test_read_only_caller_cannot_write(tmp_path):
+    async def poke(params):
         return "poked"
 
-    table = dict(api.HANDLERS[1])
-    table["poke"] = api.Handler("poke", "write", False, frozenset(), "test", poke)
-    monkeypatch.setitem(api.HANDLERS, 1, table)
     with trio.fail_after(10):
         async with trio.open_nursery() as n:
             server, _ = await start_server(n, tmp_path, authorizer=lambda c: ("read", "test"))
+            server.api.add(api.handler("poke", "write", poke, "test"))
             assert (await call(server.path, "status"))["node_id"] == "n1"
             with pytest.raises(ClientError) as exc:
                 await call(server.path, "poke")
@@ -214,6 +212,7 @@ async def test_read_only_caller_cannot_write(tmp_path, monkeypatch):
         async with trio.open_nursery() as n:
             (tmp_path / "ctl.sock").unlink(missing_ok=True)
             server, _ = await start_server(n, tmp_path, authorizer=lambda c: ("write", "test"))
+            server.api.add(api.handler("poke", "write", poke, "test"))
             assert await call(server.path, "poke") == "poked"
             n.cancel_scope.cancel()
 

@@ -44,7 +44,7 @@ async def wait_until(pred, what: str, timeout: float = 20.0) -> None:
 
 
 def alive_peers(agent: Agent) -> set[str]:
-    return {p["name"] for p in agent.peers() if p["state"] == "alive"}
+    return {p["name"] for p in agent.node.peers() if p["state"] == "alive"}
 
 
 async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tmp_path):
@@ -55,7 +55,7 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
             events: list[dict] = []
 
             async def collect():
-                async for ev in a1.events():
+                async for ev in a1.node.events():
                     events.append(ev)
 
             n.start_soon(collect)  # what `clanctl events` streams
@@ -77,18 +77,19 @@ async def test_three_agents_find_each_other_spread_records_and_detect_a_crash(tm
             await wait_until(
                 lambda: all(a.store.get(origin, "endpoints", "") for a in agents), "new record"
             )
-            peers = {p["name"]: p for p in a1.peers()}
+            peers = {p["name"]: p for p in a1.node.peers()}
             assert peers["m2"]["incarnation"] >= 1 and peers["m2"]["addr"] == a2.gossip.addr
             # crash agent 3 (no graceful leave): the others declare it dead
             s3.cancel()
             await wait_until(
                 lambda: all(
-                    {p["name"]: p["state"] for p in a.peers()}.get("m3") == "dead" for a in (a1, a2)
+                    {p["name"]: p["state"] for p in a.node.peers()}.get("m3") == "dead"
+                    for a in (a1, a2)
                 ),
                 "m3 declared dead",
                 timeout=30,
             )
-            assert a1.status()["members"]["alive"] == 2
+            assert a1.node.status()["members"]["alive"] == 2
             kinds = [(e["type"], e.get("name")) for e in events]
             assert ("member.joined", "m2") in kinds and ("member.joined", "m3") in kinds
             assert ("member.dead", "m3") in kinds or ("member.suspect", "m3") in kinds
@@ -112,7 +113,7 @@ async def test_wrong_clan_and_unadmitted_keys_are_refused(tmp_path):
             await wait_until(lambda: alive_peers(a1) == {"m3"}, "same-clan peer joins")
             await trio.sleep(2)
             assert alive_peers(other_clan) == set()
-            assert "m2" not in {p["name"] for p in a1.peers()}
+            assert "m2" not in {p["name"] for p in a1.node.peers()}
             assert other_clan.gossip.stats["dial_failures"] >= 1
             n.cancel_scope.cancel()
         # an agent that admits only itself and a1 refuses a stranger's key

@@ -127,7 +127,7 @@ async def test_found_join_admit_and_remove(tmp_path):
             a3, s3 = await start(n, cfg_for(tmp_path, 3))
 
             def names(agent):
-                return {p["name"] for p in agent.peers() if p["state"] == "alive"}
+                return {p["name"] for p in agent.node.peers() if p["state"] == "alive"}
 
             await wait_until(
                 lambda: names(a1) == {"m2", "m3"} and names(a2) == {"m1", "m3"},

@@ -15,8 +15,8 @@ import shutil
 
 import trio
 
+from clanagent.agent import Agent
 from clanagent.config import ControlConfig
-from clanagent.control.api import HANDLERS
 from clanagent.control.protocol import encode_frame
 from clanagent.wire import unpack
 
@@ -38,7 +38,8 @@ async def test_a_read_group_member_reads_every_read_method_and_writes_nothing(us
     cfg = dataclasses.replace(
         cfg, control=ControlConfig(socket=str(path), group=OPS, read_group=VIEW)
     )
-    table = HANDLERS[1]
+    # the agent's table as the control socket offers it
+    table = {h.name: h for h in Agent(cfg).api.handlers(1, "socket")}
     # Streaming reads (the event stream) never end by themselves: left out.
     methods = sorted(name for name, h in table.items() if not h.streaming)
     writes = {name for name, h in table.items() if h.access == "write"}

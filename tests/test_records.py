@@ -124,7 +124,7 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     fresh = Agent(cfg_for(tmp_path, 9))
     fresh.identity, fresh.store, fresh.anchor = a1.identity, Store(None), anchor
     fresh.inventory = InventoryManager(anchor)
-    await fresh.inventory_submit(version.to_wire(), False)
+    await fresh.inventory_api.submit(version.to_wire(), False)
     out["inventory"] = own(fresh, "inventory")
 
     # node-info: as the gossip service says it (gossip/service.py)
@@ -136,6 +136,22 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     body = cands.endpoints_body(["192.0.2.1:7946"], ["198.51.100.1:7946"], 51820, b"")
     assert await a1.publish_record(cands.ENDPOINTS_KIND, "", body)
     out["endpoints"] = own(a1, "endpoints")
+
+    # nat (mesh/nat.py): an observation of m2 sealed to it, a punch request, a
+    # relay ask and a grant, as the mesh service builds them
+    from clanagent.inventory.sealing import recipients_of, seal_endpoints
+    from clanagent.mesh import nat
+
+    k2, k3 = a2.identity.public_key, agents[3].identity.public_key
+    body = nat.nat_body(
+        seen=[(k2, nat.seal_seen("203.0.113.7:51820", a2.identity.box_public))],
+        reflexive=seal_endpoints(["198.51.100.7:51820"], recipients_of(a1.inventory.inventory.doc)),
+        punch=[(k2, int(time.time() * 1000) + 3000, 1)],
+        relay_ask=[(k2, k3)],
+        relays=[(*sorted((k2, k3)), 40001, 40002)],
+    )
+    assert await a1.publish_record(nat.NAT_KIND, "", body)
+    out["nat"] = own(a1, "nat")
 
     # topology: the real service's publish
     assert await a1._topology_service().publish_once()
@@ -165,12 +181,12 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
 
     # vm-request: an admin's signed order through the agent
     req = sign_request(admin, "web", "stop", int(time.time()))
-    await a2.vm_request(req.to_wire())
+    await a2.vm_api.request(req.to_wire())
     out["vm-request"] = own(a2, "vm-request")
 
     # vm-logs-request: a read of a VM hosted elsewhere
     a2.vms = SimpleNamespace(handles={})
-    assert await a2.vm_logs("web", int(time.time())) == {"pending": True}
+    assert await a2.vm_api.logs("web", int(time.time())) == {"pending": True}
     out["vm-logs-request"] = own(a2, "vm-logs-request")
 
     # vm-status and vm-logs: the VM service of the host, m1
@@ -330,14 +346,14 @@ async def test_forged_vm_status_and_logs_refused_and_not_shown(tmp_path):
     assert rows == {("web", "m1"): rows[("web", "m1")]}
     assert rows[("web", "m1")]["state"] == "unknown"
     viewer.vms.handles = {}
-    assert await viewer.vm_logs("web", now) == {"pending": True}
+    assert await viewer.vm_api.logs("web", now) == {"pending": True}
     # the host's own records are taken and shown
     for kind in ("vm-status", "vm-logs"):
         viewer.validate_record(made[kind])
         viewer.store.put(made[kind])
     rows = {(r["vm"], r["machine"]): r for r in viewer.vms.clan_vms()}
     assert rows[("web", "m1")]["state"] == "failed"
-    got = await viewer.vm_logs("web", 0)
+    got = await viewer.vm_api.logs("web", 0)
     assert got["machine"] == "m1" and got["tail"] == b"booting\nVM_READY\n"
     # without an inventory nobody can say where a VM runs: not now, not refused
     ctx = RecordContext(now=time.time(), inventory=None)
@@ -366,7 +382,7 @@ async def test_vm_logs_with_huge_since_cannot_freeze_the_tail(tmp_path):
     a1, reader = agents[1], agents[3]
     reader.vms = SimpleNamespace(handles={})
     with trio.fail_after(10):
-        replies = [await reader.vm_logs("web", 2**62) for _ in range(50)]
+        replies = [await reader.vm_api.logs("web", 2**62) for _ in range(50)]
     assert all(r == {"pending": True} for r in replies)
     mine = reader.store.get(reader.identity.public_key, "vm-logs-request", "web")
     assert mine is not None and mine.body["at"] <= time.time() + 1  # clamped to now
@@ -479,8 +495,8 @@ async def test_topology_view_dated_in_the_future_never_counts_as_fresh(tmp_path)
     agents, made = await produce_every_kind(tmp_path)
     a1, a2 = agents[1], agents[2]
     links = [{"peer": "m3", "kind": "tor"}]
-    real = a1.machines
-    a1.machines = lambda: [{**r, "online": True} for r in real()]
+    real = a1.inventory_api.machines
+    a1.inventory_api.machines = lambda: [{**r, "online": True} for r in real()]
 
     def m2_m3_seen_by(at: int) -> set[str]:
         body = {"at": at, "kind": "lan", "links": links, "capabilities": []}

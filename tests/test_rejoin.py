@@ -393,7 +393,7 @@ def book_of(cfg) -> list[PeerEntry]:
 
 
 def state_of(agent, name: str) -> str | None:
-    return {p["name"]: p["state"] for p in agent.peers()}.get(name)
+    return {p["name"]: p["state"] for p in agent.node.peers()}.get(name)
 
 
 async def stop(agent, scope, how: str) -> None:

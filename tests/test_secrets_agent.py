@@ -162,7 +162,7 @@ async def test_shared_secret_lifecycle(tmp_path):
             await wait_until(
                 lambda: any(
                     r["error"]
-                    for r in a1.secrets_rows() + a2.secrets_rows()
+                    for r in a1.secrets.rows() + a2.secrets.rows()
                     if r["id"] == "backup/broken"
                 ),
                 "the broken one",
@@ -170,7 +170,7 @@ async def test_shared_secret_lifecycle(tmp_path):
             )
             err = next(
                 r["error"]
-                for r in a1.secrets_rows() + a2.secrets_rows()
+                for r in a1.secrets.rows() + a2.secrets.rows()
                 if r["id"] == "backup/broken" and r["error"]
             )
             assert "exit" in err or "status 3" in err or "3" in err

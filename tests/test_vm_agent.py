@@ -68,7 +68,7 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 await call(a1, "inventory.submit", {"version": v.to_wire(), "init": True})
 
                 def rows():
-                    return {r["vm"]: r for r in a1.vm_list()}
+                    return {r["vm"]: r for r in a1.vm_api.rows()}
 
                 await wait_until(
                     lambda: rows().get("web", {}).get("state") == "running", "the VM to run", 40
@@ -97,7 +97,8 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 a1b, _ = await start(n, cfg_for(tmp_path, 1))
                 await wait_until(
                     lambda: (
-                        {r["vm"]: r for r in a1b.vm_list()}.get("web", {}).get("state") == "running"
+                        {r["vm"]: r for r in a1b.vm_api.rows()}.get("web", {}).get("state")
+                        == "running"
                     ),
                     "adoption",
                     30,
@@ -110,7 +111,7 @@ async def test_agent_runs_adopts_and_reports_vms(tmp_path, vm_assets):  # noqa: 
                 from clanagent.vmhost.requests import sign_request
 
                 def state():
-                    return {r["vm"]: r for r in a1b.vm_list()}.get("web", {}).get("state")
+                    return {r["vm"]: r for r in a1b.vm_api.rows()}.get("web", {}).get("state")
 
                 intruder = nacl.signing.SigningKey.generate()
                 with pytest.raises(ClientError) as exc:

@@ -350,7 +350,7 @@ async def test_console_of_a_real_vm(tmp_path, vm_assets):  # noqa: F811
                 sock = a1.cfg.control.socket
                 # the status carries the boot time (the QEMU process's start, from /proc)
                 await wait_until(
-                    lambda: {r["vm"]: r for r in a1.vm_list()}["web"].get("booted"),
+                    lambda: {r["vm"]: r for r in a1.vm_api.rows()}["web"].get("booted"),
                     "the boot time in the status",
                     10,
                 )

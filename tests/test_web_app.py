@@ -14,6 +14,8 @@ import pytest
 import trio
 
 from clanagent._eventbus import EventBus
+from clanagent.control.api import ApiTable, handler
+from clanagent.secrets import api as secrets_api
 from clanagent.web.actions import AdminKeySource, ConsoleActions
 from clanagent.web.app import (
     AUTH_TIMEOUT,
@@ -57,13 +59,33 @@ class StandInAgent:
     def machines(self) -> list[dict[str, Any]]:
         return [{"name": "m1", "node_key": b"\xab" * 32}]
 
-    async def secrets_rotate(self, sid: str) -> dict[str, Any]:
+    async def request_rotation(self, sid: str) -> dict[str, Any]:  # as SecretsService's
         if sid == "boom/bug":
             raise RuntimeError("a bug in a handler")
         if sid == "slow/one":
             await self.gate.wait()
         self.rotated.append(sid)
         return {"id": sid, "generation": 1}
+
+
+def stand_in_api(agent: StandInAgent) -> ApiTable:
+    """The agent's table, over the stand-in: the agent-wide methods, the
+    inventory's two reads, the secrets part's methods and a terminal session."""
+
+    async def show(params):
+        return agent.inventory_show()
+
+    async def machines(params):
+        return agent.machines()
+
+    table = ApiTable.of(agent)
+    table.add(
+        handler("inventory.show", "read", show, "stand-in"),
+        handler("machines", "read", machines, "stand-in"),
+        handler("vm.console", "write", machines, "stand-in", params=("request",), upgrade=True),
+    )
+    secrets_api.register(table, secrets=lambda: agent)
+    return table
 
 
 class Clock:
@@ -87,8 +109,9 @@ def agent():
 @pytest.fixture
 def app(agent, clock, tmp_path):
     auth = Authenticator()
-    actions = ConsoleActions(agent, AdminKeySource(str(tmp_path / "no-admin.key")))
-    a = WebApp(agent, auth, actions, max_message=4096, clock=clock)
+    api = stand_in_api(agent)
+    ConsoleActions(api, AdminKeySource(str(tmp_path / "no-admin.key"))).register()
+    a = WebApp(api, auth, max_message=4096, clock=clock)
     a.port = PORT
     return a
 

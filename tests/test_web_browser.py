@@ -323,9 +323,9 @@ async def test_console_in_a_real_browser(tmp_path):
                 a3, _ = await start(n, cfg_for(tmp_path, 3))
 
                 def clan_ready() -> bool:
-                    topo = a1.topology_view()
+                    topo = a1.topology.view()
                     up = [link for link in topo["links"] if link["kind"] != "down"]
-                    secrets = {r["id"]: r for r in a1.secrets_rows()}
+                    secrets = {r["id"]: r for r in a1.secrets.rows()}
                     return (
                         len(topo["machines"]) == 3
                         and all(m["online"] for m in topo["machines"])
@@ -337,7 +337,7 @@ async def test_console_in_a_real_browser(tmp_path):
                 if image is not None:
                     await wait_until(
                         lambda: any(
-                            r["vm"] == "hello" and r["state"] == "running" for r in a1.vm_list()
+                            r["vm"] == "hello" and r["state"] == "running" for r in a1.vm_api.rows()
                         ),
                         "the VM to run",
                         45,

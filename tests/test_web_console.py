@@ -280,28 +280,32 @@ async def test_a_control_group_member_signs_only_with_a_key_of_their_own(tmp_pat
 
     from clanagent.control.server import CURRENT_PEER, PeerCred
     from clanagent.web.actions import SIGNER
+    from clanagent.web.api import signer_for
+
+    async def ui_open(admin_key: str):
+        return await agent.api.call("ui.open", {"admin_key": admin_key})
 
     async with founded_agent(tmp_path) as (agent, admin):
         roots_key = tmp_path / "root-admin.key"
         write_key(roots_key, admin)  # owned by root (uid 0), like the agent
-        opened = await agent.ui_open(str(roots_key))  # root itself: fine
+        opened = await ui_open(str(roots_key))  # root itself: fine
         assert opened["admin_key"]["available"] is True
         nobody = 65534
         CURRENT_PEER.set(PeerCred(pid=1, uid=nobody, gid=nobody))
         # no key named: no key at all (no fallback on the agent's default path)
-        assert agent._signer_for("") is None
-        opened = await agent.ui_open("")
+        assert signer_for("", agent.web.keys) is None
+        opened = await ui_open("")
         assert opened["admin_key"]["available"] is False
         assert "no admin key" in opened["admin_key"]["reason"]
         # naming root's key: refused when it is read (it is not theirs)
-        opened = await agent.ui_open(str(roots_key))
+        opened = await ui_open(str(roots_key))
         assert opened["admin_key"]["available"] is False
         assert "is not yours" in opened["admin_key"]["reason"]
         # a key file that is theirs works
         theirs = tmp_path / "their-admin.key"
         write_key(theirs, admin)
         os.chown(theirs, nobody, nobody)
-        opened = await agent.ui_open(str(theirs))
+        opened = await ui_open(str(theirs))
         assert opened["admin_key"]["available"] is True
         # a symlink of theirs pointing at root's key is not followed
         link = tmp_path / "link.key"

@@ -28,7 +28,7 @@ from clanagent.web import server as web_server
 from clanagent.web._listener import KEEP_ALIVE, MAX_WEB_CONNECTIONS
 from clanagent.web.app import AUTH_TIMEOUT, CLOSE_BUSY, CLOSE_UNAUTHORIZED, MAX_CONNECTIONS
 
-from .test_web_app import StandInAgent
+from .test_web_app import StandInAgent, stand_in_api
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +38,8 @@ TCP_CLOSE_WAIT = "08"
 @asynccontextmanager
 async def console(tmp_path):
     agent = StandInAgent()
-    agent.cfg = Config(web=WebSection(port=0, admin_key=str(tmp_path / "no-admin.key")))
-    web = WebConsole(agent)
+    cfg = Config(web=WebSection(port=0, admin_key=str(tmp_path / "no-admin.key")))
+    web = WebConsole(cfg, stand_in_api(agent))
     with trio.fail_after(120):
         async with trio.open_nursery() as n:
             port = await web.ensure_running(n)

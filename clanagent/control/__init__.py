@@ -7,13 +7,13 @@ import importlib
 _WHERE = {
     "API_VERSION": "protocol",
     "AgentNotRunning": "client",
+    "ApiTable": "api",
     "AgentView": "api",
     "ClientError": "client",
     "ControlClient": "client",
     "ControlError": "protocol",
     "ControlServer": "server",
     "ErrorCode": "protocol",
-    "HANDLERS": "api",
     "Handler": "api",
     "PeerCred": "server",
     "authorize": "server",
@@ -21,8 +21,8 @@ _WHERE = {
 
 __all__ = [
     "API_VERSION",
-    "HANDLERS",
     "AgentNotRunning",
+    "ApiTable",
     "AgentView",
     "ClientError",
     "ControlClient",

@@ -34,7 +34,7 @@ from .._log import kv
 from ..config import ControlConfig
 from ..fd_reserve import PROCESS, FdReserve
 from ..wire import Limits
-from .api import AgentView, check_params, lookup
+from .api import AgentView, ApiTable, check_params
 from .protocol import (
     ControlError,
     ErrorCode,
@@ -270,7 +270,7 @@ class ControlServer:
     def __init__(
         self,
         path: Path,
-        agent: AgentView,
+        api: ApiTable | AgentView,
         cfg: ControlConfig,
         *,
         agent_uid: int | None = None,
@@ -281,7 +281,9 @@ class ControlServer:
         fd_reserve: FdReserve | None = None,
     ) -> None:
         self.path = Path(path)
-        self.agent = agent
+        # the one table the web console dispatches through too (a bare
+        # AgentView: a table of the agent-wide methods over it)
+        self.api = ApiTable.of(api)
         self.cfg = cfg
         self.agent_uid = os.getuid() if agent_uid is None else agent_uid
         self._authorize = authorizer or (
@@ -660,20 +662,20 @@ class ControlServer:
         try:
             req = parse_request(frame, self.limits)
             rid = req.id
-            handler = lookup(req.version, req.method)
-            if handler.access == "write" and access != "write":
+            handler = self.api.lookup(req.version, req.method, "socket")
+            if not handler.allows(access):
                 self._count("denied_write")
                 raise ControlError(
                     ErrorCode.PERMISSION_DENIED, _write_denied(req.method, cred, self.cfg)
                 )
             check_params(handler, req.params)
             if handler.upgrade:
-                await self._upgrade(stream, req.id, handler.call(self.agent, req.params))
+                await self._upgrade(stream, req.id, handler.call(req.params))
                 return True
             if handler.streaming:
-                await self._stream(stream, req.id, handler.call(self.agent, req.params))
+                await self._stream(stream, req.id, handler.call(req.params))
                 return True
-            result = await handler.call(self.agent, req.params)
+            result = await handler.call(req.params)
             payload = encode_frame(reply_ok(req.id, result))
         except RequestError as exc:
             self._count_error(exc.code)

@@ -4,8 +4,9 @@
 to a machine), `diff`, `versions` (signed versions, history, head),
 `merge` (concurrent edits), `sealing` (encrypted endpoints), `token` (join
 tokens), `anchor` (the clan a node trusts before any version), `manager`
-(the agent's view), `views` (what the control API shows) and `edit` (the
-admin side: admin keys, sealing and signing an edit, comparing edits).
+(the agent's view), `views` (what the control API shows), `api` (its
+control methods) and `edit` (the admin side: admin keys, sealing and
+signing an edit, comparing edits).
 """
 
 import importlib

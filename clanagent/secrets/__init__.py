@@ -3,7 +3,8 @@ holder, sealed to every holder (and the admins, for recovery), gossiped as
 records, written under the runtime dir, and rotated.
 
 Sans-IO: `model`, `crypto`, `record`, `planner`; I/O: `generators` (incl.
-the command sandbox), `files`; the trio shell: `service`.
+the command sandbox), `files`; the trio shell: `service`; its control
+methods: `api`.
 """
 
 from .crypto import SecretsError, SecretsLocalError

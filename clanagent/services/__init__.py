@@ -1,6 +1,6 @@
 """services: exports of service roles, published as records and wired into
 the machines that import them (`wiring` is sans-IO, `render` writes files,
-`service` is the trio shell)."""
+`service` is the trio shell, `api` its control method)."""
 
 from .wiring import (
     EXPORT_KIND,

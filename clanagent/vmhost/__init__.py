@@ -3,8 +3,9 @@
 `spec` (declarations checked against this host), `backend` (the interface
 and run dirs), `qemu` (QEMU -M microvm, KVM or TCG) with `qmp`,
 `firecracker` and `cloudhv` (their API sockets, via `http_unix`),
-`network` (every backend's taps, clan route and policy rules), `lifecycle` (the sans-IO reconciler with restart backoff and adoption) and
-`console` (rotated console logs).
+`network` (every backend's taps, clan route and policy rules),
+`lifecycle` (the sans-IO reconciler with restart backoff and adoption),
+`console` (rotated console logs) and `api` (the vm.* control methods).
 """
 
 from .backend import Backend, RunDir, VmHandle, VmStatus

@@ -1,7 +1,8 @@
 """The web console: a map of the clan and its machines, services, VMs and secrets.
 
 Served by the agent on 127.0.0.1 only (`clanctl ui` starts it and prints a
-one-time login URL); every action goes through the control API table.
+one-time login URL); every action goes through the one control API table
+(`api`: `ui.open` for clanctl; `actions`: the console's own methods).
 """
 
 from .auth import Authenticator, AuthError

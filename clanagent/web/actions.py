@@ -1,16 +1,19 @@
 """What the console does that clanctl does in its own process: signing, TOML, diffs.
 
-Owns: the `console.*` methods: the admin key the console may sign with
-(found like clanctl finds it), VM orders signed with it, and the inventory
-editor (current TOML, the diff an edit would make, sign and submit).  Each
-one ends in calls of the control API table, exactly the calls clanctl makes
-(`vm.request`, `inventory.show`, `inventory.endpoints`, `inventory.submit`),
-through `api_call`; keys, sealing, signing and comparing are
-`inventory/edit.py`'s, as for clanctl (its CPU part in a worker thread that
-only computes: every call to the agent stays on the event loop).  Must never:
-sign anything without a readable admin key, sign an edit whose diff the
-user did not see (the head it was computed against must still be the
-head), or reach the agent in any other way than the API table.
+Owns: the `console.*` methods, registered into the one control API table
+for web sessions only (`ConsoleActions.register`): the admin key the
+console may sign with (found like clanctl finds it), VM orders signed with
+it, and the inventory editor (current TOML, the diff an edit would make,
+sign and submit).  Each one ends in calls of the same table, exactly the
+calls clanctl makes (`vm.request`, `inventory.show`, `inventory.endpoints`,
+`inventory.submit`), through `api_call`; keys, sealing, signing and
+comparing are `inventory/edit.py`'s, as for clanctl (its CPU part in a
+worker thread that only computes: every call to the agent stays on the
+event loop).  Must never: sign anything without a readable admin key, sign
+an edit whose diff the user did not see (the head it was computed against
+must still be the head), be offered on the control socket (a member of the
+control group would sign with the agent's key), or reach the agent in any
+other way than the API table.
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ import contextvars
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ..control.api import Handler, check_params, lookup
+from ..control.api import ApiTable, handler
 from ..control.protocol import ControlError, ErrorCode
 from ..inventory import edit
 from ..wire import Limits, pack, unpack
@@ -36,12 +38,9 @@ _RESULT_LIMITS = Limits(max_frame=64 << 20, max_array=1 << 20, max_map=1 << 16)
 MAX_TOML = 1 << 20
 
 
-async def api_call(agent: Any, method: str, params: dict[str, Any] | None = None) -> Any:
+async def api_call(api: ApiTable, method: str, params: dict[str, Any] | None = None) -> Any:
     """Call one control API method as a client would, result as the socket carries it."""
-    handler = lookup(1, method)
-    params = params or {}
-    check_params(handler, params)
-    result = await handler.call(agent, params)
+    result = await api.call(method, params, surface="web")
     # Through the wire codec: the console sees exactly what clanctl would see.
     return unpack(pack(result), _RESULT_LIMITS)
 
@@ -110,66 +109,53 @@ class AdminKeySource:
 
 
 class ConsoleActions:
-    def __init__(self, agent: Any, keys: AdminKeySource) -> None:
-        self.agent = agent
+    def __init__(self, api: ApiTable, keys: AdminKeySource) -> None:
+        self.api = api
         self.keys = keys
-        self.handlers: dict[str, Handler] = {
-            h.name: h
-            for h in [
-                self._h(
-                    "console.session", "read", self.session, "who you are; can the console sign"
-                ),
-                self._h(
-                    "console.vm",
-                    "write",
-                    self.vm_action,
-                    "start/stop/restart a VM (signed with the admin key here)",
-                    params=("name", "action"),
-                ),
-                self._h(
-                    "console.inventory_text",
-                    "read",
-                    self.inventory_text,
-                    "the current inventory as TOML and its head",
-                ),
-                self._h(
-                    "console.inventory_diff",
-                    "read",
-                    self.inventory_diff,
-                    "check an edited inventory and show what it would change",
-                    params=("text",),
-                ),
-                self._h(
-                    "console.inventory_apply",
-                    "write",
-                    self.inventory_apply,
-                    "sign and submit an edited inventory (its diff was shown)",
-                    params=("text", "leaves", "message"),
-                ),
-            ]
-        }
 
-    def _h(
-        self,
-        name: str,
-        access: str,
-        fn: Callable[[dict[str, Any]], Awaitable[Any]],
-        doc: str,
-        params: tuple[str, ...] = (),
-    ) -> Handler:
-        async def call(agent: Any, p: dict[str, Any]) -> Any:
-            return await fn(p)
-
-        return Handler(name, access, False, frozenset(params), doc, call)  # type: ignore[arg-type]
-
-    def lookup(self, method: str) -> Handler:
-        handler = self.handlers.get(method)
-        if handler is None:
-            raise ControlError(
-                ErrorCode.UNKNOWN_METHOD,
-                f"unknown method '{method}' (console methods: {', '.join(sorted(self.handlers))})",
-            )
-        return handler
+    def register(self) -> None:
+        """Add the console's methods to the table, for web sessions only."""
+        web = ("web",)
+        self.api.add(
+            handler(
+                "console.session",
+                "read",
+                self.session,
+                "who you are; can the console sign",
+                surfaces=web,
+            ),
+            handler(
+                "console.vm",
+                "write",
+                self.vm_action,
+                "start/stop/restart a VM (signed with the admin key here)",
+                params=("name", "action"),
+                surfaces=web,
+            ),
+            handler(
+                "console.inventory_text",
+                "read",
+                self.inventory_text,
+                "the current inventory as TOML and its head",
+                surfaces=web,
+            ),
+            handler(
+                "console.inventory_diff",
+                "read",
+                self.inventory_diff,
+                "check an edited inventory and show what it would change",
+                params=("text",),
+                surfaces=web,
+            ),
+            handler(
+                "console.inventory_apply",
+                "write",
+                self.inventory_apply,
+                "sign and submit an edited inventory (its diff was shown)",
+                params=("text", "leaves", "message"),
+                surfaces=web,
+            ),
+        )
 
     async def _key(self) -> Any:
         key, why = await trio.to_thread.run_sync(self.keys.load)
@@ -181,11 +167,11 @@ class ConsoleActions:
 
     async def session(self, params: dict[str, Any]) -> dict[str, Any]:
         key, why = await trio.to_thread.run_sync(self.keys.load)
-        status = await api_call(self.agent, "status")
+        status = await api_call(self.api, "status")
         admin: dict[str, Any] = {"available": key is not None, "reason": why}
         if key is not None:
             admin["public"] = bytes(key.verify_key)
-            shown = await api_call(self.agent, "inventory.show")
+            shown = await api_call(self.api, "inventory.show")
             admins = (shown.get("clan") or {}).get("admins") or []
             if admins and bytes(key.verify_key) not in admins:
                 admin.update(
@@ -212,12 +198,12 @@ class ConsoleActions:
             )
         key = await self._key()
         req = sign_request(key, name, action, int(time.time()))
-        return await api_call(self.agent, "vm.request", {"request": req.to_wire()})
+        return await api_call(self.api, "vm.request", {"request": req.to_wire()})
 
     async def inventory_text(self, params: dict[str, Any]) -> dict[str, Any]:
         from ..inventory.parse import doc_to_toml
 
-        shown = await api_call(self.agent, "inventory.show")
+        shown = await api_call(self.api, "inventory.show")
         if shown.get("doc") is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
         return {
@@ -241,7 +227,7 @@ class ConsoleActions:
         from ..inventory.diff import format_diff
 
         doc, errors, warnings = self._parse(params.get("text"))
-        shown = await api_call(self.agent, "inventory.show")
+        shown = await api_call(self.api, "inventory.show")
         if shown.get("doc") is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
         out: dict[str, Any] = {
@@ -276,7 +262,7 @@ class ConsoleActions:
         message = params.get("message") or "edited in the web console"
         if not isinstance(message, str) or len(message) > 500:
             raise ControlError(ErrorCode.INVALID_PARAMS, "'message' must be a short text")
-        shown = await api_call(self.agent, "inventory.show")
+        shown = await api_call(self.api, "inventory.show")
         if shown.get("doc") is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
         if sorted(x.hex() for x in shown["leaves"]) != sorted(x.lower() for x in leaves):
@@ -291,7 +277,7 @@ class ConsoleActions:
                 ErrorCode.INVALID_PARAMS, "nothing to apply: the inventory already says this"
             )
         key = await self._key()
-        readable = await api_call(self.agent, "inventory.endpoints")
+        readable = await api_call(self.api, "inventory.endpoints")
         sign = functools.partial(
             edit.seal_and_sign,
             doc,
@@ -306,5 +292,5 @@ class ConsoleActions:
         except edit.EditError as exc:
             raise ControlError(ErrorCode.INVALID_PARAMS, str(exc)) from None
         return await api_call(
-            self.agent, "inventory.submit", {"version": version.to_wire(), "init": False}
+            self.api, "inventory.submit", {"version": version.to_wire(), "init": False}
         )

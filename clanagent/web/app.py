@@ -6,8 +6,9 @@ against other sites, sizes, the time a body may take), security headers,
 the error boundary around each request (500, or close 1011), and each
 WebSocket session: authenticate with the first message (within
 AUTH_TIMEOUT), only then take one of the MAX_CONNECTIONS slots, then run
-control API requests through the same table, checks and handlers as the
-control socket (`control.api`), plus the console's own `console.*` methods.
+control API requests through the one table, checks and handlers the control
+socket uses (`control.api`; the console's own `console.*` methods are in
+it too, offered to web sessions only).
 It tells the listener which connections carried a valid login or session (evicted
 last at the connection cap) and which WebSockets still wait to authenticate.
 Must never: answer a request with a foreign Host, let anything through the
@@ -29,7 +30,7 @@ from typing import Any
 import trio
 
 from .._log import kv
-from ..control.api import check_params, lookup
+from ..control.api import ApiTable, check_params
 from ..control.protocol import (
     ControlError,
     ErrorCode,
@@ -43,7 +44,7 @@ from ..control.protocol import (
 from ..wire import Limits
 from ._faults import Faults
 from ._listener import slot_of
-from .actions import SIGNER, ConsoleActions
+from .actions import SIGNER
 from .auth import Authenticator, AuthError, check_host, check_origin
 from .messages import Auth, Cancel, decode_message, encode
 
@@ -149,16 +150,14 @@ class WebApp:
 
     def __init__(
         self,
-        agent: Any,
+        api: ApiTable,
         auth: Authenticator,
-        actions: ConsoleActions,
         *,
         max_message: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.agent = agent
+        self.api = api
         self.auth = auth
-        self.actions = actions
         self.port = 0
         self.clock = clock
         self.session_check = SESSION_CHECK  # seconds between checks of a socket's session
@@ -509,22 +508,14 @@ class _WsSession:
         # console.* methods sign with this session's own admin key (if any)
         SIGNER.set(app.auth.signer_of(self.session))
         try:
-            if req.method.startswith("ui."):
-                raise ControlError(
-                    ErrorCode.PERMISSION_DENIED,
-                    f"'{req.method}' is for clanctl on this machine, not for the browser",
-                )
-            if req.method.startswith("console."):
-                handler = app.actions.lookup(req.method)
-            else:
-                handler = lookup(req.version, req.method)
-            if handler.access == "write" and self.access != "write":
+            handler = app.api.lookup(req.version, req.method, "web")
+            if not handler.allows(self.access):
                 raise ControlError(
                     ErrorCode.PERMISSION_DENIED,
                     f"'{req.method}' changes state and this session has read-only access",
                 )
             check_params(handler, req.params)
-            if getattr(handler, "upgrade", False):
+            if handler.upgrade:
                 # a raw byte session (a VM's serial console) needs a terminal
                 raise ControlError(
                     ErrorCode.INVALID_PARAMS,
@@ -532,9 +523,9 @@ class _WsSession:
                     "(the web console shows the log instead)",
                 )
             if handler.streaming:
-                await self._stream(req.id, handler.call(app.agent, req.params))
+                await self._stream(req.id, handler.call(req.params))
                 return
-            result = await handler.call(app.agent, req.params)
+            result = await handler.call(req.params)
             await self.send(reply_ok(req.id, result))
         except ControlError as exc:
             await self.send(self.error(req.id, exc.code, exc.message))

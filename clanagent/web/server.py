@@ -19,6 +19,8 @@ import trio
 
 from .._log import kv
 from ..capabilities import Capability
+from ..config import Config
+from ..control.api import ApiTable
 from ..control.protocol import ControlError, ErrorCode
 from ._listener import KEEP_ALIVE, Listener
 from .actions import AdminKeySource, ConsoleActions
@@ -45,14 +47,16 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 
 class WebConsole:
-    def __init__(self, agent: Any) -> None:
-        cfg = agent.cfg
-        self.agent = agent
+    """The console over the agent's control API table; its `console.*` methods
+    join that table when it is built (one console per table)."""
+
+    def __init__(self, cfg: Config, api: ApiTable) -> None:
         self.cfg = cfg.web
         self.auth = Authenticator()
         self.keys = AdminKeySource(self.cfg.admin_key)
-        self.actions = ConsoleActions(agent, self.keys)
-        self.app = WebApp(agent, self.auth, self.actions, max_message=cfg.control.max_request)
+        self.actions = ConsoleActions(api, self.keys)
+        self.actions.register()
+        self.app = WebApp(api, self.auth, max_message=cfg.control.max_request)
         self.listener = Listener(self.app)
         self.app.faults = self.listener.faults  # one count, one log-once set
         self.port: int | None = None
