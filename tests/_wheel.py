@@ -42,7 +42,9 @@ def build_dists(out: Path, *, sdist: bool = False) -> list[Path]:
             shutil.copy(TREE / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(TREE / "clanagent", src / "clanagent", ignore=ignore)
-    shutil.copytree(TREE / "systemd", src / "systemd", ignore=ignore)
+    for extra in ("systemd", "share"):  # the unit; man pages and completions (MANIFEST.in)
+        if (TREE / extra).is_dir():
+            shutil.copytree(TREE / extra, src / extra, ignore=ignore)
     dist = out / "dist"
     kinds = ["--wheel", "--sdist"] if sdist else ["--wheel"]
     r = subprocess.run(

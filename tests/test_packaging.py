@@ -56,6 +56,10 @@ def test_sdist_holds_the_sources_assets_and_unit(dists):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert set(STATIC) <= names, set(STATIC) - names
     assert {"pyproject.toml", "README.md", "systemd/clanagent.service"} <= names
+    # the man pages and completions the README's systemd steps install
+    share = (_wheel.TREE / "share").rglob("*")
+    shipped = {p.relative_to(_wheel.TREE).as_posix() for p in share if p.is_file()}
+    assert shipped and shipped <= names, shipped - names
 
 
 @pytest.fixture(scope="module")
