@@ -1,12 +1,14 @@
 # The two commands a new user needs: `make demo` and `make test`.
-# Both create .venv when it is missing and install what they need.
+# Both first install the system packages they need (scripts/install-system-deps.sh:
+# as root with apt, and it says what; otherwise it prints the apt-get line and
+# goes on), then create .venv when it is missing and install what they need.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench lint format clean cli-docs
+.PHONY: test demo bench lint format clean cli-docs dist sysdeps-demo sysdeps-test
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+sysdeps-demo sysdeps-test: sysdeps-%:
+	@sh scripts/install-system-deps.sh $*
+
+# The system packages come first: python3-venv is among them.
+test: sysdeps-test
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: sysdeps-demo
+	@$(MAKE) --no-print-directory $(STAMP)
 	$(PY) scripts/demo.py
+
+# A wheel and an sdist in dist/ (what .ci/run builds and checks).
+dist: $(STAMP)
+	$(PY) -m build --outdir dist .
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -38,4 +50,4 @@ cli-docs: $(STAMP)
 	$(PY) scripts/cli_docs.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -36,7 +36,7 @@ def test_unit_has_what_the_issue_asks_for():
     assert svc["ProtectSystem"] == ["strict"]
     caps = set(svc["CapabilityBoundingSet"][0].split())
     assert "CAP_NET_ADMIN" in caps
-    assert not caps & {"CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE"}
+    assert not caps & {"CAP_SYS_PTRACE", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_BOOT"}
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
@@ -72,6 +72,22 @@ def test_the_check_would_catch_a_bad_unit(tmp_path):
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert "clanagent.service" in r.stdout + r.stderr
+
+
+def test_what_the_generator_sandbox_needs_is_fenced():
+    # CAP_SYS_ADMIN is there for the secret generator's `unshare --net` only
+    # (tests/test_systemd_guest.py runs it under the unit): no mount(2), so it
+    # cannot undo ProtectSystem; no namespace kind but net.
+    svc = parse_unit()["Service"]
+    caps = set(svc["CapabilityBoundingSet"][0].split())
+    assert {"CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID"} <= caps
+    assert svc["SystemCallFilter"] == ["~@mount"]
+    assert svc["RestrictNamespaces"] == ["net"]
+    assert svc["NoNewPrivileges"] == ["yes"] and svc["AmbientCapabilities"] == [""]
+    # ProtectKernelTunables stays; the one sysctl the agent writes is let through.
+    assert svc["ProtectKernelTunables"] == ["yes"]
+    rw = svc["ReadWritePaths"][0].split()
+    assert [p for p in rw if p.startswith("/proc")] == ["/proc/sys/net/ipv6/conf/all/forwarding"]
 
 
 def test_the_unit_lifts_the_open_file_limit():

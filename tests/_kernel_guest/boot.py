@@ -92,14 +92,16 @@ def missing() -> str | None:
     return None
 
 
-def build_initramfs(out: Path, ver: str) -> Path:
+def build_initramfs(
+    out: Path, ver: str, init: Path = HERE / "init.sh", modules: list[str] = MODULES
+) -> Path:
     files = {
-        "init": (HERE / "init.sh").read_bytes(),
+        "init": init.read_bytes(),
         "bin/busybox": Path(BUSYBOX).read_bytes(),
         "sbin/modprobe": MODPROBE,
-        "mods/order": ("\n".join(MODULES) + "\n").encode(),
+        "mods/order": ("\n".join(modules) + "\n").encode(),
     }
-    for m in MODULES:
+    for m in modules:
         files[f"mods/{m}.ko"] = Path(_module_path(ver, m) or "").read_bytes()
     path = out / "initrd.gz"
     path.write_bytes(gzip.compress(newc_archive(files, mode=0o755), compresslevel=1))
@@ -120,14 +122,19 @@ def boot(
     timeout: float = BOOT_TIMEOUT,
     env: dict[str, str] | None = None,
     compile_dirs: tuple[str, ...] = ("clanagent", "tests"),
+    init: Path = HERE / "init.sh",
+    modules: list[str] = MODULES,
+    script: Path = HERE / "guest.sh",
 ) -> tuple[dict, str, float]:
     """Boot the guest once, running MODULE in it: (result, console text, wall
     seconds).  ENV: more KEY=VALUE words for the kernel command line (they
-    reach the guest's processes as environment variables; no spaces)."""
+    reach the guest's processes as environment variables; no spaces).
+    INIT, MODULES and SCRIPT: another initramfs /init, the modules it loads
+    and the host file it runs (tests/_systemd_guest boots systemd with them)."""
     k = kernel()
     assert k is not None
     bz, ver = k
-    initrd = build_initramfs(out, ver)
+    initrd = build_initramfs(out, ver, init, modules)
     # The guest's root is read-only: byte-compile here what it imports, or every
     # Python start in it compiles the package again (seconds under TCG).
     subprocess.run(
@@ -139,7 +146,7 @@ def boot(
     extra = " ".join(f"{k}={v}" for k, v in (env or {}).items())
     append = (
         "console=ttyS0 quiet panic=-1 tsc_early_khz=2000 "
-        f"guest_script={HERE / 'guest.sh'} KGUEST_PYTHON={sys.executable} KGUEST_TREE={TREE} "
+        f"guest_script={script} KGUEST_PYTHON={sys.executable} KGUEST_TREE={TREE} "
         f"KGUEST_MODULE={module} {extra}"
     ).strip()
     argv = [
