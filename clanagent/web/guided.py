@@ -372,7 +372,11 @@ def service_preview(
                 }
             )
         if role["exports"]:
-            for by in _importers(new, f"{service}.{rname}"):
+            # importers in this service are listed above, from their side
+            others = [
+                b for b in _importers(new, f"{service}.{rname}") if not b.startswith(f"{service}.")
+            ]
+            for by in others:
                 wiring.append(
                     {
                         "import": f"{service}.{rname}",

@@ -750,6 +750,7 @@ async function removeSign() {
       const topo = await call("topology").catch(() => null);
       if (topo && !topo.machines.some((m) => m.name === p.name)) {
         $("#rm-state").textContent = `${p.name} left the clan`;
+        if ($("#am-result-name").textContent === p.name) { clearTimeout(guided.waitTimer); $("#am-result").hidden = true; }
         $("#rm-state").dataset.left = p.name;
         refresh();
         return;
