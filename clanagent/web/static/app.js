@@ -606,9 +606,11 @@ function addForm() {
 async function addPreview() {
   const form = addForm();
   const root = $("#add-machine");
+  const seq = (guided.addSeq = (guided.addSeq || 0) + 1);
   try {
     const r = await call("console.machine_add_preview", form);
-    if (JSON.stringify(addForm()) !== JSON.stringify(form)) return;  // typed on meanwhile
+    // requests run concurrently: show only the answer to the latest form
+    if (seq !== guided.addSeq || JSON.stringify(addForm()) !== JSON.stringify(form)) return;
     guided.add = { ...r, form };
     $("#am-tags-known").replaceChildren(...r.tags_known.map((t) => el("button", {
       class: "chip small", "data-tag": t, text: t, title: `add tag ${t}`,
@@ -811,6 +813,7 @@ function svcPick() {
 async function servicePreview() {
   const form = svcForm();
   const root = $("#apply-service");
+  const seq = (guided.svcSeq = (guided.svcSeq || 0) + 1);
   let r;
   try {
     r = await call("console.service_preview", form);
@@ -818,6 +821,9 @@ async function servicePreview() {
     showError("#as-error", e.message);
     return;
   }
+  // requests run concurrently: show only the answer to the latest form
+  if (seq !== guided.svcSeq) return;
+  if ($("#as-service").options.length && JSON.stringify(svcForm()) !== JSON.stringify(form)) return;
   guided.svc = { ...r, form };
   const select = $("#as-service");
   if (!select.options.length) {
