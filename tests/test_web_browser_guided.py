@@ -18,6 +18,7 @@ directory; CLAN_UPDATE_SCREENSHOT=1 copies them to docs/.
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import shutil
 import subprocess
@@ -61,6 +62,7 @@ DOCS_SHOTS = (
     "web-add-machine-joined.png",
     "web-remove-machine.png",
     "web-apply-service.png",
+    "web-apply-service-moved.png",
 )
 
 
@@ -271,6 +273,22 @@ class Page:
             "diff": self.text("#as-diff"),
         }
         self.shot("web-apply-service.png", "#apply-service")
+        return seen
+
+    def sign_service(self) -> dict:
+        """Sign after another admin moved the head: refused, re-diff, then sign."""
+        d = self.driver
+        seen: dict = {}
+        self.click("#as-sign")
+        self.wait.until(lambda _: "changed since" in self.text("#as-error"))
+        seen["refused"] = self.text("#as-error")
+        assert self.find("#as-rediff").is_displayed()
+        assert not self.find("#as-sign").is_enabled()  # only after a re-diff
+        self.shot("web-apply-service-moved.png", "#apply-service")
+        self.click("#as-rediff")
+        self.wait.until(lambda _: not self.find("#as-error").is_displayed())
+        self.wait.until(lambda _: self.find("#as-sign").is_enabled())
+        seen["rediff"] = self.text("#as-diff")
         self.click("#as-sign")
         self.wait.until(lambda _: "applied vpn" in self.text("#as-state"))
         seen["console_errors"] = [e for e in d.get_log("browser") if e.get("level") == "SEVERE"]
@@ -320,8 +338,13 @@ async def test_add_remove_and_apply_through_the_page(tmp_path):
                 a2, _ = await start(n, cfg_for(tmp_path, 2))
                 a3, _ = await start(n, cfg_for(tmp_path, 3))
                 await wait_until(
-                    lambda: sum(m["online"] for m in a1.topology.view()["machines"]) == 3,
-                    "three machines online",
+                    lambda: (
+                        sum(m["online"] for m in a1.topology.view()["machines"]) == 3
+                        and ({r["id"]: r for r in a1.secrets.rows()}.get("vpn/psk") or {}).get(
+                            "generation"
+                        )
+                    ),
+                    "three machines online, the vpn secrets made",
                     45,
                 )
                 opened = await call(a1, "ui.open", {"admin_key": str(key_file)})
@@ -364,7 +387,7 @@ async def test_add_remove_and_apply_through_the_page(tmp_path):
                             and a.admit_peer(m4_id.public_key) is False
                         ),
                         f"m4 cut off at {a.cfg.gossip.name}",
-                        15,
+                        30,
                     )
                 s4.cancel()
 
@@ -378,7 +401,22 @@ async def test_add_remove_and_apply_through_the_page(tmp_path):
                 assert seen["secrets"]["vpn/serverkey"][1:4:2] == ["m1", "unchanged"]
                 assert "vpn.server" in seen["wiring"] and "m2" in seen["wiring"]
                 assert "services.vpn.roles.client.tags" in seen["diff"], seen["diff"]
+                # meanwhile another admin changes the inventory: the page must not sign
+                shown = await call(a1, "inventory.show")
+                other = copy.deepcopy(shown["doc"])
+                other["machines"]["m3"]["tags"] = ["db", "server"]
+                moved = make_version(
+                    other, shown["leaves"], int(time.time()), "other admin", [admin]
+                )
+                await call(a1, "inventory.submit", {"version": moved.to_wire(), "init": False})
+                seen = await trio.to_thread.run_sync(page.sign_service)
+                assert "review the new diff" in seen["refused"]
+                assert "services.vpn.roles.client.tags" in seen["rediff"]
+                assert "m3.tags" not in seen["rediff"]  # the other admin's change is the base
                 assert seen["console_errors"] == [], seen["console_errors"]
+                history = await call(a1, "inventory.history")
+                assert history[0]["message"] == "apply service vpn (web console)"
+                assert history[1]["message"] == "other admin"
                 # what the agents then do matches the preview
                 svc = {s["service"]: s for s in await call(a1, "services")}["vpn"]
                 roles = {r["role"]: r["machines"] for r in svc["roles"]}
@@ -390,9 +428,9 @@ async def test_add_remove_and_apply_through_the_page(tmp_path):
                 with trio.fail_after(30):
                     while True:
                         row = await psk()
-                        if row["generation"] > psk_before["generation"] and row["recipients"] == [
-                            "m2"
-                        ]:
+                        if (row["generation"] or 0) > psk_before["generation"] and row[
+                            "recipients"
+                        ] == ["m2"]:
                             break
                         await trio.sleep(0.2)
                 assert row["holders"] == ["m2"]

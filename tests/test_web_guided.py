@@ -65,6 +65,62 @@ def test_remove_strips_references_and_refuses_this_machine(tmp_path):
     assert new["services"]["vpn"]["roles"]["client"]["machines"] == ["m3"]
 
 
+def test_removal_lists_what_follows(tmp_path):
+    from clanagent.web.guided import removal_consequences, service_preview
+
+    doc, _ = _doc(tmp_path)
+    doc["vms"]["hello"] = {
+        "machines": [],
+        "tags": ["server"],
+        "count": 1,
+        "vcpus": 1,
+        "memory_mb": 64,
+        "kernel": "/k",
+        "initrd": "",
+        "rootfs": "",
+        "disk_mb": 0,
+        "networks": [],
+        "secrets": [],
+        "backend": "auto",
+        "graphics": False,
+    }
+    from clanagent.inventory.select import placement
+
+    host = placement(doc, "hello")[0]
+    other = "m3" if host == "m1" else "m1"
+    gone = remove_machine_doc(doc, "m1", "m2")
+    lines = [c["text"] for c in removal_consequences(doc, gone, "m1", online=False)]
+    text = " | ".join(lines)
+    assert "not online" in text
+    assert "vpn/serverkey is no longer kept by anyone" in text
+    assert (
+        "exports of vpn.server (address, public_key) are withdrawn from vpn.client on m2, m3"
+        in text
+    )
+    assert "role vpn.server is left with no machine" in text
+    if host == "m1":
+        assert f"VM hello is stopped on m1 and started on {other}" in text
+    # m2 held the shared client secret with m3: it is made again for m3 only
+    gone = remove_machine_doc(doc, "m2", "m1")
+    text = " | ".join(c["text"] for c in removal_consequences(doc, gone, "m2", online=True))
+    assert "vpn/psk is rotated: a new generation for m3 only" in text
+    assert "closes its sessions" in text
+    # the service preview: the same selection as the agents
+    new = service_doc(doc, "vpn", None, {"client": {"tags": ["laptop"]}})
+    p = service_preview(doc, new, "vpn", {"m1", "m2"})
+    psk = next(x for x in p["secrets"] if x["id"] == "vpn/psk")
+    assert psk["holders"] == ["m2"] and psk["change"] == "rotated" and psk["generator"] == "m2"
+    assert p["wiring"] == [
+        {
+            "import": "vpn.server",
+            "by": "vpn.client",
+            "from": ["m1"],
+            "to": ["m2"],
+            "values": ["address", "public_key"],
+        }
+    ]
+
+
 def test_service_tags_that_match_nothing_are_errors(tmp_path):
     doc, _ = _doc(tmp_path)
     with pytest.raises(FormError) as e:

@@ -656,7 +656,7 @@ async function addSign() {
     refresh();
   } catch (e) {
     showError("#am-error", e.message, "#am-rediff");
-    $("#am-sign").disabled = !signable(guided.add);
+    $("#am-sign").disabled = !$("#am-rediff").hidden || !signable(guided.add);
   }
 }
 
@@ -873,7 +873,8 @@ async function serviceSign() {
     refresh();
   } catch (e) {
     showError("#as-error", e.message, "#as-rediff");
-    $("#as-sign").disabled = false;
+    // a head that moved: nothing to sign until the preview is made again
+    $("#as-sign").disabled = !$("#as-rediff").hidden || !signable(guided.svc);
   }
 }
 
