@@ -217,8 +217,56 @@ async def test_guided_edits_over_the_api(tmp_path):
                 {"name": "m4", "leaves": rp["leaves"], "digest": rp["digest"]},
             )
             assert gone["ok"], gone
+        # clanctl's socket never offers them (they sign with a web session's key)
+        from clanagent.control.client import ClientError
+
+        for method in ("console.machine_add", "console.machine_remove", "console.service_apply"):
+            with pytest.raises(ClientError) as exc:
+                await call(agent, method, {})
+            assert exc.value.code == "unknown_method"
         shown = await call(agent, "inventory.show")
         assert "m4" not in shown["doc"]["machines"]
         assert shown["doc"]["services"]["www"]["roles"]["web"]["tags"] == ["server"]
         history = await call(agent, "inventory.history")
         assert history[0]["message"] == "remove machine m4 (web console)"
+
+
+HOSTILE = {
+    "console.machine_add_preview": [
+        {},
+        {"name": 5, "tags": "x", "key": ["a"]},
+        {"name": "x" * 10_000, "tags": [1, 2]},
+        {"name": "ok", "tags": ["a"] * 1000, "key": "clanmachine1." + "A" * 10_000},
+        {"name": "m1", "tags": [None], "key": {"k": 1}},
+    ],
+    "console.machine_remove_preview": [{}, {"name": 5}, {"name": ["m1"]}, {"name": "m1"}],
+    "console.service_preview": [
+        {},
+        {"service": "vpn", "roles": []},
+        {"service": "vpn", "roles": {"r": 5}},
+        {"service": "vpn", "roles": {"r": {"tags": "x"}}},
+        {"service": "vpn", "roles": {"BAD": {}}},
+        {"service": "new", "type": 5, "roles": {"r": {}}},
+        {"service": "new", "type": "t", "roles": {"r": {"machines": [None], "x": 1}}},
+        {"service": "new", "type": "t\n" * 100, "roles": {"r": {"machines": ["m1"]}}},
+        {"service": "x" * 70, "roles": {"r": {}}},
+    ],
+    "console.machine_add": [{}, {"name": "m9", "leaves": "zz", "digest": 5}],
+    "console.service_apply": [{"service": "vpn", "roles": {}, "leaves": [5]}],
+}
+
+
+async def test_hostile_forms_get_answers_not_crashes(tmp_path):
+    async with founded_agent(tmp_path) as (agent, admin):
+        opened = await call(agent, "ui.open", {"admin_key": write_key(tmp_path / "a.key", admin)})
+        base, session = await login(opened["url"])
+        async with api(base, session) as a:
+            for method, forms in HOSTILE.items():
+                for form in forms:
+                    reply = await a.call(method, form)
+                    if reply["ok"]:
+                        assert reply["result"]["errors"], (method, form)
+                    else:
+                        assert reply["error"]["code"] == "invalid_params", (method, form, reply)
+        history = await call(agent, "inventory.history")
+        assert len(history) == 1  # nothing was signed
