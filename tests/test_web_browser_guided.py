@@ -169,6 +169,12 @@ class Page:
         seen: dict = {}
         d = self.driver
         d.get(url)
+        origin = url.split("/login")[0]
+        # let the test read back what the copy button wrote
+        d.execute_cdp_cmd(
+            "Browser.grantPermissions",
+            {"origin": origin, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        )
         self.wait.until(lambda _: self.text("#conn") == "live")
         self.wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#map g.node")) == 3)
         self.click('nav button[data-tab="machines"]')
@@ -193,6 +199,17 @@ class Page:
         seen["command"] = self.text("#am-command")
         seen["token"] = self.find("#am-result").get_attribute("data-token")
         seen["waiting"] = self.text("#am-wait")
+        self.click("#am-copy")
+        self.wait.until(
+            lambda _: "copied" in self.text("#toast") or "selected" in self.text("#toast")
+        )
+        toast = self.text("#toast")
+        # headless Chromium may refuse the clipboard: the page then selects the command
+        seen["copied"] = d.execute_script(
+            "return arguments[0] ? navigator.clipboard.readText() : String(window.getSelection())",
+            "copied" in toast,
+        )
+        seen["copy_toast"] = toast
         self.wait.until(
             lambda _: d.execute_script(
                 "const i = document.querySelector('#am-qr');return i.complete && i.naturalWidth > 0"
@@ -360,6 +377,7 @@ async def test_add_remove_and_apply_through_the_page(tmp_path):
                 assert seen["qr_element"] == [token], seen["qr_element"]
                 assert seen["qr_page"] == [token], seen["qr_page"]
                 assert seen["waiting"].startswith("waiting for m4 to join")
+                assert seen["copied"] == seen["command"], seen["copy_toast"]
                 shown = await call(a1, "inventory.show")
                 assert shown["doc"]["machines"]["m4"]["tags"] == ["server"]
                 # on the new machine: the command the page showed, then the agent
