@@ -32,7 +32,7 @@ from ..control.protocol import ControlError, ErrorCode
 from ..inventory import edit
 from ..wire import Limits, pack, unpack
 
-__all__ = ["AdminKeySource", "ConsoleActions", "SIGNER", "api_call"]
+__all__ = ["AdminKeySource", "ConsoleActions", "SIGNER", "api_call", "check_head"]
 
 _RESULT_LIMITS = Limits(max_frame=64 << 20, max_array=1 << 20, max_map=1 << 16)
 MAX_TOML = 1 << 20
@@ -53,6 +53,19 @@ SIGNER: contextvars.ContextVar[tuple[str, int | None] | None] = contextvars.Cont
     "clanagent_web_signer"
 )
 _UNSET = object()
+
+
+def check_head(shown: dict[str, Any], leaves: Any) -> None:
+    """Refuse unless `leaves` (hex, from the page) is the head in `shown` now."""
+    if not isinstance(leaves, list) or not all(isinstance(x, str) for x in leaves):
+        raise ControlError(
+            ErrorCode.INVALID_PARAMS, "'leaves' must be the head the diff was shown against"
+        )
+    if sorted(x.hex() for x in shown["leaves"]) != sorted(x.lower() for x in leaves):
+        raise ControlError(
+            ErrorCode.INVALID_PARAMS,
+            "the inventory changed since this diff was shown: review the new diff, then sign",
+        )
 
 
 class AdminKeySource:
@@ -255,23 +268,27 @@ class ConsoleActions:
                 ErrorCode.INVALID_PARAMS, f"{len(errors)} error(s); nothing was signed: {errors[0]}"
             )
         leaves = params.get("leaves")
-        if not isinstance(leaves, list) or not all(isinstance(x, str) for x in leaves):
-            raise ControlError(
-                ErrorCode.INVALID_PARAMS, "'leaves' must be the head the diff was shown against"
-            )
         message = params.get("message") or "edited in the web console"
         if not isinstance(message, str) or len(message) > 500:
             raise ControlError(ErrorCode.INVALID_PARAMS, "'message' must be a short text")
+        shown = await self.current()
+        check_head(shown, leaves)
+        if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
+            raise ControlError(ErrorCode.INVALID_PARAMS, "clan.id is not this clan's id")
+        return await self.sign_and_submit(doc, shown, message)
+
+    async def current(self) -> dict[str, Any]:
+        """`inventory.show`'s answer; UNAVAILABLE before the agent is in a clan."""
         shown = await api_call(self.api, "inventory.show")
         if shown.get("doc") is None:
             raise ControlError(ErrorCode.UNAVAILABLE, "this agent has no inventory yet")
-        if sorted(x.hex() for x in shown["leaves"]) != sorted(x.lower() for x in leaves):
-            raise ControlError(
-                ErrorCode.INVALID_PARAMS,
-                "the inventory changed since this diff was shown: review the new diff, then sign",
-            )
-        if doc["clan"]["id"] != shown["doc"]["clan"]["id"]:
-            raise ControlError(ErrorCode.INVALID_PARAMS, "clan.id is not this clan's id")
+        return shown
+
+    async def sign_and_submit(
+        self, doc: dict[str, Any], shown: dict[str, Any], message: str
+    ) -> dict[str, Any]:
+        """Sign `doc` on top of the head in `shown` (the caller checked it is the one
+        the user saw) with this session's admin key, and submit it."""
         if not edit.changes(shown["doc"], doc):
             raise ControlError(
                 ErrorCode.INVALID_PARAMS, "nothing to apply: the inventory already says this"

@@ -26,6 +26,7 @@ from ._listener import KEEP_ALIVE, Listener
 from .actions import AdminKeySource, ConsoleActions
 from .app import WebApp
 from .auth import Authenticator
+from .guided import GuidedEdits
 
 __all__ = ["WebConsole", "BIND_HOST"]
 
@@ -56,6 +57,7 @@ class WebConsole:
         self.keys = AdminKeySource(self.cfg.admin_key)
         self.actions = ConsoleActions(api, self.keys)
         self.actions.register()
+        GuidedEdits(self.actions).register()
         self.app = WebApp(api, self.auth, max_message=cfg.control.max_request)
         self.listener = Listener(self.app)
         self.app.faults = self.listener.faults  # one count, one log-once set

@@ -423,8 +423,12 @@ function renderMachines() {
     el("td", { class: `state-${m.self ? "self" : m.online ? "online" : stateWord(m.state)}`, text: m.self ? "online (this machine)" : m.online ? "online" : m.state }),
     el("td", {}, (m.capabilities || []).map((c) => el("span", { class: `tag ${c.available ? "" : "cap-no"}`, title: c.reason, text: c.name }))),
     el("td", { class: "mono", text: m.services.join(", ") || "-" }),
-    el("td", { class: "mono", text: m.vms.map((v) => `${v.vm} (${v.state})`).join(", ") || "-" })));
-  $("#machines-table").replaceChildren(table(["Name", "Node", "Tags", "State", "Capabilities", "Services", "VMs"], rows));
+    el("td", { class: "mono", text: m.vms.map((v) => `${v.vm} (${v.state})`).join(", ") || "-" }),
+    el("td", { class: "actions" }, m.self ? null : el("button", {
+      class: "small", "data-action": "remove", "data-machine": m.name, text: "remove…",
+      onclick: () => openRemove(m.name),
+    }))));
+  $("#machines-table").replaceChildren(table(["Name", "Node", "Tags", "State", "Capabilities", "Services", "VMs", ""], rows));
 }
 
 function renderServices() {
@@ -556,12 +560,347 @@ async function applyInventory() {
   }
 }
 
+// ---------------------------------------------------------------- guided edits
+// Add a machine, remove one, apply a service to tags.  Every keystroke asks the
+// agent for a preview (the same selection code the agents run); "Sign" sends the
+// form again with the head and the digest of the change that was shown, and the
+// agent refuses if either moved.
+
+const guided = { add: null, remove: null, svc: null, waitTimer: null };
+
+function debounce(fn, ms) {
+  let t = null;
+  return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), ms); };
+}
+function splitNames(text) {
+  return text.split(/[\s,]+/).map((x) => x.trim()).filter(Boolean);
+}
+function showFieldErrors(root, errors) {
+  for (const span of root.querySelectorAll(".field-error[data-field]")) {
+    const msg = (errors || {})[span.dataset.field];
+    span.textContent = msg || "";
+    span.hidden = !msg;
+  }
+}
+function showError(id, text, rediffId) {
+  const p = $(id);
+  p.textContent = text || "";
+  p.hidden = !text;
+  if (rediffId) $(rediffId).hidden = !(text && /changed since|not the change the preview showed/.test(text));
+}
+function signable(preview) {
+  return preview && !Object.keys(preview.errors || {}).length && preview.changes.length > 0 && state.admin.available;
+}
+function signTitle(preview) {
+  if (!state.admin.available) return `needs the admin key: ${state.admin.reason}`;
+  if (!preview || Object.keys(preview.errors || {}).length) return "fix what the form says first";
+  return "sign the change shown above with the admin key";
+}
+
+// -- add a machine
+
+function addForm() {
+  return { name: $("#am-name").value.trim(), tags: splitNames($("#am-tags").value), key: $("#am-key").value.trim() };
+}
+
+async function addPreview() {
+  const form = addForm();
+  const root = $("#add-machine");
+  const seq = (guided.addSeq = (guided.addSeq || 0) + 1);
+  try {
+    const r = await call("console.machine_add_preview", form);
+    // requests run concurrently: show only the answer to the latest form
+    if (seq !== guided.addSeq || JSON.stringify(addForm()) !== JSON.stringify(form)) return;
+    guided.add = { ...r, form };
+    $("#am-tags-known").replaceChildren(...r.tags_known.map((t) => el("button", {
+      class: "chip small", "data-tag": t, text: t, title: `add tag ${t}`,
+      onclick: () => {
+        const tags = splitNames($("#am-tags").value);
+        if (!tags.includes(t)) $("#am-tags").value = [...tags, t].join(", ");
+        addPreview();
+      },
+    })));
+    // untouched fields are not wrong yet: say so only once something was typed
+    const errors = Object.fromEntries(Object.entries(r.errors).filter(([k]) => (k === "tags" ? form.tags.length : form[k])));
+    showFieldErrors(root, errors);
+    $("#am-diff").textContent = Object.keys(r.errors).length ? "The change appears once the form is right." : r.diff;
+    $("#am-gets").textContent = r.gets
+      ? `${form.name} will hold: ${r.gets.roles.join(", ") || "no roles"}; VMs: ${r.gets.vms.join(", ") || "none"}; secrets: ${r.gets.secrets.join(", ") || "none"}; imports: ${r.gets.imports.join(", ") || "none"}`
+      : "";
+    showError("#am-error", "", "#am-rediff");
+  } catch (e) {
+    guided.add = null;
+    showError("#am-error", e.message);
+  }
+  const b = $("#am-sign");
+  b.disabled = !signable(guided.add);
+  b.title = signTitle(guided.add);
+}
+
+async function addSign() {
+  const p = guided.add;
+  if (!signable(p)) return;
+  $("#am-sign").disabled = true;
+  try {
+    const r = await call("console.machine_add", { ...p.form, leaves: p.leaves, digest: p.digest });
+    $("#am-result-name").textContent = r.machine;
+    $("#am-command").textContent = r.command;
+    $("#am-qr").src = r.qr;
+    $("#am-result").hidden = false;
+    $("#am-result").dataset.token = r.token;
+    toast(`added ${r.machine} (version ${r.hash.slice(0, 12)})`);
+    for (const id of ["#am-name", "#am-tags", "#am-key"]) $(id).value = "";
+    guided.add = null;
+    $("#am-diff").textContent = "Signed.";
+    waitForJoin(r.machine);
+    refresh();
+  } catch (e) {
+    showError("#am-error", e.message, "#am-rediff");
+    $("#am-sign").disabled = !$("#am-rediff").hidden || !signable(guided.add);
+  }
+}
+
+function linkTo(topo, name) {
+  return topo.links.find((l) => (l.a === name && l.b === topo.self) || (l.b === name && l.a === topo.self));
+}
+
+function waitForJoin(name) {
+  clearTimeout(guided.waitTimer);
+  const out = $("#am-wait");
+  out.className = "wait waiting";
+  out.textContent = `waiting for ${name} to join…`;
+  delete out.dataset.joined;
+  delete out.dataset.rtt;
+  let deadline = Infinity;
+  const tick = async () => {
+    try {
+      const topo = await call("topology");
+      const m = topo.machines.find((x) => x.name === name);
+      const link = m && m.online ? linkTo(topo, name) : null;
+      if (link && link.kind !== "down") {
+        if (deadline === Infinity) deadline = Date.now() + 20000;
+        const seen = (link.seen_by || {})[topo.self] || Object.values(link.seen_by || {})[0] || {};
+        const kind = (seen.kind || link.kind).toUpperCase() === "LAN" ? "LAN" : (seen.kind || link.kind);
+        const rtt = seen.rtt_ms != null ? `, ${rttText(seen.rtt_ms)}` : "";
+        out.className = "wait joined";
+        if (!out.dataset.joined) refresh();
+        out.dataset.joined = name;
+        // the RTT comes with the first probe round: keep asking a little while for it
+        out.textContent = `${name} joined, path: ${kind}${rtt || " (measuring the RTT…)"}`;
+        if (rtt || Date.now() > deadline) { out.dataset.rtt = rtt ? String(seen.rtt_ms) : ""; return; }
+      }
+      if (!m) { out.textContent = `${name} is not in the inventory any more`; return; }
+    } catch (e) { /* connection blips: keep waiting */ }
+    guided.waitTimer = setTimeout(tick, 1000);
+  };
+  tick();
+}
+
+async function copyCommand() {
+  const text = $("#am-command").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    toast("command copied");
+  } catch (e) {
+    // no clipboard permission (plain http): select it for Ctrl+C instead
+    const range = document.createRange();
+    range.selectNodeContents($("#am-command"));
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    toast("selected: press Ctrl+C to copy");
+  }
+}
+
+// -- remove a machine
+
+async function openRemove(name) {
+  const panel = $("#remove-panel");
+  panel.hidden = false;
+  $("#rm-name").textContent = name;
+  $("#rm-consequences").replaceChildren(el("li", { class: "muted", text: "working out what follows…" }));
+  $("#rm-diff").textContent = "";
+  $("#rm-sign").disabled = true;
+  $("#rm-state").textContent = "";
+  showError("#rm-error", "");
+  try {
+    const r = await call("console.machine_remove_preview", { name });
+    guided.remove = { ...r, name };
+    const err = Object.values(r.errors)[0];
+    showError("#rm-error", err || "");
+    $("#rm-consequences").replaceChildren(...r.consequences.map((c) => el("li", { "data-kind": c.kind, text: c.text })));
+    $("#rm-diff").textContent = r.diff;
+    $("#rm-sign").disabled = !signable(r);
+    $("#rm-sign").title = signTitle(r);
+    $("#rm-sign").textContent = `Sign and remove ${name}`;
+  } catch (e) {
+    showError("#rm-error", e.message);
+  }
+  panel.scrollIntoView({ block: "nearest" });
+}
+
+async function removeSign() {
+  const p = guided.remove;
+  if (!signable(p)) return;
+  $("#rm-sign").disabled = true;
+  try {
+    await call("console.machine_remove", { name: p.name, leaves: p.leaves, digest: p.digest });
+    toast(`removed ${p.name}`);
+    $("#rm-state").textContent = `removed ${p.name}; waiting for it to leave the map…`;
+    guided.remove = null;
+    const tick = async () => {
+      const topo = await call("topology").catch(() => null);
+      if (topo && !topo.machines.some((m) => m.name === p.name)) {
+        $("#rm-state").textContent = `${p.name} left the clan`;
+        if ($("#am-result-name").textContent === p.name) { clearTimeout(guided.waitTimer); $("#am-result").hidden = true; }
+        $("#rm-state").dataset.left = p.name;
+        refresh();
+        return;
+      }
+      setTimeout(tick, 1000);
+    };
+    tick();
+  } catch (e) {
+    const moved = /changed since|not the change the preview showed/.test(e.message);
+    showError("#rm-error", moved ? `${e.message} (the preview above is refreshed)` : e.message);
+    if (moved) openRemove(p.name);
+  }
+}
+
+// -- apply a service to tags
+
+function svcForm() {
+  const sel = $("#as-service").value;
+  const isNew = sel === "__new__";
+  const roles = {};
+  for (const tr of document.querySelectorAll("#as-roles tbody tr")) {
+    const name = tr.dataset.role || tr.querySelector("input.role-name").value.trim();
+    if (!name) continue;
+    roles[name] = {
+      tags: splitNames(tr.querySelector("input.role-tags").value),
+      machines: splitNames(tr.querySelector("input.role-machines").value),
+    };
+  }
+  return {
+    service: isNew ? $("#as-new-name").value.trim() : sel,
+    type: isNew ? $("#as-type").value.trim() : null,
+    roles,
+  };
+}
+
+function roleRow(name, sel, isNew) {
+  const input = (cls, value, ph) => el("input", { class: cls, value: value || "", placeholder: ph, spellcheck: "false", oninput: debouncedSvc });
+  return el("tr", { "data-role": isNew ? null : name },
+    el("td", { class: "mono" }, isNew ? input("role-name", name, "role name") : name),
+    el("td", {}, input("role-tags", (sel.tags || []).join(", "), "tags"), el("span", { class: "field-error", "data-field": `roles.${name}.tags` })),
+    el("td", {}, input("role-machines", (sel.machines || []).join(", "), "machine names"), el("span", { class: "field-error", "data-field": `roles.${name}.machines` })),
+    el("td", { class: "lands mono", "data-lands": name, text: "-" }));
+}
+
+function svcPick() {
+  const sel = $("#as-service").value;
+  const isNew = sel === "__new__";
+  $("#as-new-name").hidden = !isNew;
+  $("#as-type-label").hidden = !isNew;
+  $("#as-type-row").hidden = !isNew;
+  const known = (guided.svc && guided.svc.services) || {};
+  const body = $("#as-roles tbody");
+  if (isNew) body.replaceChildren(roleRow("", {}, true));
+  else body.replaceChildren(...Object.entries((known[sel] || {}).roles || {}).map(([r, x]) => roleRow(r, x, false)));
+  servicePreview();
+}
+
+async function servicePreview() {
+  const form = svcForm();
+  const root = $("#apply-service");
+  const seq = (guided.svcSeq = (guided.svcSeq || 0) + 1);
+  let r;
+  try {
+    r = await call("console.service_preview", form);
+  } catch (e) {
+    showError("#as-error", e.message);
+    return;
+  }
+  // requests run concurrently: show only the answer to the latest form
+  if (seq !== guided.svcSeq) return;
+  if ($("#as-service").options.length && JSON.stringify(svcForm()) !== JSON.stringify(form)) return;
+  guided.svc = { ...r, form };
+  const select = $("#as-service");
+  if (!select.options.length) {
+    select.replaceChildren(...Object.keys(r.services).map((s) => el("option", { value: s, text: `${s} (${r.services[s].type})` })),
+      el("option", { value: "__new__", text: "a new service…" }));
+    svcPick();
+    return;
+  }
+  $("#as-known").textContent = `tags in use: ${r.tags_known.join(", ") || "none"}; machines: ${r.machines_known.join(", ")}`;
+  // a new row's role has no name yet: its errors are keyed by the name typed
+  for (const tr of document.querySelectorAll("#as-roles tbody tr")) {
+    const name = tr.dataset.role || tr.querySelector("input.role-name").value.trim();
+    tr.querySelector(".role-tags + .field-error").dataset.field = `roles.${name}.tags`;
+    tr.querySelector(".role-machines + .field-error").dataset.field = `roles.${name}.machines`;
+    const lands = tr.querySelector("td.lands");
+    lands.dataset.lands = name;
+    const role = r.preview && r.preview.roles.find((x) => x.role === name);
+    lands.textContent = role ? `${role.machines.join(", ") || "no machine"}${JSON.stringify(role.before) !== JSON.stringify(role.machines) ? `  (was: ${role.before.join(", ") || "none"})` : ""}` : "-";
+  }
+  showFieldErrors(root, r.errors);
+  const p = r.preview;
+  $("#as-secrets").replaceChildren(p && p.secrets.length ? table(["Secret", "For", "Made by", "Change"], p.secrets.map((x) =>
+    el("tr", { "data-secret": x.id }, el("td", { class: "mono", text: x.id }), el("td", { text: x.holders.join(", ") || "-" }),
+      el("td", { text: x.generator || (x.holders.length ? "the first holder online" : "-") }), el("td", { text: x.change }))))
+    : el("span", { text: p ? "this service declares no secrets" : "-" }));
+  $("#as-wiring").replaceChildren(p && p.wiring.length ? table(["Import", "By", "From", "To", "Values"], p.wiring.map((w) =>
+    el("tr", {}, el("td", { class: "mono", text: w.import }), el("td", { class: "mono", text: w.by }),
+      el("td", { text: w.from.join(", ") || "no machine" }), el("td", { text: w.to.join(", ") || "-" }), el("td", { class: "mono", text: w.values.join(", ") || "-" }))))
+    : el("span", { text: p ? "no imports" : "-" }));
+  $("#as-diff").textContent = Object.keys(r.errors).length ? "The change appears once the form is right." : (r.diff || "no changes");
+  showError("#as-error", "", "#as-rediff");
+  $("#as-sign").disabled = !signable(r);
+  $("#as-sign").title = signTitle(r);
+}
+const debouncedSvc = debounce(servicePreview, 200);
+
+async function serviceSign() {
+  const p = guided.svc;
+  if (!signable(p)) return;
+  $("#as-sign").disabled = true;
+  try {
+    const r = await call("console.service_apply", { ...p.form, leaves: p.leaves, digest: p.digest });
+    toast(`applied ${p.form.service} (version ${r.hash.slice(0, 12)})`);
+    $("#as-state").textContent = `applied ${p.form.service}`;
+    $("#as-service").replaceChildren();  // re-read the services, then the form
+    await servicePreview();
+    refresh();
+  } catch (e) {
+    showError("#as-error", e.message, "#as-rediff");
+    // a head that moved: nothing to sign until the preview is made again
+    $("#as-sign").disabled = !$("#as-rediff").hidden || !signable(guided.svc);
+  }
+}
+
+function setupGuided() {
+  const addLater = debounce(addPreview, 200);
+  for (const id of ["#am-name", "#am-tags", "#am-key"]) $(id).addEventListener("input", addLater);
+  $("#am-sign").addEventListener("click", addSign);
+  $("#am-rediff").addEventListener("click", addPreview);
+  $("#am-copy").addEventListener("click", copyCommand);
+  $("#rm-sign").addEventListener("click", removeSign);
+  $("#rm-cancel").addEventListener("click", () => { $("#remove-panel").hidden = true; guided.remove = null; });
+  $("#as-service").addEventListener("change", svcPick);
+  for (const id of ["#as-new-name", "#as-type"]) $(id).addEventListener("input", debouncedSvc);
+  $("#as-add-role").addEventListener("click", () => { $("#as-roles tbody").append(roleRow("", {}, true)); });
+  $("#as-sign").addEventListener("click", serviceSign);
+  $("#as-rediff").addEventListener("click", servicePreview);
+}
+
 // ---------------------------------------------------------------- start-up
 
 function showTab(name) {
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll(".tab")) s.classList.toggle("active", s.id === `tab-${name}`);
   if (name === "inventory" && !$("#inv-text").value && state.ready) loadInventory();
+  if (name === "machines" && state.ready) addPreview();
+  if (name === "services" && state.ready) servicePreview();
 }
 
 document.addEventListener("DOMContentLoaded", async () => {
@@ -570,6 +909,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#inv-diff").addEventListener("click", showDiff);
   $("#inv-apply").addEventListener("click", applyInventory);
   $("#inv-text").addEventListener("input", () => { state.inventoryDiffOk = false; updateApply(); });
+  setupGuided();
   $("#logout").addEventListener("click", async () => {
     const session = localStorage.getItem(SESSION_KEY);
     localStorage.removeItem(SESSION_KEY);
