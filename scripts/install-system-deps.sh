@@ -28,6 +28,10 @@
 #     tor                 onion services
 #     chromium chromium-driver   the web console in a real headless browser
 #                         (Ubuntu: chromium-browser chromium-chromedriver)
+#     nftables            NAT routers and packet loss in namespaces (the NAT
+#                         traversal and lossy-link tests)
+#     zbar-tools          zbarimg reads the join token's QR code off the page
+#     zsh fish            the generated shell completions are run in each shell
 set -eu
 
 what=${1:-test}
@@ -49,7 +53,7 @@ esac
 
 pkgs="python3-venv iproute2 iputils-ping wireguard-tools wireguard-go qemu-system-x86 $kernel busybox-static kmod util-linux"
 if [ "$what" = test ]; then
-    pkgs="$pkgs systemd passwd tor $chromium"
+    pkgs="$pkgs systemd passwd tor $chromium nftables zbar-tools zsh fish"
 fi
 
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then
