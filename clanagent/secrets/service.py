@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +64,13 @@ class SecretsService:
         runtime_dir: str | Path,
         default_owner: str | None = None,
         on_public_files_changed: Callable[[], None] | None = None,
+        run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
+        # `run_sync`: where file and generator work runs (a worker thread;
+        # the simulator runs it inline so its virtual clock never jumps
+        # while a thread works)
         self.ports = ports
+        self._run_sync = run_sync
         self.runtime = Path(runtime_dir)
         self.default_owner = default_owner
         self._on_public_files_changed = on_public_files_changed
@@ -230,7 +235,7 @@ class SecretsService:
         doc = inv.doc
         now = int(self.ports.clock.wall())
         secrets, rotates = self._records()
-        installed = await trio.to_thread.run_sync(files.installed, self.runtime)
+        installed = await self._run_sync(files.installed, self.runtime)
         p = plan(
             doc,
             me,
@@ -264,7 +269,7 @@ class SecretsService:
             if opened is None:
                 continue
             owner = self._owner(doc, item.instance.service)
-            changed = await trio.to_thread.run_sync(
+            changed = await self._run_sync(
                 lambda item=item, opened=opened, owner=owner: files.install(
                     self.runtime,
                     item.instance.service,
@@ -289,10 +294,10 @@ class SecretsService:
         for iid in [i for i in self._written if i not in held]:
             del self._written[iid]
         for service, secret in p.remove:
-            if await trio.to_thread.run_sync(files.remove, self.runtime, service, secret):
+            if await self._run_sync(files.remove, self.runtime, service, secret):
                 self.stats["removed"] += 1
                 log.info("secret removed", extra=kv(secret=f"{service}/{secret}"))
-        await trio.to_thread.run_sync(files.expire_previous, self.runtime, now)
+        await self._run_sync(files.expire_previous, self.runtime, now)
         if changed_services and self._on_public_files_changed is not None:
             self._on_public_files_changed()  # exports may name a public part that just appeared
         for service in sorted(changed_services):
@@ -329,7 +334,7 @@ class SecretsService:
                 return  # the planner waits on this too; try next round
             inputs[dep_name] = {**dict(cur.body.public), **opened}
         try:
-            made = await trio.to_thread.run_sync(generate, spec, inputs)
+            made = await self._run_sync(generate, spec, inputs)
         except GeneratorError as exc:
             self.stats["failed"] += 1
             self.errors[inst.id] = str(exc)

@@ -13,6 +13,7 @@ records and inventory changes through `Ports` subscriptions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,17 @@ class ServicesService:
     """The service-wiring part; `runtime_dir` holds the rendered imports and
     (under public/) the public secret files that exports may name."""
 
-    def __init__(self, ports: Ports, *, runtime_dir: str | Path) -> None:
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        runtime_dir: str | Path,
+        run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
+    ) -> None:
+        # `run_sync`: where rendering and reloads run (a worker thread; the
+        # simulator runs them inline, see SecretsService)
         self.ports = ports
+        self._run_sync = run_sync
         self.runtime = Path(runtime_dir)
         self._wakeup = trio.Event()
         self._published: dict[str, dict[str, Any]] = {}
@@ -139,7 +149,7 @@ class ServicesService:
                 self._published[key] = body
         # 2. what we import
         rendered = resolve_imports(doc, me, self._exports())
-        result = await trio.to_thread.run_sync(render_imports, self.runtime, rendered)
+        result = await self._run_sync(render_imports, self.runtime, rendered)
         self.stats["renders"] += 1
         for service in result.changed:
             command = reload_command(doc, service)

@@ -561,13 +561,16 @@ async def start_secrets_and_services(agent: SimAgent, nursery: trio.Nursery) -> 
     them, on the agent's ports; their files go under the agent's workdir."""
     from clanagent.secrets.service import SecretsService
     from clanagent.services.service import ServicesService
+    from tests._fake_vm_backend import inline
 
     assert agent.workdir is not None, "secrets and services write files: give a workdir"
     runtime = agent.workdir / "run"
-    services = ServicesService(agent.ports, runtime_dir=runtime)
+    # file work inline: the virtual clock must not jump while a thread works
+    # (under load, a slow worker thread let whole probe rounds pass)
+    services = ServicesService(agent.ports, runtime_dir=runtime, run_sync=inline)
     await nursery.start(services.run)
     secrets = SecretsService(
-        agent.ports, runtime_dir=runtime, on_public_files_changed=services.wake
+        agent.ports, runtime_dir=runtime, on_public_files_changed=services.wake, run_sync=inline
     )
     await nursery.start(secrets.run)
     agent.parts.update(services=services, secrets=secrets)
