@@ -356,31 +356,20 @@ def _rotate_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
 
 
 def _parse_vm_request(body: Any) -> Any:
-    if type(body) is not dict or body.keys() != {"vm", "action", "at", "admin", "sig"}:
-        raise WireError("vm request: expected {vm, action, at, admin, sig}")
-    from .vmhost.requests import ACTIONS
+    from .vmhost.requests import parse_body
 
-    vm, action, at, admin, sig = (body[k] for k in ("vm", "action", "at", "admin", "sig"))
-    if type(vm) is not str or not 0 < len(vm) <= 63:
-        raise WireError("vm request: bad vm name")
-    if type(action) is not str or action not in ACTIONS:
-        raise WireError("vm request: bad action")
-    if type(at) is not int or not 0 <= at < 2**63:
-        raise WireError("vm request: bad time")
-    if type(admin) is not bytes or len(admin) != 32 or type(sig) is not bytes or len(sig) != 64:
-        raise WireError("vm request: bad admin key or signature")
-    return body
+    return parse_body(body)
 
 
-def _vm_request_rules(rec: SignedRecord, body: dict[str, Any], ctx: RecordContext) -> None:
-    from .vmhost.requests import parse_request
+def _vm_request_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
+    from .vmhost.requests import verify_request
 
-    _key_is(rec.kind, rec, body["vm"])
-    _future(rec.kind, "at", body["at"], ctx)
+    _key_is(rec.kind, rec, body.vm)
+    _future(rec.kind, "at", body.at, ctx)
     if ctx.inventory is None:
         raise Refusal(rec.kind, "no inventory yet to check the admin against", transient=True)
     try:
-        parse_request(body, frozenset(ctx.inventory.admins))
+        verify_request(body, frozenset(ctx.inventory.admins))
     except WireError as exc:
         raise Refusal(rec.kind, exc.reason) from None
 
@@ -461,7 +450,7 @@ def _registry() -> dict[str, KindSpec]:
     from .topology import MIN_INTERVAL as TOPOLOGY_MIN_INTERVAL
     from .topology import STALE as TOPOLOGY_TTL
     from .topology import TOPOLOGY_KIND, TopologyBody
-    from .vmhost.requests import REQUEST_KIND
+    from .vmhost.requests import REQUEST_KIND, VmRequest
     from .vmhost.service import LOGS_KIND, LOGS_REQUEST_KIND, VM_STATUS_KIND
 
     # Durable: what must survive a restart of every machine at once.
@@ -486,7 +475,7 @@ def _registry() -> dict[str, KindSpec]:
         KindSpec(EXPORT_KIND, _parse_export, _export_rules, min_interval=1.0),
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
         KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest, min_interval=1.0),
-        KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules),
+        KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules, VmRequest),
         KindSpec(
             VM_STATUS_KIND,
             _schema_parse(VmStatusBody),

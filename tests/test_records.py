@@ -532,8 +532,11 @@ async def test_vm_logs_over_the_control_socket_publishes_only_bounded_requests(t
 
     admin = nacl.signing.SigningKey.generate()
     ident = load_or_create(tmp_path / "s1")[0]
-    doc = genesis(admin, {"m1": machine_entry(ident, ["server"])})
-    doc["vms"]["web"] = vm_decl()
+    other = load_or_create(tmp_path / "s2")[0]  # the VM's host, never started
+    doc = genesis(
+        admin, {"m1": machine_entry(ident, ["server"]), "m2": machine_entry(other, ["server"])}
+    )
+    doc["vms"]["web"] = vm_decl(("m2",))
     with trio.fail_after(60):
         async with trio.open_nursery() as n:
             a1, _ = await start(n, cfg_for(tmp_path, 1))
@@ -542,9 +545,9 @@ async def test_vm_logs_over_the_control_socket_publishes_only_bounded_requests(t
             asked = []
             publish = a1.publish_record
 
-            async def counting(kind, key, body):
+            async def counting(kind, key, body, **kw):
                 asked.append(kind)
-                return await publish(kind, key, body)
+                return await publish(kind, key, body, **kw)
 
             a1.publish_record = counting
             t0 = time.monotonic()

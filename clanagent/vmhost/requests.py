@@ -11,19 +11,21 @@ one older than the last one acted on (a replay cannot undo a later order).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import nacl.exceptions
 import nacl.signing
 
-from ..wire import WireError, pack
+from ..wire import Record, WireError, pack, record_type
 
 __all__ = [
     "REQUEST_KIND",
     "ACTIONS",
     "VmRequest",
     "sign_request",
+    "parse_body",
     "parse_request",
+    "verify_request",
     "in_force",
     "ConsoleRequest",
     "sign_console",
@@ -37,22 +39,27 @@ DOMAIN = b"clanagent-vm-request-v1\0"
 MAX_SKEW = 300  # seconds a request may be older than now when it is submitted
 
 
-@dataclass(frozen=True)
-class VmRequest:
+@record_type
+@dataclass(frozen=True, slots=True)
+class VmRequest(Record):
+    """An admin's order for one VM: the `vm-request` record's body (key = the VM)."""
+
+    KIND: ClassVar[str] = REQUEST_KIND
     vm: str
     action: str
     at: int
     admin: bytes
     sig: bytes
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "vm": self.vm,
-            "action": self.action,
-            "at": self.at,
-            "admin": self.admin,
-            "sig": self.sig,
-        }
+    def __post_init__(self) -> None:
+        if not 0 < len(self.vm) <= 63:
+            raise WireError("vm: expected a VM name")
+        if self.action not in ACTIONS:
+            raise WireError(f"action: expected one of {', '.join(ACTIONS)}")
+        if not 0 <= self.at < 2**63:
+            raise WireError("at: expected a unix time")
+        if len(self.admin) != 32 or len(self.sig) != 64:
+            raise WireError("admin, sig: expected a 32-byte key and a 64-byte signature")
 
 
 def _message(vm: str, action: str, at: int) -> bytes:
@@ -66,26 +73,25 @@ def sign_request(key: nacl.signing.SigningKey, vm: str, action: str, at: int) ->
     return VmRequest(vm, action, at, bytes(key.verify_key), sig)
 
 
-def parse_request(body: Any, admins: frozenset[bytes] | set[bytes]) -> VmRequest:
-    """A request whose admin signature verifies; WireError otherwise."""
-    if not isinstance(body, dict) or set(body) != {"vm", "action", "at", "admin", "sig"}:
-        raise WireError("vm request: expected {vm, action, at, admin, sig}")
-    vm, action, at, admin, sig = (body[k] for k in ("vm", "action", "at", "admin", "sig"))
-    if not isinstance(vm, str) or not 0 < len(vm) <= 63:
-        raise WireError("vm request: bad vm name")
-    if action not in ACTIONS:
-        raise WireError("vm request: bad action")
-    if type(at) is not int or at < 0:
-        raise WireError("vm request: bad time")
-    if not isinstance(admin, bytes) or len(admin) != 32 or not isinstance(sig, bytes):
-        raise WireError("vm request: bad admin key or signature")
-    if admin not in admins:
+def parse_body(body: Any) -> VmRequest:
+    """A request's body checked field by field (the schema); WireError otherwise."""
+    return VmRequest.from_wire(body, path="body")
+
+
+def verify_request(req: VmRequest, admins: frozenset[bytes] | set[bytes]) -> VmRequest:
+    """`req` when a current admin signed it; WireError otherwise."""
+    if req.admin not in admins:
         raise WireError("vm request: not signed by an admin of this clan")
     try:
-        nacl.signing.VerifyKey(admin).verify(_message(vm, action, at), sig)
+        nacl.signing.VerifyKey(req.admin).verify(_message(req.vm, req.action, req.at), req.sig)
     except (nacl.exceptions.BadSignatureError, ValueError):
         raise WireError("vm request: bad signature") from None
-    return VmRequest(vm, action, at, admin, sig)
+    return req
+
+
+def parse_request(body: Any, admins: frozenset[bytes] | set[bytes]) -> VmRequest:
+    """A request whose admin signature verifies; WireError otherwise."""
+    return verify_request(parse_body(body), admins)
 
 
 def in_force(bodies: list[Any], vm: str, admins: frozenset[bytes] | set[bytes]) -> VmRequest | None:
