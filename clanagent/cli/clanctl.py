@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("peers", help="members of the clan and their state")
     ev = sub.add_parser("events", help="stream agent events until interrupted")
     ev.add_argument("--count", type=int, default=0, help="stop after N events")
+    met = sub.add_parser("metrics", help="Prometheus metrics of this agent (what /metrics serves)")
+    met.add_argument("--openmetrics", action="store_true", help="OpenMetrics text format")
     _inventory_cmds.add_parsers(sub)
     _mesh_cmds.add_parsers(sub)
     _services_cmds.add_parsers(sub)
@@ -195,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 print(_dump(result))
             return 0
-        result = client.call(args.command)
+        if args.command == "metrics":
+            fmt = "openmetrics" if args.openmetrics else "text"
+            result = client.call("metrics", {"format": fmt})
+        else:
+            result = client.call(args.command)
     except CommandError as exc:
         print(f"clanctl: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_whoami(result)
     elif args.command == "peers":
         _print_peers(result)
+    elif args.command == "metrics":
+        sys.stdout.write(result["text"])
     return 0
 
 
