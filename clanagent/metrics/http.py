@@ -32,6 +32,8 @@ MAX_PER_SOURCE = 4  # open at once from one address
 DEADLINE = 10.0  # seconds for the whole exchange: request in, response out
 MAX_HEAD = 8192  # bytes of request line and headers
 READ_SIZE = 4096
+LINGER = 1.0  # seconds to read away what a client still sends after our reply
+MAX_LINGER_BYTES = 64 * 1024
 
 Scrape = Callable[[bool], tuple[bytes, str]]  # openmetrics? -> (body, content type)
 
@@ -214,3 +216,17 @@ class MetricsListener:
             out += conn.send(h11.Data(data=body))
         out += conn.send(h11.EndOfMessage())
         await stream.send_all(out)
+        await self._linger(stream)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Half-close, then read away what the client still sends (a bounded
+        amount, for a bounded time): closing with unread bytes resets the
+        connection, and a reset can destroy the reply before it is read."""
+        await stream.send_eof()
+        with trio.move_on_after(LINGER):
+            drained = 0
+            while drained < MAX_LINGER_BYTES:
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    break
+                drained += len(data)
