@@ -351,8 +351,10 @@ class AgentCollector:
         for name, m in sorted(inv.doc["machines"].items()):
             if m["node_key"] == ident.public_key:
                 continue
+            # Without WireGuard there is no path choice to report (not "none").
             current = selector.current(m["node_key"]) if selector is not None else None
-            path.add_metric([name, "none" if current is None else current.kind], 1)
+            if selector is not None:
+                path.add_metric([name, "none" if current is None else current.kind], 1)
             if current is not None:
                 est = selector.rtt(m["node_key"], current)
                 if est is not None:
@@ -386,18 +388,22 @@ class AgentCollector:
             ops.add_metric([op], stats.get(op, 0))
         yield ops
         age = GaugeMetricFamily(
-            "clanagent_secret_age_seconds", "Age of each secret's current generation", ["secret"]
+            "clanagent_secret_age_seconds",
+            "Age of each secret's current generation",
+            labels=["secret"],
         )
         gen = GaugeMetricFamily(
-            "clanagent_secret_generation", "Each secret's current generation", ["secret"]
+            "clanagent_secret_generation", "Each secret's current generation", labels=["secret"]
         )
         due = GaugeMetricFamily(
             "clanagent_secret_next_rotation_timestamp_seconds",
             "When each secret is due for rotation (unix seconds; absent: never)",
-            ["secret"],
+            labels=["secret"],
         )
         pending = GaugeMetricFamily(
-            "clanagent_secret_pending", "Whether a secret waits for its generator (1)", ["secret"]
+            "clanagent_secret_pending",
+            "Whether a secret waits for its generator (1)",
+            labels=["secret"],
         )
         for row in secrets.rows():
             sid = str(row["id"])
