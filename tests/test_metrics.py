@@ -370,3 +370,52 @@ async def test_a_taken_metrics_port_is_a_capability_not_a_stop(tmp_path):
             assert value(got, "clanagent_capability_available", capability="metrics") == 0
             n.cancel_scope.cancel()
     taken.close()
+
+
+async def test_requests_are_counted_by_surface_method_and_result(tmp_path):
+    from clanagent.config import ControlConfig
+    from clanagent.control.client import ClientError
+    from clanagent.control.server import ControlServer
+
+    from .test_control_api import poke_table, web_app, web_call
+    from .test_control_server import call as socket_call
+    from .test_web_app import Clock, login
+
+    table, _ = poke_table()
+    path = tmp_path / "ctl.sock"
+    clock = Clock()
+    app = web_app(table, clock)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            server = ControlServer(
+                path, table, ControlConfig(socket=str(path)), authorizer=lambda c: ("write", "t")
+            )
+            await n.start(server.serve)
+            await socket_call(path, "test.poke", {"n": 1})
+            await socket_call(path, "test.poke", {"n": 2})
+            for method, params in (("test.poke", {"x": 1}), ("no.such." + "x" * 300, {})):
+                with pytest.raises(ClientError):
+                    await socket_call(path, method, params)
+            session = await login(app, clock)
+            await web_call(app, session, "test.poke", {"n": 3})
+            await web_call(app, session, "status", {"bad": 1})
+            got = scrape(
+                fake_sources(control=lambda: server, web=lambda: types.SimpleNamespace(app=app))
+            )
+            n.cancel_scope.cancel()
+
+    def requests(surface: str, method: str, result: str) -> float:
+        return value(
+            got,
+            "clanagent_control_requests_total",
+            surface=surface,
+            method=method,
+            result=result,
+        )
+
+    assert requests("socket", "test.poke", "ok") == 2
+    assert requests("socket", "test.poke", "invalid_params") == 1
+    # a name the caller made up is not a label: it counts as (other)
+    assert requests("socket", OTHER, "unknown_method") == 1
+    assert requests("web", "test.poke", "ok") == 1
+    assert requests("web", "status", "invalid_params") == 1
