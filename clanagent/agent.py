@@ -168,7 +168,7 @@ class Agent:
         from .metrics import MetricsListener
 
         host, port = split_hostport(self.cfg.metrics.listen, "metrics.listen")
-        listener = MetricsListener(host, port, self.metrics_api.scrape)
+        listener = MetricsListener(host, port, self.metrics_api.scrape_async)
         try:
             await nursery.start(listener.serve)
         except OSError as exc:

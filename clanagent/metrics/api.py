@@ -1,8 +1,9 @@
 """The metrics part's control method: `metrics`, the Prometheus exposition.
 
-Owns: `MetricsApi` (the registry over the agent's collector and one scrape,
-shared by the control method and the HTTP listener) and registering the
-read-level `metrics` method into the one ApiTable.
+Owns: `MetricsApi` (the agent's collector, the process's, and one scrape:
+read on the event loop, built and formatted in a worker thread; shared by
+the control method and the HTTP listener) and registering the read-level
+`metrics` method into the one ApiTable.
 Must never: collect anything itself (the collector reads the parts), or
 offer the method to the web console (Prometheus and clanctl are its readers).
 """
@@ -11,24 +12,47 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from ..control.api import ApiTable, handler
 from ..control.protocol import ControlError, ErrorCode
-from .collector import MetricsSources, registry, render
+from .collector import (
+    AgentCollector,
+    MetricsSources,
+    Snapshot,
+    process_collector,
+    render,
+)
 
 __all__ = ["FORMATS", "MetricsApi", "register"]
 
 FORMATS = ("text", "openmetrics")
 
 
+# Scrapes formatting at once in worker threads (the listener caps connections too).
+FORMATTERS = 2
+
+
 class MetricsApi:
     def __init__(self, sources: MetricsSources) -> None:
         self.sources = sources
-        self.registry = registry(sources)
+        self.collector = AgentCollector(sources)
+        self._process = process_collector()
+        self._formatters = trio.CapacityLimiter(FORMATTERS)
 
     def scrape(self, openmetrics: bool = False) -> tuple[bytes, str]:
-        """(exposition bytes, content type) of one scrape, on the event loop
-        (the collector reads memory only)."""
-        return render(self.registry, openmetrics=openmetrics)
+        """(exposition bytes, content type) of one scrape, all of it here."""
+        snap = Snapshot(self.collector.read(), self._process)
+        return render(snap, openmetrics=openmetrics)
+
+    async def scrape_async(self, openmetrics: bool = False) -> tuple[bytes, str]:
+        """One scrape: collected on the event loop (the parts' state lives
+        there), built and formatted in a worker thread (for 1000 machines
+        most of the time goes there: it must not stall the loop)."""
+        snap = Snapshot(self.collector.read(), self._process)
+        return await trio.to_thread.run_sync(
+            lambda: render(snap, openmetrics=openmetrics), limiter=self._formatters
+        )
 
 
 def register(table: ApiTable, api: MetricsApi) -> None:
@@ -38,7 +62,7 @@ def register(table: ApiTable, api: MetricsApi) -> None:
             raise ControlError(
                 ErrorCode.INVALID_PARAMS, f"parameter 'format' must be one of {', '.join(FORMATS)}"
             )
-        body, ctype = api.scrape(fmt == "openmetrics")
+        body, ctype = await api.scrape_async(fmt == "openmetrics")
         return {"content_type": ctype, "text": body.decode("utf-8")}
 
     table.add(

@@ -1,17 +1,18 @@
 """The agent's Prometheus metrics, built from what the parts already count.
 
-Owns: `AgentCollector`, a prometheus-client custom collector that reads, at
-scrape time, each part's counters and views through getters (a part may not
-run yet, and gossip restarts on a clan change) -- membership, gossip, record
-checks, the store, the mesh, secrets, VMs, and the control socket and web
-console -- and `MetricsSources`, the few objects it reads; `render` (the
-exposition bytes, text or OpenMetrics) and `registry`.
+Owns: `AgentCollector`, which reads, at scrape time, each part's counters
+and views through getters (a part may not run yet, and gossip restarts on a
+clan change) -- membership, gossip, record checks, the store, the mesh,
+secrets, VMs, and the control socket and web console -- into plain families
+(`read`, on the event loop, cheap), which `Snapshot` builds into
+prometheus-client's objects and `render` formats (text or OpenMetrics),
+anywhere; `MetricsSources`, the few objects it reads.
 Must never: instrument a hot path (the parts keep plain counters; this only
-reads them), touch the disk or the network while collecting (it runs on the
-event loop and must answer at the fd limit; procfs reads of our own process
-aside), let one part's failure to report hide the others' metrics, or take
-a label value from a peer without a bound (machine names come from the
-signed inventory; kinds and methods are capped where they are counted).
+reads them), touch the disk or the network while reading (it runs on the
+event loop and must answer at the fd limit), let one part's failure to
+report hide the others' metrics, or take a label value from a peer without
+a bound (machine names come from the signed inventory; kinds and methods
+are capped where they are counted).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
 
@@ -38,6 +39,8 @@ __all__ = [
     "MetricsSources",
     "OPENMETRICS_TYPE",
     "TEXT_TYPE",
+    "Snapshot",
+    "process_collector",
     "registry",
     "render",
 ]
@@ -64,6 +67,55 @@ _RECORD_RESULTS = {
     "records_undecodable": "undecodable",
 }
 _SENT_TYPES = ("membership", "gossip", "ae", "records", "ae_records")
+
+
+class _Family:
+    """A family read but not built: plain tuples, cheap to make on the event
+    loop; `metric()` builds prometheus-client's object (anywhere)."""
+
+    __slots__ = ("kind", "name", "doc", "labels", "rows")
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        doc: str,
+        value: float | None = None,
+        labels: Iterable[str] = (),
+    ) -> None:
+        self.kind, self.name, self.doc, self.labels = kind, name, doc, tuple(labels)
+        self.rows: list[tuple[tuple[str, ...], Any, float | None]] = []
+        if value is not None:
+            self.rows.append(((), value, None))
+
+    def add_metric(self, values: Iterable[str], value: Any, sum_value: float | None = None) -> None:
+        self.rows.append((tuple(values), value, sum_value))
+
+    def metric(self) -> Metric:
+        if self.kind == "histogram":
+            fam: Any = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+            for values, buckets, total in self.rows:
+                fam.add_metric(list(values), buckets, sum_value=total)
+            return fam
+        cls = GaugeMetricFamily if self.kind == "gauge" else CounterMetricFamily
+        fam = cls(self.name, self.doc, labels=self.labels)
+        for values, value, _ in self.rows:
+            fam.add_metric(list(values), value)
+        return fam
+
+
+def _gauge(name: str, doc: str, value: float | None = None, labels: Iterable[str] = ()) -> _Family:
+    return _Family("gauge", name, doc, value, labels)
+
+
+def _counter(
+    name: str, doc: str, value: float | None = None, labels: Iterable[str] = ()
+) -> _Family:
+    return _Family("counter", name, doc, value, labels)
+
+
+def _histogram(name: str, doc: str) -> _Family:
+    return _Family("histogram", name, doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +152,13 @@ class AgentCollector:
         return []  # families depend on what runs: no describe-time collection
 
     def collect(self) -> Iterator[Metric]:
+        """prometheus-client's Collector: read and build here."""
+        for fam in self.read():
+            yield fam.metric()
+
+    def read(self) -> list[_Family]:
+        """Every family's values, read from the parts (on the event loop)."""
+        out: list[_Family] = []
         for part, fn in (
             ("agent", self._agent),
             ("membership", self._membership),
@@ -118,31 +177,32 @@ class AgentCollector:
                 if self.scrape_errors[part] == 1:
                     log.exception("metrics of part %s failed", part)
                 continue
-            yield from families
-        errors = CounterMetricFamily(
+            out += families
+        errors = _counter(
             "clanagent_scrape_errors", "Parts whose metrics failed to collect", labels=["part"]
         )
         for part, n in sorted(self.scrape_errors.items()):
             errors.add_metric([part], n)
-        yield errors
+        out.append(errors)
+        return out
 
     # -- the agent ---------------------------------------------------------------
 
-    def _agent(self) -> Iterable[Metric]:
+    def _agent(self) -> Iterable[_Family]:
         ident = self.src.identity()
-        info = GaugeMetricFamily(
+        info = _gauge(
             "clanagent_info",
             "This agent: version, node id and name (always 1)",
             labels=["version", "node_id", "name"],
         )
         info.add_metric([__version__, "" if ident is None else ident.node_id, self.src.name], 1)
         yield info
-        yield GaugeMetricFamily(
+        yield _gauge(
             "clanagent_start_time_seconds",
             "When the agent started (unix seconds)",
             value=self.src.started_wall,
         )
-        caps = GaugeMetricFamily(
+        caps = _gauge(
             "clanagent_capability_available",
             "Whether a capability works on this machine (1) or not (0)",
             labels=["capability"],
@@ -150,19 +210,19 @@ class AgentCollector:
         for row in self.src.capabilities():
             caps.add_metric([str(row["name"])], 1 if row["available"] else 0)
         yield caps
-        clan = GaugeMetricFamily("clanagent_in_clan", "Whether this agent is in a clan")
+        clan = _gauge("clanagent_in_clan", "Whether this agent is in a clan")
         clan.add_metric([], 0 if self.src.inventory() is None else 1)
         yield clan
 
     # -- membership ----------------------------------------------------------------
 
-    def _membership(self) -> Iterable[Metric]:
+    def _membership(self) -> Iterable[_Family]:
         gossip = self.src.gossip()
         node = None if gossip is None else gossip.node
         counts = {s: 0 for s in MEMBER_STATES}
         if gossip is not None:
             counts.update(gossip.member_counts())
-        members = GaugeMetricFamily(
+        members = _gauge(
             "clanagent_members",
             "Members of the clan this node knows, by state (itself included)",
             labels=["state"],
@@ -172,7 +232,7 @@ class AgentCollector:
         yield members
         # Transitions this node saw (the gossip part publishes one event each).
         events = self.src.events()
-        changes = CounterMetricFamily(
+        changes = _counter(
             "clanagent_member_changes",
             "Member state changes this node saw, by change (suspect = a suspicion)",
             labels=["change"],
@@ -186,7 +246,7 @@ class AgentCollector:
         yield changes
         membership = getattr(node, "_membership", None)  # no public view of its stats yet
         mstats = getattr(membership, "stats", None) or {}
-        yield CounterMetricFamily(
+        yield _counter(
             "clanagent_membership_refutations",
             "Times this node refuted a suspicion or death of itself",
             value=mstats.get("refutes", 0),
@@ -194,11 +254,11 @@ class AgentCollector:
 
     # -- gossip ---------------------------------------------------------------------
 
-    def _gossip(self) -> Iterable[Metric]:
+    def _gossip(self) -> Iterable[_Family]:
         gossip = self.src.gossip()
         node = None if gossip is None else gossip.node
         stats: dict[str, int] = {} if node is None else dict(node.counters())
-        msgs = CounterMetricFamily(
+        msgs = _counter(
             "clanagent_gossip_messages",
             "Gossip datagrams sent and received",
             labels=["direction"],
@@ -206,7 +266,7 @@ class AgentCollector:
         msgs.add_metric(["out"], stats.get("msgs_sent", 0))
         msgs.add_metric(["in"], stats.get("msgs_received", 0))
         yield msgs
-        sent = CounterMetricFamily(
+        sent = _counter(
             "clanagent_gossip_bytes",
             "Gossip bytes by direction and type (out: membership, gossip and ae add up "
             "to all; records and ae_records are the record bytes inside them)",
@@ -217,7 +277,7 @@ class AgentCollector:
             sent.add_metric(["out", t], stats.get(f"bytes_sent_{t}", 0))
         sent.add_metric(["in", "all"], stats.get("bytes_received", 0))
         yield sent
-        records = CounterMetricFamily(
+        records = _counter(
             "clanagent_gossip_records",
             "Records received from peers, by what became of them",
             labels=["result"],
@@ -225,7 +285,7 @@ class AgentCollector:
         for key, result in _RECORD_RESULTS.items():
             records.add_metric([result], stats.get(key, 0))
         yield records
-        queue = GaugeMetricFamily(
+        queue = _gauge(
             "clanagent_gossip_queue_depth",
             "Broadcasts waiting to be gossiped, by queue",
             labels=["queue"],
@@ -235,11 +295,11 @@ class AgentCollector:
             if q is not None:
                 queue.add_metric([label], len(q))
         yield queue
-        sessions = GaugeMetricFamily("clanagent_gossip_sessions", "Live peer sessions")
+        sessions = _gauge("clanagent_gossip_sessions", "Live peer sessions")
         sessions.add_metric([], gossip.counters().get("sessions", 0) if gossip else 0)
         yield sessions
         # Everything `clanctl status` counts, for what has no family of its own.
-        allc = GaugeMetricFamily(
+        allc = _gauge(
             "clanagent_status_counter",
             "The counters of `clanctl status`, by part and name",
             labels=["part", "name"],
@@ -263,9 +323,9 @@ class AgentCollector:
 
     # -- record checks -----------------------------------------------------------------
 
-    def _records(self) -> Iterable[Metric]:
+    def _records(self) -> Iterable[_Family]:
         checks = self.src.record_checks()
-        fam = CounterMetricFamily(
+        fam = _counter(
             "clanagent_record_checks",
             "Peers' records by kind and body check result (passed, refused, deferred)",
             labels=["kind", "result"],
@@ -276,7 +336,7 @@ class AgentCollector:
 
     # -- store ---------------------------------------------------------------------------
 
-    def _store(self) -> Iterable[Metric]:
+    def _store(self) -> Iterable[_Family]:
         store = self.src.store()
         if store is None:
             return
@@ -287,13 +347,13 @@ class AgentCollector:
             ("clanagent_store_fsyncs", "fsyncs", "fsyncs (commits, checkpoints, directories)"),
             ("clanagent_store_soft", "soft", "Soft records accepted (memory only)"),
         ):
-            yield CounterMetricFamily(name, doc, value=c.get(key, 0))
-        yield GaugeMetricFamily("clanagent_store_records", "Records held", value=c["records"])
-        yield GaugeMetricFamily("clanagent_store_bytes", "Bytes of records held", value=c["bytes"])
+            yield _counter(name, doc, value=c.get(key, 0))
+        yield _gauge("clanagent_store_records", "Records held", value=c["records"])
+        yield _gauge("clanagent_store_bytes", "Bytes of records held", value=c["bytes"])
         hist = getattr(store, "commit_seconds", None)
         if hist is not None:
             buckets, total, _count = hist.snapshot()
-            fam = HistogramMetricFamily(
+            fam = _histogram(
                 "clanagent_store_commit_seconds",
                 "Time of each store commit's COMMIT (the WAL fsync)",
             )
@@ -302,19 +362,17 @@ class AgentCollector:
 
     # -- mesh ---------------------------------------------------------------------------
 
-    def _mesh(self) -> Iterable[Metric]:
+    def _mesh(self) -> Iterable[_Family]:
         mesh, inv, ident = self.src.mesh(), self.src.inventory(), self.src.identity()
         if mesh is None:
             return
         stats = dict(getattr(mesh, "stats", {}))
-        yield CounterMetricFamily(
+        yield _counter(
             "clanagent_mesh_failovers",
             "Paths in use given up for another (failovers)",
             value=stats.get("paths_failed", 0),
         )
-        probes = CounterMetricFamily(
-            "clanagent_mesh_probes", "Path probes, by result", labels=["result"]
-        )
+        probes = _counter("clanagent_mesh_probes", "Path probes, by result", labels=["result"])
         for key, label in (
             ("probes_sent", "sent"),
             ("probes_answered", "answered"),
@@ -327,22 +385,22 @@ class AgentCollector:
         selector = getattr(mesh, "selector", None)
         device = getattr(mesh, "_device", None)  # the WireGuard state at the last reconcile
         status = getattr(device, "status", None) or {}
-        path = GaugeMetricFamily(
+        path = _gauge(
             "clanagent_mesh_path",
             "The path chosen to each peer machine, by kind (none: no usable path)",
             labels=["peer", "kind"],
         )
-        rtt = GaugeMetricFamily(
+        rtt = _gauge(
             "clanagent_mesh_probe_rtt_seconds",
             "The chosen path's probe RTT estimate to each peer",
             labels=["peer"],
         )
-        age = GaugeMetricFamily(
+        age = _gauge(
             "clanagent_wireguard_handshake_age_seconds",
             "Seconds since the last WireGuard handshake with each peer",
             labels=["peer"],
         )
-        wg_bytes = CounterMetricFamily(
+        wg_bytes = _counter(
             "clanagent_wireguard_bytes",
             "WireGuard bytes with each peer, by direction",
             labels=["peer", "direction"],
@@ -369,17 +427,17 @@ class AgentCollector:
 
     # -- secrets --------------------------------------------------------------------------
 
-    def _secrets(self) -> Iterable[Metric]:
+    def _secrets(self) -> Iterable[_Family]:
         secrets = self.src.secrets()
         if secrets is None:
             return
         stats = dict(secrets.counters())
-        yield CounterMetricFamily(
+        yield _counter(
             "clanagent_secret_rotations",
             "New generations of secrets this machine generated",
             value=stats.get("generated", 0),
         )
-        ops = CounterMetricFamily(
+        ops = _counter(
             "clanagent_secret_operations",
             "Secret file operations on this machine, by operation",
             labels=["op"],
@@ -387,20 +445,20 @@ class AgentCollector:
         for op in ("installed", "verified", "removed", "failed"):
             ops.add_metric([op], stats.get(op, 0))
         yield ops
-        age = GaugeMetricFamily(
+        age = _gauge(
             "clanagent_secret_age_seconds",
             "Age of each secret's current generation",
             labels=["secret"],
         )
-        gen = GaugeMetricFamily(
+        gen = _gauge(
             "clanagent_secret_generation", "Each secret's current generation", labels=["secret"]
         )
-        due = GaugeMetricFamily(
+        due = _gauge(
             "clanagent_secret_next_rotation_timestamp_seconds",
             "When each secret is due for rotation (unix seconds; absent: never)",
             labels=["secret"],
         )
-        pending = GaugeMetricFamily(
+        pending = _gauge(
             "clanagent_secret_pending",
             "Whether a secret waits for its generator (1)",
             labels=["secret"],
@@ -417,17 +475,17 @@ class AgentCollector:
 
     # -- VMs ---------------------------------------------------------------------------------
 
-    def _vms(self) -> Iterable[Metric]:
+    def _vms(self) -> Iterable[_Family]:
         vms = self.src.vms()
         if vms is None:
             return
         me = vms.my_machine()
-        state = GaugeMetricFamily(
+        state = _gauge(
             "clanagent_vm_state",
             "Each VM placed on this machine, by state (1 for the current one)",
             labels=["vm", "state"],
         )
-        restarts = CounterMetricFamily(
+        restarts = _counter(
             "clanagent_vm_restarts",
             "Restarts of each VM on this machine after it crashed",
             labels=["vm"],
@@ -441,8 +499,8 @@ class AgentCollector:
 
     # -- control and web requests -----------------------------------------------------------
 
-    def _requests(self) -> Iterable[Metric]:
-        fam = CounterMetricFamily(
+    def _requests(self) -> Iterable[_Family]:
+        fam = _counter(
             "clanagent_control_requests",
             "Control API requests by surface (socket, web), method and result",
             labels=["surface", "method", "result"],
@@ -462,22 +520,46 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def registry(sources: MetricsSources) -> CollectorRegistry:
-    """A registry of the agent's collector (and the process's CPU, memory, fds)."""
+def process_collector() -> Collector:
+    """The process's CPU, memory and fds (procfs; fine in a worker thread)."""
     from prometheus_client import ProcessCollector
 
+    return ProcessCollector(registry=None)
+
+
+def registry(sources: MetricsSources) -> CollectorRegistry:
+    """A registry of the agent's collector and the process's: one whole
+    scrape on the calling thread (tests, tools)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(AgentCollector(sources))
-    ProcessCollector(registry=reg)
+    reg.register(process_collector())
     return reg
 
 
-def render(reg: CollectorRegistry, *, openmetrics: bool = False) -> tuple[bytes, str]:
-    """(exposition bytes, content type) of one scrape."""
+class Snapshot:
+    """Families already read: what the exposition formats render.
+
+    Reading the parts' live state must run on the event loop; building the
+    families and formatting them (most of a scrape's time) uses only these
+    copies, so it may run in a worker thread."""
+
+    def __init__(self, families: list[_Family], *collectors: Collector) -> None:
+        self.families = families
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.families:
+            yield fam.metric()
+        for c in self.collectors:
+            yield from c.collect()
+
+
+def render(reg: CollectorRegistry | Snapshot, *, openmetrics: bool = False) -> tuple[bytes, str]:
+    """(exposition bytes, content type) of one scrape (or of a snapshot)."""
     if openmetrics:
         from prometheus_client.openmetrics.exposition import generate_latest as om_latest
 
-        return om_latest(reg), OPENMETRICS_TYPE
+        return om_latest(reg), OPENMETRICS_TYPE  # type: ignore[arg-type]
     from prometheus_client.exposition import generate_latest
 
-    return generate_latest(reg), TEXT_TYPE
+    return generate_latest(reg), TEXT_TYPE  # type: ignore[arg-type]

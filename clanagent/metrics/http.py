@@ -15,7 +15,7 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import h11
@@ -35,7 +35,8 @@ READ_SIZE = 4096
 LINGER = 1.0  # seconds to read away what a client still sends after our reply
 MAX_LINGER_BYTES = 64 * 1024
 
-Scrape = Callable[[bool], tuple[bytes, str]]  # openmetrics? -> (body, content type)
+# openmetrics? -> (body, content type), awaited
+Scrape = Callable[[bool], Awaitable[tuple[bytes, str]]]
 
 _KNOWN = frozenset(s.value for s in HTTPStatus)
 INDEX = b"clanagent metrics: GET /metrics\n"
@@ -150,7 +151,7 @@ class MetricsListener:
         request = await self._read_request(stream, conn)
         if request is None:
             return
-        status, headers, body = self._answer(request)
+        status, headers, body = await self._answer(request)
         if request.method == b"HEAD":
             headers.append(("Content-Length", str(len(body))))
             body = b""
@@ -179,7 +180,7 @@ class MetricsListener:
                 return event
             return None
 
-    def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
         text = [("Content-Type", "text/plain; charset=utf-8")]
         host = next((v.decode("latin-1") for k, v in request.headers if k == b"host"), None)
         if not _host_allowed(host, self.host):
@@ -195,7 +196,7 @@ class MetricsListener:
             self.stats["not_found"] += 1
             return 404, text, b"not found: GET /metrics\n"
         accept = b",".join(v for k, v in request.headers if k == b"accept")
-        body, ctype = self._scrape(b"application/openmetrics-text" in accept)
+        body, ctype = await self._scrape(b"application/openmetrics-text" in accept)
         self.stats["scrapes"] += 1
         return 200, [("Content-Type", ctype)], body
 

@@ -23,7 +23,7 @@ class Scrapes:
     def __init__(self) -> None:
         self.asked: list[bool] = []
 
-    def __call__(self, openmetrics: bool) -> tuple[bytes, str]:
+    async def __call__(self, openmetrics: bool) -> tuple[bytes, str]:
         self.asked.append(openmetrics)
         return BODY, "text/plain; version=0.0.4; charset=utf-8"
 
