@@ -9,7 +9,9 @@ gets through and no fault is counted as an internal error.
 from __future__ import annotations
 
 import socket
+import time
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -211,3 +213,66 @@ def test_requests_wrong_in_every_field_get_an_answer_or_a_close(requests):
                 n.cancel_scope.cancel()
 
     trio.run(run)
+
+
+# -- a real clan's agent (tests/hostile/conftest.py), its /metrics flooded ------------
+
+IDLE_FLOOD = 300  # idle connections to m1's metrics port, from several sources
+FLOOD_SOURCES = [f"127.0.0.{i}" for i in range(2, 8)]
+
+
+def _scrape(addr: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(f"GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.slow
+def test_a_flooded_metrics_port_costs_the_agent_nothing_else(clan):
+    from .attacker import closed_by_peer, tcp_connections
+
+    addr = clan.metrics["m1"]
+    status, body = _scrape(addr)
+    assert status == 200 and b'clanagent_members{state="alive"} 3.0' in body
+    held = []
+    try:
+        for source in FLOOD_SOURCES:
+            held += tcp_connections(addr, IDLE_FLOOD // len(FLOOD_SOURCES), source)
+        for s in held[::7]:  # half a request head from some, garbage from others
+            try:
+                s.send(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 100)
+            except OSError:
+                pass
+        # the caps closed all but a few at once; status still answers fast
+        time.sleep(0.5)
+        open_now = [s for s in held if not closed_by_peer(s)]
+        assert len(open_now) <= 16, len(open_now)
+        clan.assert_healthy()
+        # once the deadline has freed the slots a genuine scrape gets in
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, body = _scrape(addr, "127.0.0.9")
+                break
+            except (OSError, IndexError, ValueError):
+                assert time.monotonic() < deadline, "no scrape got in within 15 s"
+                time.sleep(0.5)
+        assert status == 200
+        got = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in body.decode().splitlines()
+            if line.startswith("clanagent_status_counter{") and 'part="metrics_http"' in line
+        }
+        refused = sum(v for k, v in got.items() if "refused_" in k)
+        assert refused >= len(held) - 16, got
+        assert got['clanagent_status_counter{name="errors",part="metrics_http"}'] == 0
+    finally:
+        for s in held:
+            s.close()
+    clan.assert_healthy()
