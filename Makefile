@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench lint format clean
+.PHONY: test demo bench lint format clean cli-docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format clanagent tests bench scripts
 	$(VENV)/bin/ruff check --fix clanagent tests bench scripts
+
+# Shell completion and man pages from the argparse parsers, into share/ (committed).
+cli-docs: $(STAMP)
+	$(PY) scripts/cli_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -176,6 +176,9 @@ class Subscriptions:
                 )
 
 
+MAX_GONE = 16384  # forgotten members remembered (clan-size target with room)
+
+
 class NodeMembership:
     """The Membership port over a gossip node (`GossipNode`'s queries).
 
@@ -188,14 +191,39 @@ class NodeMembership:
         self._node = node
         self._handlers: list[Callable[[], None]] = []
         self.faults = 0
+        # Members the node has forgotten (memberlist reaps a dead or left
+        # member after gossip_to_the_dead_time): their last row, so a machine
+        # that left still shows "left" (not "unknown") until it comes back.
+        # Per node object: a clan change starts afresh.
+        self._gone: dict[str, dict[str, Any]] = {}
+        self._gone_of: Any = None
 
     def state(self, node_id: str) -> str | None:
         node = self._node()
-        return None if node is None else node.member_state(node_id)
+        if node is None:
+            return None
+        state = node.member_state(node_id)
+        if state is None and self._gone_of is node:
+            row = self._gone.get(node_id)
+            return None if row is None else row["state"]
+        return state
 
     def rows(self) -> list[dict[str, Any]]:
         node = self._node()
-        return [] if node is None else node.members()
+        if node is None:
+            return []
+        rows = node.members()
+        if self._gone_of is not node:
+            self._gone, self._gone_of = {}, node
+        seen = set()
+        for row in rows:
+            seen.add(row["node_id"])
+            if row["state"] in ("dead", "left"):
+                if row["node_id"] in self._gone or len(self._gone) < MAX_GONE:
+                    self._gone[row["node_id"]] = row
+            else:
+                self._gone.pop(row["node_id"], None)
+        return rows + [row for nid, row in self._gone.items() if nid not in seen]
 
     def synced(self) -> bool:
         node = self._node()
@@ -205,6 +233,7 @@ class NodeMembership:
         self._handlers.append(handler)
 
     def changed(self) -> None:
+        self.rows()  # note who is dead or left now, before the node forgets them
         for handler in list(self._handlers):
             try:
                 handler()

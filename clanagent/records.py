@@ -419,6 +419,39 @@ def _vm_logs_request_rules(rec: SignedRecord, body: VmLogsRequestBody, ctx: Reco
     _future(rec.kind, "at", body.at, ctx)
 
 
+# -- nat (mesh/nat.py: reflexive endpoints, punch requests, relay asks and grants)
+
+
+def _nat_rules(rec: SignedRecord, body: Any, ctx: RecordContext) -> None:
+    from .mesh.nat import nat_semantics
+
+    _singleton(rec, body, ctx)
+    inv = ctx.inventory
+    members = None if inv is None else frozenset(inv.node_keys())
+    why = nat_semantics(rec.origin, body, members)
+    if why is not None:
+        raise Refusal(rec.kind, why)
+    for p in body.punch:
+        _future(rec.kind, "punch at", p.at // 1000, ctx)
+
+
+def _nat_specs() -> list[KindSpec]:
+    from .mesh.nat import NAT_KIND, REFRESH, TTL, NatBody
+
+    return [
+        KindSpec(
+            NAT_KIND,
+            _schema_parse(NatBody),
+            _nat_rules,
+            NatBody,
+            durable=False,  # observations and punch rounds are re-learned in seconds
+            ttl=TTL,
+            min_interval=1.0,  # a punch request must not wait long
+            refresh=REFRESH,
+        )
+    ]
+
+
 def _registry() -> dict[str, KindSpec]:
     from .inventory.manager import RECORD_KIND
     from .mesh.candidates import ENDPOINTS_KIND
@@ -483,6 +516,7 @@ def _registry() -> dict[str, KindSpec]:
             min_interval=1.0,  # vmhost.LOGS_ANSWER_INTERVAL
         ),
     ]
+    specs += _nat_specs()
     for s in specs:
         if s.schema is not None and s.kind != s.schema.KIND:
             raise AssertionError(f"{s.kind}: schema {s.schema.__name__} is for {s.schema.KIND}")

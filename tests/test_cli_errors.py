@@ -28,7 +28,7 @@ def test_clanctl_prints_a_command_error_with_its_exit_code(tmp_path, capsys, mon
     def fail(client, args):
         raise CommandError("no such thing: fix it like this", exit_code=3)
 
-    monkeypatch.setattr(_inventory_cmds, "run", fail)
+    monkeypatch.setattr(_inventory_cmds, "cmd_invite", fail)
     monkeypatch.setattr(clanctl.ControlClient, "connect", lambda self: None)
     assert clanctl.main(["--socket", str(tmp_path / "s"), "invite", "m1"]) == 3
     assert capsys.readouterr().err == "clanctl: no such thing: fix it like this\n"

@@ -121,7 +121,9 @@ def test_status_whoami_peers_and_json(tmp_path):
         assert len(bytes.fromhex(who["signing_key"])) == 32
         assert "signing key" in clanctl(sock, "whoami").stdout
         assert json.loads(clanctl(sock, "--json", "peers").stdout) == []
-        assert "no peers known" in clanctl(sock, "peers").stdout
+        peers = clanctl(sock, "peers").stdout
+        assert "not in a clan yet" in peers and "clanagent join TOKEN" in peers
+        assert "--join" not in peers  # a clan is joined with a token, not an address
     # the same state dir keeps the same identity, and keygen agrees
     kg = subprocess.run(
         clanagent_cmd("keygen", "--state-dir", str(tmp_path / "state")),
@@ -197,7 +199,7 @@ def test_unknown_config_key_names_it(tmp_path):
 
 def test_clanctl_without_agent(tmp_path):
     r = clanctl(tmp_path / "nope.sock", "status", check=False)
-    assert r.returncode == 2
+    assert r.returncode == 3  # no agent; 2 is a usage error
     assert r.stderr.strip() == (
         f"clanctl: clanagent is not running (no socket at {tmp_path / 'nope.sock'}): "
         "start it with 'systemctl start clanagent' or 'clanagent run'"

@@ -316,13 +316,14 @@ def test_fast_encoding_is_canonical():
         Alive,
         Dead,
         IndirectPing,
+        MemberState,
         Nack,
         NodeStateEntry,
         Ping,
         PushPull,
         Suspect,
     )
-    from clanagent.gossip.node import _MEMBERSHIP_TYPES, encode_message
+    from clanagent.gossip.messages import _MEMBERSHIP_TYPES, encode_message
 
     msgs = [
         Ping(1, "a", "b", "b:1"),
@@ -332,7 +333,7 @@ def test_fast_encoding_is_canonical():
         Suspect(5, "a", "b"),
         Alive(6, "a", "a:1", b"meta"),
         Dead(7, "a", "b"),
-        PushPull(False, (NodeStateEntry("a", "a:1", 1, 0, b""),)),
+        PushPull(False, (NodeStateEntry("a", "a:1", 1, MemberState.ALIVE, b""),)),
     ]
     for m in msgs:
         assert encode_message(m) == pack([int(_MEMBERSHIP_TYPES[type(m)]), m.to_wire()])

@@ -13,6 +13,7 @@ from clanagent.identity import node_id_of
 from clanagent.inventory.anchor import Anchor
 from clanagent.inventory.select import placement
 from clanagent.mesh import candidates as cands
+from clanagent.mesh.nat import NAT_KIND
 from clanagent.mesh.overlay import vm_ip6
 from clanagent.mesh.paths import PathSelector
 from clanagent.mesh.service import (
@@ -175,7 +176,7 @@ def _running(w: World) -> MeshService:
 async def test_records_and_inventory_reach_the_mesh_through_subscriptions(tmp_path):
     w = World()
     svc = w.service(tmp_path)
-    assert w.bus.subscriptions.kinds() == {cands.ENDPOINTS_KIND, VM_STATUS_KIND}
+    assert w.bus.subscriptions.kinds() == {cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND}
     assert len(w.view.handlers) == 1
     w.bus.subscriptions.dispatch(
         w.record("alpha", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.1:7946"], [], 1))

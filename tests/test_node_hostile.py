@@ -620,7 +620,7 @@ def test_a_30000_record_flood_is_bounded_and_legit_records_still_get_in(how, sen
         assert c["ignored_peer"] > 0 and node.peer_scores()[from_node] <= -100
     # Memory bounded: the dedup cache and the rebroadcast queue stay bounded.
     queued = len(node._rq) + len(node._rq_big)
-    assert len(node._seen) <= 65536 and queued <= quota.max_records_per_origin
+    assert len(node._records._seen) <= 65536 and queued <= quota.max_records_per_origin
     _legit_still_stored(node)
     with capsys.disabled():
         print(f"\nflood {how} via {sender}: {FLOOD} records in {elapsed:.2f} s, stored {held}")

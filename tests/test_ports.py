@@ -58,3 +58,38 @@ def test_node_membership_follows_the_node_it_is_given_and_isolates_faults():
     view.subscribe(lambda: heard.append(1))
     view.changed()
     assert heard == [1] and view.faults == 1
+
+
+def test_a_member_the_node_forgot_keeps_its_last_state_until_it_returns():
+    """memberlist reaps a dead or left member after gossip_to_the_dead_time;
+    `clanctl machines` and the map still say "left" (not "unknown") for it,
+    until it is seen again. A new node (clan change) starts afresh."""
+    from types import SimpleNamespace
+
+    from clanagent.ports import NodeMembership
+
+    table = {"a": "alive", "b": "alive"}
+
+    def fake_node():
+        return SimpleNamespace(
+            member_state=table.get,
+            members=lambda: [{"node_id": n, "state": s} for n, s in table.items()],
+            stats={},
+        )
+
+    node = fake_node()
+    view = NodeMembership(lambda: node)
+    table["b"] = "left"
+    view.changed()  # the node tells: b left
+    del table["b"]  # ... and later reaps it
+    assert view.state("b") == "left"
+    assert {r["node_id"]: r["state"] for r in view.rows()} == {"a": "alive", "b": "left"}
+    table["b"] = "alive"  # b comes back
+    assert {r["node_id"]: r["state"] for r in view.rows()} == {"a": "alive", "b": "alive"}
+    del table["b"]  # gone without a word (never seen dead or left): unknown
+    assert view.state("b") is None and [r["node_id"] for r in view.rows()] == ["a"]
+    table["b"] = "dead"
+    view.rows()
+    del table["b"]
+    node = fake_node()  # a clan change: a new node
+    assert view.state("b") is None and [r["node_id"] for r in view.rows()] == ["a"]

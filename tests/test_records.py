@@ -137,6 +137,22 @@ async def produce_every_kind(tmp_path) -> tuple[dict[int, Agent], dict[str, Sign
     assert await a1.publish_record(cands.ENDPOINTS_KIND, "", body)
     out["endpoints"] = own(a1, "endpoints")
 
+    # nat (mesh/nat.py): an observation of m2 sealed to it, a punch request, a
+    # relay ask and a grant, as the mesh service builds them
+    from clanagent.inventory.sealing import recipients_of, seal_endpoints
+    from clanagent.mesh import nat
+
+    k2, k3 = a2.identity.public_key, agents[3].identity.public_key
+    body = nat.nat_body(
+        seen=[(k2, nat.seal_seen("203.0.113.7:51820", a2.identity.box_public))],
+        reflexive=seal_endpoints(["198.51.100.7:51820"], recipients_of(a1.inventory.inventory.doc)),
+        punch=[(k2, int(time.time() * 1000) + 3000, 1)],
+        relay_ask=[(k2, k3)],
+        relays=[(*sorted((k2, k3)), 40001, 40002)],
+    )
+    assert await a1.publish_record(nat.NAT_KIND, "", body)
+    out["nat"] = own(a1, "nat")
+
     # topology: the real service's publish
     assert await a1._topology_service().publish_once()
     out["topology"] = own(a1, "topology")

@@ -18,7 +18,7 @@ DURABLE = {
     "secret-rotate",
     "vm-request",
 }
-SOFT = {"topology", "vm-status", "vm-logs", "vm-logs-request"}
+SOFT = {"topology", "vm-status", "vm-logs", "vm-logs-request", "nat"}
 
 
 def test_every_kind_has_a_class():

@@ -290,3 +290,33 @@ def test_an_unchanged_status_is_refreshed_unpushed_and_a_change_is_pushed(tmp_pa
                 nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_logs_request_for_a_stopped_vm_placed_here_is_answered(tmp_path):
+    """A VM placed here but stopped (and never run: no console log) still gets
+    an answer, an empty tail from this machine, so `clanctl vm logs` on
+    another machine does not wait for an answer nobody would give."""
+    clan = Clan(tmp_path)
+    svc = clan.service()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(svc.run)
+                await clan.until(lambda: (clan.status() or {}).get("state") == "running")
+                req = sign_request(clan.admin, "web", "stop", int(clan.ports.clock.wall()))
+                clan.deliver(clan.m2, REQUEST_KIND, "web", req.to_wire())
+                await clan.until(lambda: "web" not in svc.handles)
+                assert svc.local_tail("web") is None  # the fake leaves no console log
+                clan.deliver(
+                    clan.m2, LOGS_REQUEST_KIND, "web", {"at": int(clan.ports.clock.wall())}
+                )
+                await clan.until(
+                    lambda: clan.ports.store.get(clan.m1.public_key, LOGS_KIND, "web") is not None
+                )
+                body = clan.ports.store.get(clan.m1.public_key, LOGS_KIND, "web").body
+                assert body["machine"] == "m1" and body["tail"] == b""
+                assert clan.ports.bus.refused == []
+                nursery.cancel_scope.cancel()
+
+    run(main)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgpack
 import nacl.public
@@ -21,10 +22,13 @@ from clanagent.wire import (
     DEFAULT_LIMITS,
     MAX_VERSION,
     RECORD_SIGNATURE_DOMAIN,
+    CheckedRecord,
     Limits,
     NodeInfo,
+    Range,
     Record,
     SignedRecord,
+    Size,
     WireError,
     pack,
     record_class,
@@ -450,6 +454,112 @@ def test_from_wire_on_arbitrary_values_is_record_or_wire_error(value: Any) -> No
         except WireError:
             continue
         assert rec.to_wire() == value
+
+
+# ---------------------------------------- bounds, enums, arrays, checked records
+
+
+class Colour(enum.IntEnum):
+    RED = 0
+    BLUE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Bounded(Record):
+    n: Annotated[int, Range(1, 10)]
+    name: Annotated[str, Size(1, 3)]
+    blob: Annotated[bytes, Size(0, 2)]
+    items: Annotated[list[int], Size(0, 2)]
+    colour: Colour
+
+
+@dataclass(frozen=True, slots=True)
+class Msg(CheckedRecord):
+    WIRE_ARRAY: ClassVar[bool] = True
+    seq: Annotated[int, Range(0, 255)]
+    who: Annotated[str, Size(1, 8)]
+    parts: Annotated[tuple[Bounded, ...], Size(0, 2)] = ()
+    note: str | None = None
+
+
+GOOD_BOUNDED = {"n": 1, "name": "abc", "blob": b"", "items": [1, 2], "colour": 1}
+
+
+def test_bounds_are_checked_at_and_over_the_limits() -> None:
+    rec = Bounded.from_wire(GOOD_BOUNDED)
+    assert rec.colour is Colour.BLUE and rec.to_wire() == GOOD_BOUNDED
+    assert Bounded.from_wire({**GOOD_BOUNDED, "n": 10}).n == 10
+    for field, bad, reason in [
+        ("n", 0, "body.n: 0 is outside 1..10"),
+        ("n", 11, "body.n: 11 is outside 1..10"),
+        ("n", True, "body.n: expected int, got bool"),
+        ("name", "", "body.name: length 0 is outside 1..3"),
+        ("name", "abcd", "body.name: length 4 is outside 1..3"),
+        ("blob", b"abc", "body.blob: length 3 is outside 0..2"),
+        ("items", [1, 2, 3], "body.items: 3 items, not 0..2"),
+        ("items", [1, "x"], "body.items[1]: expected int, got str"),
+        ("colour", 2, "body.colour: 2 is not a Colour"),
+        ("colour", "RED", "body.colour: expected int, got str"),
+    ]:
+        with pytest.raises(WireError) as e:
+            Bounded.from_wire({**GOOD_BOUNDED, field: bad}, path="body")
+        assert e.value.reason == reason
+
+
+def test_array_form_round_trips_and_checks_its_length() -> None:
+    msg = Msg(7, "me", (Bounded.from_wire(GOOD_BOUNDED),), "hi")
+    wire = msg.to_wire()
+    assert wire == [7, "me", [GOOD_BOUNDED], "hi"]
+    assert Msg.from_wire(unpack(pack(wire))) == msg
+    for bad, reason in [
+        ({"seq": 7}, "expected array, got dict"),
+        ([7, "me", []], "expected an array of 4, got 3"),
+        ([7, "me", [], None, 1], "expected an array of 4, got 5"),
+        ([256, "me", [], None], "seq: 256 is outside 0..255"),
+        ([7, "me", [GOOD_BOUNDED] * 3, None], "parts: 3 items, not 0..2"),
+        ([7, "me", [{**GOOD_BOUNDED, "n": 0}], None], "parts[0].n: 0 is outside 1..10"),
+        ([7, "me", [], b"x"], "note: expected str, got bytes"),
+    ]:
+        with pytest.raises(WireError) as e:
+            Msg.from_wire(bad)
+        assert e.value.reason == reason
+
+
+def test_a_checked_record_is_checked_when_built_too() -> None:
+    Msg(0, "a")
+    for args, reason in [
+        ((256, "a"), "seq: 256 is outside 0..255"),
+        ((1, ""), "who: length 0 is outside 1..8"),
+        ((True, "a"), "seq: expected int, got bool"),
+        ((1, "a", [Bounded.from_wire(GOOD_BOUNDED)]), "parts: expected array, got list"),
+        ((1, "a", ("not a Bounded",)), "parts[0]: expected Bounded, got str"),
+    ]:
+        with pytest.raises(WireError) as e:
+            Msg(*args)
+        assert e.value.reason == reason
+
+
+def test_a_checked_record_keeps_its_rules_in_its_annotations() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Ruled(CheckedRecord):
+        n: int
+
+        def __post_init__(self) -> None:
+            if self.n > 1:
+                raise WireError("n too big")
+
+    # Decoding would skip __post_init__ (fields are checked while converting).
+    with pytest.raises(TypeError, match="annotations"):
+        Ruled.from_wire({"n": 1})
+
+
+def test_bounds_on_types_they_do_not_fit_are_refused() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Wrong(Record):
+        s: Annotated[str, Range(0, 1)]
+
+    with pytest.raises(TypeError, match="Range"):
+        Wrong.from_wire({"s": "x"})
 
 
 # ---------------------------------------------------------- signed records

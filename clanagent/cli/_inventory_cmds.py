@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import dataclasses
 import secrets
 import sys
 import time
@@ -22,14 +23,15 @@ import nacl.signing
 from ..control.client import ControlClient
 from ..inventory import edit
 from ..inventory.edit import DEFAULT_ADMIN_KEY, EditError, admin_key_path
+from ._clan import require_clan
 from ._table import table
-from .errors import CommandError
+from .errors import NOT_IN_CLAN_HINT, CommandError, Exit
 
 # The other inventory modules are imported inside the commands that use them:
 # a clanctl process imports only what its command needs (start-up time is
 # part of every command's latency; see bench/vm.py).
 
-__all__ = ["add_parsers", "run", "create_admin_key", "load_admin_key"]
+__all__ = ["add_parsers", "create_admin_key", "load_admin_key"]
 
 
 # -- admin keys --------------------------------------------------------------
@@ -71,7 +73,9 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
         return
     if not sys.stdin.isatty():
         raise CommandError("not confirmed: run with --yes to apply without asking")
-    answer = input(f"{question} [y/N] ").strip().lower()
+    # The question goes to stderr: with --json, stdout carries only the JSON.
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
         raise CommandError("cancelled")
 
@@ -79,11 +83,20 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 def _current(client: ControlClient) -> dict[str, Any]:
     shown = client.call("inventory.show")
     if shown.get("doc") is None:
+        require_clan(client)
         raise CommandError(
-            "this agent has no inventory yet: found a clan with 'clanctl clan init NAME' "
-            "or join one with 'clanagent join TOKEN'"
+            f"this agent has no inventory yet: {NOT_IN_CLAN_HINT}", exit_code=Exit.NO_CLAN
         )
     return shown
+
+
+def _changes_json(changes: Any) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(c) for c in changes]
+
+
+def _show_diff(args: argparse.Namespace, text: str) -> None:
+    """The diff for the human: on stdout, or on stderr when stdout is for --json."""
+    print(text, file=sys.stderr if args.json else sys.stdout)
 
 
 def _seal_and_sign(
@@ -209,12 +222,13 @@ def cmd_machine_add(client: ControlClient, args: argparse.Namespace) -> Any:
         raise CommandError(str(issues[0]).replace("<doc>: ", ""))
     keys = [load_admin_key(admin_key_path(p)) for p in (args.admin_key or [None])]
     version = _seal_and_sign(client, doc, shown, keys, f"add machine {args.name}")
-    print(format_diff(diff_docs(shown["doc"], version.doc)))
+    changes = diff_docs(shown["doc"], version.doc)
+    _show_diff(args, format_diff(changes))
     _confirm(args, f"add machine '{args.name}'?")
-    _submit(client, version)
+    result = _submit(client, version)
     invite = client.call("invite", {"machine": args.name})
     if args.json:
-        return invite
+        return {**invite, "version": result, "changes": _changes_json(changes)}
     print(f"added machine '{args.name}'. On it, run:\n")
     print(f"  clanagent join {invite['token']}\n")
     return None
@@ -232,11 +246,10 @@ def cmd_inventory_show(client: ControlClient, args: argparse.Namespace) -> Any:
     from ..inventory.parse import doc_to_toml
 
     shown = client.call("inventory.show")
+    if shown["doc"] is None:
+        require_clan(client)
     if args.json:
         return shown
-    if shown["doc"] is None:
-        print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
-        return None
     print(
         f"# head: {', '.join(_short(h) for h in shown['leaves'])}  ({shown['versions']} versions)"
     )
@@ -263,7 +276,7 @@ def cmd_inventory_diff(client: ControlClient, args: argparse.Namespace) -> Any:
     shown = _current(client)
     changes = edit.changes(shown["doc"], doc)
     if args.json:
-        return [c.__dict__ for c in changes]
+        return _changes_json(changes)
     print(format_diff(changes))
     return None
 
@@ -280,13 +293,15 @@ def cmd_inventory_apply(client: ControlClient, args: argparse.Namespace) -> Any:
     changes = edit.changes(shown["doc"], version.doc)
     explicit_endpoints = any(m["endpoints"] for m in doc["machines"].values())
     if not changes and not explicit_endpoints and not shown["conflicts"]:
+        if args.json:
+            return {"status": "unchanged", "changes": []}
         print("nothing to apply: the inventory already says this")
         return None
-    print(format_diff(changes))
+    _show_diff(args, format_diff(changes))
     _confirm(args, "sign and apply this inventory?")
     result = _submit(client, version)
     if args.json:
-        return result
+        return {**result, "changes": _changes_json(changes)}
     print(f"applied version {_short(result['hash'])} ({result['status']})")
     if result["conflicts"]:
         print(f"{result['conflicts']} conflict(s) remain: clanctl inventory conflicts")
@@ -295,11 +310,10 @@ def cmd_inventory_apply(client: ControlClient, args: argparse.Namespace) -> Any:
 
 def cmd_inventory_history(client: ControlClient, args: argparse.Namespace) -> Any:
     log = client.call("inventory.history")
+    if not log:
+        require_clan(client)
     if args.json:
         return log
-    if not log:
-        print("no inventory versions yet")
-        return None
     rows = [
         (
             _short(e["hash"]),
@@ -316,6 +330,8 @@ def cmd_inventory_history(client: ControlClient, args: argparse.Namespace) -> An
 
 def cmd_inventory_conflicts(client: ControlClient, args: argparse.Namespace) -> Any:
     conflicts = client.call("inventory.conflicts")
+    if not conflicts:
+        require_clan(client)
     if args.json:
         return conflicts
     if not conflicts:
@@ -335,11 +351,10 @@ def cmd_inventory_conflicts(client: ControlClient, args: argparse.Namespace) -> 
 
 def cmd_machines(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("machines")
+    if not rows:
+        require_clan(client)
     if args.json:
         return rows
-    if not rows:
-        print("no inventory yet (clanctl clan init NAME, or clanagent join TOKEN)")
-        return None
     print(
         table(
             ["NAME", "NODE", "TAGS", "STATE", "SERVICES", "VMS"],
@@ -395,33 +410,29 @@ def add_parsers(sub: Any) -> None:
     add.add_argument("--endpoint", action="append", default=[], help="public HOST:PORT")
     add.add_argument("--admin-key", action="append", help="admin key file (repeat for several)")
     add.add_argument("--yes", action="store_true", help="do not ask")
-    add.set_defaults(handler=cmd_machine_add)
+    add.set_defaults(handler=cmd_machine_add, needs_clan=True)
 
     inv = sub.add_parser("invite", help="print a join token for a machine of the inventory")
     inv.add_argument("name")
-    inv.set_defaults(handler=cmd_invite)
+    inv.set_defaults(handler=cmd_invite, needs_clan=True)
 
     ms = sub.add_parser("machines", help="machines of the clan: tags, state, services, VMs")
-    ms.set_defaults(handler=cmd_machines)
+    ms.set_defaults(handler=cmd_machines, needs_clan=True)
 
     invent = sub.add_parser("inventory", help="show, diff and apply the clan's inventory")
     isub = invent.add_subparsers(dest="inventory_cmd", required=True)
     show = isub.add_parser("show", help="the effective inventory as TOML")
-    show.set_defaults(handler=cmd_inventory_show)
+    show.set_defaults(handler=cmd_inventory_show, needs_clan=True)
     diff = isub.add_parser("diff", help="what applying FILE would change")
     diff.add_argument("file")
-    diff.set_defaults(handler=cmd_inventory_diff)
+    diff.set_defaults(handler=cmd_inventory_diff, needs_clan=True)
     apply = isub.add_parser("apply", help="validate, diff, sign and submit FILE")
     apply.add_argument("file")
     apply.add_argument("--admin-key", action="append", help="admin key file (repeat for several)")
     apply.add_argument("--message", "-m", help="a note kept in the history")
     apply.add_argument("--yes", action="store_true", help="do not ask")
-    apply.set_defaults(handler=cmd_inventory_apply)
+    apply.set_defaults(handler=cmd_inventory_apply, needs_clan=True)
     hist = isub.add_parser("history", help="accepted versions, newest first")
-    hist.set_defaults(handler=cmd_inventory_history)
+    hist.set_defaults(handler=cmd_inventory_history, needs_clan=True)
     conf = isub.add_parser("conflicts", help="entries concurrent edits changed differently")
-    conf.set_defaults(handler=cmd_inventory_conflicts)
-
-
-def run(client: ControlClient, args: argparse.Namespace) -> Any:
-    return args.handler(client, args)
+    conf.set_defaults(handler=cmd_inventory_conflicts, needs_clan=True)

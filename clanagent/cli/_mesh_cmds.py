@@ -35,12 +35,17 @@ def cmd_path(client: ControlClient, args: argparse.Namespace) -> Any:
         + ("" if info.get("wireguard") else "  (WireGuard mesh not running here)")
     )
     if chosen:
-        print(f"chosen     {chosen['kind']} {chosen['address']}")
+        print(f"chosen     {_kind(chosen)} {chosen['address']}")
     else:
         print("chosen     none")
     print(f"why        {info.get('reason', '')}")
     if info.get("preference"):
         print(f"preference {' > '.join(info['preference'])}")
+    nat = info.get("nat")
+    if nat:
+        print(f"punch      {nat['punch']}")
+        for r in nat.get("relays", []):
+            print(f"relay      {r['relay']}: {r['reason']}")
     paths = info.get("paths") or []
     if paths:
         print()
@@ -50,7 +55,7 @@ def cmd_path(client: ControlClient, args: argparse.Namespace) -> Any:
                 [
                     (
                         "*" if p["chosen"] else ("" if p["usable"] else "-"),
-                        p["kind"],
+                        _kind(p),
                         p["address"],
                         ",".join(p["sources"]),
                         "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms",
@@ -61,6 +66,10 @@ def cmd_path(client: ControlClient, args: argparse.Namespace) -> Any:
             )
         )
     return None
+
+
+def _kind(p: dict[str, Any]) -> str:
+    return f"relay via {p['via']}" if p.get("via") else p["kind"]
 
 
 def ssh_target(info: dict[str, Any]) -> tuple[str, list[str]]:
@@ -74,6 +83,12 @@ def ssh_target(info: dict[str, Any]) -> tuple[str, list[str]]:
         )
     from ..config import split_hostport
 
+    if chosen["kind"] in ("reflexive", "relay"):
+        # WireGuard endpoints (a NAT mapping, a relay's port): only the tunnel goes there
+        raise CommandError(
+            f"{info['machine']} is reached only through WireGuard ({_kind(chosen)}), "
+            "and no handshake is fresh yet"
+        )
     host, _ = split_hostport(chosen["address"], "address")
     if chosen["kind"] == "tor":
         socks = info.get("tor_socks")
@@ -92,6 +107,8 @@ def cmd_ssh(client: ControlClient, args: argparse.Namespace) -> Any:
         raise CommandError("ssh is not installed (apt install openssh-client)")
     argv = [ssh, *opts, host, *args.args]
     if args.print:
+        if args.json:
+            return {"argv": argv, "host": host}
         print(" ".join(argv))
         return None
     client.close()
@@ -132,12 +149,17 @@ def tor_connect(socks: str, host: str, port: int) -> None:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("path", help="the chosen path to a machine, and the ranked alternatives")
     p.add_argument("machine")
-    p.set_defaults(handler=cmd_path)
-    s = sub.add_parser("ssh", help="ssh to a machine over the best path")
+    p.set_defaults(handler=cmd_path, needs_clan=True)
+    s = sub.add_parser(
+        "ssh",
+        help="ssh to a machine over the best path",
+        description="ssh to a machine over the best path. clanctl's own options (--print, "
+        "--json) go before MACHINE: everything after it is passed to ssh.",
+    )
     s.add_argument("machine")
     s.add_argument("--print", action="store_true", help="print the ssh command instead")
     s.add_argument("args", nargs=argparse.REMAINDER, help="passed to ssh")
-    s.set_defaults(handler=cmd_ssh)
+    s.set_defaults(handler=cmd_ssh, needs_clan=True)
     t = sub.add_parser(
         "tor-connect", help="(used by `clanctl ssh` as its ProxyCommand to reach onion hosts)"
     )

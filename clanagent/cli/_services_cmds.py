@@ -8,11 +8,14 @@ between them; and the secrets commands.  Must never: print a secret value
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any
 
 from ..control.client import ControlClient
+from ._argtypes import seconds
+from ._clan import require_clan
 from ._table import table
 from .errors import CommandError
 
@@ -21,6 +24,8 @@ __all__ = ["add_parsers"]
 
 def cmd_services(client: ControlClient, args: argparse.Namespace) -> Any:
     view = client.call("services")
+    if not view:
+        require_clan(client)
     if args.json:
         return view
     if not view:
@@ -76,12 +81,20 @@ def _when(ts: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+NO_SECRETS = (
+    "no secrets: no service in the inventory declares one (a service type's secrets "
+    "are made when a role of it is placed on machines; see 'clanctl services')"
+)
+
+
 def cmd_secrets_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("secrets.list")
+    if not rows:
+        require_clan(client)
     if args.json:
         return rows
     if not rows:
-        print("no secrets declared in the inventory")
+        print(NO_SECRETS)
         return None
     print(
         table(
@@ -106,12 +119,17 @@ def cmd_secrets_list(client: ControlClient, args: argparse.Namespace) -> Any:
 
 def cmd_secrets_status(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("secrets.list")
+    if not rows:
+        require_clan(client)
     if args.id:
         rows = [r for r in rows if r["id"] == args.id]
         if not rows:
             raise CommandError(f"no secret {args.id} (see 'clanctl secrets list')")
     if args.json:
         return rows
+    if not rows:
+        print(NO_SECRETS)
+        return None
     for r in rows:
         print(f"{r['id']}")
         print(f"  generation     {r['generation'] or 'none yet'}")
@@ -130,7 +148,10 @@ def cmd_secrets_status(client: ControlClient, args: argparse.Namespace) -> Any:
 
 
 def cmd_secrets_show_public(client: ControlClient, args: argparse.Namespace) -> Any:
-    rows = [r for r in client.call("secrets.list") if r["id"] == args.id]
+    rows = client.call("secrets.list")
+    if not rows:
+        require_clan(client)
+    rows = [r for r in rows if r["id"] == args.id]
     if not rows:
         raise CommandError(f"no secret {args.id} (see 'clanctl secrets list')")
     public = rows[0]["public"]
@@ -196,8 +217,12 @@ def cmd_vm_logs(client: ControlClient, args: argparse.Namespace) -> Any:
             time.sleep(0.3)
         tail = reply["tail"]
         new = _after(shown, tail)
-        sys.stdout.write(new.decode("utf-8", "replace"))
-        sys.stdout.flush()
+        text = new.decode("utf-8", "replace")
+        if args.json:  # one object per line, like `clanctl events --json`
+            print(json.dumps({"vm": args.name, "log": text}), flush=True)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
         shown = tail
         if not args.follow:
             return None
@@ -208,7 +233,10 @@ ESCAPE = b"\x1d"  # Ctrl-], as in telnet and virsh console
 
 
 def _console_host(client: ControlClient, name: str, machine: str | None) -> str:
-    rows = [r for r in client.call("vm.list") if r["vm"] == name]
+    rows = client.call("vm.list")
+    if not rows:
+        require_clan(client)
+    rows = [r for r in rows if r["vm"] == name]
     if not rows:
         raise CommandError(f"no VM '{name}' in the inventory (see 'clanctl vm list')")
     hosts = [r["machine"] for r in rows]
@@ -305,6 +333,8 @@ def cmd_vm_console(client: ControlClient, args: argparse.Namespace) -> Any:
 
 def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
     rows = client.call("vm.list")
+    if not rows:
+        require_clan(client)
     if args.json:
         return rows
     if not rows:
@@ -333,29 +363,31 @@ def cmd_vm_list(client: ControlClient, args: argparse.Namespace) -> Any:
 
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("services", help="service instances, roles, machines and their wiring")
-    s.set_defaults(handler=cmd_services)
+    s.set_defaults(handler=cmd_services, needs_clan=True)
     sec = sub.add_parser("secrets", help="the clan's secrets (never their values)")
     ssub = sec.add_subparsers(dest="secrets_cmd", required=True)
-    ssub.add_parser("list", help="every secret instance").set_defaults(handler=cmd_secrets_list)
+    ssub.add_parser("list", help="every secret instance").set_defaults(
+        handler=cmd_secrets_list, needs_clan=True
+    )
     st = ssub.add_parser("status", help="age, next rotation, recipients, who holds it")
     st.add_argument("id", nargs="?", help="SERVICE/NAME (all when omitted)")
-    st.set_defaults(handler=cmd_secrets_status)
+    st.set_defaults(handler=cmd_secrets_status, needs_clan=True)
     sp = ssub.add_parser("show-public", help="the public part of a secret")
     sp.add_argument("id", help="SERVICE/NAME")
-    sp.set_defaults(handler=cmd_secrets_show_public)
+    sp.set_defaults(handler=cmd_secrets_show_public, needs_clan=True)
     ro = ssub.add_parser("rotate", help="make a new generation now")
     ro.add_argument("id", help="SERVICE/NAME")
-    ro.set_defaults(handler=cmd_secrets_rotate)
+    ro.set_defaults(handler=cmd_secrets_rotate, needs_clan=True)
     vm = sub.add_parser("vm", help="the clan's micro VMs")
     vsub = vm.add_subparsers(dest="vm_cmd", required=True)
     vsub.add_parser("list", help="every VM, where it runs, its state and accelerator").set_defaults(
-        handler=cmd_vm_list
+        handler=cmd_vm_list, needs_clan=True
     )
     lg = vsub.add_parser("logs", help="a VM's console log, from any machine")
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    lg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the host")
-    lg.set_defaults(handler=cmd_vm_logs)
+    lg.add_argument("--timeout", type=seconds, default=15.0, help="seconds to wait for the host")
+    lg.set_defaults(handler=cmd_vm_logs, needs_clan=True)
     co = vsub.add_parser(
         "console",
         help="an interactive serial console of a VM, from any machine (admins only)",
@@ -368,11 +400,11 @@ def add_parsers(sub: Any) -> None:
     co.add_argument("--admin-key", help="admin key file (default $CLANAGENT_ADMIN_KEY)")
     co.add_argument(
         "--linger",
-        type=float,
+        type=seconds,
         default=1.0,
         help="with stdin not a terminal: seconds of quiet output before exiting (default 1)",
     )
-    co.set_defaults(handler=cmd_vm_console)
+    co.set_defaults(handler=cmd_vm_console, needs_clan=True)
     for action, text in (
         ("start", "start a VM an admin stopped"),
         ("stop", "stop a VM (it stays stopped until started)"),
@@ -381,4 +413,4 @@ def add_parsers(sub: Any) -> None:
         a = vsub.add_parser(action, help=f"{text} (admins only; from any machine)")
         a.add_argument("name")
         a.add_argument("--admin-key", help="admin key file (default $CLANAGENT_ADMIN_KEY)")
-        a.set_defaults(handler=cmd_vm_action)
+        a.set_defaults(handler=cmd_vm_action, needs_clan=True)

@@ -20,8 +20,8 @@ import trio
 
 from .. import __version__
 from .._log import kv, setup_logging
-from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from .errors import CommandError
+from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config, split_hostport
+from .errors import EXIT_CODES_HELP, CommandError, Exit
 
 log = logging.getLogger("clanagent.cli")
 
@@ -50,8 +50,29 @@ def raise_fd_limit(cap: int = FD_LIMIT_CAP) -> tuple[int, int]:
     return soft, hard
 
 
+def _listen(text: str) -> str:
+    """--listen: HOST:PORT, or "" for do not listen."""
+    return text if text == "" else _hostport(text)
+
+
+def _hostport(text: str) -> str:
+    """A HOST:PORT flag value, checked where the flag is named (not blamed on agent.toml)."""
+    try:
+        split_hostport(text, "HOST:PORT")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not HOST:PORT (e.g. 0.0.0.0:7946 or [::]:7946)"
+        ) from None
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clanagent", description="The clan's peer-to-peer agent.")
+    p = argparse.ArgumentParser(
+        prog="clanagent",
+        description="The clan's peer-to-peer agent.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"clanagent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -59,21 +80,37 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
     run.add_argument("--state-dir", help="where keys and records live")
     run.add_argument("--control-socket", help="path of the control socket")
-    run.add_argument("--listen", help="HOST:PORT for peer connections (default 0.0.0.0:7946)")
     run.add_argument(
-        "--join", action="append", metavar="HOST:PORT", help="seed peer address (repeatable)"
+        "--listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help='address for peer connections (default 0.0.0.0:7946; "" = do not listen)',
     )
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--join",
+        action="append",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="seed peer address (repeatable)",
+    )
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="how much to log"
+    )
 
     kg = sub.add_parser("keygen", help="create this node's keys (run also does it on first start)")
-    kg.add_argument("--state-dir", required=True, type=Path)
+    kg.add_argument("--state-dir", required=True, type=Path, help="where the keys live")
 
     vi = sub.add_parser("vm-image", help="build a minimal VM image (kernel + busybox initramfs)")
     vi.add_argument("dir", type=Path, help="where to write vmlinux and initramfs.cpio.gz")
 
     jn = sub.add_parser("join", help="make this machine a member of a clan (token from an admin)")
     jn.add_argument("token", help="the token printed by 'clanctl machine add' or 'clanctl invite'")
-    jn.add_argument("--state-dir", type=Path, default=Path("/var/lib/clanagent"))
+    jn.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    jn.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where keys and records live (default: state_dir of the config)",
+    )
     return p
 
 
@@ -119,7 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides=_overrides(args), required=args.config is not None)
     except ConfigError as exc:
-        raise CommandError(f"config error: {exc}", exit_code=2) from None
+        raise CommandError(f"config error: {exc}", exit_code=Exit.USAGE) from None
     setup_logging(cfg.log_level)
     raise_fd_limit()
     try:
@@ -135,17 +172,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"permission denied: {exc.filename or exc}: run as root, or point "
             "--state-dir and --control-socket at directories this user can write",
-            exit_code=2,
+            exit_code=Exit.USAGE,
         ) from None
     except ValueError as exc:  # AnchorError: a damaged clan anchor file
         from ..inventory.anchor import AnchorError
 
         if isinstance(exc, AnchorError):
-            raise CommandError(str(exc), exit_code=2) from None
+            raise CommandError(str(exc), exit_code=Exit.USAGE) from None
         raise
     except RuntimeError as exc:
         if "already listening" in str(exc):
-            raise CommandError(str(exc), exit_code=2) from None
+            raise CommandError(str(exc), exit_code=Exit.USAGE) from None
         raise
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -155,7 +192,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"cannot listen on gossip.listen = {cfg.gossip.listen!r}: "
                 "address already in use (another agent or program holds that port); "
                 "stop it, or set gossip.listen (or --listen) to a free port",
-                exit_code=2,
+                exit_code=Exit.USAGE,
             ) from None
         raise
 
@@ -173,7 +210,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     try:
         ident, created = load_or_create(args.state_dir)
     except (IdentityError, PermissionError) as exc:
-        raise CommandError(str(exc), exit_code=2) from None
+        raise CommandError(str(exc), exit_code=Exit.USAGE) from None
     print(f"{'created' if created else 'existing'} keys in {args.state_dir}")
     print(f"node id:        {ident.node_id}")
     print(f"short id:       {ident.short_id}")
@@ -192,15 +229,22 @@ def _cmd_join(args: argparse.Namespace) -> int:
     try:
         token = parse_token(args.token)
     except TokenError as exc:
-        raise CommandError(f"bad join token: {exc}", exit_code=2) from None
+        raise CommandError(f"bad join token: {exc}", exit_code=Exit.USAGE) from None
+    state_dir = args.state_dir
+    if state_dir is None:  # the agent's own, so 'clanagent run' finds the anchor
+        try:
+            cfg = load_config(args.config, required=args.config is not None)
+        except ConfigError as exc:
+            raise CommandError(f"config error: {exc}", exit_code=Exit.USAGE) from None
+        state_dir = Path(cfg.state_dir)
     try:
-        ident, _ = load_or_create(args.state_dir)
+        ident, _ = load_or_create(state_dir)
         anchor = Anchor(
             token.clan_id, token.name, tuple(token.admins), tuple(token.seeds), token.machine
         )
-        path = save_anchor(args.state_dir, anchor)
+        path = save_anchor(state_dir, anchor)
     except (IdentityError, OSError) as exc:
-        raise CommandError(f"cannot join: {exc}", exit_code=2) from None
+        raise CommandError(f"cannot join: {exc}", exit_code=Exit.USAGE) from None
     print(f"joined clan '{token.name}' ({token.clan_id.hex()}) as machine '{token.machine}'")
     print(f"seeds: {', '.join(token.seeds) or '(none)'}; anchor written to {path}")
     print(f"this machine's key: {machine_key_string(ident)}")
@@ -215,7 +259,7 @@ def _cmd_vm_image(args: argparse.Namespace) -> int:
     try:
         kernel, initrd = build_image(args.dir)
     except VmHostError as exc:
-        raise CommandError(f"cannot build a VM image: {exc}", exit_code=2) from None
+        raise CommandError(f"cannot build a VM image: {exc}", exit_code=Exit.USAGE) from None
     print(f'kernel = "{kernel}"\ninitrd = "{initrd}"')
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,31 @@ class ClientError(Exception):
 
 
 class AgentNotRunning(ClientError):
-    def __init__(self, path: Path, detail: str) -> None:
+    def __init__(self, path: Path, detail: str, *, message: str = "") -> None:
         super().__init__(
             "not_running",
-            f"clanagent is not running ({detail} at {path}): start it with "
+            message
+            or f"clanagent is not running ({detail} at {path}): start it with "
             "'systemctl start clanagent' or 'clanagent run'",
         )
         self.path = path
+
+
+def _not_a_socket(path: Path) -> str:
+    """ "a directory" / "a regular file" / ... when `path` is there but no socket, else ""."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    return (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a regular file"
+        if stat.S_ISREG(mode)
+        else "not a socket"
+    )
 
 
 class ControlClient:
@@ -65,6 +84,14 @@ class ControlClient:
             raise AgentNotRunning(self.path, "no socket") from None
         except ConnectionRefusedError:
             s.close()
+            what = _not_a_socket(self.path)  # connect() says "refused" for those too
+            if what:
+                raise AgentNotRunning(
+                    self.path,
+                    what,
+                    message=f"{self.path} is {what}, not the agent's control socket: "
+                    "name the socket with --socket (or $CLANAGENT_SOCKET)",
+                ) from None
             raise AgentNotRunning(self.path, "nobody listening on the socket") from None
         except PermissionError:
             s.close()

@@ -2,7 +2,8 @@
 dissemination plus anti-entropy of signed records.
 
 Sans-IO cores (`handshake`, `session`, `membership`, `broadcast_queue`,
-`antientropy`, composed in `node`) and one trio shell (`service`).
+`antientropy`, `pipeline` for records, `messages` for the datagram, composed
+in `node`) and one trio shell (`service`).
 """
 
 from .config import GossipConfig

@@ -2,25 +2,26 @@
 
 Owns: the frozen dataclasses that go into and come out of
 `clanagent.gossip.membership.Membership`, and the wire shape of each
-membership message (`to_wire()` gives a msgpack-ready list, `from_wire()`
-checks every type, range and length of untrusted input and raises
-`clanagent.wire.WireError` on anything else).  Field validation in
-`__post_init__` uses the same checks, so a message object is valid however
-it was built.
+membership message.  Each message is a `clanagent.wire.CheckedRecord` in
+array form: its annotations (exact types, `Range`, `Size`) are its schema,
+and the one record engine (`clanagent.wire.schema`) checks them when a
+message is decoded (`from_wire()`, which raises `WireError` on anything
+else) and when one is built, so a message object is valid however it was
+made.  `to_wire()` gives a msgpack-ready list.
 
 Must never: encode bytes itself (the node composer tags each message with its
-append-only type number and calls `clanagent.wire.pack`), or accept `bool`
-where an int is meant, or let any exception but `WireError` out of
-`from_wire`.
+append-only type number and calls `clanagent.wire.pack`), check a field by
+hand (a rule belongs in the annotations), or let any exception but
+`WireError` out of `from_wire`.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, ClassVar
 
-from clanagent.wire import WireError
+from clanagent.wire import CheckedRecord, Range, Size, WireError
 
 __all__ = [
     # limits of untrusted input
@@ -79,245 +80,105 @@ class MemberState(enum.IntEnum):
     LEFT = 3
 
 
-_MAX_STATE = max(MemberState)
+# -- field types: the bounds every message field is checked against ---------
 
-# -- checks shared by __post_init__ and from_wire -------------------------
-
-
-def _int(value: Any, name: str, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise WireError(f"{name} must be an int")
-    if not 0 <= value <= hi:
-        raise WireError(f"{name} out of range")
-    return value
+Seq = Annotated[int, Range(0, MAX_SEQ)]
+Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
+NodeId = Annotated[str, Size(1, MAX_NODE_ID_LEN)]
+Addr = Annotated[str, Size(1, MAX_ADDR_LEN)]
+Meta = Annotated[bytes, Size(0, MAX_META_LEN)]
 
 
-def _str(value: Any, name: str, max_len: int) -> str:
-    if not isinstance(value, str):
-        raise WireError(f"{name} must be a str")
-    if not 0 < len(value) <= max_len:
-        raise WireError(f"{name} must have 1..{max_len} characters")
-    return value
+class _Message(CheckedRecord):
+    """A membership message: checked when built, an array on the wire."""
 
-
-def _opt_str(value: Any, name: str, max_len: int) -> str | None:
-    return None if value is None else _str(value, name, max_len)
-
-
-def _bytes(value: Any, name: str, max_len: int) -> bytes:
-    if not isinstance(value, bytes):
-        raise WireError(f"{name} must be bytes")
-    if len(value) > max_len:
-        raise WireError(f"{name} longer than {max_len} bytes")
-    return value
-
-
-def _bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise WireError(f"{name} must be a bool")
-    return value
-
-
-def _fields(value: Any, n: int, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise WireError(f"{what} must be an array")
-    if len(value) != n:
-        raise WireError(f"{what} must have {n} fields, not {len(value)}")
-    return value
+    __slots__ = ()
+    WIRE_ARRAY: ClassVar[bool] = True
 
 
 # -- messages ---------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
+class Ping(_Message):
     """Are you alive?  `target` guards against a reused address answering."""
 
-    seq: int
-    target: str
-    source: str
-    source_addr: str | None = None
-
-    def __post_init__(self) -> None:
-        _int(self.seq, "seq", MAX_SEQ)
-        _str(self.target, "target", MAX_NODE_ID_LEN)
-        _str(self.source, "source", MAX_NODE_ID_LEN)
-        _opt_str(self.source_addr, "source_addr", MAX_ADDR_LEN)
-
-    def to_wire(self) -> list[Any]:
-        return [self.seq, self.target, self.source, self.source_addr]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Ping:
-        seq, target, source, source_addr = _fields(value, 4, "ping")
-        return cls(seq, target, source, source_addr)
+    seq: Seq
+    target: NodeId
+    source: NodeId
+    source_addr: Addr | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class IndirectPing:
+class IndirectPing(_Message):
     """Please ping `target` for me and relay its ack (and a nack if it is silent)."""
 
-    seq: int
-    target: str
-    target_addr: str
-    requester: str
-    requester_addr: str
+    seq: Seq
+    target: NodeId
+    target_addr: Addr
+    requester: NodeId
+    requester_addr: Addr
     nack: bool = True
 
-    def __post_init__(self) -> None:
-        _int(self.seq, "seq", MAX_SEQ)
-        _str(self.target, "target", MAX_NODE_ID_LEN)
-        _str(self.target_addr, "target_addr", MAX_ADDR_LEN)
-        _str(self.requester, "requester", MAX_NODE_ID_LEN)
-        _str(self.requester_addr, "requester_addr", MAX_ADDR_LEN)
-        _bool(self.nack, "nack")
-
-    def to_wire(self) -> list[Any]:
-        return [
-            self.seq,
-            self.target,
-            self.target_addr,
-            self.requester,
-            self.requester_addr,
-            self.nack,
-        ]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> IndirectPing:
-        return cls(*_fields(value, 6, "indirect ping"))
-
 
 @dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(_Message):
     """Answer to a Ping (directly, or relayed by the helper of an indirect probe)."""
 
-    seq: int
-
-    def __post_init__(self) -> None:
-        _int(self.seq, "seq", MAX_SEQ)
-
-    def to_wire(self) -> list[Any]:
-        return [self.seq]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Ack:
-        return cls(*_fields(value, 1, "ack"))
+    seq: Seq
 
 
 @dataclass(frozen=True, slots=True)
-class Nack:
+class Nack(_Message):
     """Lifeguard: the helper of an indirect probe got no ack in time.
 
     Proves the helper is reachable, so a missing nack points at *us*.
     """
 
-    seq: int
-
-    def __post_init__(self) -> None:
-        _int(self.seq, "seq", MAX_SEQ)
-
-    def to_wire(self) -> list[Any]:
-        return [self.seq]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Nack:
-        return cls(*_fields(value, 1, "nack"))
+    seq: Seq
 
 
 @dataclass(frozen=True, slots=True)
-class Suspect:
+class Suspect(_Message):
     """`from_node` suspects `node` at `incarnation` (gossiped)."""
 
-    incarnation: int
-    node: str
-    from_node: str
-
-    def __post_init__(self) -> None:
-        _int(self.incarnation, "incarnation", MAX_INCARNATION)
-        _str(self.node, "node", MAX_NODE_ID_LEN)
-        _str(self.from_node, "from", MAX_NODE_ID_LEN)
-
-    def to_wire(self) -> list[Any]:
-        return [self.incarnation, self.node, self.from_node]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Suspect:
-        return cls(*_fields(value, 3, "suspect"))
+    incarnation: Incarnation
+    node: NodeId
+    from_node: NodeId
 
 
 @dataclass(frozen=True, slots=True)
-class Alive:
+class Alive(_Message):
     """`node` is alive at `addr` with `incarnation` (gossiped; refutes suspicion)."""
 
-    incarnation: int
-    node: str
-    addr: str
-    meta: bytes = b""
-
-    def __post_init__(self) -> None:
-        _int(self.incarnation, "incarnation", MAX_INCARNATION)
-        _str(self.node, "node", MAX_NODE_ID_LEN)
-        _str(self.addr, "addr", MAX_ADDR_LEN)
-        _bytes(self.meta, "meta", MAX_META_LEN)
-
-    def to_wire(self) -> list[Any]:
-        return [self.incarnation, self.node, self.addr, self.meta]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Alive:
-        return cls(*_fields(value, 4, "alive"))
+    incarnation: Incarnation
+    node: NodeId
+    addr: Addr
+    meta: Meta = b""
 
 
 @dataclass(frozen=True, slots=True)
-class Dead:
+class Dead(_Message):
     """`from_node` declares `node` dead; from the node itself it means it left."""
 
-    incarnation: int
-    node: str
-    from_node: str
-
-    def __post_init__(self) -> None:
-        _int(self.incarnation, "incarnation", MAX_INCARNATION)
-        _str(self.node, "node", MAX_NODE_ID_LEN)
-        _str(self.from_node, "from", MAX_NODE_ID_LEN)
-
-    def to_wire(self) -> list[Any]:
-        return [self.incarnation, self.node, self.from_node]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> Dead:
-        return cls(*_fields(value, 3, "dead"))
+    incarnation: Incarnation
+    node: NodeId
+    from_node: NodeId
 
 
 @dataclass(frozen=True, slots=True)
-class NodeStateEntry:
+class NodeStateEntry(_Message):
     """One member in a full-state exchange (memberlist `pushNodeState`)."""
 
-    node: str
-    addr: str
-    incarnation: int
+    node: NodeId
+    addr: Addr
+    incarnation: Incarnation
     state: MemberState
-    meta: bytes = b""
-
-    def __post_init__(self) -> None:
-        _str(self.node, "node", MAX_NODE_ID_LEN)
-        _str(self.addr, "addr", MAX_ADDR_LEN)
-        _int(self.incarnation, "incarnation", MAX_INCARNATION)
-        if not isinstance(self.state, MemberState):
-            _int(self.state, "state", _MAX_STATE)
-            object.__setattr__(self, "state", MemberState(self.state))
-        _bytes(self.meta, "meta", MAX_META_LEN)
-
-    def to_wire(self) -> list[Any]:
-        return [self.node, self.addr, self.incarnation, int(self.state), self.meta]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> NodeStateEntry:
-        return cls(*_fields(value, 5, "node state"))
+    meta: Meta = b""
 
 
 @dataclass(frozen=True, slots=True)
-class PushPull:
+class PushPull(_Message):
     """Full membership state, sent on join and every push/pull interval.
 
     A request (`reply=False`) is answered with our own state (`reply=True`);
@@ -325,29 +186,7 @@ class PushPull:
     """
 
     reply: bool
-    states: tuple[NodeStateEntry, ...]
-
-    def __post_init__(self) -> None:
-        _bool(self.reply, "reply")
-        if not isinstance(self.states, tuple):
-            raise WireError("states must be a tuple")
-        if len(self.states) > MAX_PUSH_PULL_STATES:
-            raise WireError("too many states")
-        for entry in self.states:
-            if not isinstance(entry, NodeStateEntry):
-                raise WireError("states must hold NodeStateEntry values")
-
-    def to_wire(self) -> list[Any]:
-        return [self.reply, [entry.to_wire() for entry in self.states]]
-
-    @classmethod
-    def from_wire(cls, value: Any) -> PushPull:
-        reply, states = _fields(value, 2, "push/pull")
-        if not isinstance(states, list):
-            raise WireError("states must be an array")
-        if len(states) > MAX_PUSH_PULL_STATES:
-            raise WireError("too many states")
-        return cls(reply, tuple(NodeStateEntry.from_wire(s) for s in states))
+    states: Annotated[tuple[NodeStateEntry, ...], Size(0, MAX_PUSH_PULL_STATES)]
 
 
 Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull
@@ -358,7 +197,7 @@ MESSAGE_CLASSES: tuple[type, ...] = (Ping, IndirectPing, Ack, Nack, Suspect, Ali
 
 # -- record and anti-entropy messages ----------------------------------------
 #
-# Decoded (and checked field by field) by `clanagent.gossip.node.decode_message`
+# Decoded (and checked field by field) by `clanagent.gossip.messages.decode_message`
 # with the anti-entropy shape checks, before anything reaches node state.
 
 

@@ -19,35 +19,14 @@ message)` sink, never straight onto the network (the composer piggybacks
 them on pings, acks and gossip ticks and retransmits them as memberlist's
 `queue.go` does).
 
-Transition table (what a message about member X does to our view of X; the
-first matching row wins, "inc" is the message's incarnation, "ours" is what
-we hold):
-
-  Alive    X unknown                         -> alive, MemberJoined
-  Alive    X is us, inc < ours               -> ignored
-  Alive    X is us, same inc/addr/meta       -> ignored
-  Alive    X is us, otherwise                -> refute (inc = max(ours, inc) + 1)
-  Alive    other address, X not reclaimable  -> ignored (address conflict);
-           (reclaimable: X left, X dead past dead_node_reclaim_time, or X
-           itself told us, over its authenticated session: a restart on a
-           new address)
-  Alive    inc <= ours (and not reclaiming)  -> ignored
-  Alive    otherwise                         -> alive; Joined (was dead/left),
-                                                Alive (was suspect), Updated (meta/addr)
-  Suspect  X unknown or inc < ours           -> ignored
-  Suspect  X has a suspicion timer           -> confirm it (re-gossip if new)
-  Suspect  X not alive                       -> ignored
-  Suspect  X is us                           -> refute
-  Suspect  otherwise                         -> suspect, start timer, MemberSuspect
-  Dead     X unknown or inc < ours           -> ignored
-  Dead     X dead or left                    -> ignored
-  Dead     X is us and we did not leave      -> refute
-  Dead     from X itself                     -> left, MemberLeft
-  Dead     otherwise                         -> dead, MemberDead
+The transitions (what an Alive, Suspect or Dead about member X does to our
+view of X) are the table `TRANSITIONS` below: data, in one place, walked by
+the three state-message handlers and tested pair by pair.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import math
@@ -87,7 +66,19 @@ from clanagent.gossip.events import (
 )
 from clanagent.gossip.suspicion import Suspicion
 
-__all__ = ["Membership", "MemberInfo", "MemberState", "BroadcastSink", "MAX_RELAYS"]
+__all__ = [
+    "Membership",
+    "MemberInfo",
+    "MemberState",
+    "BroadcastSink",
+    "MAX_RELAYS",
+    "View",
+    "StateMsg",
+    "Guard",
+    "Outcome",
+    "Rule",
+    "TRANSITIONS",
+]
 
 BroadcastSink = Callable[[str, Message], None]
 
@@ -99,6 +90,154 @@ _ALIVE = MemberState.ALIVE
 _SUSPECT = MemberState.SUSPECT
 _DEAD = MemberState.DEAD
 _LEFT = MemberState.LEFT
+
+
+class View(enum.Enum):
+    """What we hold about the member X a state message is about."""
+
+    UNKNOWN = "unknown"  # nothing
+    ALIVE = "alive"
+    SUSPECT = "suspect"  # alive, under a suspicion timer
+    DEAD = "dead"
+    LEFT = "left"
+    SELF = "self"  # X is us, and we are in the clan
+    SELF_LEFT = "self-left"  # X is us, and we left
+
+
+class StateMsg(enum.Enum):
+    """The state messages about a member X."""
+
+    ALIVE = "alive"  # Alive about X
+    SUSPECT = "suspect"  # Suspect about X
+    DEAD = "dead"  # Dead about X, from another member
+    LEAVE = "leave"  # Dead about X, from X itself
+
+
+class Guard(enum.Enum):
+    """Conditions a rule may require ("inc" is the message's incarnation,
+    "ours" the one we hold for X; likewise addr and meta)."""
+
+    OLDER = "inc < ours"
+    NOT_NEWER = "inc <= ours"
+    SAME = "inc, addr and meta as ours"
+    ELSEWHERE = "addr is not ours"
+    # X itself told us, over its authenticated session, at a newer
+    # incarnation, from another address: a restart on a new address.
+    MOVED = "moved: from X itself, newer, addr not ours"
+    # X is dead for longer than dead_node_reclaim_time (when that is set).
+    RECLAIMABLE = "dead past dead_node_reclaim_time"
+
+
+class Outcome(enum.Enum):
+    """What a rule does."""
+
+    IGNORE = "ignore"
+    REFUTE = "refute"  # out-bid it: our incarnation = max(ours, inc) + 1
+    JOIN = "join"  # take the picture, alive; MemberJoined
+    REVIVE = "revive"  # take the picture, alive; MemberAlive (+ MemberUpdated)
+    UPDATE = "update"  # take the picture; MemberUpdated if addr or meta changed
+    SUSPECT = "suspect"  # suspect, start the timer; MemberSuspect
+    CONFIRM = "confirm"  # count a confirmation of the timer (re-gossip if new)
+    DIE = "die"  # dead; MemberDead
+    LEAVE = "leave"  # left; MemberLeft
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """When every guard in `when` holds, do `then` (and count `count`)."""
+
+    when: tuple[Guard, ...]
+    then: Outcome
+    count: str | None = None
+
+
+_V, _M, _G, _O = View, StateMsg, Guard, Outcome
+_IGNORED = (Rule((), _O.IGNORE),)
+_REFUTED = (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.REFUTE))
+
+# ---------------------------------------------------------------------------
+# THE TRANSITION TABLE.  What a state message about member X does to our view
+# of X, for every (view, message) pair, and nowhere else: the rules of a pair
+# are tried in order and the first whose guards all hold wins; the last rule
+# of every pair has no guard.  The rules are memberlist `state.go`'s
+# (`aliveNode`, `suspectNode`, `deadNode`, `refute`), plus address moves by
+# the member itself.  `_on_alive`, `_on_suspect` and `_on_dead` only carry
+# out the outcome of the rule found here.
+# ---------------------------------------------------------------------------
+TRANSITIONS: dict[tuple[View, StateMsg], tuple[Rule, ...]] = {
+    (_V.UNKNOWN, _M.ALIVE): (Rule((), _O.JOIN),),
+    (_V.UNKNOWN, _M.SUSPECT): _IGNORED,
+    (_V.UNKNOWN, _M.DEAD): _IGNORED,
+    (_V.UNKNOWN, _M.LEAVE): _IGNORED,
+    (_V.ALIVE, _M.ALIVE): (
+        Rule((_G.MOVED,), _O.UPDATE, "address_moved"),
+        Rule((_G.ELSEWHERE,), _O.IGNORE, "address_conflict"),
+        Rule((_G.NOT_NEWER,), _O.IGNORE),
+        Rule((), _O.UPDATE),
+    ),
+    (_V.ALIVE, _M.SUSPECT): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.SUSPECT)),
+    (_V.ALIVE, _M.DEAD): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.DIE)),
+    (_V.ALIVE, _M.LEAVE): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.LEAVE)),
+    (_V.SUSPECT, _M.ALIVE): (
+        Rule((_G.MOVED,), _O.REVIVE, "address_moved"),
+        Rule((_G.ELSEWHERE,), _O.IGNORE, "address_conflict"),
+        Rule((_G.NOT_NEWER,), _O.IGNORE),
+        Rule((), _O.REVIVE),
+    ),
+    (_V.SUSPECT, _M.SUSPECT): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.CONFIRM)),
+    (_V.SUSPECT, _M.DEAD): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.DIE)),
+    (_V.SUSPECT, _M.LEAVE): (Rule((_G.OLDER,), _O.IGNORE), Rule((), _O.LEAVE)),
+    (_V.DEAD, _M.ALIVE): (
+        Rule((_G.ELSEWHERE, _G.RECLAIMABLE), _O.JOIN),
+        Rule((_G.MOVED,), _O.JOIN, "address_moved"),
+        Rule((_G.ELSEWHERE,), _O.IGNORE, "address_conflict"),
+        Rule((_G.NOT_NEWER,), _O.IGNORE),
+        Rule((), _O.JOIN),
+    ),
+    (_V.DEAD, _M.SUSPECT): _IGNORED,
+    (_V.DEAD, _M.DEAD): _IGNORED,
+    (_V.DEAD, _M.LEAVE): _IGNORED,
+    (_V.LEFT, _M.ALIVE): (
+        Rule((_G.ELSEWHERE,), _O.JOIN),  # a member that left may come back anywhere
+        Rule((_G.NOT_NEWER,), _O.IGNORE),
+        Rule((), _O.JOIN),
+    ),
+    (_V.LEFT, _M.SUSPECT): _IGNORED,
+    (_V.LEFT, _M.DEAD): _IGNORED,
+    (_V.LEFT, _M.LEAVE): _IGNORED,
+    (_V.SELF, _M.ALIVE): (
+        Rule((_G.OLDER,), _O.IGNORE),
+        Rule((_G.SAME,), _O.IGNORE),
+        Rule((), _O.REFUTE),  # a newer or other picture of us, e.g. from before a restart
+    ),
+    (_V.SELF, _M.SUSPECT): _REFUTED,
+    (_V.SELF, _M.DEAD): _REFUTED,
+    (_V.SELF, _M.LEAVE): _REFUTED,  # we did not leave: someone replays or forges it
+    (_V.SELF_LEFT, _M.ALIVE): _IGNORED,  # a stale Alive must not undo our leave
+    (_V.SELF_LEFT, _M.SUSPECT): _IGNORED,
+    (_V.SELF_LEFT, _M.DEAD): _IGNORED,
+    (_V.SELF_LEFT, _M.LEAVE): _IGNORED,
+}
+# The table compiled for `Membership._transition`: each rule with its guards as a bit mask.
+_OLDER, _NOT_NEWER, _SAME, _ELSEWHERE, _MOVED, _RECLAIMABLE = (1 << i for i in range(len(Guard)))
+_GUARD_BIT = {
+    Guard.OLDER: _OLDER,
+    Guard.NOT_NEWER: _NOT_NEWER,
+    Guard.SAME: _SAME,
+    Guard.ELSEWHERE: _ELSEWHERE,
+    Guard.MOVED: _MOVED,
+    Guard.RECLAIMABLE: _RECLAIMABLE,
+}
+_COMPILED = {
+    pair: tuple((sum(_GUARD_BIT[g] for g in rule.when), rule) for rule in rules)
+    for pair, rules in TRANSITIONS.items()
+}
+_VIEW_OF_STATE = {
+    MemberState.ALIVE: View.ALIVE,
+    MemberState.SUSPECT: View.SUSPECT,
+    MemberState.DEAD: View.DEAD,
+    MemberState.LEFT: View.LEFT,
+}
 
 # Kinds of entries in the timer heap.
 _T_SUSPICION = 0
@@ -339,7 +478,8 @@ class Membership:
         self._left = True
         self._probe = None
         me = self._nodes[self.self_id]
-        self._on_dead(Dead(me.incarnation, self.self_id, self.self_id), now, out)
+        self._broadcast(self.self_id, Dead(me.incarnation, self.self_id, self.self_id))
+        self._set_state(me, _LEFT, now)
         return out
 
     def next_deadline(self) -> float | None:
@@ -375,10 +515,10 @@ class Membership:
     def alive_is_stale(self, node_id: object, incarnation: object, addr: object) -> bool:
         """True when an Alive about `node_id` at `incarnation` would be ignored.
 
-        A cheap pre-check on the raw wire values (the table's "Alive inc <=
-        ours" row, for the same address: another address may be a reclaim),
-        so the duplicate copies an epidemic delivers cost a dict lookup
-        instead of building a message."""
+        A cheap pre-check on the raw wire values (TRANSITIONS' NOT_NEWER rule
+        of a member we hold, at the address we hold: another address may be a
+        reclaim or a move), so the duplicate copies an epidemic delivers cost
+        a dict lookup instead of building a message."""
         if type(incarnation) is not int or not isinstance(node_id, str):
             return False
         node = self._nodes.get(node_id)
@@ -390,7 +530,7 @@ class Membership:
         )
 
     def suspect_is_stale(self, node_id: object, incarnation: object, from_node: object) -> bool:
-        """True when a Suspect would change nothing (the table's Suspect rows):
+        """True when a Suspect would change nothing (TRANSITIONS' Suspect rules):
         unknown member, older incarnation, a confirmation we already counted or
         no longer need, or a member that is neither alive nor suspected."""
         if type(incarnation) is not int or type(node_id) is not str or type(from_node) is not str:
@@ -588,83 +728,95 @@ class Membership:
     def _on_dead_msg(self, msg: Dead, from_addr: str, now: float, out: list[Action]) -> None:
         self._on_dead(msg, now, out)
 
-    def _on_alive(self, a: Alive, now: float, out: list[Action], regossip: bool = True) -> None:
-        is_local = a.node == self.self_id
-        if is_local:
-            if self._left:
-                # A stale Alive about us must not undo our leave.
-                return
-            me = self._nodes[self.self_id]
-            if a.incarnation < me.incarnation:
-                return
-            if a.incarnation == me.incarnation and a.meta == me.meta and a.addr == me.addr:
-                return
-            # Someone holds a newer (or different) picture of us, e.g. from
-            # before a restart: out-bid it.
-            self._refute(me, a.incarnation)
-            return
+    def _transition(
+        self,
+        msg: StateMsg,
+        node_id: str,
+        inc: int,
+        now: float,
+        addr: str | None = None,
+        meta: bytes | None = None,
+    ) -> tuple[Outcome, _Node | None]:
+        """Our view of `node_id`, and the outcome of the first rule of
+        TRANSITIONS[view, msg] whose guards all hold (its counter counted)."""
+        node = self._nodes.get(node_id)
+        if node_id == self.self_id:
+            view = View.SELF_LEFT if self._left else View.SELF
+        elif node is None:
+            view = View.UNKNOWN
+        else:
+            view = _VIEW_OF_STATE[node.state]
+        rules = _COMPILED[(view, msg)]
+        held = 0
+        if len(rules) > 1 and node is not None:
+            # Every guard at once: cheaper than a call per guard of each rule.
+            ours = node.incarnation
+            if inc < ours:
+                held |= _OLDER
+            if inc <= ours:
+                held |= _NOT_NEWER
+            if addr != node.addr:
+                held |= _ELSEWHERE
+                if inc > ours and self._from_node == node_id:
+                    held |= _MOVED
+            elif inc == ours and meta == node.meta:
+                held |= _SAME
+            reclaim = self.config.dead_node_reclaim_time
+            if reclaim > 0 and now - node.state_change > reclaim:
+                held |= _RECLAIMABLE
+        for mask, rule in rules:
+            if held & mask == mask:
+                if rule.count is not None:
+                    self.stats[rule.count] += 1
+                return rule.then, node
+        raise AssertionError(f"no rule for {view}, {msg}")  # every last rule has no guard
 
-        node = self._nodes.get(a.node)
-        is_new = node is None
-        reclaim = False
-        if node is not None:
-            if node.addr != a.addr:
-                cfg = self.config
-                can_reclaim = (
-                    cfg.dead_node_reclaim_time > 0
-                    and now - node.state_change > cfg.dead_node_reclaim_time
-                )
-                if node.state is _LEFT or (node.state is _DEAD and can_reclaim):
-                    reclaim = True
-                elif self._from_node == a.node and a.incarnation > node.incarnation:
-                    # The member itself, authenticated, at a newer incarnation:
-                    # it moved (a restart on a new port).
-                    self.stats["address_moved"] += 1
-                else:
-                    self.stats["address_conflict"] += 1
-                    return
-            if a.incarnation <= node.incarnation and not reclaim:
-                return
+    def _on_alive(self, a: Alive, now: float, out: list[Action], regossip: bool = True) -> None:
+        then, node = self._transition(StateMsg.ALIVE, a.node, a.incarnation, now, a.addr, a.meta)
+        if then is Outcome.IGNORE:
+            return
+        if then is Outcome.REFUTE:
+            self._refute(node, a.incarnation)  # type: ignore[arg-type]
+            return
+        # JOIN, REVIVE or UPDATE: take the message's picture of X.
+        if node is None:
+            changed = False
+            node = _Node(a.node, a.addr, a.meta, a.incarnation, _DEAD, now)
+            self._insert(node)
+        else:
             self._suspicions.pop(a.node, None)
-            old_state, old_meta, old_addr = node.state, node.meta, node.addr
+            changed = node.meta != a.meta or node.addr != a.addr
             node.incarnation = a.incarnation
             node.meta = a.meta
             node.addr = a.addr
-        else:
-            old_state, old_meta, old_addr = _DEAD, a.meta, a.addr
-            node = _Node(a.node, a.addr, a.meta, a.incarnation, _DEAD, now)
-            self._insert(node)
-
         if regossip:
             self._broadcast(a.node, a)
         if node.state is not _ALIVE:
             self._set_state(node, _ALIVE, now)
-        if is_new or old_state is _DEAD or old_state is _LEFT:
+        if then is Outcome.JOIN:
             out.append(MemberJoined(a.node, a.addr, a.incarnation, a.meta))
-        elif old_state is _SUSPECT:
+            return
+        if then is Outcome.REVIVE:
             out.append(MemberAlive(a.node, a.addr, a.incarnation))
-            if old_meta != a.meta or old_addr != a.addr:
-                out.append(MemberUpdated(a.node, a.addr, a.incarnation, a.meta))
-        elif old_meta != a.meta or old_addr != a.addr:
+        if changed:
             out.append(MemberUpdated(a.node, a.addr, a.incarnation, a.meta))
 
     def _on_suspect(self, s: Suspect, now: float, out: list[Action]) -> None:
-        node = self._nodes.get(s.node)
-        if node is None or s.incarnation < node.incarnation:
+        then, node = self._transition(StateMsg.SUSPECT, s.node, s.incarnation, now)
+        if then is Outcome.IGNORE or node is None:  # (no node: the rule was IGNORE)
             return
-        timer = self._suspicions.get(s.node)
-        if timer is not None:
+        if then is Outcome.REFUTE:
+            self._refute(node, s.incarnation)
+            return
+        if then is Outcome.CONFIRM:
             # Already suspect: count an independent confirmation, and pass it
             # on only if it was news, so confirmations keep flowing.
+            timer = self._suspicions[s.node]
             if timer.confirm(s.from_node, now):
                 self._push_timer(timer.deadline, _T_SUSPICION, s.node, timer)
                 self._broadcast(s.node, s)
             return
-        if node.state is not _ALIVE:
-            return
-        if node.id == self.self_id:
-            self._refute(node, s.incarnation)
-            return
+        # Outcome.SUSPECT
         self._broadcast(s.node, s)
         node.incarnation = s.incarnation
         self._set_state(node, _SUSPECT, now)
@@ -690,22 +842,20 @@ class Membership:
         self._on_dead(Dead(node.incarnation, node_id, self.self_id), now, out)
 
     def _on_dead(self, d: Dead, now: float, out: list[Action]) -> None:
-        node = self._nodes.get(d.node)
-        if node is None or d.incarnation < node.incarnation:
+        msg = StateMsg.LEAVE if d.node == d.from_node else StateMsg.DEAD
+        then, node = self._transition(msg, d.node, d.incarnation, now)
+        if then is Outcome.IGNORE or node is None:  # (no node: the rule was IGNORE)
             return
-        self._suspicions.pop(d.node, None)
-        if node.state is _DEAD or node.state is _LEFT:
-            return
-        if node.id == self.self_id and not self._left:
+        if then is Outcome.REFUTE:
             self._refute(node, d.incarnation)
             return
+        # Outcome.DIE or Outcome.LEAVE (X is not us: our own leave is `leave`)
+        self._suspicions.pop(d.node, None)
         self._broadcast(d.node, d)
         node.incarnation = d.incarnation
-        left = d.node == d.from_node
+        left = then is Outcome.LEAVE
         self._set_state(node, _LEFT if left else _DEAD, now)
-        if node.id != self.self_id:
-            cls = MemberLeft if left else MemberDead
-            out.append(cls(node.id, node.addr, node.incarnation))
+        out.append((MemberLeft if left else MemberDead)(node.id, node.addr, node.incarnation))
 
     def _refute(self, me: _Node, accused: int) -> None:
         if accused >= MAX_INCARNATION:

@@ -10,14 +10,16 @@ candidate for a machine that is not in the inventory.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..limits import MAX_SEALED
-from ..wire import WireError
+from ..wire import Record, WireError, record_type
 from .paths import Candidate
 
 __all__ = [
     "ENDPOINTS_KIND",
+    "EndpointsBody",
     "endpoints_body",
     "parse_endpoints_body",
     "collect",
@@ -42,23 +44,34 @@ def endpoints_body(
     }
 
 
+@record_type
+@dataclass(frozen=True, slots=True)
+class EndpointsBody(Record):
+    """The schema of an `endpoints` record body (checked by the wire record engine)."""
+
+    KIND: ClassVar[str] = ENDPOINTS_KIND
+    lan: list[str]
+    public: list[str]
+    wg_port: int
+    onion: bytes  # sealed to every member (148 bytes each): sized for the target clan
+
+    def __post_init__(self) -> None:
+        for name in ("lan", "public"):
+            addrs = getattr(self, name)
+            if len(addrs) > MAX_ADDRS:
+                raise WireError(f"body.{name}: more than {MAX_ADDRS} addresses")
+            if any(len(a) > 300 or ":" not in a for a in addrs):
+                raise WireError(f"body.{name}: bad address")
+        if not 0 <= self.wg_port < 65536:
+            raise WireError("body.wg_port: expected 0..65535")
+        if len(self.onion) > MAX_SEALED:
+            raise WireError("body.onion: expected sealed bytes")
+
+
 def parse_endpoints_body(body: Any) -> dict[str, Any]:
-    """Check a peer's `endpoints` record body; WireError when malformed."""
-    if not isinstance(body, dict) or set(body) != {"lan", "public", "wg_port", "onion"}:
-        raise WireError("endpoints: expected {lan, public, wg_port, onion}")
-    for field in ("lan", "public"):
-        addrs = body[field]
-        if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS:
-            raise WireError(f"endpoints.{field}: expected a list of at most {MAX_ADDRS}")
-        for a in addrs:
-            if not isinstance(a, str) or len(a) > 300 or ":" not in a:
-                raise WireError(f"endpoints.{field}: bad address")
-    port = body["wg_port"]
-    if type(port) is not int or not 0 <= port < 65536:
-        raise WireError("endpoints.wg_port: expected 0..65535")
-    # Sealed to every member (148 bytes each): sized for the target clan.
-    if not isinstance(body["onion"], bytes) or len(body["onion"]) > MAX_SEALED:
-        raise WireError("endpoints.onion: expected sealed bytes")
+    """Check a peer's `endpoints` record body (`EndpointsBody`); the body
+    itself when it passes, WireError when malformed."""
+    EndpointsBody.from_wire(body, path="body")
     return body
 
 
@@ -70,13 +83,18 @@ def collect(
     opened_inventory: Mapping[str, list[str]],
     lan_seen: Mapping[bytes, Iterable[str]],
     onions: Mapping[bytes, str],
+    reflexive: Mapping[bytes, Iterable[str]] | None = None,
+    relayed: Mapping[bytes, Iterable[tuple[str, str]]] | None = None,
 ) -> dict[bytes, list[Candidate]]:
     """Candidates per peer node key, from every source we have.
 
     `records`: node key -> parsed endpoints body (gossip); `opened_inventory`:
     machine name -> endpoints from the inventory (sealed, already opened);
     `lan_seen`: node key -> addresses found by mDNS; `onions`: node key ->
-    onion host:port (opened from the sealed record field).
+    onion host:port (opened from the sealed record field); `reflexive`: node
+    key -> the peer's NAT mappings of its WireGuard socket that we may use
+    now (mesh/nat.py: opened, and admitted by the punch planner); `relayed`:
+    node key -> (relay address, relay name) granted for us (mesh/relay.py).
     """
     out: dict[bytes, list[Candidate]] = {}
     for name, m in sorted(doc.get("machines", {}).items()):
@@ -93,7 +111,17 @@ def collect(
             cands += [Candidate(key, "public", a, "gossip", wg_port) for a in rec["public"]]
         for addr in opened_inventory.get(name, []) + list(m.get("endpoints", [])):
             cands.append(Candidate(key, "public", addr, "inventory", wg_port))
+        for addr in (reflexive or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "reflexive", addr, "nat", port))
+        for addr, via in (relayed or {}).get(key, ()):
+            port = int(addr.rpartition(":")[2])
+            cands.append(Candidate(key, "relay", addr, "relay", port, via=via))
         if key in onions:
             cands.append(Candidate(key, "tor", onions[key], "tor", None))
-        out[key] = cands
+        # One address is one path: a public endpoint that the peer also lists
+        # as a LAN address is that LAN path (probes and their verdicts are
+        # per address, so two kinds of one address would split them).
+        lan_addrs = {c.address for c in cands if c.kind == "lan"}
+        out[key] = [c for c in cands if c.kind != "public" or c.address not in lan_addrs]
     return out

@@ -56,11 +56,15 @@ __all__ = [
     "PathSelector",
 ]
 
-PathKind = Literal["lan", "public", "tor"]
+# "reflexive": a peer's NAT mapping, seen by members and punched (mesh/nat.py);
+# "relay": through a member that forwards WireGuard's packets (mesh/relay.py).
+PathKind = Literal["lan", "public", "reflexive", "relay", "tor"]
 PATH_KINDS: tuple[PathKind, ...] = get_args(PathKind)
 
 NODE_KEY_LEN = 32
 MAX_ADDRESS_LEN = 300
+# Kinds that cross the public internet: forbidden where either side is no-public.
+PUBLIC_KINDS = frozenset({"public", "reflexive", "relay"})
 
 
 class PathError(ValueError):
@@ -80,6 +84,7 @@ class Candidate:
     address: str  # "host:port" ("[v6]:port"); for tor "xxxxx.onion:port"
     source: str  # "mdns", "inventory", "gossip", "config", "tor"
     port_wg: int | None = None  # the peer's WireGuard listen port when known (direct paths)
+    via: str = ""  # for a relay path: the relaying machine's name
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_key, bytes) or len(self.node_key) != NODE_KEY_LEN:
@@ -92,6 +97,8 @@ class Candidate:
             type(self.port_wg) is not int or not 0 < self.port_wg < 65536
         ):
             raise PathError("candidate WireGuard port must be 1..65535")
+        if (self.kind == "relay") != bool(self.via) or len(self.via) > 255:
+            raise PathError("a relay candidate (and only one) names its relay")
 
     @property
     def path_id(self) -> tuple[str, str]:
@@ -353,6 +360,11 @@ class PathSelector:
             return None
         return peer.paths[peer.current].candidate
 
+    def healthy(self, node_key: bytes, candidate: Candidate) -> bool:
+        """Is `candidate` known and working (no failure since its last success)?"""
+        _, path = self._lookup(node_key, candidate)
+        return path is not None and path.healthy
+
     def rtt(self, node_key: bytes, candidate: Candidate) -> float | None:
         """The path's RTT estimate (EWMA, seconds); None when unmeasured or unknown."""
         _, path = self._lookup(node_key, candidate)
@@ -421,6 +433,7 @@ class PathSelector:
                 {
                     "kind": cand.kind,
                     "address": cand.address,
+                    "via": cand.via or None,
                     "sources": list(path.sources) if path else [cand.source],
                     "port_wg": cand.port_wg,
                     "chosen": cand.path_id == chosen_id and not rp.excluded,
@@ -439,7 +452,13 @@ class PathSelector:
             peer_allows_public=peer.peer_allows_public,
             preference=list(peer.preference),
             chosen=next(
-                ({"kind": r["kind"], "address": r["address"]} for r in rows if r["chosen"]), None
+                (
+                    {"kind": r["kind"], "address": r["address"]}
+                    | ({"via": r["via"]} if r["via"] else {})
+                    for r in rows
+                    if r["chosen"]
+                ),
+                None,
             ),
             reason=self._why_chosen(peer, chosen_id, now),
             paths=rows,
@@ -453,13 +472,13 @@ class PathSelector:
             self._now = now
 
     def _forbidden(self, kind: str, index: dict[str, int], peer_allows_public: bool) -> str | None:
-        if kind == "public":
+        if kind in PUBLIC_KINDS:
             if not self.self_allows_public and not peer_allows_public:
-                return "public paths are forbidden for this machine and the peer (no-public)"
+                return f"{kind} paths are forbidden for this machine and the peer (no-public)"
             if not self.self_allows_public:
-                return "public paths are forbidden for this machine (no-public)"
+                return f"{kind} paths are forbidden for this machine (no-public)"
             if not peer_allows_public:
-                return "public paths are forbidden for the peer (no-public)"
+                return f"{kind} paths are forbidden for the peer (no-public)"
         if kind not in index:
             return f"{kind} not in this peer's preference"
         return None
@@ -536,7 +555,8 @@ class PathSelector:
         else:
             label = "preferred" if peer.index[kind] == 0 else "fallback"
             rtt = f"rtt {_ms(path.rtt)}" if path.rtt is not None else "rtt not measured yet"
-            reason = f"{label}: {kind}, {rtt}"
+            what = f"relay via {path.candidate.via}" if kind == "relay" else kind
+            reason = f"{label}: {what}, {rtt}"
             recent = score[2]
             if recent >= 0.5:
                 reason += f", {recent:.1f} recent failures"

@@ -31,9 +31,12 @@ from ..config import split_hostport
 from ..identity import node_id_of
 from ..wire import SignedRecord, WireError
 from . import candidates as cands
+from .nat import NAT_KIND, effective_preference
 from .overlay import clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
 from .peerplan import join_host_port, plan_peers
+from .probe import _host
+from .traversal import Traversal
 from .vmroutes import VM_STATUS_KIND
 from .wireguard import desired_from, reconcile
 
@@ -168,7 +171,7 @@ def _explain(
         selector.set_candidates(
             key,
             candidates().get(key, []),
-            path_preference(inv.doc, machine),
+            effective_preference(path_preference(inv.doc, machine)),
             bool(m["public"]),
             now,
         )
@@ -225,7 +228,10 @@ class MeshService:
         self._probe_sock: Any = None
         # Endpoints records feed the candidates; a VM's status may move its
         # overlay address to another peer; a new inventory changes everything.
-        ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND], self.on_record)
+        self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
+        self._trigger_sock: Any = None
+        self._relay_pairs: dict[Any, Any] = {}
+        ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND], self.on_record)
         ports.inventory.subscribe(lambda inv: self.wake())
 
     # -- status ------------------------------------------------------------------
@@ -262,6 +268,10 @@ class MeshService:
         """A gossiped record was stored: endpoints records feed the candidates;
         a VM's status may move its overlay address to another peer."""
         if rec.kind == VM_STATUS_KIND:
+            self.wake()
+            return
+        if rec.kind == NAT_KIND:
+            self.traversal.on_record(rec, self.ports.clock.wall())
             self.wake()
             return
         if rec.kind != cands.ENDPOINTS_KIND:
@@ -306,8 +316,9 @@ class MeshService:
             self._nursery = nursery
             if anchor is not None:
                 self.overlay6 = overlay_ip6(anchor.clan_id, self.ports.identity.public_key)
-            for rec in self.ports.store.of_kind(cands.ENDPOINTS_KIND):
-                self.on_record(rec)
+            for kind in (cands.ENDPOINTS_KIND, NAT_KIND):
+                for rec in self.ports.store.of_kind(kind):
+                    self.on_record(rec)
             await self._start_wireguard()
             if self.cfg.mdns:
                 nursery.start_soon(self._run_mdns)
@@ -369,6 +380,12 @@ class MeshService:
         )
 
     async def _stop_wireguard(self) -> None:
+        for sockets in self._relay_pairs.values():
+            sockets.close()
+        self._relay_pairs.clear()
+        if self._trigger_sock is not None:
+            self._trigger_sock.close()
+            self._trigger_sock = None
         if self._probe_sock is not None:
             self._probe_sock.close()
             self._probe_sock = None
@@ -687,6 +704,9 @@ class MeshService:
                 nd = self.selector.next_deadline()
                 if nd is not None:
                     wait = min(wait, max(0.5, nd - self.ports.clock.now()))
+                nat_wait = self.traversal.next_deadline(self.ports.clock.wall())
+                if nat_wait is not None:
+                    wait = min(wait, max(0.5, nat_wait))
             with trio.move_on_after(wait):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -704,7 +724,11 @@ class MeshService:
         if inv is None or self.selector is None or self.backend is None:
             return
         now = ports.clock.now()
+        wall = ports.clock.wall()
         ident = ports.identity
+        # Read first: which peers WireGuard holds a live session with (at an
+        # address their own packets chose) decides what the plan may override.
+        actual = await self.backend.get()
         plan = plan_peers(
             inv.doc,
             inv.clan_id,
@@ -718,12 +742,25 @@ class MeshService:
             opened_inventory=self.inventory_endpoints(),
             lan_seen=self.lan_seen,
             onions=self.onions,
+            reflexive=self.traversal.admitted(wall),
+            relayed=self.traversal.relayed,
+            live=self._live(inv, actual, wall),
         )
+        # Probes are keyed by address; where two kinds share one (a public
+        # endpoint that is also a LAN address), the first -- the more
+        # preferred, as collected -- takes the probe results.
+        cands_now: dict[tuple[bytes, str], Candidate] = {}
         for key, found in plan.candidates.items():
             for c in found:
-                self._cands[(key, c.address)] = c
-        desired = desired_from(ident.wg_private, ident.wg_public, self.cfg.wg_port, plan.peers)
-        actual = await self.backend.get()
+                cands_now.setdefault((key, c.address), c)
+        self._cands = cands_now
+        desired = desired_from(
+            ident.wg_private,
+            ident.wg_public,
+            self.cfg.wg_port,
+            plan.peers,
+            behind_nat=self._behind_nat(wall),
+        )
         diff = reconcile(desired, actual)
         if not diff.empty:
             await self.backend.apply(diff)
@@ -742,7 +779,114 @@ class MeshService:
             await netlink.ensure_route(self.cfg.interface, self.cfg.ipv4_range)
         self._device = actual if diff.empty else await self.backend.get()
         wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
-        self._judge_paths(self._device, wg_to_node, now, ports.clock.wall())
+        self._judge_paths(self._device, wg_to_node, now, wall)
+        await self._nat_round(inv, plan, wg_to_node, now, wall)
+
+    # -- NAT traversal (mesh/traversal.py) ---------------------------------------------
+
+    def _live(self, inv: Any, device: Any, wall: float) -> frozenset[bytes]:
+        """Peers WireGuard has a fresh session with."""
+        wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
+        out = set()
+        for wg_key, st in device.status.items():
+            if (
+                st.last_handshake
+                and wall - st.last_handshake < HANDSHAKE_FRESH
+                and wg_key in wg_to_node
+            ):
+                out.add(wg_to_node[wg_key])
+        return frozenset(out)
+
+    def _behind_nat(self, wall: float) -> bool:
+        """Keep every mapping open (a keepalive to every peer) unless we have a
+        public address of our own: until a member saw us, we cannot know."""
+        if self.traversal.behind_nat(wall):
+            return True
+        if self.cfg.public_endpoints:
+            return False
+        inv = self.ports.inventory.inventory
+        me = None if inv is None else inv.machine_by_node_key(self.ports.identity.public_key)
+        if me is None:
+            return True
+        return not (
+            inv.doc["machines"][me.name].get("endpoints") or self.inventory_endpoints().get(me.name)
+        )
+
+    async def _nat_round(
+        self, inv: Any, plan: Any, wg_to_node: dict, now: float, wall: float
+    ) -> None:
+        assert self.selector is not None
+        sources: dict[bytes, str] = {}
+        for (a, b), sockets in self._relay_pairs.items():
+            for side, key in (("a", a), ("b", b)):
+                learnt = sockets.state.learnt.get(side)
+                if learnt is not None:
+                    sources[key] = join_host_port(*learnt[0])
+        self.traversal.relay_sources = sources
+        result = self.traversal.round(
+            self._device, wg_to_node, inv.doc, self.selector, plan.candidates, now, wall
+        )
+        for pair in result.close_pairs:
+            sockets = self._relay_pairs.pop(pair, None)
+            if sockets is not None:
+                sockets.close()
+        for pair in result.open_pairs:
+            await self._open_relay_pair(pair)
+        if result.body is not None and await self.ports.bus.publish(
+            NAT_KIND, "", result.body, push=not result.refresh_only
+        ):
+            self.traversal.published(result.body, wall)
+        if result.relayed_changed or result.open_pairs:
+            self.wake()  # plan the new relay paths; publish the new grants' ports
+        for key in result.triggers:
+            await self._trigger(key)
+
+    async def _open_relay_pair(self, pair: Any) -> None:
+        """As a relay: two ports for the pair, forwarding until it is closed."""
+        from .relay_socket import RelaySockets
+
+        listening = self.gossip_endpoint.listening()
+        host = listening[0] if listening else ""
+        if host in ("", "::"):
+            host = "0.0.0.0"
+        sockets = RelaySockets(
+            pair,
+            host,
+            lambda key: [self.traversal.wg_hosts.get(key, "")],
+            self.ports.clock.now,
+        )
+        try:
+            pa, pb = await sockets.bind()
+        except OSError as exc:
+            log.warning("relay ports unavailable", extra=kv(error=exc))
+            return
+        self.traversal.bind(pair, pa, pb)
+        self._relay_pairs[pair] = sockets
+        assert self._nursery is not None
+        self._nursery.start_soon(sockets.run)
+        log.info(
+            "relaying", extra=kv(a=pair[0].hex()[:12], b=pair[1].hex()[:12], ports=f"{pa},{pb}")
+        )
+
+    async def _trigger(self, node_key: bytes) -> None:
+        """Send one datagram through the tunnel to the peer, so WireGuard sends
+        (and handshakes) towards the endpoint it has now: in a punch window,
+        the peer's reflexive address."""
+        import socket as _socket
+
+        anchor = self.ports.inventory.anchor
+        listening = self.gossip_endpoint.listening()
+        if anchor is None:
+            return
+        if self._trigger_sock is None:
+            self._trigger_sock = trio.socket.socket(_socket.AF_INET6, _socket.SOCK_DGRAM)
+        port = listening[1] if listening else 9
+        try:
+            await self._trigger_sock.sendto(
+                b"clanagent-punch", (str(overlay_ip6(anchor.clan_id, node_key)), port)
+            )
+        except OSError:
+            pass
 
     def _judge_paths(self, device: Any, wg_to_node: dict, now: float, wall: float) -> None:
         """WireGuard handshakes tell whether a chosen direct path works.
@@ -756,11 +900,23 @@ class MeshService:
             if node_key is None or peer.endpoint is None:
                 continue
             current = self.selector.current(node_key)
-            if current is None:
+            if current is None or current.kind in ("reflexive", "relay"):
+                # judged by the traversal: a punch window's counters, the relay's reach
                 continue
             status = device.status.get(wg_key)
             last = status.last_handshake if status is not None else None
-            if last is not None and wall - last < HANDSHAKE_FRESH:
+            # A handshake speaks for the current path only when WireGuard heard
+            # the peer there: behind a NAT the peer's packets come from its
+            # mapping, and a dead LAN path must not look alive because of them.
+            # Where probes run they decide (a handshake up to 3 minutes old would
+            # keep a path that just died alive; WireGuard's counters can still
+            # veto a probe failure, see probe.wg_says_alive).
+            if (
+                last is not None
+                and wall - last < HANDSHAKE_FRESH
+                and _host(peer.endpoint) == _host(current.address)
+                and self._probe_sock is None
+            ):
                 rtt = rtts.get(node_id_of(node_key), 0.001)
                 self.selector.report_success(node_key, current, rtt, now)
             elif (
@@ -787,7 +943,7 @@ class MeshService:
     # -- views ------------------------------------------------------------------------
 
     def explain(self, machine: str) -> dict[str, Any]:
-        return _explain(
+        out = _explain(
             self.ports,
             machine,
             selector=self.selector,
@@ -799,3 +955,12 @@ class MeshService:
             },
             device=self._device,
         )
+        key = bytes.fromhex(out["peer"]) if out.get("peer") else None
+        if key is not None:
+            out["nat"] = self.traversal.explain(key, self.ports.clock.wall())
+        out["nat_self"] = self.traversal.own(self.ports.clock.wall())
+        out["nat_self"]["relay_stats"] = {
+            f"{a.hex()[:12]}-{b.hex()[:12]}": dict(r.state.stats)
+            for (a, b), r in self._relay_pairs.items()
+        }
+        return out

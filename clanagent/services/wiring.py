@@ -40,11 +40,11 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from clanagent.inventory.parse import NAME_RE
 from clanagent.inventory.select import machines_for, roles_of
-from clanagent.wire import WireError
+from clanagent.wire import Record, WireError, record_type
 
 __all__ = [
     "EXPORT_KIND",
@@ -88,7 +88,6 @@ IMPORTS_FORMAT = 1
 # Same shape as the inventory's export names (parse._EXPORT_RE).
 _EXPORT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_BODY_KEYS = frozenset({"service", "role", "machine", "values"})
 
 # (service, role, machine) -> {value name: value}
 Exports = Mapping[tuple[str, str, str], Mapping[str, str]]
@@ -275,26 +274,34 @@ def export_values(
 # ------------------------------------------------------------------ the export record
 
 
+@record_type
 @dataclass(frozen=True, slots=True)
-class ExportBody:
-    """The body of an "export" record, checked."""
+class ExportBody(Record):
+    """The body of an "export" record (key "service.role"): its wire schema
+    (checked by `clanagent.wire`'s record engine) and the rules on its values."""
 
+    KIND: ClassVar[str] = EXPORT_KIND
     service: str
     role: str
     machine: str
-    values: Mapping[str, str]
+    values: dict[str, str]
+
+    def __post_init__(self) -> None:
+        for k in ("service", "role", "machine"):
+            if not NAME_RE.fullmatch(getattr(self, k)):
+                raise WireError(f"body.{k}: not a valid name")
+        if len(self.values) > MAX_VALUES:
+            raise WireError(f"body.values: more than {MAX_VALUES} values")
+        for name in sorted(self.values):
+            if not _EXPORT_NAME_RE.fullmatch(name):
+                raise WireError(f"body.values: {name[:64]!r} is not a valid export name")
+            why = check_value(self.values[name])
+            if why is not None:
+                raise WireError(f"body.values.{name}: {why}")
 
     @property
     def key(self) -> str:
         return export_key(self.service, self.role)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "role": self.role,
-            "machine": self.machine,
-            "values": dict(self.values),
-        }
 
 
 def export_body(service: str, role: str, machine: str, values: Mapping[str, str]) -> dict[str, Any]:
@@ -308,32 +315,9 @@ def export_body(service: str, role: str, machine: str, values: Mapping[str, str]
 
 
 def parse_export_body(body: Any) -> ExportBody:
-    """Check a decoded export body; WireError (saying what is wrong) on anything unexpected."""
-    if type(body) is not dict:
-        raise WireError("export body: expected a map")
-    keys = set(body)
-    if keys != _BODY_KEYS:
-        extra = sorted(str(k) for k in keys - _BODY_KEYS)
-        lost = sorted(_BODY_KEYS - keys)
-        raise WireError(f"export body: unexpected keys {extra}, missing keys {lost}")
-    for k in ("service", "role", "machine"):
-        v = body[k]
-        if type(v) is not str or not NAME_RE.fullmatch(v):
-            raise WireError(f"export body.{k}: not a valid name")
-    values = body["values"]
-    if type(values) is not dict:
-        raise WireError("export body.values: expected a map")
-    if len(values) > MAX_VALUES:
-        raise WireError(f"export body.values: more than {MAX_VALUES} values")
-    out: dict[str, str] = {}
-    for name in sorted(values, key=lambda n: str(n)):
-        if type(name) is not str or not _EXPORT_NAME_RE.fullmatch(name):
-            raise WireError(f"export body.values: {name!r} is not a valid export name")
-        why = check_value(values[name])
-        if why is not None:
-            raise WireError(f"export body.values.{name}: {why}")
-        out[name] = values[name]
-    return ExportBody(body["service"], body["role"], body["machine"], out)
+    """Check a decoded export body (`ExportBody`'s schema and rules); WireError
+    saying what is wrong on anything unexpected."""
+    return ExportBody.from_wire(body, path="body")
 
 
 def accept_export(doc: dict[str, Any], origin: bytes, key: str, body: Any) -> ExportBody:

@@ -96,7 +96,8 @@ class VmApi:
             raise ControlError(ErrorCode.INVALID_PARAMS, f"no VM '{name}' in the inventory")
         me_key = self.identity().public_key
         me = inv.machine_by_node_key(me_key)
-        if name in vms.handles:
+        if name in vms.handles or me_key in (placed_on(inv, name) or ()):
+            # running here, or placed here and stopped: the local log (maybe empty)
             tail = await trio.to_thread.run_sync(vms.local_tail, name)
             return {"tail": tail or b"", "machine": me.name if me else "", "at": int(time.time())}
         # A read: what we ask of the host is bounded.  `since` never runs

@@ -194,6 +194,14 @@ class VmService:
 
     # -- desired state ---------------------------------------------------------------
 
+    def _placed_here(self) -> frozenset[str]:
+        """The VMs the inventory places on this machine (running or not)."""
+        from ..inventory.select import vms_for
+
+        inv = self.ports.inventory.inventory
+        me = None if inv is None else inv.machine_by_node_key(self.ports.identity.public_key)
+        return frozenset() if me is None else frozenset(vms_for(inv.doc, me.name))
+
     def _desired(self) -> tuple[dict[str, VmSpec], dict[str, str]]:
         from ..inventory.select import vms_for
 
@@ -218,8 +226,6 @@ class VmService:
             backend, why = self._backend_for(spec)
             if why:
                 problems.append(why)
-            elif spec.overlay_ip6 and backend.name != "qemu":
-                problems.append(f"the {CLAN_NETWORK} network needs the qemu backend")
             if problems:
                 errors[name] = "; ".join(problems)
             else:
@@ -437,10 +443,13 @@ class VmService:
         One answer per VM per LOGS_ANSWER_INTERVAL at most."""
         now = int(self.ports.clock.wall())
         asked: dict[str, int] = {}
+        placed = self._placed_here()
         for rec in self.ports.store.of_kind(LOGS_REQUEST_KIND):
             if isinstance(rec.body, dict):
                 at = rec.body.get("at")
-                if type(at) is int and rec.key in self.handles:
+                # ours to answer: running here, or placed here (stopped: the
+                # last console log, or an empty tail) -- never left unanswered
+                if type(at) is int and (rec.key in self.handles or rec.key in placed):
                     asked[rec.key] = max(asked.get(rec.key, 0), min(at, now))
         mono = self.ports.clock.now()
         for name, at in asked.items():
@@ -453,7 +462,9 @@ class VmService:
                 continue
             tail = await self._run_sync(self.local_tail, name)
             if tail is None:
-                continue
+                if name not in placed:
+                    continue
+                tail = b""  # placed here, never run here yet
             self._logs_answered[name] = mono
             await self.ports.bus.publish(
                 LOGS_KIND,

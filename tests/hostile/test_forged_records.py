@@ -29,6 +29,7 @@ import trio
 from clanagent import records
 from clanagent.inventory.versions import make_version
 from clanagent.mesh.candidates import endpoints_body
+from clanagent.mesh.nat import nat_body
 from clanagent.secrets.model import parse_instance_id
 from clanagent.secrets.record import secret_body
 from clanagent.services.wiring import export_body
@@ -174,6 +175,16 @@ def forgeries(clan, m: Mallory) -> tuple[list[SignedRecord], dict[str, list[tupl
     add("topology", "keyed as m1", "m1", topo)
     add("topology", "far-future at", "", {**topo, "at": now + FAR})
 
+    # nat: keyed as m1; a punch with a stranger; one far in the future; an
+    # observation of mallory itself (what it would say to seed its own address)
+    k1, k2 = machines["m1"]["node_key"], machines["m2"]["node_key"]
+    add("nat", "keyed as m1", "m1", nat_body())
+    add("nat", "punch with a stranger", "", nat_body(punch=[(b"\x07" * 32, now * 1000, 1)]))
+    add("nat", "far-future punch", "", nat_body(punch=[(k1, (now + FAR) * 1000, 1)]))
+    add("nat", "observes itself", "", nat_body(seen=[(mine.public_key, b"x" * 64)]))
+    add("nat", "relays between itself and m2", "",
+        nat_body(relays=[(*sorted((mine.public_key, k2)), 40001, 40002)]))  # fmt: skip
+
     # export: m1's role, in m1's name; and a role mallory does not hold
     add("export", "vpn.server in m1's name", "vpn.server",
         export_body("vpn", "server", "m1", {"address": "6.6.6.6"}))  # fmt: skip
@@ -240,6 +251,7 @@ def forgeries(clan, m: Mallory) -> tuple[list[SignedRecord], dict[str, list[tupl
         "endpoints": honest[1].body,
         "topology": {**topo, "at": now},
         "vm-logs-request": {"at": now},
+        "nat": nat_body(),
     }
     for kind in records.KINDS:
         for i, body in enumerate((None, {"x": 1}, [b"\x00"] * 3, "inventory", 2**64 - 1)):

@@ -254,31 +254,37 @@ def test_a_crashed_whole_agent_is_marked_dead_by_all_and_its_link_goes_down(tmp_
     run_sim(main)
 
 
-def test_admission_of_65_whole_agents(tmp_path):
-    # More than 64: a msgpack map limit once stopped clans at that size.
+@pytest.mark.parametrize("n", [65, 300])
+def test_admission_of_n_whole_agents(tmp_path, n):
+    """65: more than 64 (a msgpack map limit once stopped clans at that size);
+    300: the clan-size test of issue 13 (1000 runs in bench/agents_sim.py).
+    Every agent is admitted, and the last machine's own records count
+    everywhere: its topology view reaches every machine."""
+
     async def main():
         sim = AgentSim(
-            65,
+            n,
             admins=[bytes(ADMIN.verify_key)],
             seed=4,
             workdir=tmp_path,
             service_starters=ALL_SERVICES,
         )
+        last = f"n{n - 1}"
         async with trio.open_nursery() as nursery:
-            g = await found(sim, nursery)
+            g = await found(sim, nursery, timeout=120.0)
             assert all(a.inventory.head.leaves == (g.hash,) for a in sim.live())
-            key = sim["n64"].identity.public_key
+            assert all(len(a.inventory.inventory.machines) == n for a in sim.live())
+            key = sim[last].identity.public_key
             assert all(a.inventory.admit_peer(key) is True for a in sim.live())
-            # n64's own records count everywhere: its links reach every machine
-            n64 = sim["n64"]
             assert await sim.wait_for(
                 lambda: (
-                    (rec := n64.store.get(key, "topology", "")) is not None and sim.all_hold(rec)
+                    (rec := sim[last].store.get(key, "topology", "")) is not None
+                    and sim.all_hold(rec)
                 ),
-                30,
+                60,
             )
             assert all(a.record_stats["refused"] == 0 for a in sim.live())
-            assert len(sim.live()) == 65
+            assert len(sim.live()) == n and sim.false_deaths() == []
             nursery.cancel_scope.cancel()
 
     run_sim(main)
