@@ -29,11 +29,15 @@ class EventBus:
         self.buffer = buffer
         self._subs: set[_Subscriber] = set()
         self.published = 0
+        # Events published, by type (our own constants, so a bounded set):
+        # the metrics read member.suspect and the like from here.
+        self.counts: dict[str, int] = {}
         self.closed = False
 
     def publish(self, type_: str, **fields: Any) -> None:
         event = {"type": type_, "ts": time.time(), **fields}
         self.published += 1
+        self.counts[type_] = self.counts.get(type_, 0) + 1
         for sub in list(self._subs):
             try:
                 sub.send.send_nowait(event)

@@ -82,6 +82,8 @@ class Agent:
         api = agent_api.build(self)
         self.api, self.node = api.table, api.node
         self.inventory_api, self.vm_api = api.inventory, api.vms
+        self.metrics_api = api.metrics
+        self.metrics_http: Any = None  # the [metrics] listen HTTP listener, when set
 
     def _topology_service(self) -> Any:
         return agent_parts.topology(self)
@@ -159,6 +161,25 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _start_metrics_http(self, nursery: trio.Nursery) -> None:
+        """Serve /metrics on `[metrics] listen`; a port we cannot bind is one
+        log line and an unavailable capability, never a stopped agent."""
+        from .config import split_hostport
+        from .metrics import MetricsListener
+
+        host, port = split_hostport(self.cfg.metrics.listen, "metrics.listen")
+        listener = MetricsListener(host, port, self.metrics_api.scrape_async)
+        try:
+            await nursery.start(listener.serve)
+        except OSError as exc:
+            why = f"cannot listen on {self.cfg.metrics.listen}: {exc.strerror or exc}"
+            log.warning("metrics listener off", extra=kv(reason=why))
+            self.capabilities.append(Capability("metrics", False, why))
+            return
+        self.metrics_http = listener
+        addr = f"http://{self.cfg.metrics.listen.rsplit(':', 1)[0]}:{listener.port}/metrics"
+        self.capabilities.append(Capability("metrics", True, f"serving {addr}"))
+
     async def _watchdog(self, interval: float) -> None:
         while True:
             self.notifier.notify("WATCHDOG=1")
@@ -219,6 +240,8 @@ class Agent:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.control.serve)
+            if cfg.metrics.listen:
+                await self._start_metrics_http(nursery)
             async with self._parts_lock:  # each part that cannot run is reported, not fatal
                 await self._start_gossip(nursery)
             if cfg.web.enabled:

@@ -21,6 +21,8 @@ from . import topology_api
 from .control.api import ApiTable, register_core
 from .inventory import api as inventory_api
 from .mesh import api as mesh_api
+from .metrics import api as metrics_api
+from .metrics.collector import MetricsSources
 from .secrets import api as secrets_api
 from .services import api as services_api
 from .status import NodeStatus
@@ -39,6 +41,7 @@ class AgentApi:
     node: NodeStatus  # status, whoami, peers, events; capability rows
     inventory: inventory_api.InventoryApi
     vms: vm_api.VmApi
+    metrics: metrics_api.MetricsApi
 
 
 def build(agent: Agent) -> AgentApi:
@@ -96,4 +99,24 @@ def build(agent: Agent) -> AgentApi:
     )
     topology_api.register(table, topology=get("topology"), make=agent._topology_service)
     web_api.register(table, console=agent._web_console)
-    return AgentApi(table, node, inventory, vms)
+    metrics = metrics_api.MetricsApi(
+        MetricsSources(
+            identity=get("identity"),
+            name=agent.name,
+            started_wall=node.started_wall,
+            capabilities=node.capability_rows,
+            inventory=lambda: agent.inventory.inventory,
+            gossip=get("gossip"),
+            store=get("store"),
+            mesh=get("mesh"),
+            secrets=get("secrets"),
+            vms=get("vms"),
+            control=get("control"),
+            web=get("web"),
+            record_checks=get("records"),
+            events=get("events_bus"),
+            listener=get("metrics_http"),
+        )
+    )
+    metrics_api.register(table, metrics)
+    return AgentApi(table, node, inventory, vms, metrics)

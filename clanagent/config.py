@@ -23,6 +23,7 @@ __all__ = [
     "GossipSection",
     "MeshSection",
     "WebSection",
+    "MetricsSection",
     "DEFAULT_CONFIG_PATH",
     "load_config",
 ]
@@ -117,6 +118,13 @@ class WebSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    # HOST:PORT where Prometheus scrapes /metrics over HTTP (e.g.
+    # "127.0.0.1:9946"); "" = no listener (`clanctl metrics` still answers).
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/clanagent"
     runtime_dir: str = "/run/clanagent"
@@ -131,6 +139,7 @@ class Config:
     gossip: GossipSection = field(default_factory=GossipSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     web: WebSection = field(default_factory=WebSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     @property
     def state_path(self) -> Path:
@@ -240,6 +249,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"web.port: {cfg.web.port} is not a TCP port (1..65535, or 0 for any free port)"
         )
+    if cfg.metrics.listen:
+        _split_hostport(cfg.metrics.listen, "metrics.listen")
     if cfg.gossip.clan_id:
         try:
             bytes.fromhex(cfg.gossip.clan_id)

@@ -17,8 +17,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ._counters import OTHER, LabelCounts
 from ._log import kv
-from .records import RecordContext, Refusal, validate
+from .records import RecordContext, Refusal, spec, validate
 from .wire import SignedRecord
 
 __all__ = ["RecordChecker"]
@@ -55,6 +56,9 @@ class RecordChecker:
             "deferred": 0,
             "own_refusals": 0,
         }
+        # Peers' records by (kind, result): passed, refused or deferred; a
+        # kind outside the registry counts as OTHER (peers choose kinds).
+        self.by_kind = LabelCounts()
         self._logged: set[tuple[str, str, bool]] = set()
 
     def context(self) -> RecordContext:
@@ -85,12 +89,16 @@ class RecordChecker:
         A transient Refusal (`.transient`) means "not now" (no inventory yet,
         or it names a generation or placement we may not know yet)."""
         self.stats["checked"] += 1
+        kind = record.kind if spec(record.kind) is not None else OTHER
         try:
             validate(record, self.context())
         except Refusal as exc:
-            self.stats["deferred" if exc.transient else "refused"] += 1
+            result = "deferred" if exc.transient else "refused"
+            self.stats[result] += 1
+            self.by_kind.add(kind, result)
             self._log(record, exc, own=False)
             raise
+        self.by_kind.add(kind, "passed")
 
     def check_own(self, kind: str, key: str, body: Any) -> bool:
         """Would our peers take this record of ours?  False (counted, logged once) if not."""

@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from clanagent._counters import LatencyHistogram
 from clanagent.durable import fsync_dir, write_new
 from clanagent.gossip.config import RecordLimits
 from clanagent.wire import (
@@ -100,6 +101,10 @@ class _Ticket:
         self.results: list[bool] = []
         self.error: BaseException | None = None
         self.done = False
+
+
+# Upper bounds (seconds) of the commit latency buckets (metrics: fsync latency).
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class StoreError(Exception):
@@ -207,6 +212,8 @@ class Store:
             "checkpoints": 0,
             "checkpoint_failures": 0,
         }
+        # How long each commit's COMMIT took (the WAL fsync, with synchronous=FULL).
+        self.commit_seconds = LatencyHistogram(COMMIT_BUCKETS)
 
     # ------------------------------------------------------------------ opening
 
@@ -850,7 +857,9 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO records (name, data) VALUES (?, ?)", upserts)
             if deletes:
                 db.executemany("DELETE FROM records WHERE name = ?", [(n,) for n in deletes])
+            started = time.perf_counter()
             db.execute("COMMIT")
+            self.commit_seconds.observe(time.perf_counter() - started)
         except BaseException:
             try:
                 db.execute("ROLLBACK")

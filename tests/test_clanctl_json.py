@@ -82,6 +82,7 @@ def test_every_command_prints_json_against_real_agents(tmp_path, vm_kernel):
             assert run("status", after=after)["name"] == "alpha"
             assert "signing_key" in run("whoami", after=after)
             assert run("peers", after=after) == []
+            assert "clanagent_info" in run("metrics", after=after)["text"]
         founded = run(
             "clan", "init", "home", "--admin-key", str(key), "--machine", "alpha",
             "--tags", "server", "--endpoint", f"127.0.0.1:{pa}", "--out", str(inv),
@@ -284,6 +285,7 @@ WITHOUT_CLAN = {
     "status": [],
     "whoami": [],
     "peers": [],
+    "metrics": [],
     "ui": [],
     "clan init": ["home", "--admin-key", "ADMIN"],  # last: the agent is in a clan after it
 }

@@ -49,6 +49,7 @@ CLANCTL_METHODS = {
     "path": "read",
     "topology": "read",
     "ui.open": "write",
+    "metrics": "read",
 }
 
 

@@ -169,6 +169,15 @@ def cmd_peers(client: ControlClient, args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_metrics(client: ControlClient, args: argparse.Namespace) -> Any:
+    """The Prometheus exposition as /metrics serves it (--json: with its content type)."""
+    got = client.call("metrics", {"format": "openmetrics" if args.openmetrics else "text"})
+    if args.json:
+        return got
+    sys.stdout.write(got["text"])
+    return None
+
+
 def cmd_events(client: ControlClient, args: argparse.Namespace) -> Any:
     """One event per line (one JSON object per line with --json) until interrupted."""
     for n, ev in enumerate(client.stream("events"), start=1):
@@ -239,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("events", help="stream agent events until interrupted")
     ev.add_argument("--count", type=count, default=0, help="stop after N events")
     ev.set_defaults(handler=cmd_events)
+    met = sub.add_parser("metrics", help="Prometheus metrics of this agent (what /metrics serves)")
+    met.add_argument("--openmetrics", action="store_true", help="OpenMetrics text format")
+    met.set_defaults(handler=cmd_metrics)
     _inventory_cmds.add_parsers(sub)
     _mesh_cmds.add_parsers(sub)
     _services_cmds.add_parsers(sub)

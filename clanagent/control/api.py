@@ -7,9 +7,10 @@ both), the one lookup both surfaces dispatch through, and the agent-wide
 methods over the small `AgentView` (status, whoami, peers, events, methods).
 Every other method is registered by the part it serves, from that part's
 `api.py` (`inventory/api.py`, `vmhost/api.py`, `secrets/api.py`,
-`services/api.py`, `mesh/api.py`, `web/api.py`, `topology_api.py`), with
-the few objects it needs; the web console's own `console.*` methods go into
-the same table, so a method has one access level wherever it is called from.
+`services/api.py`, `mesh/api.py`, `web/api.py`, `topology_api.py`,
+`metrics/api.py`), with the few objects it needs; the web console's own
+`console.*` methods go into the same table, so a method has one access
+level wherever it is called from.
 Only append to a version's table; a changed meaning gets a new version.
 Must never: let a caller with read access run a write handler, offer a method
 on a surface it was not registered for, or reach into the agent beyond

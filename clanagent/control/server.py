@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from .._counters import OTHER, LabelCounts
 from .._log import kv
 from ..config import ControlConfig
 from ..fd_reserve import PROCESS, FdReserve
@@ -298,6 +299,9 @@ class ControlServer:
         )
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._error_codes: dict[str, int] = {}
+        # Requests by (method, result): "ok" or the error code; a method
+        # unknown here counts as OTHER (callers choose the names).
+        self.by_method = LabelCounts()
         self._logged: dict[tuple[int, str], None] = {}
         self._gid_cache: dict[str, int] = {}
         self._sock: socket.socket | None = None
@@ -659,40 +663,48 @@ class ControlServer:
     ) -> bool:
         self._count("requests")
         rid: int | None = None
+        method, outcome = OTHER, "ok"
         try:
             req = parse_request(frame, self.limits)
             rid = req.id
             handler = self.api.lookup(req.version, req.method, "socket")
+            method = handler.name
             if not handler.allows(access):
                 self._count("denied_write")
                 raise ControlError(
                     ErrorCode.PERMISSION_DENIED, _write_denied(req.method, cred, self.cfg)
                 )
             check_params(handler, req.params)
-            if handler.upgrade:
-                await self._upgrade(stream, req.id, handler.call(req.params))
-                return True
-            if handler.streaming:
-                await self._stream(stream, req.id, handler.call(req.params))
+            if handler.upgrade or handler.streaming:
+                self.by_method.add(method, "ok")  # counted when it starts
+                if handler.upgrade:
+                    await self._upgrade(stream, req.id, handler.call(req.params))
+                else:
+                    await self._stream(stream, req.id, handler.call(req.params))
                 return True
             result = await handler.call(req.params)
             payload = encode_frame(reply_ok(req.id, result))
         except RequestError as exc:
             self._count_error(exc.code)
+            outcome = exc.code
             payload = encode_frame(reply_error(exc.request_id, exc.code, exc.message))
         except ControlError as exc:
             self._count_error(exc.code)
+            outcome = exc.code
             payload = encode_frame(reply_error(rid, exc.code, exc.message))
         except _CONNECTION_GONE + (_SendStalled,):
+            self.by_method.add(method, "gone")
             raise
         except Exception as exc:  # a handler bug ends that request, never the server
             self._count_error(ErrorCode.INTERNAL)
+            outcome = ErrorCode.INTERNAL
             self._fault(cred, exc, "handler")
             payload = encode_frame(
                 reply_error(
                     rid, ErrorCode.INTERNAL, f"internal error ({type(exc).__name__}); see the log"
                 )
             )
+        self.by_method.add(method, outcome)
         await self._send_bytes(stream, payload)
         return False
 

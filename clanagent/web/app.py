@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from .._counters import OTHER, LabelCounts
 from .._log import kv
 from ..control.api import ApiTable, check_params
 from ..control.protocol import (
@@ -116,6 +117,8 @@ class WebStats:
     websockets_open: int = 0  # authenticated, holding a slot now
     websockets_busy: int = 0  # authenticated but no slot free
     errors: dict[str, int] = field(default_factory=dict)
+    # requests by (method, result), as the control socket counts them
+    by_method: LabelCounts = field(default_factory=LabelCounts)
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -507,8 +510,10 @@ class _WsSession:
         app = self.app
         # console.* methods sign with this session's own admin key (if any)
         SIGNER.set(app.auth.signer_of(self.session))
+        method, outcome = OTHER, "ok"
         try:
             handler = app.api.lookup(req.version, req.method, "web")
+            method = handler.name
             if not handler.allows(self.access):
                 raise ControlError(
                     ErrorCode.PERMISSION_DENIED,
@@ -523,13 +528,17 @@ class _WsSession:
                     "(the web console shows the log instead)",
                 )
             if handler.streaming:
+                app.stats.by_method.add(method, "ok")  # counted when it starts
                 await self._stream(req.id, handler.call(req.params))
                 return
             result = await handler.call(req.params)
+            app.stats.by_method.add(method, outcome)
             await self.send(reply_ok(req.id, result))
         except ControlError as exc:
+            app.stats.by_method.add(method, exc.code)
             await self.send(self.error(req.id, exc.code, exc.message))
         except Exception as exc:  # a handler bug must not take the console down
+            app.stats.by_method.add(method, ErrorCode.INTERNAL)
             log.exception("web console handler failed", extra=kv(method=req.method))
             await self.send(self.error(req.id, ErrorCode.INTERNAL, f"internal error: {exc}"))
 

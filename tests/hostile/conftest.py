@@ -111,6 +111,7 @@ class Clan:
     socks: dict[str, Path] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     gossip: dict[str, str] = field(default_factory=dict)  # name -> "127.0.0.1:PORT"
+    metrics: dict[str, str] = field(default_factory=dict)  # name -> its /metrics "127.0.0.1:PORT"
     clan_id: bytes = b""
     mallory: Identity | None = None
 
@@ -173,6 +174,7 @@ def found_clan(work: Path, control: str = "") -> Clan:
         home = work / m
         home.mkdir()
         clan.socks[m] = home / "control.sock"
+        clan.metrics[m] = f"127.0.0.1:{_free_port()}"
         (home / "agent.toml").write_text(
             f'state_dir = "{home / "state"}"\n'
             f'runtime_dir = "{home / "run"}"\n'
@@ -180,6 +182,7 @@ def found_clan(work: Path, control: str = "") -> Clan:
             # a fixed port, so that an agent started again is found where it was
             f'[gossip]\nlisten = "127.0.0.1:{_free_port()}"\nprofile = "local"\nname = "{m}"\n'
             "[mesh]\nwireguard = false\nmdns = false\n"
+            f'[metrics]\nlisten = "{clan.metrics[m]}"\n'
         )
     clan.start("m1")
     sock1 = clan.socks["m1"]

@@ -4,7 +4,7 @@
 function __clanctl_subs
     switch $argv[1]
         case 'clanctl'
-            string split -- ' ' 'status whoami peers events clan machine invite machines inventory path ssh tor-connect services secrets vm ui'
+            string split -- ' ' 'status whoami peers events metrics clan machine invite machines inventory path ssh tor-connect services secrets vm ui'
         case 'clanctl clan'
             string split -- ' ' 'init'
         case 'clanctl machine'
@@ -78,6 +78,7 @@ complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'status' -d 'node, uptime a
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'whoami' -d 'this node\'s identity and public keys'
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'peers' -d 'members of the clan and their state'
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'events' -d 'stream agent events until interrupted'
+complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'metrics' -d 'Prometheus metrics of this agent (what /metrics serves)'
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'clan' -d 'found a clan'
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'machine' -d 'add machines'
 complete -c clanctl -n '__clanctl_at \'clanctl\'' -a 'invite' -d 'print a join token for a machine of the inventory'
@@ -104,6 +105,9 @@ complete -c clanctl -n '__clanctl_at \'clanctl peers\'' -l json -d 'print JSON f
 complete -c clanctl -n '__clanctl_at \'clanctl events\'' -s h -l help -d 'show this help message and exit'
 complete -c clanctl -n '__clanctl_at \'clanctl events\'' -l count -x -d 'stop after N events'
 complete -c clanctl -n '__clanctl_at \'clanctl events\'' -l json -d 'print JSON for scripts (before or after the command; stdout is then only JSON)'
+complete -c clanctl -n '__clanctl_at \'clanctl metrics\'' -s h -l help -d 'show this help message and exit'
+complete -c clanctl -n '__clanctl_at \'clanctl metrics\'' -l openmetrics -d 'OpenMetrics text format'
+complete -c clanctl -n '__clanctl_at \'clanctl metrics\'' -l json -d 'print JSON for scripts (before or after the command; stdout is then only JSON)'
 complete -c clanctl -n '__clanctl_at \'clanctl clan\'' -a 'init' -d 'found a clan with this machine as its first member'
 complete -c clanctl -n '__clanctl_at \'clanctl clan\'' -s h -l help -d 'show this help message and exit'
 complete -c clanctl -n '__clanctl_at \'clanctl clan\'' -l json -d 'print JSON for scripts (before or after the command; stdout is then only JSON)'
