@@ -32,6 +32,8 @@
 #                         traversal and lossy-link tests)
 #     zbar-tools          zbarimg reads the join token's QR code off the page
 #     zsh fish            the generated shell completions are run in each shell
+#     prometheus          a real Prometheus scrapes a real agent (and promtool
+#                         checks the shipped alert rules)
 set -eu
 
 what=${1:-test}
@@ -53,7 +55,7 @@ esac
 
 pkgs="python3-venv iproute2 iputils-ping wireguard-tools wireguard-go qemu-system-x86 $kernel busybox-static kmod util-linux"
 if [ "$what" = test ]; then
-    pkgs="$pkgs systemd passwd tor $chromium nftables zbar-tools zsh fish"
+    pkgs="$pkgs systemd passwd tor $chromium nftables zbar-tools zsh fish prometheus"
 fi
 
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then

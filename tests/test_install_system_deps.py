@@ -54,7 +54,7 @@ def _run(tmp: Path, what: str, installed: set[str], uid: int, **env: str):
 ALL = {
     "python3-venv iproute2 iputils-ping wireguard-tools wireguard-go qemu-system-x86",
     "linux-image-amd64 busybox-static kmod util-linux systemd passwd tor chromium",
-    "chromium-driver nftables zbar-tools zsh fish",
+    "chromium-driver nftables zbar-tools zsh fish prometheus",
 }
 ALL = {p for line in ALL for p in line.split()}
 
