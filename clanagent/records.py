@@ -443,9 +443,10 @@ def _nat_specs() -> list[KindSpec]:
 
 def _registry() -> dict[str, KindSpec]:
     from .inventory.manager import RECORD_KIND
-    from .mesh.candidates import ENDPOINTS_KIND
+    from .inventory.versions import InventoryVersionWire
+    from .mesh.candidates import ENDPOINTS_KIND, EndpointsBody
     from .secrets.record import ROTATE_KIND, SECRET_KIND, RotateRequest, SecretBody
-    from .services.wiring import EXPORT_KIND
+    from .services.wiring import EXPORT_KIND, ExportBody
     from .topology import MAX_REFRESH as TOPOLOGY_REFRESH
     from .topology import MIN_INTERVAL as TOPOLOGY_MIN_INTERVAL
     from .topology import STALE as TOPOLOGY_TTL
@@ -456,12 +457,12 @@ def _registry() -> dict[str, KindSpec]:
     # Durable: what must survive a restart of every machine at once.
     # Soft: re-learned within seconds to minutes; losing it costs a refresh.
     specs = [
-        KindSpec(RECORD_KIND, _parse_inventory, _inventory_rules),
+        KindSpec(RECORD_KIND, _parse_inventory, _inventory_rules, InventoryVersionWire),
         # node-info is durable: published once per start (no steady cost, so
         # nothing to save) and with no refresh a TTL could rely on; it holds
         # the addresses a restarted agent dials before it re-learns anything.
         KindSpec(NodeInfo.KIND, _schema_parse(NodeInfo), _node_info_rules, NodeInfo),
-        KindSpec(ENDPOINTS_KIND, _parse_endpoints, _singleton, min_interval=5.0),
+        KindSpec(ENDPOINTS_KIND, _parse_endpoints, _singleton, EndpointsBody, min_interval=5.0),
         KindSpec(
             TOPOLOGY_KIND,
             _parse_topology,
@@ -472,7 +473,7 @@ def _registry() -> dict[str, KindSpec]:
             min_interval=TOPOLOGY_MIN_INTERVAL,
             refresh=TOPOLOGY_REFRESH,  # the longest: it stretches with the clan (topology.refresh_for)
         ),
-        KindSpec(EXPORT_KIND, _parse_export, _export_rules, min_interval=1.0),
+        KindSpec(EXPORT_KIND, _parse_export, _export_rules, ExportBody, min_interval=1.0),
         KindSpec(SECRET_KIND, _parse_secret, _secret_rules, SecretBody),
         KindSpec(ROTATE_KIND, _parse_rotate, _rotate_rules, RotateRequest, min_interval=1.0),
         KindSpec(REQUEST_KIND, _parse_vm_request, _vm_request_rules, VmRequest),

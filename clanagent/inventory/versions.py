@@ -26,13 +26,13 @@ import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import nacl.exceptions
 import nacl.signing
 
 from clanagent.inventory.merge import Conflict, merge_leaves
-from clanagent.wire import WireError, pack
+from clanagent.wire import Record, WireError, pack, record_type
 
 __all__ = [
     "INVENTORY_SIGNATURE_DOMAIN",
@@ -66,7 +66,21 @@ MAX_PARENTS = 64  # concurrent leaves one resolving version may join
 MAX_SIGS = 64
 MAX_PENDING = 256  # versions waiting for a parent; the oldest is dropped beyond
 _MAX_TIME = 2**63 - 1
-_WIRE_KEYS = frozenset({"doc", "parents", "time", "message", "sigs"})
+
+
+@record_type
+@dataclass(frozen=True, slots=True)
+class InventoryVersionWire(Record):
+    """The `inventory` record's body as it travels (the schema engine checks
+    its shape; InventoryVersion checks the rest, the inventory validator the
+    document)."""
+
+    KIND: ClassVar[str] = "inventory"
+    doc: dict[str, Any]
+    parents: list[bytes]
+    time: int
+    message: str
+    sigs: list[list[bytes]]
 
 
 class InventoryError(Exception):
@@ -190,21 +204,9 @@ class InventoryVersion:
     @classmethod
     def from_wire(cls, value: Any) -> InventoryVersion:
         """Build from a decoded wire value; WireError on any deviation from the spec's shape."""
-        if type(value) is not dict:
-            raise WireError("version: expected map")
-        if value.keys() != _WIRE_KEYS:
-            extra = sorted(str(k) for k in value if k not in _WIRE_KEYS)
-            if extra:
-                raise WireError(f"version.{extra[0]}: unknown field")
-            raise WireError(f"version.{sorted(_WIRE_KEYS - value.keys())[0]}: missing field")
-        if type(value["parents"]) is not list or type(value["sigs"]) is not list:
-            raise WireError("version: parents and sigs must be arrays")
-        if any(type(s) is not list for s in value["sigs"]):
-            raise WireError("sigs: each is an array of 2")
+        w = InventoryVersionWire.from_wire(value, path="version")
         try:
-            return cls(
-                value["doc"], value["parents"], value["time"], value["message"], value["sigs"]
-            )
+            return cls(w.doc, w.parents, w.time, w.message, w.sigs)
         except WireError:
             raise
         except (TypeError, ValueError, RecursionError) as exc:
