@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["Notifier", "watchdog_interval"]
+__all__ = ["Notifier", "watchdog", "watchdog_interval"]
 
 
 class Notifier:
@@ -49,3 +49,12 @@ def watchdog_interval() -> float | None:
     if pid and pid.isdigit() and int(pid) != os.getpid():
         return None
     return int(usec) / 1e6 / 2
+
+
+async def watchdog(notifier: Notifier, interval: float) -> None:
+    """Tell systemd we are alive every `interval` seconds (WATCHDOG=1)."""
+    import trio
+
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await trio.sleep(interval)

@@ -23,15 +23,16 @@ import trio
 from . import __version__, agent_api, agent_parts
 from ._eventbus import EventBus
 from ._log import kv
-from ._sdnotify import Notifier, watchdog_interval
+from ._sdnotify import Notifier, watchdog, watchdog_interval
 from .bus import AgentBus, TrioClock, drop_other_clans, publish_own
 from .capabilities import Capability, probe_all
 from .config import Config
-from .control.protocol import ControlError, ErrorCode
+from .control.protocol import ControlError
 from .control.server import ControlServer
 from .identity import Identity
 from .inventory.anchor import Anchor, save_anchor
 from .inventory.manager import InventoryManager
+from .metrics.http import start_http
 from .ports import NodeMembership, Ports
 from .store import Store
 from .wire import SignedRecord
@@ -90,13 +91,7 @@ class Agent:
 
     async def _web_console(self) -> tuple[Any, int]:
         """The web console, started if it is not running: (it, its port)."""
-        from .web import WebConsole
-
-        if self._nursery is None:
-            raise ControlError(ErrorCode.UNAVAILABLE, "the agent is still starting; try again")
-        if self.web is None:
-            self.web = WebConsole(self.cfg, self.api)
-        return self.web, await self.web.ensure_running(self._nursery)
+        return await agent_parts.web_console(self)
 
     # -- gossip hooks ----------------------------------------------------------
 
@@ -161,30 +156,6 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _start_metrics_http(self, nursery: trio.Nursery) -> None:
-        """Serve /metrics on `[metrics] listen`; a port we cannot bind is one
-        log line and an unavailable capability, never a stopped agent."""
-        from .config import split_hostport
-        from .metrics import MetricsListener
-
-        host, port = split_hostport(self.cfg.metrics.listen, "metrics.listen")
-        listener = MetricsListener(host, port, self.metrics_api.scrape_async)
-        try:
-            await nursery.start(listener.serve)
-        except OSError as exc:
-            why = f"cannot listen on {self.cfg.metrics.listen}: {exc.strerror or exc}"
-            log.warning("metrics listener off", extra=kv(reason=why))
-            self.capabilities.append(Capability("metrics", False, why))
-            return
-        self.metrics_http = listener
-        addr = f"http://{self.cfg.metrics.listen.rsplit(':', 1)[0]}:{listener.port}/metrics"
-        self.capabilities.append(Capability("metrics", True, f"serving {addr}"))
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.notify("WATCHDOG=1")
-            await trio.sleep(interval)
-
     async def _start_gossip(self, nursery: trio.Nursery) -> None:
         seeds = self.cfg.gossip.join or (self.anchor.seeds if self.anchor else ())
         if not (self.cfg.gossip.listen or seeds):
@@ -241,7 +212,10 @@ class Agent:
             self._nursery = nursery
             await nursery.start(self.control.serve)
             if cfg.metrics.listen:
-                await self._start_metrics_http(nursery)
+                self.metrics_http, cap = await start_http(
+                    cfg.metrics.listen, self.metrics_api.scrape_async, nursery
+                )
+                self.capabilities.append(cap)
             async with self._parts_lock:  # each part that cannot run is reported, not fatal
                 await self._start_gossip(nursery)
             if cfg.web.enabled:
@@ -249,7 +223,7 @@ class Agent:
                     await self._web_console()
             wd = watchdog_interval()
             if wd:
-                nursery.start_soon(self._watchdog, wd)
+                nursery.start_soon(watchdog, self.notifier, wd)
             self.notifier.notify("READY=1", f"STATUS=node {self.identity.short_id} running")
             log.info(
                 "agent started",

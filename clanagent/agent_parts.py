@@ -177,3 +177,15 @@ def topology(agent: Agent) -> Any:
         capabilities=agent.node.capability_rows,
         path_kind=path_kind,
     )
+
+
+async def web_console(agent: Any) -> tuple[Any, int]:
+    """The agent's web console, started if it is not running: (it, its port)."""
+    from .control.protocol import ControlError, ErrorCode
+    from .web import WebConsole
+
+    if agent._nursery is None:
+        raise ControlError(ErrorCode.UNAVAILABLE, "the agent is still starting; try again")
+    if agent.web is None:
+        agent.web = WebConsole(agent.cfg, agent.api)
+    return agent.web, await agent.web.ensure_running(agent._nursery)

@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import trio
@@ -231,3 +232,24 @@ class MetricsListener:
                 if not data:
                     break
                 drained += len(data)
+
+
+async def start_http(
+    listen: str, scrape: Any, nursery: trio.Nursery
+) -> tuple[MetricsListener | None, Any]:
+    """Serve /metrics on `listen` (`[metrics] listen`): (the listener or None,
+    the `metrics` capability). A port we cannot bind is one log line and an
+    unavailable capability, never a stopped agent."""
+    from ..capabilities import Capability
+    from ..config import split_hostport
+
+    host, port = split_hostport(listen, "metrics.listen")
+    listener = MetricsListener(host, port, scrape)
+    try:
+        await nursery.start(listener.serve)
+    except OSError as exc:
+        why = f"cannot listen on {listen}: {exc.strerror or exc}"
+        log.warning("metrics listener off", extra=kv(reason=why))
+        return None, Capability("metrics", False, why)
+    addr = f"http://{listen.rsplit(':', 1)[0]}:{listener.port}/metrics"
+    return listener, Capability("metrics", True, f"serving {addr}")
