@@ -1,6 +1,6 @@
 """Real agents at clan scale: N `clanagent run` processes in one clan on loopback.
 
-What it measures, for each N (default 10 and 50; `--sizes 10,50,100`):
+What it measures, for each N (default 10, 50 and 100; `--sizes` for others):
 
 | field | how |
 | --- | --- |
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.settle, args.idle, args.edits, args.kills = 1.0, 3.0, 1, 1
-    sizes = args.sizes or ([3] if args.quick else [10, 50])
+    sizes = args.sizes or ([3] if args.quick else [10, 50, 100])
     rows = []
     for n in sizes:
         print(f"n={n}: founding the clan", flush=True)
