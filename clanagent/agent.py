@@ -32,7 +32,6 @@ from .control.server import ControlServer
 from .identity import Identity
 from .inventory.anchor import Anchor, save_anchor
 from .inventory.manager import InventoryManager
-from .metrics.http import start_http
 from .ports import NodeMembership, Ports
 from .store import Store
 from .wire import SignedRecord
@@ -212,6 +211,8 @@ class Agent:
             self._nursery = nursery
             await nursery.start(self.control.serve)
             if cfg.metrics.listen:
+                from .metrics.http import start_http
+
                 self.metrics_http, cap = await start_http(
                     cfg.metrics.listen, self.metrics_api.scrape_async, nursery
                 )

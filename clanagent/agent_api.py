@@ -22,7 +22,7 @@ from .control.api import ApiTable, register_core
 from .inventory import api as inventory_api
 from .mesh import api as mesh_api
 from .metrics import api as metrics_api
-from .metrics.collector import MetricsSources
+from .metrics.sources import MetricsSources
 from .secrets import api as secrets_api
 from .services import api as services_api
 from .status import NodeStatus

@@ -16,13 +16,7 @@ import trio
 
 from ..control.api import ApiTable, handler
 from ..control.protocol import ControlError, ErrorCode
-from .collector import (
-    AgentCollector,
-    MetricsSources,
-    Snapshot,
-    process_collector,
-    render,
-)
+from .sources import MetricsSources
 
 __all__ = ["FORMATS", "MetricsApi", "register"]
 
@@ -36,20 +30,37 @@ FORMATTERS = 2
 class MetricsApi:
     def __init__(self, sources: MetricsSources) -> None:
         self.sources = sources
-        self.collector = AgentCollector(sources)
-        self._process = process_collector()
+        self._collector: Any = None  # built at the first scrape (prometheus-client loads then)
+        self._process: Any = None
         self._formatters = trio.CapacityLimiter(FORMATTERS)
+
+    @property
+    def collector(self) -> Any:
+        if self._collector is None:
+            from .collector import AgentCollector, process_collector
+
+            self._collector = AgentCollector(self.sources)
+            self._process = process_collector()
+        return self._collector
+
+    def _snapshot(self) -> Any:
+        from .collector import Snapshot
+
+        return Snapshot(self.collector.read(), self._process)
 
     def scrape(self, openmetrics: bool = False) -> tuple[bytes, str]:
         """(exposition bytes, content type) of one scrape, all of it here."""
-        snap = Snapshot(self.collector.read(), self._process)
-        return render(snap, openmetrics=openmetrics)
+        from .collector import render
+
+        return render(self._snapshot(), openmetrics=openmetrics)
 
     async def scrape_async(self, openmetrics: bool = False) -> tuple[bytes, str]:
         """One scrape: collected on the event loop (the parts' state lives
         there), built and formatted in a worker thread (for 1000 machines
         most of the time goes there: it must not stall the loop)."""
-        snap = Snapshot(self.collector.read(), self._process)
+        from .collector import render
+
+        snap = self._snapshot()
         return await trio.to_thread.run_sync(
             lambda: render(snap, openmetrics=openmetrics), limiter=self._formatters
         )

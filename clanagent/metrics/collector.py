@@ -18,9 +18,7 @@ are capped where they are counted).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -32,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
+from .sources import MetricsSources
 
 __all__ = [
     "AgentCollector",
@@ -47,7 +46,6 @@ __all__ = [
 
 log = logging.getLogger("clanagent.metrics")
 
-Getter = Callable[[], Any]
 
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
 # What Prometheus 2.x asks for and parses; OpenMetrics when the scraper says so.
@@ -116,28 +114,6 @@ def _counter(
 
 def _histogram(name: str, doc: str) -> _Family:
     return _Family("histogram", name, doc)
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSources:
-    """What the collector reads, each asked for at scrape time."""
-
-    identity: Getter
-    name: str
-    started_wall: float
-    capabilities: Callable[[], list[dict[str, Any]]]
-    inventory: Getter  # the current Inventory or None
-    gossip: Getter
-    store: Getter
-    mesh: Getter
-    secrets: Getter
-    vms: Getter
-    control: Getter
-    web: Getter
-    record_checks: Getter  # RecordChecker (its by_kind counts)
-    events: Getter  # EventBus (its counts by type)
-    listener: Getter = lambda: None  # the HTTP listener, when it runs
-    wall: Callable[[], float] = time.time
 
 
 class AgentCollector:
