@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from clanagent.mesh.candidates import collect
 from clanagent.mesh.nat import effective_preference
 from clanagent.mesh.paths import Candidate, PathError, PathSelector
 from clanagent.mesh.relay import (
     RelayConfig,
     RelayGrants,
+    RelayLimiter,
     RelayPair,
     RelayPolicy,
     choose_relays,
@@ -154,6 +157,61 @@ def test_forwarding_is_rate_limited():
     )
     assert sent == 4
     assert p.stats["rate_limited"] == 32
+
+
+def test_the_relay_wide_limit_holds_across_pairs():
+    # each pair alone may send 100 packets at once; together they get 40 a second
+    cfg = RelayConfig(
+        rate_bytes=1e9,
+        burst_bytes=1e9,
+        rate_packets=1e6,
+        burst_packets=100,
+        total_rate_bytes=1e9,
+        total_rate_packets=160,
+    )
+    shared = RelayLimiter(cfg)
+    keys = [bytes([i]) * 32 for i in range(1, 9)]
+    hosts = {k: [f"192.0.2.{i}"] for i, k in enumerate(keys, 1)}
+    pairs = [RelayPair(keys[i], keys[i + 1], cfg, limiter=shared) for i in range(0, 8, 2)]
+    for p in pairs:
+        p.datagram("b", (hosts[p.b][0], 2), data(), hosts.__getitem__, 0.0)
+
+    def burst(at: float) -> list[int]:
+        return [
+            sum(
+                p.datagram("a", (hosts[p.a][0], 1), data(), hosts.__getitem__, at) is not None
+                for _ in range(30)
+            )
+            for p in pairs
+        ]
+
+    assert sum(burst(0.0)) == 40  # a quarter second of the total rate, not 4 x 30
+    assert sum(burst(0.1)) == 16  # refilled at 160 packets/s
+    assert shared.refused == 240 - 56
+    assert sum(p.stats["relay_limited"] for p in pairs) == 240 - 56
+    assert all(p.stats["rate_limited"] == 0 for p in pairs)
+    # a pair alone (no shared limiter) is held only by its own limit
+    alone = RelayPair(keys[0], keys[1], cfg)
+    alone.datagram("b", (hosts[keys[1]][0], 2), data(), hosts.__getitem__, 0.0)
+    sent = sum(
+        alone.datagram("a", (hosts[keys[0]][0], 1), data(), hosts.__getitem__, 0.0) is not None
+        for _ in range(150)
+    )
+    assert sent == 100
+
+
+def test_the_relay_limit_is_configurable(tmp_path):
+    from clanagent.config import ConfigError, load_config
+
+    with pytest.raises(ValueError):
+        RelayConfig(total_rate_packets=0)
+    p = tmp_path / "agent.toml"
+    p.write_text("[mesh]\nrelay_max_mibps = 2.5\nrelay_max_pps = 300\n")
+    cfg = load_config(p)
+    assert (cfg.mesh.relay_max_mibps, cfg.mesh.relay_max_pps) == (2.5, 300)
+    p.write_text("[mesh]\nrelay_max_mibps = 0\n")
+    with pytest.raises(ConfigError, match="relay_max_mibps"):
+        load_config(p)
 
 
 def test_a_silent_side_must_be_learnt_again():

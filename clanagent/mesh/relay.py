@@ -18,7 +18,9 @@ Owns, all sans-IO:
   WireGuard message and within the rate limit.  A side's address is learnt
   from the first WireGuard-shaped datagram whose source host is one the
   relay's own (authenticated) WireGuard session sees that machine at, so a
-  stranger who finds the port cannot take a side over.
+  stranger who finds the port cannot take a side over;
+* the relay-wide limit (`RelayLimiter`): one token bucket across all of a
+  relay's pairs, so 64 pairs cannot take 64 times the per-pair rate.
 
 The relay never decrypts anything: it moves WireGuard's own encrypted
 packets between two sockets; the peers' tunnel is end to end.
@@ -40,6 +42,7 @@ __all__ = [
     "NO_RELAY_TAG",
     "RelayConfig",
     "RelayGrants",
+    "RelayLimiter",
     "RelayOption",
     "RelayPair",
     "RelayPolicy",
@@ -173,11 +176,16 @@ class RelayConfig:
     burst_packets: float = 1000.0
     # A learnt address not heard from for this long must be learnt again.
     address_idle: float = 180.0
+    # Forwarding limit across all pairs together (the relay's own uplink is
+    # shared by every pair it serves); bursts of a quarter second.
+    total_rate_bytes: float = 16 * 1024 * 1024
+    total_rate_packets: float = 16000.0
 
     def __post_init__(self) -> None:
         if self.max_pairs < 1 or self.linger < 0 or self.address_idle <= 0:
             raise ValueError("need max_pairs >= 1, linger >= 0, address_idle > 0")
-        if min(self.rate_bytes, self.burst_bytes, self.rate_packets, self.burst_packets) <= 0:
+        rates = (self.rate_bytes, self.burst_bytes, self.rate_packets, self.burst_packets)
+        if min(*rates, self.total_rate_bytes, self.total_rate_packets) <= 0:
             raise ValueError("rates and bursts must be > 0")
 
 
@@ -283,6 +291,32 @@ class _Bucket:
         return True
 
 
+class RelayLimiter:
+    """The relay-wide token buckets every pair also draws from.
+
+    A datagram is forwarded only when its pair's buckets and these all
+    hold enough (the pair's are checked first, so a pair over its own
+    limit takes nothing from the others' share)."""
+
+    def __init__(self, config: RelayConfig | None = None) -> None:
+        cfg = config if config is not None else RelayConfig()
+        self.config = cfg
+        bb, bp = cfg.total_rate_bytes / 4, cfg.total_rate_packets / 4
+        self._bytes = _Bucket(cfg.total_rate_bytes, bb, bb)
+        self._packets = _Bucket(cfg.total_rate_packets, bp, bp)
+        self._started = False
+        self.refused = 0
+
+    def take(self, size: int, now: float) -> bool:
+        if not self._started:
+            self._bytes.at = self._packets.at = now
+            self._started = True
+        if self._packets.take(1, now) and self._bytes.take(size, now):
+            return True
+        self.refused += 1
+        return False
+
+
 @dataclass
 class RelayPair:
     """Forwarding state of one granted pair (side a = the lower node key)."""
@@ -291,6 +325,8 @@ class RelayPair:
     b: bytes
     config: RelayConfig = field(default_factory=RelayConfig)
     learnt: dict[str, tuple[Addr, float]] = field(default_factory=dict)
+    # Shared by every pair of one relay (None: only the per-pair limit).
+    limiter: RelayLimiter | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "forwarded": 0,
@@ -299,6 +335,7 @@ class RelayPair:
             "stranger": 0,
             "no_peer_yet": 0,
             "rate_limited": 0,
+            "relay_limited": 0,
         }
     )
 
@@ -342,6 +379,9 @@ class RelayPair:
             return None
         if not (self._packets.take(1, now) and self._bytes.take(len(data), now)):
             self.stats["rate_limited"] += 1
+            return None
+        if self.limiter is not None and not self.limiter.take(len(data), now):
+            self.stats["relay_limited"] += 1
             return None
         self.stats["forwarded"] += 1
         self.stats["bytes"] += len(data)

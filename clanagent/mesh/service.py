@@ -36,6 +36,7 @@ from .overlay import clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
 from .peerplan import join_host_port, plan_peers
 from .probe import _host
+from .relay import RelayConfig, RelayLimiter
 from .traversal import Traversal
 from .vmroutes import VM_STATUS_KIND
 from .wireguard import desired_from, reconcile
@@ -231,6 +232,11 @@ class MeshService:
         self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
         self._trigger_sock: Any = None
         self._relay_pairs: dict[Any, Any] = {}
+        self.relay_config = RelayConfig(
+            total_rate_bytes=cfg.relay_max_mibps * 1024 * 1024,
+            total_rate_packets=cfg.relay_max_pps,
+        )
+        self.relay_limiter = RelayLimiter(self.relay_config)
         ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND], self.on_record)
         ports.inventory.subscribe(lambda inv: self.wake())
 
@@ -854,6 +860,8 @@ class MeshService:
             host,
             lambda key: [self.traversal.wg_hosts.get(key, "")],
             self.ports.clock.now,
+            self.relay_config,
+            self.relay_limiter,
         )
         try:
             pa, pb = await sockets.bind()
@@ -962,5 +970,10 @@ class MeshService:
         out["nat_self"]["relay_stats"] = {
             f"{a.hex()[:12]}-{b.hex()[:12]}": dict(r.state.stats)
             for (a, b), r in self._relay_pairs.items()
+        }
+        out["nat_self"]["relay_limit"] = {
+            "mib_per_s": self.relay_config.total_rate_bytes / (1024 * 1024),
+            "packets_per_s": self.relay_config.total_rate_packets,
+            "refused": self.relay_limiter.refused,
         }
         return out
