@@ -61,7 +61,7 @@ class FakeBus:
         self.published: list[tuple[str, str, object]] = []
         self.accept = accept
 
-    async def publish(self, kind, key, body):
+    async def publish(self, kind, key, body, push=True):
         self.published.append((kind, key, body))
         return self.accept
 
@@ -260,3 +260,46 @@ def test_explain_path_without_a_running_mesh_reads_the_store():
     assert shown["wireguard"] is False and shown["handshake"] is False
     assert shown["chosen"] == {"kind": "lan", "address": "10.0.0.1:7946"}
     assert not w.bus.subscriptions.kinds()  # a view subscribes to nothing
+
+
+async def test_a_peer_heard_only_at_its_nat_mapping_shows_that_path():
+    """On a public member, a machine behind a NAT has no path of ours, yet
+    WireGuard talks to it at the address its packets came from: `clanctl
+    path` and the map show that path (reflexive, learnt), not "none"."""
+    w = World()
+    svc = _running(w)
+    await svc.reconcile_once()
+    delta = w.idents["delta"].public_key
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # delta's handshake arrived from its NAT's public address
+    peer = svc.backend.peers[w.wg("delta")]
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "203.0.113.9:40000", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 20)
+    await svc.reconcile_once()
+    shown = svc.explain("delta")
+    assert shown["chosen"] == {"kind": "reflexive", "address": "203.0.113.9:40000", "learnt": True}
+    assert shown["reason"].startswith("learnt from the peer's packets")
+    assert shown["paths"][0]["sources"] == ["wireguard"] and shown["paths"][0]["chosen"]
+    assert svc.path_kind(delta) == "reflexive"
+    # a stale session is no path
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 500)
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # a session at a candidate's host is that candidate's, judged by the
+    # selector (a relay that stopped, a LAN path that failed): not shown
+    gamma = w.idents["gamma"].public_key
+    svc.on_record(
+        w.record("gamma", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.3:7946"], [], 1))
+    )
+    await svc.reconcile_once()
+    for cand in svc.selector.explain(gamma, w.clock.t)["paths"]:
+        svc.selector.report_failure(gamma, svc._cands[(gamma, cand["address"])], w.clock.t)
+    peer = svc.backend.peers[w.wg("gamma")]
+    svc.backend.peers[w.wg("gamma")] = PeerConfig(
+        peer.public_key, "10.0.0.3:51820", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("gamma")] = PeerStatus(last_handshake=w.clock.wall() - 20)
+    await svc.reconcile_once()
+    assert svc.explain("gamma")["chosen"] is None and svc.path_kind(gamma) is None

@@ -177,7 +177,51 @@ def _explain(
             now,
         )
     out.update(selector.explain(key, now))
+    learnt = learnt_endpoint(device, m["wg_key"], ports.clock.wall())
+    known_hosts = {_host(r["address"]) for r in out.get("paths", [])}
+    if out.get("chosen") is None and learnt is not None and _host(learnt[0]) not in known_hosts:
+        # (at a candidate's host it is that candidate's session, which the
+        # selector judged: a relay that stopped, a LAN path that failed)
+        # Nothing of ours works (a machine behind a NAT, seen from a public
+        # member), yet WireGuard talks to it at the address its packets come
+        # from: that is the path in use, a reflexive one we did not choose.
+        address, age = learnt
+        out["chosen"] = {"kind": "reflexive", "address": address, "learnt": True}
+        out["reason"] = (
+            f"learnt from the peer's packets: WireGuard hears {machine} at {address} "
+            f"(handshake {age:.0f} s ago), and no path of ours works"
+            + (f" ({out['reason']})" if out.get("reason") else "")
+        )
+        out.setdefault("paths", []).insert(
+            0,
+            {
+                "kind": "reflexive",
+                "address": address,
+                "via": None,
+                "sources": ["wireguard"],
+                "port_wg": None,
+                "chosen": True,
+                "usable": True,
+                "reason": "learnt from the peer's packets",
+                "rtt_ms": None,
+                "failures": 0,
+                "retry_in": None,
+            },
+        )
     return out
+
+
+def learnt_endpoint(device: Any, wg_key: str, wall: float) -> tuple[str, float] | None:
+    """(endpoint, handshake age) WireGuard holds for a peer with a fresh
+    handshake: the address the peer's own packets came from."""
+    if device is None:
+        return None
+    peer = device.peers.get(wg_key)
+    status = device.status.get(wg_key)
+    if peer is None or peer.endpoint is None or status is None or not status.last_handshake:
+        return None
+    age = wall - status.last_handshake
+    return (peer.endpoint, max(0.0, age)) if age < HANDSHAKE_FRESH else None
 
 
 class MeshService:
@@ -949,6 +993,29 @@ class MeshService:
         return out
 
     # -- views ------------------------------------------------------------------------
+
+    def path_kind(self, node_key: bytes) -> str | None:
+        """The kind of the path in use to a machine (for the map): the chosen
+        one, else `reflexive` when WireGuard holds a fresh session at an
+        address learnt from the peer's packets, else None."""
+        if self.selector is None:
+            return None
+        current = self.selector.current(node_key)
+        if current is not None:
+            return current.kind
+        inv = self.ports.inventory.inventory
+        m = None if inv is None else inv.machine_by_node_key(node_key)
+        if m is None or self._device is None:
+            return None
+        chosen = _explain(
+            self.ports,
+            m.name,
+            selector=self.selector,
+            candidates=self._candidates,
+            extra={"wireguard": True, "tor_socks": None, "mesh_stats": {}},
+            device=self._device,
+        )["chosen"]
+        return None if chosen is None else chosen["kind"]
 
     def explain(self, machine: str) -> dict[str, Any]:
         out = _explain(
