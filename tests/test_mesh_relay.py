@@ -96,6 +96,22 @@ def test_no_grant_for_a_dead_end_a_forbidden_pair_or_beyond_the_cap():
     assert g.update([(A, B)], {A, B}.__contains__, lambda a, b: False, 1.0) == ([], [(A, B)])
 
 
+def test_a_full_relay_makes_room_by_closing_a_pair_nobody_asks_for_any_more():
+    # a pair that punched its way to a direct path lingers; a pair that needs
+    # the relay now must not wait for it (found in tests/sim/test_nat.py)
+    alive = {A, B, R, S}.__contains__
+    ok = lambda a, b: True  # noqa: E731
+    g = RelayGrants(RelayConfig(max_pairs=2, linger=60.0))
+    assert g.update([(A, B), (R, S)], alive, ok, 0.0)[0] == [(A, B), (R, S)]
+    g.update([(R, S)], alive, ok, 5.0)  # A-B no longer asked: lingering
+    opened, closed = g.update([(R, S), (A, R)], alive, ok, 6.0)
+    assert opened == [(A, R)] and closed == [(A, B)]
+    assert g.pairs == [(A, R), (R, S)]
+    # pairs still asked for are never pushed out
+    assert g.update([(R, S), (A, R), (B, S)], alive, ok, 7.0) == ([], [])
+    assert g.pairs == [(A, R), (R, S)]
+
+
 # ---------------------------------------------------------------- forwarding
 
 

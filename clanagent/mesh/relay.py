@@ -228,8 +228,11 @@ class RelayGrants:
         `alive(key)`: our WireGuard has a fresh handshake with that machine;
         `allowed(a, b)`: the policy lets us relay between them."""
         opened: list[Pair] = []
+        evicted: list[Pair] = []
+        asks = sorted(asks)
+        asked = {pair_of(a, p) for a, p in asks if a != p}
         wanted: set[Pair] = set()
-        for asker, peer in sorted(asks):
+        for asker, peer in asks:
             if asker == peer:
                 continue
             pair = pair_of(asker, peer)
@@ -240,17 +243,26 @@ class RelayGrants:
             if g is not None:
                 g.last_asked = now
                 continue
-            if not (alive(asker) and alive(peer)) or len(self._grants) >= self.config.max_pairs:
+            if not (alive(asker) and alive(peer)):
                 continue
+            if len(self._grants) >= self.config.max_pairs:
+                # full: a pair nobody asks for any more (lingering) makes room,
+                # the longest unasked first; pairs still asked for are kept
+                idle = [p for p in self._grants if p not in asked]
+                if not idle:
+                    continue
+                old = min(idle, key=lambda p: (self._grants[p].last_asked, p))
+                del self._grants[old]
+                evicted.append(old)
             self._grants[pair] = _Grant(now)
             opened.append(pair)
-        closed = [
+        closed = evicted + [
             p
             for p, g in sorted(self._grants.items())
             if (p not in wanted and now - g.last_asked > self.config.linger) or not allowed(*p)
         ]
         for p in closed:
-            del self._grants[p]
+            self._grants.pop(p, None)
         return opened, closed
 
     def next_deadline(self) -> float | None:
