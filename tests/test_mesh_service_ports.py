@@ -303,3 +303,36 @@ async def test_a_peer_heard_only_at_its_nat_mapping_shows_that_path():
     svc.backend.status[w.wg("gamma")] = PeerStatus(last_handshake=w.clock.wall() - 20)
     await svc.reconcile_once()
     assert svc.explain("gamma")["chosen"] is None and svc.path_kind(gamma) is None
+
+
+async def test_behind_a_nat_a_peer_without_a_session_is_kicked_at_once_then_every_5_s():
+    """A public member learns our NAT mapping from our WireGuard's packets:
+    a path with no session yet gets a datagram through the tunnel at once,
+    not at WireGuard's next keepalive (up to 25 s later)."""
+    w = World()
+    svc = _running(w)
+    kicked: list[bytes] = []
+
+    async def trigger(key: bytes) -> None:
+        kicked.append(key)
+
+    svc._trigger = trigger  # type: ignore[method-assign]
+    svc.on_record(
+        w.record("gamma", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.3:7946"], [], 1))
+    )
+    alpha, gamma = w.idents["alpha"].public_key, w.idents["gamma"].public_key
+    await svc.reconcile_once()
+    assert sorted(kicked) == sorted([alpha, gamma])  # beta has no public address
+    await svc.reconcile_once()
+    assert len(kicked) == 2  # not again within 5 s
+    svc.backend.status[w.wg("alpha")] = PeerStatus(last_handshake=w.clock.wall())
+    w.clock.t += 6
+    w.clock.w += 6
+    await svc.reconcile_once()
+    assert kicked[2:] == [gamma]  # alpha has a session now
+    # a machine with a public address of its own waits for its peers
+    svc2 = _running(World())
+    svc2.cfg = MeshSection(mdns=False, public_endpoints=["203.0.113.5:51820"])
+    svc2._trigger = trigger  # type: ignore[method-assign]
+    await svc2.reconcile_once()
+    assert len(kicked) == 3

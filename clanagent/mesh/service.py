@@ -56,6 +56,9 @@ PROBE_INTERVAL = 1.0
 ADDRESS_CHECK_INTERVAL = 60.0
 # A peer we gave an endpoint must complete a handshake within this long.
 HANDSHAKE_GRACE = 12.0
+# Behind a NAT: how often a peer without a session is sent a datagram through
+# the tunnel (WireGuard retries a handshake every 5 s on its own once it sends).
+KICK_EVERY = 5.0
 # WireGuard rekeys every 2 minutes on an active tunnel; older means stale.
 HANDSHAKE_FRESH = 180.0
 
@@ -268,6 +271,7 @@ class MeshService:
             "paths_suspected": 0,  # first misses of a path in use
             "failures_vetoed": 0,  # probes said dead, WireGuard had heard the peer
             "paths_failed": 0,  # paths in use given up (failovers)
+            "sessions_kicked": 0,  # datagrams sent so WireGuard handshakes now (behind a NAT)
         }
         self._cands: dict[tuple[bytes, str], Candidate] = {}
         self._probe_sock: Any = None
@@ -275,6 +279,7 @@ class MeshService:
         # overlay address to another peer; a new inventory changes everything.
         self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
         self._trigger_sock: Any = None
+        self._kicked: dict[bytes, float] = {}  # peer -> when we last made WireGuard send
         self._relay_pairs: dict[Any, Any] = {}
         self.relay_config = RelayConfig(
             total_rate_bytes=cfg.relay_max_mibps * 1024 * 1024,
@@ -889,6 +894,29 @@ class MeshService:
         if result.relayed_changed or result.open_pairs:
             self.wake()  # plan the new relay paths; publish the new grants' ports
         for key in result.triggers:
+            await self._trigger(key)
+        await self._kick_sessions(inv, now, wall)
+
+    async def _kick_sessions(self, inv: Any, now: float, wall: float) -> None:
+        """Behind a NAT, a member learns our mapping only from our WireGuard's
+        packets: where a LAN or public path has no session yet, send one
+        datagram into the tunnel so WireGuard handshakes now, not at its next
+        keepalive (up to 25 s later).  At most one per peer every KICK_EVERY s."""
+        assert self.selector is not None
+        if not self._behind_nat(wall) or self._device is None:
+            return
+        live = self._live(inv, self._device, wall)
+        for m in inv.doc["machines"].values():
+            key = m["node_key"]
+            if key == self.ports.identity.public_key or key in live:
+                continue
+            cur = self.selector.current(key)
+            if cur is None or cur.kind not in ("lan", "public"):
+                continue
+            if now - self._kicked.get(key, -KICK_EVERY) < KICK_EVERY:
+                continue
+            self._kicked[key] = now
+            self.stats["sessions_kicked"] += 1
             await self._trigger(key)
 
     async def _open_relay_pair(self, pair: Any) -> None:
