@@ -276,15 +276,26 @@ async def test_a_peer_heard_only_at_its_nat_mapping_shows_that_path():
     svc.backend.peers[w.wg("delta")] = PeerConfig(
         peer.public_key, "203.0.113.9:40000", peer.allowed_ips, peer.keepalive
     )
-    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 20)
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 20, rx_bytes=148)
     await svc.reconcile_once()
     shown = svc.explain("delta")
     assert shown["chosen"] == {"kind": "reflexive", "address": "203.0.113.9:40000", "learnt": True}
     assert shown["reason"].startswith("learnt from the peer's packets")
     assert shown["paths"][0]["sources"] == ["wireguard"] and shown["paths"][0]["chosen"]
     assert svc.path_kind(delta) == "reflexive"
-    # a stale session is no path
-    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 500)
+    # nothing heard for a minute (a session whose handshake is still recent,
+    # e.g. through a relay that stopped): no path
+    w.clock.t += 61
+    w.clock.w += 61
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # heard again: the path is back; but not at another member's host (a relay's port)
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=296)
+    await svc.reconcile_once()
+    assert svc.path_kind(delta) == "reflexive"
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "198.51.100.7:40001", peer.allowed_ips, peer.keepalive
+    )
     await svc.reconcile_once()
     assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
     # a session at a candidate's host is that candidate's, judged by the
@@ -300,7 +311,7 @@ async def test_a_peer_heard_only_at_its_nat_mapping_shows_that_path():
     svc.backend.peers[w.wg("gamma")] = PeerConfig(
         peer.public_key, "10.0.0.3:51820", peer.allowed_ips, peer.keepalive
     )
-    svc.backend.status[w.wg("gamma")] = PeerStatus(last_handshake=w.clock.wall() - 20)
+    svc.backend.status[w.wg("gamma")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=999)
     await svc.reconcile_once()
     assert svc.explain("gamma")["chosen"] is None and svc.path_kind(gamma) is None
 

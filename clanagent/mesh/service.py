@@ -59,6 +59,9 @@ HANDSHAKE_GRACE = 12.0
 # Behind a NAT: how often a peer without a session is sent a datagram through
 # the tunnel (WireGuard retries a handshake every 5 s on its own once it sends).
 KICK_EVERY = 5.0
+# A path learnt from the peer's packets counts while WireGuard received from
+# the peer this recently (its keepalives come every 25 s).
+LEARNT_FRESH = 60.0
 # WireGuard rekeys every 2 minutes on an active tunnel; older means stale.
 HANDSHAKE_FRESH = 180.0
 
@@ -180,51 +183,53 @@ def _explain(
             now,
         )
     out.update(selector.explain(key, now))
-    learnt = learnt_endpoint(device, m["wg_key"], ports.clock.wall())
-    known_hosts = {_host(r["address"]) for r in out.get("paths", [])}
-    if out.get("chosen") is None and learnt is not None and _host(learnt[0]) not in known_hosts:
-        # (at a candidate's host it is that candidate's session, which the
-        # selector judged: a relay that stopped, a LAN path that failed)
-        # Nothing of ours works (a machine behind a NAT, seen from a public
-        # member), yet WireGuard talks to it at the address its packets come
-        # from: that is the path in use, a reflexive one we did not choose.
-        address, age = learnt
-        out["chosen"] = {"kind": "reflexive", "address": address, "learnt": True}
-        out["reason"] = (
-            f"learnt from the peer's packets: WireGuard hears {machine} at {address} "
-            f"(handshake {age:.0f} s ago), and no path of ours works"
-            + (f" ({out['reason']})" if out.get("reason") else "")
-        )
-        out.setdefault("paths", []).insert(
-            0,
-            {
-                "kind": "reflexive",
-                "address": address,
-                "via": None,
-                "sources": ["wireguard"],
-                "port_wg": None,
-                "chosen": True,
-                "usable": True,
-                "reason": "learnt from the peer's packets",
-                "rtt_ms": None,
-                "failures": 0,
-                "retry_in": None,
-            },
-        )
     return out
 
 
-def learnt_endpoint(device: Any, wg_key: str, wall: float) -> tuple[str, float] | None:
-    """(endpoint, handshake age) WireGuard holds for a peer with a fresh
-    handshake: the address the peer's own packets came from."""
-    if device is None:
-        return None
-    peer = device.peers.get(wg_key)
-    status = device.status.get(wg_key)
-    if peer is None or peer.endpoint is None or status is None or not status.last_handshake:
-        return None
-    age = wall - status.last_handshake
-    return (peer.endpoint, max(0.0, age)) if age < HANDSHAKE_FRESH else None
+def learnt_path(
+    out: dict[str, Any],
+    machine: str,
+    endpoint: str | None,
+    heard_ago: float | None,
+    member_hosts: set[str],
+) -> None:
+    """Where nothing of ours works (a machine behind a NAT, seen from a public
+    member) but WireGuard hears the peer at the address its packets come
+    from, show that path: a reflexive one we did not choose.
+
+    `heard_ago`: seconds since WireGuard last received from the peer (None:
+    not within LEARNT_FRESH); `member_hosts`: hosts of other members' paths
+    -- an endpoint there is a relay's port or a stale path, not the peer's
+    NAT mapping."""
+    if out.get("chosen") is not None or endpoint is None or heard_ago is None:
+        return
+    host = _host(endpoint)
+    if host in member_hosts or host in {_host(r["address"]) for r in out.get("paths", [])}:
+        # (at a candidate's host it is that candidate's session, which the
+        # selector judged: a relay that stopped, a LAN path that failed)
+        return
+    out["chosen"] = {"kind": "reflexive", "address": endpoint, "learnt": True}
+    out["reason"] = (
+        f"learnt from the peer's packets: WireGuard hears {machine} at {endpoint} "
+        f"({heard_ago:.0f} s ago), and no path of ours works"
+        + (f" ({out['reason']})" if out.get("reason") else "")
+    )
+    out.setdefault("paths", []).insert(
+        0,
+        {
+            "kind": "reflexive",
+            "address": endpoint,
+            "via": None,
+            "sources": ["wireguard"],
+            "port_wg": None,
+            "chosen": True,
+            "usable": True,
+            "reason": "learnt from the peer's packets",
+            "rtt_ms": None,
+            "failures": 0,
+            "retry_in": None,
+        },
+    )
 
 
 class MeshService:
@@ -280,6 +285,7 @@ class MeshService:
         self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
         self._trigger_sock: Any = None
         self._kicked: dict[bytes, float] = {}  # peer -> when we last made WireGuard send
+        self._rx: dict[Any, tuple[int, float]] = {}  # wg key -> (rx bytes, when it last grew)
         self._relay_pairs: dict[Any, Any] = {}
         self.relay_config = RelayConfig(
             total_rate_bytes=cfg.relay_max_mibps * 1024 * 1024,
@@ -833,6 +839,10 @@ class MeshService:
             await netlink.ensure_address(self.cfg.interface, f"{self.overlay4}/32")
             await netlink.ensure_route(self.cfg.interface, self.cfg.ipv4_range)
         self._device = actual if diff.empty else await self.backend.get()
+        for wg_key, st in self._device.status.items():
+            prev = self._rx.get(wg_key)
+            if prev is None or st.rx_bytes != prev[0]:
+                self._rx[wg_key] = (st.rx_bytes, now if st.rx_bytes else -LEARNT_FRESH)
         wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
         self._judge_paths(self._device, wg_to_node, now, wall)
         await self._nat_round(inv, plan, wg_to_node, now, wall)
@@ -1035,15 +1045,33 @@ class MeshService:
         m = None if inv is None else inv.machine_by_node_key(node_key)
         if m is None or self._device is None:
             return None
-        chosen = _explain(
+        out = _explain(
             self.ports,
             m.name,
             selector=self.selector,
             candidates=self._candidates,
             extra={"wireguard": True, "tor_socks": None, "mesh_stats": {}},
             device=self._device,
-        )["chosen"]
-        return None if chosen is None else chosen["kind"]
+        )
+        self._learnt(out, m.name)
+        return None if out["chosen"] is None else out["chosen"]["kind"]
+
+    def _learnt(self, out: dict[str, Any], machine: str) -> None:
+        inv = self.ports.inventory.inventory
+        if self._device is None or inv is None:
+            return
+        m = inv.doc["machines"][machine]
+        peer = self._device.peers.get(m["wg_key"])
+        grew = self._rx.get(m["wg_key"])
+        ago = None if grew is None else self.ports.clock.now() - grew[1]
+        hosts = {_host(addr) for (key, addr) in self._cands if key != m["node_key"]}
+        learnt_path(
+            out,
+            machine,
+            None if peer is None else peer.endpoint,
+            ago if ago is not None and ago < LEARNT_FRESH else None,
+            hosts,
+        )
 
     def explain(self, machine: str) -> dict[str, Any]:
         out = _explain(
@@ -1058,6 +1086,7 @@ class MeshService:
             },
             device=self._device,
         )
+        self._learnt(out, machine)
         key = bytes.fromhex(out["peer"]) if out.get("peer") else None
         if key is not None:
             out["nat"] = self.traversal.explain(key, self.ports.clock.wall())
