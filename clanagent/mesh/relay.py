@@ -55,8 +55,10 @@ NO_RELAY_TAG = "no-relay"
 NO_PUBLIC_TAG = "no-public"
 
 # WireGuard message types and their sizes (the protocol's fixed framing):
-# initiation 148, response 92, cookie reply 64, transport data >= 32 and a
-# multiple of 16 (16-byte header, 16-byte tag, padded payload).
+# initiation 148, response 92, cookie reply 64, transport data >= 32 (16-byte
+# header, 16-byte tag, the payload).  The payload is padded to a multiple of
+# 16 only up to the interface's MTU: a full-MTU packet (1420 bytes inside,
+# 1452 on the wire) is not a multiple of 16, so the size is not checked.
 _WG_SIZES = {1: 148, 2: 92, 3: 64}
 
 
@@ -67,7 +69,7 @@ def wireguard_shaped(data: bytes) -> bool:
     kind = data[0]
     if kind in _WG_SIZES:
         return len(data) == _WG_SIZES[kind]
-    return kind == 4 and len(data) % 16 == 0 and len(data) <= 65535
+    return kind == 4 and len(data) <= 65535
 
 
 # ---------------------------------------------------------------- policy
