@@ -205,7 +205,7 @@ def keygen(state) -> str:
     return next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
 
 
-def nat_config(home, name: str, iface: str, public: str | None) -> None:
+def nat_config(home, name: str, iface: str, public: str | None, mesh_extra: str = "") -> None:
     (home / "agent.toml").write_text(
         f'state_dir = "{home / "state"}"\n'
         f'runtime_dir = "{home / "run"}"\n'
@@ -213,6 +213,7 @@ def nat_config(home, name: str, iface: str, public: str | None) -> None:
         f'[gossip]\nlisten = "0.0.0.0:7946"\nprofile = "local"\nname = "{name}"\n'
         f'[mesh]\ninterface = "{iface}"\nwg_port = 51820\nmdns = false\n'
         + (f'public_endpoints = ["{public}"]\n' if public else "")
+        + mesh_extra
     )
 
 
@@ -222,7 +223,10 @@ class Clan:
 
     names = ("a", "b", "p")
 
-    def __init__(self, net: NatNet, tmp_path, p_tags: str = "server") -> None:
+    def __init__(
+        self, net: NatNet, tmp_path, p_tags: str = "server", p_mesh_extra: str = ""
+    ) -> None:
+        """`p_mesh_extra`: more `[mesh]` lines for p's agent.toml."""
         from clanagent.inventory import Anchor, parse_token, save_anchor
 
         self.net = net
@@ -232,7 +236,10 @@ class Clan:
         seed = f"{net.public_ip}:7946"
         for n, home in self.homes.items():
             home.mkdir()
-            nat_config(home, n, self.ifaces[n], seed if n == "p" else None)
+            if n == "p":
+                nat_config(home, n, self.ifaces[n], seed, p_mesh_extra)
+            else:
+                nat_config(home, n, self.ifaces[n], None)
         argv = [sys.executable, "-m", "clanagent.cli.agent_main", "run", "--config"]
         self.started = time.monotonic()
         net.spawn(2, [*argv, str(self.homes["p"] / "agent.toml")], self.homes["p"] / "agent.log")

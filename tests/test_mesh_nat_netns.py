@@ -205,6 +205,10 @@ def test_a_symmetric_nat_is_crossed_through_a_relaying_member(net_factory, tmp_p
         assert "relay via p" in row["reason"], row
         # the stock wg tool: a sends to b through p's relay port
         assert path["chosen"]["address"] in net.wg_show(0, clan.ifaces["a"])
+        # a full-MTU packet (1420 bytes inside: WireGuard pads it to no multiple
+        # of 16) goes through the relay too, as every TCP stream's segments do
+        big = net.run(0, "ping", "-c1", "-W2", "-s", "1372", "-M", "do", overlay["b"])
+        assert big.returncode == 0, big.stdout
         from ._netns import clanctl
 
         text = clanctl(clan.socks["a"], "path", "b")

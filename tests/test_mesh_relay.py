@@ -228,6 +228,9 @@ def test_the_relay_limit_is_configurable(tmp_path):
     p.write_text("[mesh]\nrelay_max_mibps = 2.5\nrelay_max_pps = 300\n")
     cfg = load_config(p)
     assert (cfg.mesh.relay_max_mibps, cfg.mesh.relay_max_pps) == (2.5, 300)
+    assert RelayConfig.scaled(4.0, 16.0, 16000.0) == RelayConfig()
+    big = RelayConfig.scaled(40.0, 100.0, 1e5)
+    assert (big.rate_bytes, big.rate_packets, big.burst_packets) == (40 * 1024 * 1024, 4e4, 1e4)
     p.write_text("[mesh]\nrelay_max_mibps = 0\n")
     with pytest.raises(ConfigError, match="relay_max_mibps"):
         load_config(p)

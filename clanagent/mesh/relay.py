@@ -183,6 +183,22 @@ class RelayConfig:
     total_rate_bytes: float = 16 * 1024 * 1024
     total_rate_packets: float = 16000.0
 
+    @classmethod
+    def scaled(cls, pair_mibps: float, total_mibps: float, total_pps: float) -> RelayConfig:
+        """The per-pair limit at `pair_mibps` (packets and bursts in proportion
+        to the defaults: 4 MiB/s, 4000 packets/s, bursts of 1 MiB and 1000),
+        the relay-wide one at `total_mibps` and `total_pps`."""
+        d = cls()
+        f = pair_mibps * 1024 * 1024 / d.rate_bytes
+        return cls(
+            rate_bytes=d.rate_bytes * f,
+            burst_bytes=d.burst_bytes * f,
+            rate_packets=d.rate_packets * f,
+            burst_packets=d.burst_packets * f,
+            total_rate_bytes=total_mibps * 1024 * 1024,
+            total_rate_packets=total_pps,
+        )
+
     def __post_init__(self) -> None:
         if self.max_pairs < 1 or self.linger < 0 or self.address_idle <= 0:
             raise ValueError("need max_pairs >= 1, linger >= 0, address_idle > 0")

@@ -287,9 +287,8 @@ class MeshService:
         self._kicked: dict[bytes, float] = {}  # peer -> when we last made WireGuard send
         self._rx: dict[Any, tuple[int, float]] = {}  # wg key -> (rx bytes, when it last grew)
         self._relay_pairs: dict[Any, Any] = {}
-        self.relay_config = RelayConfig(
-            total_rate_bytes=cfg.relay_max_mibps * 1024 * 1024,
-            total_rate_packets=cfg.relay_max_pps,
+        self.relay_config = RelayConfig.scaled(
+            cfg.relay_pair_mibps, cfg.relay_max_mibps, cfg.relay_max_pps
         )
         self.relay_limiter = RelayLimiter(self.relay_config)
         ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND], self.on_record)
@@ -1096,6 +1095,7 @@ class MeshService:
             for (a, b), r in self._relay_pairs.items()
         }
         out["nat_self"]["relay_limit"] = {
+            "pair_mib_per_s": self.relay_config.rate_bytes / (1024 * 1024),
             "mib_per_s": self.relay_config.total_rate_bytes / (1024 * 1024),
             "packets_per_s": self.relay_config.total_rate_packets,
             "refused": self.relay_limiter.refused,
