@@ -135,6 +135,13 @@ def _punched(clan: Clan, mode: str, tmp_path) -> None:
         return any(a.startswith(wan + ":") for a in clan.path(n, "p")["nat_self"]["reflexive"])
 
     wait_until(lambda: refl("a", wa) and refl("b", wb), 60, "a and b to learn their mappings")
+    # p has no path of its own to a (a's addresses are private), yet WireGuard
+    # talks to a at its mapping: `clanctl path` on p shows that path
+    wait_until(lambda: (clan.path("p", "a")["chosen"] or {}).get("learnt"), 30, "p's learnt path")
+    shown = clan.path("p", "a")
+    assert shown["chosen"]["kind"] == "reflexive", shown
+    assert shown["chosen"]["address"].startswith(wa + ":"), shown
+    assert shown["reason"].startswith("learnt from the peer's packets"), shown
     t_refl = time.monotonic() - clan.started
     # then they punch: a direct path, with nobody between them
     took = wait_until(

@@ -347,3 +347,32 @@ async def test_behind_a_nat_a_peer_without_a_session_is_kicked_at_once_then_ever
     svc2._trigger = trigger  # type: ignore[method-assign]
     await svc2.reconcile_once()
     assert len(kicked) == 3
+
+
+async def test_a_learnt_session_wins_over_an_unproven_or_failing_chosen_path_in_the_view():
+    """As WireGuard keeps the learnt address over a doubtful chosen path
+    (peerplan._working), `clanctl path` shows the learnt one as in use."""
+    w = World()
+    svc = _running(w)
+    delta = w.idents["delta"].public_key
+    svc.on_record(
+        w.record("delta", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.4:7946"], [], 1))
+    )
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"]["kind"] == "lan"  # unproven, nothing heard
+    peer = svc.backend.peers[w.wg("delta")]
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "203.0.113.9:40000", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=148)
+    await svc.reconcile_once()
+    shown = svc.explain("delta")
+    assert shown["chosen"] == {"kind": "reflexive", "address": "203.0.113.9:40000", "learnt": True}
+    assert "our lan path 10.0.0.4:7946 is unproven" in shown["reason"]
+    assert [r["address"] for r in shown["paths"] if r["chosen"]] == ["203.0.113.9:40000"]
+    assert svc.path_kind(delta) == "reflexive"
+    # once the LAN path is proven, it is the one in use
+    lan = svc._cands[(delta, "10.0.0.4:7946")]
+    svc.selector.report_success(delta, lan, 0.002, w.clock.t)
+    assert svc.explain("delta")["chosen"]["kind"] == "lan"
+    assert svc.path_kind(delta) == "lan"

@@ -201,18 +201,32 @@ def learnt_path(
     not within LEARNT_FRESH); `member_hosts`: hosts of other members' paths
     -- an endpoint there is a relay's port or a stale path, not the peer's
     NAT mapping."""
-    if out.get("chosen") is not None or endpoint is None or heard_ago is None:
+    if endpoint is None or heard_ago is None:
         return
+    rows = out.get("paths", [])
+    ours = next((r for r in rows if r["chosen"]), None)
+    if out.get("chosen") is not None:
+        # a chosen direct path that is failing or unproven does not replace
+        # the address WireGuard learnt (peerplan._working): that one is in use
+        if ours is None or ours["kind"] not in ("lan", "public"):
+            return
+        if not (ours["failures"] or ours["rtt_ms"] is None):
+            return
     host = _host(endpoint)
-    if host in member_hosts or host in {_host(r["address"]) for r in out.get("paths", [])}:
+    if host in member_hosts or host in {_host(r["address"]) for r in rows}:
         # (at a candidate's host it is that candidate's session, which the
         # selector judged: a relay that stopped, a LAN path that failed)
         return
+    if ours is None:
+        why = "no path of ours works" + (f" ({out['reason']})" if out.get("reason") else "")
+    else:
+        state = "failing" if ours["failures"] else "unproven"
+        why = f"our {ours['kind']} path {ours['address']} is {state}"
+        ours["chosen"] = False
     out["chosen"] = {"kind": "reflexive", "address": endpoint, "learnt": True}
     out["reason"] = (
         f"learnt from the peer's packets: WireGuard hears {machine} at {endpoint} "
-        f"({heard_ago:.0f} s ago), and no path of ours works"
-        + (f" ({out['reason']})" if out.get("reason") else "")
+        f"({heard_ago:.0f} s ago); {why}"
     )
     out.setdefault("paths", []).insert(
         0,
@@ -1038,8 +1052,14 @@ class MeshService:
         if self.selector is None:
             return None
         current = self.selector.current(node_key)
-        if current is not None:
-            return current.kind
+        if current is not None and (
+            current.kind not in ("lan", "public")
+            or (
+                self.selector.healthy(node_key, current)
+                and self.selector.rtt(node_key, current) is not None
+            )
+        ):
+            return current.kind  # (a doubtful direct path may yield to a learnt one)
         inv = self.ports.inventory.inventory
         m = None if inv is None else inv.machine_by_node_key(node_key)
         if m is None or self._device is None:
