@@ -127,9 +127,20 @@ def _punched(clan: Clan, mode: str, tmp_path) -> None:
     wa, wb = net.sites[0].wan_ip, net.sites[1].wan_ip
     overlay = {n: clan.path("p", n)["overlay6"] for n in ("a", "b")}
 
-    # both reach the public member, which sees their NAT mappings
+    # both reach the public member, which sees their NAT mappings (a and b
+    # start together: a may not have the inventory yet)
+    p6: list[str] = []
+
+    def a_knows_p() -> bool:
+        try:
+            p6.append(clan.path("a", "p")["overlay6"])
+        except AssertionError:
+            return False
+        return True
+
+    wait_until(a_knows_p, 30, "a's inventory")
     for i, n in enumerate(("a", "b")):
-        wait_until(lambda i=i: net.ping(i, clan.path("a", "p")["overlay6"]), 60, f"{n} -> p")
+        wait_until(lambda i=i: net.ping(i, p6[0]), 60, f"{n} -> p")
 
     def refl(n: str, wan: str) -> bool:
         return any(a.startswith(wan + ":") for a in clan.path(n, "p")["nat_self"]["reflexive"])
@@ -196,8 +207,12 @@ def test_a_symmetric_nat_is_crossed_through_a_relaying_member(net_factory, tmp_p
         overlay = {n: clan.path("p", n)["overlay6"] for n in ("a", "b")}
 
         def relayed() -> bool:
-            # (a punch round may hold the path for its 12 s window: it fails here)
-            chosen = clan.path("a", "b")["chosen"]
+            # (a punch round may hold the path for its 12 s window: it fails here;
+            # a may not have the inventory yet)
+            try:
+                chosen = clan.path("a", "b")["chosen"]
+            except AssertionError:
+                return False
             return bool(chosen and chosen["kind"] == "relay") and net.ping(0, overlay["b"])
 
         took = wait_until(lambda: relayed() and net.ping(1, overlay["a"]), 120, "a <-> b relayed")
