@@ -312,7 +312,11 @@ class Traversal:
             # no path of ours, yet WireGuard has a live session at the address
             # the peer's packets come from (we are the public member a NATed
             # machine keeps its mapping open to): that path works, no relay
-            learnt_ok = cur is None and key in alive
+            doubtful = cur is None or (
+                cur.kind in ("lan", "public")
+                and not (selector.healthy(key, cur) and selector.rtt(key, cur) is not None)
+            )
+            learnt_ok = doubtful and key in alive
             opts = choose_relays(policy, me, name, reach)
             self.relay_choice[key] = opts
             usable = [o for o in opts if o.usable]

@@ -154,12 +154,20 @@ class NatSim:
                 "public": public,
                 "endpoints": [],
             }
-        # what the endpoints records say: a public member's own address
+        # what the endpoints records say: a public member's own address; a
+        # NATed machine's LAN address (private: nobody outside its site reaches
+        # it); a firewalled one advertises nothing (its address is only learnt)
         self.endpoint_records = {
-            m.key: {"lan": [], "public": [f"{m.addr.rpartition(':')[0]}:7946"], "wg_port": WG_PORT}
+            m.key: {
+                "lan": [f"{m.addr.rpartition(':')[0]}:7946"]
+                if m.kind in ("eim", "symmetric")
+                else [],
+                "public": [f"{m.addr.rpartition(':')[0]}:7946"] if m.kind == "public" else [],
+                "wg_port": WG_PORT,
+            }
             for m in self.machines.values()
-            if m.kind == "public"
         }
+        self._chosen_at: dict[tuple[str, bytes], tuple[Any, float]] = {}
 
     # ---- the network ---------------------------------------------------------------
 
@@ -275,6 +283,12 @@ class NatSim:
         if cur is None:
             return None
         if cur.kind in ("lan", "public"):
+            # peerplan._working: a failing path, or an unproven one while a
+            # session is live, does not replace the address WireGuard learnt
+            sel = m.selector
+            live = self.wall - m.handshake.get(key, -1e9) < 180
+            if not sel.healthy(key, cur) or (live and sel.rtt(key, cur) is None):
+                return None
             return f"{cur.address.rpartition(':')[0]}:{cur.port_wg or WG_PORT}"
         return cur.address
 
@@ -303,9 +317,22 @@ class NatSim:
                 if cur is None or cur.kind not in ("lan", "public"):
                     continue
                 hs = m.handshake.get(n.key)
-                if hs is not None and self.wall - hs < 5:
+                ep = m.endpoint.get(n.key) or ""
+                since = self._chosen_at.get((m.name, n.key))
+                if since is None or since[0] != cur.path_id:
+                    since = self._chosen_at[(m.name, n.key)] = (cur.path_id, self.wall)
+                if (
+                    hs is not None
+                    and self.wall - hs < 5
+                    and ep.rpartition(":")[0] == cur.address.rpartition(":")[0]
+                ):
                     rtt = self._rtt(m.name, n.name)
                     m.selector.report_success(n.key, cur, rtt, self.wall)
+                elif self.wall - since[1] >= 3:
+                    # no answer there: the probes (probe.ProbeConfig) fail a dead
+                    # path in about 1-3 s
+                    m.selector.report_failure(n.key, cur, self.wall)
+                    del self._chosen_at[(m.name, n.key)]
         self.wall += 1.0
 
     def run(self, seconds: int) -> None:
@@ -315,9 +342,18 @@ class NatSim:
     # ---- views -----------------------------------------------------------------------
 
     def path(self, a: str, b: str) -> tuple[str, str] | None:
-        """(kind, relay name or "") of a's chosen path to b, None when none."""
-        cur = self.machines[a].selector.current(self.machines[b].key)
-        return None if cur is None else (cur.kind, cur.via)
+        """(kind, relay name or "") of the path a's WireGuard uses to b: the
+        candidate at its endpoint (a failing LAN path the selector retries
+        now and then does not move it), None when none."""
+        m, key = self.machines[a], self.machines[b].key
+        ep = m.endpoint.get(key)
+        for c in m.candidates.get(key, []):
+            addr = c.address
+            if c.kind in ("lan", "public"):
+                addr = f"{addr.rpartition(':')[0]}:{c.port_wg or WG_PORT}"
+            if ep is not None and addr == ep:
+                return (c.kind, c.via)
+        return None
 
     def works(self, a: str, b: str, within: float = 3.0) -> bool:
         """WireGuard between a and b had a handshake in the last seconds."""

@@ -78,15 +78,18 @@ def test_thirty_machines_behind_simulated_nats_punch_relay_and_keep_the_policy()
 
     # never against the policy: no relay for no-relay or no-public machines, and
     # no machine but the two tagged relay serves a pair
+    def nothing(x: str, y: str) -> bool:
+        # no path but the other's private LAN address, which the selector
+        # retries now and then and which never answers
+        return sim.path(x, y) in (None, ("lan", "")) and not sim.works(x, y)
+
     for a in NO_RELAY + NO_PUBLIC:
         for b in SYMMETRIC:
-            assert sim.path(a, b) is None and sim.path(b, a) is None, (a, b)
-            assert not sim.works(a, b)
+            assert nothing(a, b) and nothing(b, a), (a, b, sim.path(a, b), sim.path(b, a))
     for q in NO_PUBLIC:
         for o in punchable + SYMMETRIC:
             if o != q:
-                assert sim.path(q, o) is None and sim.path(o, q) is None, (q, o)
-                assert not sim.works(q, o), (q, o)
+                assert nothing(q, o) and nothing(o, q), (q, o, sim.path(q, o), sim.path(o, q))
     for name, mach in m.items():
         grants = mach.traversal.grants.pairs
         if name not in ("r1", "r2"):
@@ -94,6 +97,15 @@ def test_thirty_machines_behind_simulated_nats_punch_relay_and_keep_the_policy()
         assert len(grants) <= sim.relay_config.max_pairs
         for pa, pb in grants:
             assert policy.why_not(name, sim.by_key[pa].name, sim.by_key[pb].name) is None
+
+    # a public member talks to every NATed machine at its mapping (learnt from
+    # its packets): it asks no relay for any of them, even while it retries a
+    # private LAN address it cannot reach
+    from clanagent.mesh.nat import parse_nat_body
+
+    for p, _ in PUBLIC:
+        rec = m[p].record
+        assert rec is None or parse_nat_body(rec.body).relay_ask == [], p
 
     # the public members reach every NATed machine (at its mapping, learnt from
     # its packets) but the no-public one, which uses no public path at all
