@@ -1,7 +1,7 @@
 """Benchmarks of clanagent, run with `make bench` (`python -m bench`).
 
 Owns: one module per benchmark (`gossip`, `agents`, `agents_sim`, `mesh`, `vm`,
-`store`) and the dispatcher in `__main__`; results go to `bench/results/<name>.json`.
+`store`, `nat`) and the dispatcher in `__main__`; results go to `bench/results/<name>.json`.
 
 Must never: be imported by the product or by the unit tests.
 """
@@ -16,4 +16,5 @@ BENCHMARKS = {
     "mesh": "bench.mesh",
     "vm": "bench.vm",
     "store": "bench.store",
+    "nat": "bench.nat",
 }

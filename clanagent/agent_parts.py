@@ -164,9 +164,7 @@ def topology(agent: Agent) -> Any:
     from .topology import TopologyService
 
     def path_kind(node_key: bytes) -> str | None:
-        current = getattr(agent.mesh, "selector", None)
-        current = None if current is None else current.current(node_key)
-        return None if current is None else current.kind
+        return None if agent.mesh is None else agent.mesh.path_kind(node_key)
 
     assert agent.ports is not None
     return TopologyService(

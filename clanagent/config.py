@@ -102,6 +102,13 @@ class MeshSection:
     tor_control: str = ""
     # This machine's own public HOST:PORT addresses to advertise (besides the inventory's).
     public_endpoints: list[str] = field(default_factory=list)
+    # As a relay (tagged `relay`): forwarding limit across all relayed pairs
+    # together, in MiB/s and packets/s, and per pair in MiB/s (its packet
+    # rate and bursts scale with it: 4 MiB/s is 4000 packets/s, bursts of
+    # 1 MiB and 1000 packets).
+    relay_max_mibps: float = 16.0
+    relay_max_pps: float = 16000.0
+    relay_pair_mibps: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("mesh.interface: must be 1..15 characters, no '/'")
     for i, addr in enumerate(cfg.mesh.public_endpoints):
         _split_hostport(addr, f"mesh.public_endpoints[{i}]")
+    if not (cfg.mesh.relay_max_mibps > 0 and cfg.mesh.relay_max_pps > 0):
+        raise ConfigError("mesh.relay_max_mibps, mesh.relay_max_pps: must be > 0")
+    if not cfg.mesh.relay_pair_mibps > 0:
+        raise ConfigError("mesh.relay_pair_mibps: must be > 0")
     if cfg.mesh.ipv4_range:
         import ipaddress
 

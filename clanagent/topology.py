@@ -1,7 +1,7 @@
 """The clan's topology: which machine reaches which, over what kind of path, how fast.
 
 Owns: this machine's view of its links (to every other machine of the
-inventory: path kind lan / public / tor / other / down and the round-trip
+inventory: path kind lan / public / reflexive / relay / tor / other / down and the round-trip
 time), the `topology` record that carries what of that view the rest of
 the clan cannot learn elsewhere (and a summary of this machine's
 capabilities), and the clan-wide map the `topology` control method returns
@@ -64,7 +64,7 @@ __all__ = [
 log = logging.getLogger("clanagent.topology")
 
 TOPOLOGY_KIND = "topology"
-LINK_KINDS = ("lan", "public", "tor", "other", "down")
+LINK_KINDS = ("lan", "public", "reflexive", "relay", "tor", "other", "down")
 UP_KINDS = LINK_KINDS[:-1]
 CHECK_INTERVAL = 3.0  # seconds between looks at our own links
 # The topology kind's cadence (the registry in records.py takes it from
@@ -275,7 +275,7 @@ class TopologyService:
     tags, state, online, services); `vms`: the clan's VMs as `clanctl vm
     list` rows; `capabilities`: ours as `clanctl status` rows;
     `path_kind(node_key)`: the kind of the path the mesh uses to that
-    machine now (lan / public / tor / other), or None when it has none
+    machine now (lan / public / reflexive / relay / tor / other), or None when it has none
     (the gossip address then says). Once it runs, it wakes on membership
     and inventory changes, so a link going down goes out as soon as
     min_interval allows, not at the next check."""

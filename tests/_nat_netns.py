@@ -28,10 +28,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._netns import sh
+from ._netns import clanctl, clanctl_json, sh, wait_until
 
 NAT_MODES = ("eim", "firewall", "symmetric", "none")
 INTERNET = "198.51.100"
@@ -188,3 +190,88 @@ class NatNet:
         for ns in reversed(self._made):
             sh("ip", "netns", "del", ns, check=False)
         self._made.clear()
+
+
+# ---------------------------------------------------------------- real agents
+
+
+def keygen(state) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "clanagent.cli.agent_main", "keygen", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("machine key"))
+
+
+def nat_config(home, name: str, iface: str, public: str | None, mesh_extra: str = "") -> None:
+    (home / "agent.toml").write_text(
+        f'state_dir = "{home / "state"}"\n'
+        f'runtime_dir = "{home / "run"}"\n'
+        f'[control]\nsocket = "{home / "control.sock"}"\n'
+        f'[gossip]\nlisten = "0.0.0.0:7946"\nprofile = "local"\nname = "{name}"\n'
+        f'[mesh]\ninterface = "{iface}"\nwg_port = 51820\nmdns = false\n'
+        + (f'public_endpoints = ["{public}"]\n' if public else "")
+        + mesh_extra
+    )
+
+
+class Clan:
+    """Machines "a" and "b" behind the sites' NATs, "p" the public founder.
+    Nobody types an address but p's (the seed and p's own public endpoint)."""
+
+    names = ("a", "b", "p")
+
+    def __init__(
+        self, net: NatNet, tmp_path, p_tags: str = "server", p_mesh_extra: str = ""
+    ) -> None:
+        """`p_mesh_extra`: more `[mesh]` lines for p's agent.toml."""
+        from clanagent.inventory import Anchor, parse_token, save_anchor
+
+        self.net = net
+        self.homes = {n: tmp_path / n for n in self.names}
+        self.socks = {n: h / "control.sock" for n, h in self.homes.items()}
+        self.ifaces = {n: f"{net.prefix}w{n}" for n in self.names}
+        seed = f"{net.public_ip}:7946"
+        for n, home in self.homes.items():
+            home.mkdir()
+            if n == "p":
+                nat_config(home, n, self.ifaces[n], seed, p_mesh_extra)
+            else:
+                nat_config(home, n, self.ifaces[n], None)
+        argv = [sys.executable, "-m", "clanagent.cli.agent_main", "run", "--config"]
+        self.started = time.monotonic()
+        net.spawn(2, [*argv, str(self.homes["p"] / "agent.toml")], self.homes["p"] / "agent.log")
+        wait_until(self.socks["p"].exists, 20, "p to start")
+        admin = tmp_path / "admin.key"
+        clanctl(self.socks["p"], "clan", "init", "natclan", "--admin-key", str(admin),
+                "--machine", "p", "--tags", p_tags)  # fmt: skip
+        for n in ("a", "b"):
+            key = keygen(self.homes[n] / "state")
+            out = clanctl(self.socks["p"], "machine", "add", n, "--key", key, "--tags", "home",
+                          "--admin-key", str(admin), "--yes")  # fmt: skip
+            token = parse_token(
+                next(ln.split()[-1] for ln in out.splitlines() if "clanagent join" in ln)
+            )
+            save_anchor(
+                self.homes[n] / "state",
+                Anchor(token.clan_id, token.name, token.admins, (seed,), token.machine),
+            )
+        # both start together (the benchmark times from here)
+        self.ab_started = time.monotonic()
+        for i, n in enumerate(("a", "b")):
+            net.spawn(i, [*argv, str(self.homes[n] / "agent.toml")], self.homes[n] / "agent.log")
+        for n in ("a", "b"):
+            wait_until(self.socks[n].exists, 20, f"{n} to start")
+
+    def path(self, frm: str, to: str) -> dict:
+        return clanctl_json(self.socks[frm], "path", to)
+
+    def logs(self) -> str:
+        out = []
+        for n, h in self.homes.items():
+            log = h / "agent.log"
+            if log.exists():
+                out.append(f"--- {n}\n" + log.read_text()[-4000:])
+        return "\n".join(out)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from clanagent.mesh.candidates import collect
 from clanagent.mesh.nat import effective_preference
 from clanagent.mesh.paths import Candidate, PathError, PathSelector
 from clanagent.mesh.relay import (
     RelayConfig,
     RelayGrants,
+    RelayLimiter,
     RelayPair,
     RelayPolicy,
     choose_relays,
@@ -93,6 +96,22 @@ def test_no_grant_for_a_dead_end_a_forbidden_pair_or_beyond_the_cap():
     assert g.update([(A, B)], {A, B}.__contains__, lambda a, b: False, 1.0) == ([], [(A, B)])
 
 
+def test_a_full_relay_makes_room_by_closing_a_pair_nobody_asks_for_any_more():
+    # a pair that punched its way to a direct path lingers; a pair that needs
+    # the relay now must not wait for it (found in tests/sim/test_nat.py)
+    alive = {A, B, R, S}.__contains__
+    ok = lambda a, b: True  # noqa: E731
+    g = RelayGrants(RelayConfig(max_pairs=2, linger=60.0))
+    assert g.update([(A, B), (R, S)], alive, ok, 0.0)[0] == [(A, B), (R, S)]
+    g.update([(R, S)], alive, ok, 5.0)  # A-B no longer asked: lingering
+    opened, closed = g.update([(R, S), (A, R)], alive, ok, 6.0)
+    assert opened == [(A, R)] and closed == [(A, B)]
+    assert g.pairs == [(A, R), (R, S)]
+    # pairs still asked for are never pushed out
+    assert g.update([(R, S), (A, R), (B, S)], alive, ok, 7.0) == ([], [])
+    assert g.pairs == [(A, R), (R, S)]
+
+
 # ---------------------------------------------------------------- forwarding
 
 
@@ -109,7 +128,10 @@ def test_wireguard_shapes():
     assert wireguard_shaped(b"\x02\x00\x00\x00" + b"\x00" * 88)
     assert wireguard_shaped(b"\x03\x00\x00\x00" + b"\x00" * 60)
     assert wireguard_shaped(data(32)) and wireguard_shaped(data(1440))
-    assert not wireguard_shaped(data(33))  # not padded
+    # a full-MTU packet: padding stops at the MTU (1420 + 32 on the wire);
+    # refusing it stalled every TCP stream through a relay (bench/nat.py)
+    assert wireguard_shaped(data(1452)) and wireguard_shaped(data(33))
+    assert not wireguard_shaped(data(31))
     assert not wireguard_shaped(init()[:-1])
     assert not wireguard_shaped(b"\x01\x01\x00\x00" + b"\x00" * 144)
     assert not wireguard_shaped(b"GET / HTTP/1.1\r\n" * 4)
@@ -154,6 +176,64 @@ def test_forwarding_is_rate_limited():
     )
     assert sent == 4
     assert p.stats["rate_limited"] == 32
+
+
+def test_the_relay_wide_limit_holds_across_pairs():
+    # each pair alone may send 100 packets at once; together they get 40 a second
+    cfg = RelayConfig(
+        rate_bytes=1e9,
+        burst_bytes=1e9,
+        rate_packets=1e6,
+        burst_packets=100,
+        total_rate_bytes=1e9,
+        total_rate_packets=160,
+    )
+    shared = RelayLimiter(cfg)
+    keys = [bytes([i]) * 32 for i in range(1, 9)]
+    hosts = {k: [f"192.0.2.{i}"] for i, k in enumerate(keys, 1)}
+    pairs = [RelayPair(keys[i], keys[i + 1], cfg, limiter=shared) for i in range(0, 8, 2)]
+    for p in pairs:
+        p.datagram("b", (hosts[p.b][0], 2), data(), hosts.__getitem__, 0.0)
+
+    def burst(at: float) -> list[int]:
+        return [
+            sum(
+                p.datagram("a", (hosts[p.a][0], 1), data(), hosts.__getitem__, at) is not None
+                for _ in range(30)
+            )
+            for p in pairs
+        ]
+
+    assert sum(burst(0.0)) == 40  # a quarter second of the total rate, not 4 x 30
+    assert sum(burst(0.1)) == 16  # refilled at 160 packets/s
+    assert shared.refused == 240 - 56
+    assert sum(p.stats["relay_limited"] for p in pairs) == 240 - 56
+    assert all(p.stats["rate_limited"] == 0 for p in pairs)
+    # a pair alone (no shared limiter) is held only by its own limit
+    alone = RelayPair(keys[0], keys[1], cfg)
+    alone.datagram("b", (hosts[keys[1]][0], 2), data(), hosts.__getitem__, 0.0)
+    sent = sum(
+        alone.datagram("a", (hosts[keys[0]][0], 1), data(), hosts.__getitem__, 0.0) is not None
+        for _ in range(150)
+    )
+    assert sent == 100
+
+
+def test_the_relay_limit_is_configurable(tmp_path):
+    from clanagent.config import ConfigError, load_config
+
+    with pytest.raises(ValueError):
+        RelayConfig(total_rate_packets=0)
+    p = tmp_path / "agent.toml"
+    p.write_text("[mesh]\nrelay_max_mibps = 2.5\nrelay_max_pps = 300\n")
+    cfg = load_config(p)
+    assert (cfg.mesh.relay_max_mibps, cfg.mesh.relay_max_pps) == (2.5, 300)
+    assert RelayConfig.scaled(4.0, 16.0, 16000.0) == RelayConfig()
+    big = RelayConfig.scaled(40.0, 100.0, 1e5)
+    assert (big.rate_bytes, big.rate_packets, big.burst_packets) == (40 * 1024 * 1024, 4e4, 1e4)
+    p.write_text("[mesh]\nrelay_max_mibps = 0\n")
+    with pytest.raises(ConfigError, match="relay_max_mibps"):
+        load_config(p)
 
 
 def test_a_silent_side_must_be_learnt_again():

@@ -61,7 +61,7 @@ class FakeBus:
         self.published: list[tuple[str, str, object]] = []
         self.accept = accept
 
-    async def publish(self, kind, key, body):
+    async def publish(self, kind, key, body, push=True):
         self.published.append((kind, key, body))
         return self.accept
 
@@ -260,3 +260,119 @@ def test_explain_path_without_a_running_mesh_reads_the_store():
     assert shown["wireguard"] is False and shown["handshake"] is False
     assert shown["chosen"] == {"kind": "lan", "address": "10.0.0.1:7946"}
     assert not w.bus.subscriptions.kinds()  # a view subscribes to nothing
+
+
+async def test_a_peer_heard_only_at_its_nat_mapping_shows_that_path():
+    """On a public member, a machine behind a NAT has no path of ours, yet
+    WireGuard talks to it at the address its packets came from: `clanctl
+    path` and the map show that path (reflexive, learnt), not "none"."""
+    w = World()
+    svc = _running(w)
+    await svc.reconcile_once()
+    delta = w.idents["delta"].public_key
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # delta's handshake arrived from its NAT's public address
+    peer = svc.backend.peers[w.wg("delta")]
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "203.0.113.9:40000", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall() - 20, rx_bytes=148)
+    await svc.reconcile_once()
+    shown = svc.explain("delta")
+    assert shown["chosen"] == {"kind": "reflexive", "address": "203.0.113.9:40000", "learnt": True}
+    assert shown["reason"].startswith("learnt from the peer's packets")
+    assert shown["paths"][0]["sources"] == ["wireguard"] and shown["paths"][0]["chosen"]
+    assert svc.path_kind(delta) == "reflexive"
+    # nothing heard for a minute (a session whose handshake is still recent,
+    # e.g. through a relay that stopped): no path
+    w.clock.t += 61
+    w.clock.w += 61
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # heard again: the path is back; but not at another member's host (a relay's port)
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=296)
+    await svc.reconcile_once()
+    assert svc.path_kind(delta) == "reflexive"
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "198.51.100.7:40001", peer.allowed_ips, peer.keepalive
+    )
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"] is None and svc.path_kind(delta) is None
+    # a session at a candidate's host is that candidate's, judged by the
+    # selector (a relay that stopped, a LAN path that failed): not shown
+    gamma = w.idents["gamma"].public_key
+    svc.on_record(
+        w.record("gamma", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.3:7946"], [], 1))
+    )
+    await svc.reconcile_once()
+    for cand in svc.selector.explain(gamma, w.clock.t)["paths"]:
+        svc.selector.report_failure(gamma, svc._cands[(gamma, cand["address"])], w.clock.t)
+    peer = svc.backend.peers[w.wg("gamma")]
+    svc.backend.peers[w.wg("gamma")] = PeerConfig(
+        peer.public_key, "10.0.0.3:51820", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("gamma")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=999)
+    await svc.reconcile_once()
+    assert svc.explain("gamma")["chosen"] is None and svc.path_kind(gamma) is None
+
+
+async def test_behind_a_nat_a_peer_without_a_session_is_kicked_at_once_then_every_5_s():
+    """A public member learns our NAT mapping from our WireGuard's packets:
+    a path with no session yet gets a datagram through the tunnel at once,
+    not at WireGuard's next keepalive (up to 25 s later)."""
+    w = World()
+    svc = _running(w)
+    kicked: list[bytes] = []
+
+    async def trigger(key: bytes) -> None:
+        kicked.append(key)
+
+    svc._trigger = trigger  # type: ignore[method-assign]
+    svc.on_record(
+        w.record("gamma", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.3:7946"], [], 1))
+    )
+    alpha, gamma = w.idents["alpha"].public_key, w.idents["gamma"].public_key
+    await svc.reconcile_once()
+    assert sorted(kicked) == sorted([alpha, gamma])  # beta has no public address
+    await svc.reconcile_once()
+    assert len(kicked) == 2  # not again within 5 s
+    svc.backend.status[w.wg("alpha")] = PeerStatus(last_handshake=w.clock.wall())
+    w.clock.t += 6
+    w.clock.w += 6
+    await svc.reconcile_once()
+    assert kicked[2:] == [gamma]  # alpha has a session now
+    # a machine with a public address of its own waits for its peers
+    svc2 = _running(World())
+    svc2.cfg = MeshSection(mdns=False, public_endpoints=["203.0.113.5:51820"])
+    svc2._trigger = trigger  # type: ignore[method-assign]
+    await svc2.reconcile_once()
+    assert len(kicked) == 3
+
+
+async def test_a_learnt_session_wins_over_an_unproven_or_failing_chosen_path_in_the_view():
+    """As WireGuard keeps the learnt address over a doubtful chosen path
+    (peerplan._working), `clanctl path` shows the learnt one as in use."""
+    w = World()
+    svc = _running(w)
+    delta = w.idents["delta"].public_key
+    svc.on_record(
+        w.record("delta", cands.ENDPOINTS_KIND, "", cands.endpoints_body(["10.0.0.4:7946"], [], 1))
+    )
+    await svc.reconcile_once()
+    assert svc.explain("delta")["chosen"]["kind"] == "lan"  # unproven, nothing heard
+    peer = svc.backend.peers[w.wg("delta")]
+    svc.backend.peers[w.wg("delta")] = PeerConfig(
+        peer.public_key, "203.0.113.9:40000", peer.allowed_ips, peer.keepalive
+    )
+    svc.backend.status[w.wg("delta")] = PeerStatus(last_handshake=w.clock.wall(), rx_bytes=148)
+    await svc.reconcile_once()
+    shown = svc.explain("delta")
+    assert shown["chosen"] == {"kind": "reflexive", "address": "203.0.113.9:40000", "learnt": True}
+    assert "our lan path 10.0.0.4:7946 is unproven" in shown["reason"]
+    assert [r["address"] for r in shown["paths"] if r["chosen"]] == ["203.0.113.9:40000"]
+    assert svc.path_kind(delta) == "reflexive"
+    # once the LAN path is proven, it is the one in use
+    lan = svc._cands[(delta, "10.0.0.4:7946")]
+    svc.selector.report_success(delta, lan, 0.002, w.clock.t)
+    assert svc.explain("delta")["chosen"]["kind"] == "lan"
+    assert svc.path_kind(delta) == "lan"

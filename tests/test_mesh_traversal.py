@@ -47,6 +47,8 @@ class Machine:
         self.rx: dict[str, int] = {}
         self.handshake: dict[str, float | None] = {}
         self.record: SignedRecord | None = None
+        self.records: dict = {}  # endpoints records (parsed bodies) by node key
+        self.onions: dict = {}  # node key -> onion host:port
 
     def wg(self, name):
         return self.doc["machines"][name]["wg_key"]
@@ -65,10 +67,10 @@ class Machine:
         cands = collect(
             self.doc,
             self_key=self.key,
-            records={},
+            records=self.records,
             opened_inventory={},
             lan_seen={},
-            onions={},
+            onions=self.onions,
             reflexive=self.t.admitted(wall),
             relayed=self.t.relayed,
         )
@@ -216,3 +218,50 @@ def test_an_unchanged_body_is_refreshed_unpushed_and_an_empty_one_never_goes_out
     gaps = [y - x for x, y in zip(sent, sent[1:], strict=False)]
     assert gaps and all(0.9 * REFRESH - 10 <= g <= REFRESH + 10 for g in gaps), gaps
     assert max(gaps) < TTL / 2
+
+
+ONION = "a" * 56 + ".onion:7946"
+
+
+def test_when_the_relay_stops_the_path_falls_back_to_tor_or_to_none():
+    """The relay member goes away (its own path fails, as the mesh service
+    reports when WireGuard stops hearing it): the relay path is dropped and
+    the selector falls back to Tor where the peer has an onion, else it
+    reports no path.  (The namespace test covers the "no path" case with
+    real agents; a private Tor network inside the namespaces would not fit
+    its time budget.)"""
+    ids, doc = clan()
+    for with_tor in (True, False):
+        a, b, p = (Machine(n, ids, doc) for n in ("a", "b", "p"))
+        a.records = {p.key: {"lan": [], "public": ["192.0.2.10:7946"], "wg_port": 51820}}
+        if with_tor:
+            a.onions = {b.key: ONION}
+        # p reached directly, alive in its WireGuard: a asks p for b
+        a.endpoint["p"], a.handshake["p"] = "192.0.2.10:51820", T0
+        a.round(T0)
+        cand = next(c for c in a.sel._peers[p.key].paths.values()).candidate
+        a.sel.report_success(p.key, cand, 0.01, T0)
+        a.round(T0 + 1)
+        asks = nat.parse_nat_body(a.t._published).relay_ask
+        assert (b.key, p.key) in [(x.peer, x.via) for x in asks]
+        # p grants the pair (its record names a's port)
+        lo, hi = sorted((a.key, b.key))
+        body = nat.nat_body(relays=[(lo, hi, 40001, 40002)])
+        a.t.on_record(SignedRecord.create(ids["p"], "nat", "", next(_versions), body), T0 + 1)
+        a.round(T0 + 2)
+        a.round(T0 + 2)
+        chosen = a.sel.current(b.key)
+        assert chosen is not None and (chosen.kind, chosen.via) == ("relay", "p")
+        # p stops: its path fails, the relay path goes, and with it the detour
+        a.sel.report_failure(p.key, cand, T0 + 40)
+        out = a.round(T0 + 41)
+        assert out.relayed_changed and a.t.relayed == {}
+        a.round(T0 + 42)
+        chosen = a.sel.current(b.key)
+        if with_tor:
+            assert chosen is not None and chosen.kind == "tor", chosen
+            shown = a.sel.explain(b.key, T0 + 42)
+            assert [r["kind"] for r in shown["paths"] if r["chosen"]] == ["tor"], shown
+        else:
+            assert chosen is None
+            assert a.sel.explain(b.key, T0 + 42)["chosen"] is None

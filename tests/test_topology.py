@@ -413,6 +413,22 @@ def test_the_mesh_path_kind_wins_over_the_gossip_address():
     }
 
 
+def test_punched_and_relayed_paths_show_as_their_own_kinds():
+    from clanagent.topology import parse_body
+
+    clan = FakeClan(peers=3)
+    kinds = {clan.keys["m01"]: "reflexive", clan.keys["m02"]: "relay", clan.keys["m03"]: "relay"}
+    service = clan.service(path_kind=kinds.get)
+    assert {link["peer"]: link["kind"] for link in service.local_links()} == {
+        "m01": "reflexive",
+        "m02": "relay",
+        "m03": "relay",
+    }
+    body = service._body()
+    assert body["kind"] == "relay" and body["links"] == [{"peer": "m01", "kind": "reflexive"}]
+    assert parse_body(body).kind == "relay"  # a valid record for every reader
+
+
 def test_the_view_reads_peers_topology_records_of_that_kind_only():
     """view(): machines and VMs from the callables, peers' links from their
     topology records in the store (by kind), the clan name from the anchor."""

@@ -35,7 +35,8 @@ def cmd_path(client: ControlClient, args: argparse.Namespace) -> Any:
         + ("" if info.get("wireguard") else "  (WireGuard mesh not running here)")
     )
     if chosen:
-        print(f"chosen     {_kind(chosen)} {chosen['address']}")
+        learnt = "  (learnt from the peer's packets)" if chosen.get("learnt") else ""
+        print(f"chosen     {_kind(chosen)} {chosen['address']}{learnt}")
     else:
         print("chosen     none")
     print(f"why        {info.get('reason', '')}")

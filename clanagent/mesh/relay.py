@@ -18,7 +18,9 @@ Owns, all sans-IO:
   WireGuard message and within the rate limit.  A side's address is learnt
   from the first WireGuard-shaped datagram whose source host is one the
   relay's own (authenticated) WireGuard session sees that machine at, so a
-  stranger who finds the port cannot take a side over.
+  stranger who finds the port cannot take a side over;
+* the relay-wide limit (`RelayLimiter`): one token bucket across all of a
+  relay's pairs, so 64 pairs cannot take 64 times the per-pair rate.
 
 The relay never decrypts anything: it moves WireGuard's own encrypted
 packets between two sockets; the peers' tunnel is end to end.
@@ -40,6 +42,7 @@ __all__ = [
     "NO_RELAY_TAG",
     "RelayConfig",
     "RelayGrants",
+    "RelayLimiter",
     "RelayOption",
     "RelayPair",
     "RelayPolicy",
@@ -52,8 +55,10 @@ NO_RELAY_TAG = "no-relay"
 NO_PUBLIC_TAG = "no-public"
 
 # WireGuard message types and their sizes (the protocol's fixed framing):
-# initiation 148, response 92, cookie reply 64, transport data >= 32 and a
-# multiple of 16 (16-byte header, 16-byte tag, padded payload).
+# initiation 148, response 92, cookie reply 64, transport data >= 32 (16-byte
+# header, 16-byte tag, the payload).  The payload is padded to a multiple of
+# 16 only up to the interface's MTU: a full-MTU packet (1420 bytes inside,
+# 1452 on the wire) is not a multiple of 16, so the size is not checked.
 _WG_SIZES = {1: 148, 2: 92, 3: 64}
 
 
@@ -64,7 +69,7 @@ def wireguard_shaped(data: bytes) -> bool:
     kind = data[0]
     if kind in _WG_SIZES:
         return len(data) == _WG_SIZES[kind]
-    return kind == 4 and len(data) % 16 == 0 and len(data) <= 65535
+    return kind == 4 and len(data) <= 65535
 
 
 # ---------------------------------------------------------------- policy
@@ -173,11 +178,32 @@ class RelayConfig:
     burst_packets: float = 1000.0
     # A learnt address not heard from for this long must be learnt again.
     address_idle: float = 180.0
+    # Forwarding limit across all pairs together (the relay's own uplink is
+    # shared by every pair it serves); bursts of a quarter second.
+    total_rate_bytes: float = 16 * 1024 * 1024
+    total_rate_packets: float = 16000.0
+
+    @classmethod
+    def scaled(cls, pair_mibps: float, total_mibps: float, total_pps: float) -> RelayConfig:
+        """The per-pair limit at `pair_mibps` (packets and bursts in proportion
+        to the defaults: 4 MiB/s, 4000 packets/s, bursts of 1 MiB and 1000),
+        the relay-wide one at `total_mibps` and `total_pps`."""
+        d = cls()
+        f = pair_mibps * 1024 * 1024 / d.rate_bytes
+        return cls(
+            rate_bytes=d.rate_bytes * f,
+            burst_bytes=d.burst_bytes * f,
+            rate_packets=d.rate_packets * f,
+            burst_packets=d.burst_packets * f,
+            total_rate_bytes=total_mibps * 1024 * 1024,
+            total_rate_packets=total_pps,
+        )
 
     def __post_init__(self) -> None:
         if self.max_pairs < 1 or self.linger < 0 or self.address_idle <= 0:
             raise ValueError("need max_pairs >= 1, linger >= 0, address_idle > 0")
-        if min(self.rate_bytes, self.burst_bytes, self.rate_packets, self.burst_packets) <= 0:
+        rates = (self.rate_bytes, self.burst_bytes, self.rate_packets, self.burst_packets)
+        if min(*rates, self.total_rate_bytes, self.total_rate_packets) <= 0:
             raise ValueError("rates and bursts must be > 0")
 
 
@@ -220,8 +246,11 @@ class RelayGrants:
         `alive(key)`: our WireGuard has a fresh handshake with that machine;
         `allowed(a, b)`: the policy lets us relay between them."""
         opened: list[Pair] = []
+        evicted: list[Pair] = []
+        asks = sorted(asks)
+        asked = {pair_of(a, p) for a, p in asks if a != p}
         wanted: set[Pair] = set()
-        for asker, peer in sorted(asks):
+        for asker, peer in asks:
             if asker == peer:
                 continue
             pair = pair_of(asker, peer)
@@ -232,17 +261,26 @@ class RelayGrants:
             if g is not None:
                 g.last_asked = now
                 continue
-            if not (alive(asker) and alive(peer)) or len(self._grants) >= self.config.max_pairs:
+            if not (alive(asker) and alive(peer)):
                 continue
+            if len(self._grants) >= self.config.max_pairs:
+                # full: a pair nobody asks for any more (lingering) makes room,
+                # the longest unasked first; pairs still asked for are kept
+                idle = [p for p in self._grants if p not in asked]
+                if not idle:
+                    continue
+                old = min(idle, key=lambda p: (self._grants[p].last_asked, p))
+                del self._grants[old]
+                evicted.append(old)
             self._grants[pair] = _Grant(now)
             opened.append(pair)
-        closed = [
+        closed = evicted + [
             p
             for p, g in sorted(self._grants.items())
             if (p not in wanted and now - g.last_asked > self.config.linger) or not allowed(*p)
         ]
         for p in closed:
-            del self._grants[p]
+            self._grants.pop(p, None)
         return opened, closed
 
     def next_deadline(self) -> float | None:
@@ -283,6 +321,32 @@ class _Bucket:
         return True
 
 
+class RelayLimiter:
+    """The relay-wide token buckets every pair also draws from.
+
+    A datagram is forwarded only when its pair's buckets and these all
+    hold enough (the pair's are checked first, so a pair over its own
+    limit takes nothing from the others' share)."""
+
+    def __init__(self, config: RelayConfig | None = None) -> None:
+        cfg = config if config is not None else RelayConfig()
+        self.config = cfg
+        bb, bp = cfg.total_rate_bytes / 4, cfg.total_rate_packets / 4
+        self._bytes = _Bucket(cfg.total_rate_bytes, bb, bb)
+        self._packets = _Bucket(cfg.total_rate_packets, bp, bp)
+        self._started = False
+        self.refused = 0
+
+    def take(self, size: int, now: float) -> bool:
+        if not self._started:
+            self._bytes.at = self._packets.at = now
+            self._started = True
+        if self._packets.take(1, now) and self._bytes.take(size, now):
+            return True
+        self.refused += 1
+        return False
+
+
 @dataclass
 class RelayPair:
     """Forwarding state of one granted pair (side a = the lower node key)."""
@@ -291,6 +355,8 @@ class RelayPair:
     b: bytes
     config: RelayConfig = field(default_factory=RelayConfig)
     learnt: dict[str, tuple[Addr, float]] = field(default_factory=dict)
+    # Shared by every pair of one relay (None: only the per-pair limit).
+    limiter: RelayLimiter | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "forwarded": 0,
@@ -299,6 +365,7 @@ class RelayPair:
             "stranger": 0,
             "no_peer_yet": 0,
             "rate_limited": 0,
+            "relay_limited": 0,
         }
     )
 
@@ -342,6 +409,9 @@ class RelayPair:
             return None
         if not (self._packets.take(1, now) and self._bytes.take(len(data), now)):
             self.stats["rate_limited"] += 1
+            return None
+        if self.limiter is not None and not self.limiter.take(len(data), now):
+            self.stats["relay_limited"] += 1
             return None
         self.stats["forwarded"] += 1
         self.stats["bytes"] += len(data)

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from .._log import kv
-from .relay import Pair, RelayConfig, RelayPair
+from .relay import Pair, RelayConfig, RelayLimiter, RelayPair
 
 __all__ = ["RelaySockets"]
 
@@ -36,9 +36,10 @@ class RelaySockets:
         hosts_of: Callable[[bytes], Iterable[str]],
         clock: Callable[[], float],
         config: RelayConfig | None = None,
+        limiter: RelayLimiter | None = None,
     ) -> None:
         self.pair = pair
-        self.state = RelayPair(pair[0], pair[1], config or RelayConfig())
+        self.state = RelayPair(pair[0], pair[1], config or RelayConfig(), limiter=limiter)
         self._host = host or "0.0.0.0"
         self._hosts_of = hosts_of
         self._clock = clock

@@ -36,6 +36,7 @@ from .overlay import clan_subnet, overlay_ip6
 from .paths import Candidate, PathSelector
 from .peerplan import join_host_port, plan_peers
 from .probe import _host
+from .relay import RelayConfig, RelayLimiter
 from .traversal import Traversal
 from .vmroutes import VM_STATUS_KIND
 from .wireguard import desired_from, reconcile
@@ -55,6 +56,12 @@ PROBE_INTERVAL = 1.0
 ADDRESS_CHECK_INTERVAL = 60.0
 # A peer we gave an endpoint must complete a handshake within this long.
 HANDSHAKE_GRACE = 12.0
+# Behind a NAT: how often a peer without a session is sent a datagram through
+# the tunnel (WireGuard retries a handshake every 5 s on its own once it sends).
+KICK_EVERY = 5.0
+# A path learnt from the peer's packets counts while WireGuard received from
+# the peer this recently (its keepalives come every 25 s).
+LEARNT_FRESH = 60.0
 # WireGuard rekeys every 2 minutes on an active tunnel; older means stale.
 HANDSHAKE_FRESH = 180.0
 
@@ -179,6 +186,66 @@ def _explain(
     return out
 
 
+def learnt_path(
+    out: dict[str, Any],
+    machine: str,
+    endpoint: str | None,
+    heard_ago: float | None,
+    member_hosts: set[str],
+) -> None:
+    """Where nothing of ours works (a machine behind a NAT, seen from a public
+    member) but WireGuard hears the peer at the address its packets come
+    from, show that path: a reflexive one we did not choose.
+
+    `heard_ago`: seconds since WireGuard last received from the peer (None:
+    not within LEARNT_FRESH); `member_hosts`: hosts of other members' paths
+    -- an endpoint there is a relay's port or a stale path, not the peer's
+    NAT mapping."""
+    if endpoint is None or heard_ago is None:
+        return
+    rows = out.get("paths", [])
+    ours = next((r for r in rows if r["chosen"]), None)
+    if out.get("chosen") is not None:
+        # a chosen direct path that is failing or unproven does not replace
+        # the address WireGuard learnt (peerplan._working): that one is in use
+        if ours is None or ours["kind"] not in ("lan", "public"):
+            return
+        if not (ours["failures"] or ours["rtt_ms"] is None):
+            return
+    host = _host(endpoint)
+    if host in member_hosts or host in {_host(r["address"]) for r in rows}:
+        # (at a candidate's host it is that candidate's session, which the
+        # selector judged: a relay that stopped, a LAN path that failed)
+        return
+    if ours is None:
+        why = "no path of ours works" + (f" ({out['reason']})" if out.get("reason") else "")
+    else:
+        state = "failing" if ours["failures"] else "unproven"
+        why = f"our {ours['kind']} path {ours['address']} is {state}"
+        ours["chosen"] = False
+    out["chosen"] = {"kind": "reflexive", "address": endpoint, "learnt": True}
+    out["reason"] = (
+        f"learnt from the peer's packets: WireGuard hears {machine} at {endpoint} "
+        f"({heard_ago:.0f} s ago); {why}"
+    )
+    out.setdefault("paths", []).insert(
+        0,
+        {
+            "kind": "reflexive",
+            "address": endpoint,
+            "via": None,
+            "sources": ["wireguard"],
+            "port_wg": None,
+            "chosen": True,
+            "usable": True,
+            "reason": "learnt from the peer's packets",
+            "rtt_ms": None,
+            "failures": 0,
+            "retry_in": None,
+        },
+    )
+
+
 class MeshService:
     def __init__(
         self,
@@ -223,6 +290,7 @@ class MeshService:
             "paths_suspected": 0,  # first misses of a path in use
             "failures_vetoed": 0,  # probes said dead, WireGuard had heard the peer
             "paths_failed": 0,  # paths in use given up (failovers)
+            "sessions_kicked": 0,  # datagrams sent so WireGuard handshakes now (behind a NAT)
         }
         self._cands: dict[tuple[bytes, str], Candidate] = {}
         self._probe_sock: Any = None
@@ -230,7 +298,13 @@ class MeshService:
         # overlay address to another peer; a new inventory changes everything.
         self.traversal = Traversal(ports.identity.public_key, ports.identity.box_key)
         self._trigger_sock: Any = None
+        self._kicked: dict[bytes, float] = {}  # peer -> when we last made WireGuard send
+        self._rx: dict[Any, tuple[int, float]] = {}  # wg key -> (rx bytes, when it last grew)
         self._relay_pairs: dict[Any, Any] = {}
+        self.relay_config = RelayConfig.scaled(
+            cfg.relay_pair_mibps, cfg.relay_max_mibps, cfg.relay_max_pps
+        )
+        self.relay_limiter = RelayLimiter(self.relay_config)
         ports.bus.subscribe([cands.ENDPOINTS_KIND, VM_STATUS_KIND, NAT_KIND], self.on_record)
         ports.inventory.subscribe(lambda inv: self.wake())
 
@@ -778,6 +852,10 @@ class MeshService:
             await netlink.ensure_address(self.cfg.interface, f"{self.overlay4}/32")
             await netlink.ensure_route(self.cfg.interface, self.cfg.ipv4_range)
         self._device = actual if diff.empty else await self.backend.get()
+        for wg_key, st in self._device.status.items():
+            prev = self._rx.get(wg_key)
+            if prev is None or st.rx_bytes != prev[0]:
+                self._rx[wg_key] = (st.rx_bytes, now if st.rx_bytes else -LEARNT_FRESH)
         wg_to_node = {m["wg_key"]: m["node_key"] for m in inv.doc["machines"].values()}
         self._judge_paths(self._device, wg_to_node, now, wall)
         await self._nat_round(inv, plan, wg_to_node, now, wall)
@@ -840,6 +918,29 @@ class MeshService:
             self.wake()  # plan the new relay paths; publish the new grants' ports
         for key in result.triggers:
             await self._trigger(key)
+        await self._kick_sessions(inv, now, wall)
+
+    async def _kick_sessions(self, inv: Any, now: float, wall: float) -> None:
+        """Behind a NAT, a member learns our mapping only from our WireGuard's
+        packets: where a LAN or public path has no session yet, send one
+        datagram into the tunnel so WireGuard handshakes now, not at its next
+        keepalive (up to 25 s later).  At most one per peer every KICK_EVERY s."""
+        assert self.selector is not None
+        if not self._behind_nat(wall) or self._device is None:
+            return
+        live = self._live(inv, self._device, wall)
+        for m in inv.doc["machines"].values():
+            key = m["node_key"]
+            if key == self.ports.identity.public_key or key in live:
+                continue
+            cur = self.selector.current(key)
+            if cur is None or cur.kind not in ("lan", "public"):
+                continue
+            if now - self._kicked.get(key, -KICK_EVERY) < KICK_EVERY:
+                continue
+            self._kicked[key] = now
+            self.stats["sessions_kicked"] += 1
+            await self._trigger(key)
 
     async def _open_relay_pair(self, pair: Any) -> None:
         """As a relay: two ports for the pair, forwarding until it is closed."""
@@ -854,6 +955,8 @@ class MeshService:
             host,
             lambda key: [self.traversal.wg_hosts.get(key, "")],
             self.ports.clock.now,
+            self.relay_config,
+            self.relay_limiter,
         )
         try:
             pa, pb = await sockets.bind()
@@ -942,6 +1045,53 @@ class MeshService:
 
     # -- views ------------------------------------------------------------------------
 
+    def path_kind(self, node_key: bytes) -> str | None:
+        """The kind of the path in use to a machine (for the map): the chosen
+        one, else `reflexive` when WireGuard holds a fresh session at an
+        address learnt from the peer's packets, else None."""
+        if self.selector is None:
+            return None
+        current = self.selector.current(node_key)
+        if current is not None and (
+            current.kind not in ("lan", "public")
+            or (
+                self.selector.healthy(node_key, current)
+                and self.selector.rtt(node_key, current) is not None
+            )
+        ):
+            return current.kind  # (a doubtful direct path may yield to a learnt one)
+        inv = self.ports.inventory.inventory
+        m = None if inv is None else inv.machine_by_node_key(node_key)
+        if m is None or self._device is None:
+            return None
+        out = _explain(
+            self.ports,
+            m.name,
+            selector=self.selector,
+            candidates=self._candidates,
+            extra={"wireguard": True, "tor_socks": None, "mesh_stats": {}},
+            device=self._device,
+        )
+        self._learnt(out, m.name)
+        return None if out["chosen"] is None else out["chosen"]["kind"]
+
+    def _learnt(self, out: dict[str, Any], machine: str) -> None:
+        inv = self.ports.inventory.inventory
+        if self._device is None or inv is None:
+            return
+        m = inv.doc["machines"][machine]
+        peer = self._device.peers.get(m["wg_key"])
+        grew = self._rx.get(m["wg_key"])
+        ago = None if grew is None else self.ports.clock.now() - grew[1]
+        hosts = {_host(addr) for (key, addr) in self._cands if key != m["node_key"]}
+        learnt_path(
+            out,
+            machine,
+            None if peer is None else peer.endpoint,
+            ago if ago is not None and ago < LEARNT_FRESH else None,
+            hosts,
+        )
+
     def explain(self, machine: str) -> dict[str, Any]:
         out = _explain(
             self.ports,
@@ -955,6 +1105,7 @@ class MeshService:
             },
             device=self._device,
         )
+        self._learnt(out, machine)
         key = bytes.fromhex(out["peer"]) if out.get("peer") else None
         if key is not None:
             out["nat"] = self.traversal.explain(key, self.ports.clock.wall())
@@ -962,5 +1113,11 @@ class MeshService:
         out["nat_self"]["relay_stats"] = {
             f"{a.hex()[:12]}-{b.hex()[:12]}": dict(r.state.stats)
             for (a, b), r in self._relay_pairs.items()
+        }
+        out["nat_self"]["relay_limit"] = {
+            "pair_mib_per_s": self.relay_config.rate_bytes / (1024 * 1024),
+            "mib_per_s": self.relay_config.total_rate_bytes / (1024 * 1024),
+            "packets_per_s": self.relay_config.total_rate_packets,
+            "refused": self.relay_limiter.refused,
         }
         return out

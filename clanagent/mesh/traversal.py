@@ -98,6 +98,8 @@ class Traversal:
         # relaying: asks naming us as the relay (origin -> peers), grants naming
         # us (relay -> [(peer, our port)]), the pairs we serve and their ports
         self.asks_for_me: dict[bytes, list[bytes]] = {}
+        # the relays each peer asks for to reach us (both ends must use one relay)
+        self.peer_asks: dict[bytes, list[bytes]] = {}
         self.offers: dict[bytes, list[tuple[bytes, int]]] = {}
         self.grants = RelayGrants()
         self.bound: dict[Pair, tuple[int, int]] = {}
@@ -130,6 +132,7 @@ class Traversal:
             refl = [a for a in (opened or []) if nat._hostport(a) is not None]
         self.peer_reflexive[rec.origin] = refl[: nat.MAX_REFLEXIVE]
         self.asks_for_me[rec.origin] = [a.peer for a in body.relay_ask if a.via == self.self_key]
+        self.peer_asks[rec.origin] = [a.via for a in body.relay_ask if a.peer == self.self_key]
         offers = []
         for g in body.relays:
             if g.a == self.self_key:
@@ -144,7 +147,7 @@ class Traversal:
 
     def retain(self, keys: Iterable[bytes]) -> None:
         keep = set(keys)
-        for d in (self.peer_reflexive, self._watch, self.asks_for_me, self.offers):
+        for d in (self.peer_reflexive, self._watch, self.asks_for_me, self.offers, self.peer_asks):
             for k in [k for k in d if k not in keep]:
                 del d[k]
         for o in list(self.book._by_observer):
@@ -306,19 +309,36 @@ class Traversal:
                 and cur.kind in ("lan", "public", "reflexive")
                 and selector.healthy(key, cur)
             )
+            # no path of ours, yet WireGuard has a live session at the address
+            # the peer's packets come from (we are the public member a NATed
+            # machine keeps its mapping open to): that path works, no relay
+            doubtful = cur is None or (
+                cur.kind in ("lan", "public")
+                and not (selector.healthy(key, cur) and selector.rtt(key, cur) is not None)
+            )
+            learnt_ok = doubtful and key in alive
             opts = choose_relays(policy, me, name, reach)
             self.relay_choice[key] = opts
             usable = [o for o in opts if o.usable]
-            if not direct_ok and usable:
-                asks.append((key, keys[usable[0].relay]))
-            # relay paths granted to us, over relays we reach directly now
-            for o in usable:
-                rkey = keys[o.relay]
-                rcur = selector.current(rkey)
-                for peer, port in self.offers.get(rkey, []):
-                    if peer == key and rcur is not None:
-                        host = rcur.address.rpartition(":")[0]
-                        relayed.setdefault(key, []).append((f"{host}:{port}", o.relay))
+            if not usable:
+                continue
+            # Both ends must use one relay (each side's packets reach the other
+            # only through the ports of the relay both send to): the lower node
+            # key picks the fastest it reaches, the other follows when it
+            # reaches that relay too.
+            pick = usable[0]
+            if key < self.self_key:
+                theirs = {names.get(v) for v in self.peer_asks.get(key, [])}
+                pick = next((o for o in usable if o.relay in theirs), pick)
+            if not (direct_ok or learnt_ok):
+                asks.append((key, keys[pick.relay]))
+            # the relay path granted to us there, when we reach the relay directly now
+            rkey = keys[pick.relay]
+            rcur = selector.current(rkey)
+            for peer, port in self.offers.get(rkey, []):
+                if peer == key and rcur is not None:
+                    host = rcur.address.rpartition(":")[0]
+                    relayed.setdefault(key, []).append((f"{host}:{port}", pick.relay))
         if relayed != self.relayed:
             self.relayed = relayed
             out.relayed_changed = True
