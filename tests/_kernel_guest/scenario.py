@@ -264,7 +264,11 @@ def run(c: Clan) -> None:
                     tuple(ipaddress.IPv6Address(a) for a in (vms or {}).get(j, ())),
                 )
             )
-        want = desired_from(idents[i].wg_private, idents[i].wg_public, WG_PORT, peers)
+        # No machine here has a public address of its own, so each keeps every
+        # NAT mapping open: a keepalive to every peer (mesh/service._behind_nat).
+        want = desired_from(
+            idents[i].wg_private, idents[i].wg_public, WG_PORT, peers, behind_nat=True
+        )
         return {
             "private": b64(want.private_key).decode(),
             "port": want.listen_port,
