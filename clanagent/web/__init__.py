@@ -7,7 +7,18 @@ one-time login URL); every action goes through the one control API table
 then a signature over exactly what it showed; `qr`: the join token's QR code).
 """
 
+from typing import Any
+
 from .auth import Authenticator, AuthError
-from .server import BIND_HOST, WebConsole
 
 __all__ = ["Authenticator", "AuthError", "BIND_HOST", "WebConsole"]
+
+
+def __getattr__(name: str) -> Any:
+    # The server (hypercorn, h2, wsproto: several MB) loads only when the
+    # console starts: an agent whose console never runs does not carry it.
+    if name in ("BIND_HOST", "WebConsole"):
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(name)
