@@ -390,6 +390,7 @@ def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
                     now=int(time.time()),
                     readable=c.call("inventory.endpoints"),
                 )
+                ticks0 = _clan_cpu_ticks(clan)
                 t0 = time.time()
                 want = c.call("inventory.submit", {"version": version.to_wire(), "init": False})[
                     "hash"
@@ -403,6 +404,11 @@ def phase_edit(clan: Clan, count: int, timeout: float) -> dict[str, Any]:
 
             names = [m for m in clan.alive() if m in watches]
             got = _timed_by_events(names, is_head, has_it, t0, watches, timeout)
+            # CPU all agents used from the submit to the end of the phase
+            # (seconds of one core): near cores x edit_s means the machine,
+            # not the protocol, set the pace
+            got["cpu_s"] = round((_clan_cpu_ticks(clan) - ticks0) / CLK_TCK, 2)
+            got["wall_s"] = round(time.time() - t0, 2)
             detail.append(got)
             if got["s"] is None:
                 break
@@ -456,6 +462,17 @@ def _proc_cpu_ticks(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def _clan_cpu_ticks(clan: Clan) -> int:
+    total = 0
+    for p in clan.procs.values():
+        if p.poll() is None:
+            try:
+                total += _proc_cpu_ticks(p.pid)
+            except OSError:  # exited meanwhile
+                pass
+    return total
 
 
 def _proc_rss_mb(pid: int) -> float:
