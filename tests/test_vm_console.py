@@ -360,8 +360,11 @@ async def test_console_of_a_real_vm(tmp_path, vm_assets):  # noqa: F811
                     _session, sock, _req().to_wire(), b"echo answer-$((6*7))\n", b"answer-42"
                 )
                 assert b"answer-42" in out
-                # the session's output also lands in the console log
-                assert ConsoleLog(console).contains(b"answer-42")
+                # the session's output also lands in the console log (written by
+                # the log's own reader: shortly after the session saw it)
+                await wait_until(
+                    lambda: ConsoleLog(console).contains(b"answer-42"), "the console log", 10
+                )
                 # refusals come back as errors, the VM and the agent carry on
                 for request, code, why in (
                     (
