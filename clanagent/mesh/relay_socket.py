@@ -1,9 +1,13 @@
-"""The relay's sockets: two UDP ports per served pair, moving WireGuard's
+"""The relay's trio shell: two UDP ports per served pair, moving WireGuard's
 encrypted datagrams between them.
 
+This module does I/O (it imports trio) and decides nothing: every decision
+(is it WireGuard-shaped, from the side's authenticated host, within the
+pair's and the relay's rate limits, where does it go) is the sans-IO core
+`relay.RelayPair` / `relay.RelayLimiter`, tested without sockets.
+
 Owns: binding the pair's two ports, one reader task per port, and sending
-what `relay.RelayPair` (the sans-IO decision: WireGuard-shaped, from the
-side's authenticated host, within the rate limit) says to forward.
+what the core says to forward.
 Must never: look inside a datagram beyond its WireGuard framing, forward
 anything the decision refused, or let one pair's fault reach the agent
 (an error ends that pair only; the next mesh round opens it again).
