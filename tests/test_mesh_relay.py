@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clanagent.mesh.candidates import collect
 from clanagent.mesh.nat import effective_preference
@@ -318,3 +320,27 @@ def test_clanctl_ssh_never_dials_a_relay_port_or_a_nat_mapping():
     with pytest.raises(CommandError, match="relay via r"):
         ssh_target(info)
     assert ssh_target({**info, "handshake": True}) == ("fd00::b", [])
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(["198.51.100.1", "203.0.113.1", "192.0.2.66", "::1"]),
+            st.integers(0, 65535),
+            st.binary(max_size=1600),
+        ),
+        max_size=40,
+    )
+)
+def test_hostile_datagrams_on_a_relay_port_are_dropped_never_raise(datagrams):
+    """Anything anyone sends to a relay's ports: no exception; a datagram is
+    forwarded only when WireGuard-shaped, from the side's authenticated host,
+    and only to the other side's learnt address."""
+    p = RelayPair(A, B)
+    for i, (side, host, port, payload) in enumerate(datagrams):
+        dst = p.datagram(side, (host, port), payload, HOSTS.__getitem__, i * 0.01)
+        if dst is not None:
+            assert wireguard_shaped(payload)
+            assert host in HOSTS[A if side == "a" else B]
+            assert dst[0] in HOSTS[B if side == "a" else A]
