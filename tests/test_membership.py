@@ -9,7 +9,7 @@ import heapq
 import itertools
 import math
 import random
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 from hypothesis import given, settings
@@ -36,7 +36,7 @@ from clanagent.gossip.events import (
     Send,
     Suspect,
 )
-from clanagent.gossip.membership import Membership
+from clanagent.gossip.membership import MAX_WITNESS_PROBES, Membership
 from clanagent.wire import WireError, pack, unpack
 
 LATENCY = 0.005
@@ -387,8 +387,10 @@ def test_events_are_frozen_and_validated_at_construction():
 
 
 def lone(n_peers: int, config: GossipConfig | None = None, seed: int = 7) -> Membership:
-    # push/pull off, so every deadline a test sees belongs to the probe cycle
-    config = config or GossipConfig(push_pull_interval=0.0)
+    # push/pull off, so every deadline a test sees belongs to the probe cycle;
+    # no witness probes (tests of those turn them on), so a Suspect received
+    # starts nothing but the timer
+    config = config or GossipConfig(push_pull_interval=0.0, suspicion_witnesses=0)
     m = Membership(config, "me", "me:1", random.Random(seed), now=0.0)
     for i in range(n_peers):
         m.receive(0.0, f"p{i}:1", Alive(1, f"p{i}", f"p{i}:1"))
@@ -541,13 +543,37 @@ def test_relay_without_nack_request_stays_silent():
 def test_suspect_about_self_is_refuted_with_higher_incarnation():
     m = lone(2)
     out = m.receive(1.0, "p0:1", Suspect(1, "me", "p0"))
-    assert out == []
+    # the accuser told us itself: it also gets our refutation directly
+    assert out == [Send("p0", "p0:1", Alive(2, "me", "me:1"))]
     assert m.incarnation == 2
     assert m.take_broadcasts() == [Alive(2, "me", "me:1")]
     assert m.health_score() == 1  # Lifeguard: refuting costs health
     m.receive(1.0, "p0:1", Dead(7, "me", "p0"))
     assert m.incarnation == 8
     assert m.member("me").state is MemberState.ALIVE
+
+
+def test_a_relayed_suspicion_of_us_gets_no_direct_answer():
+    m = lone(3)
+    # p1 relays p0's accusation: gossip carries the refutation, not a reply
+    assert m.receive(1.0, "p1:1", Suspect(1, "me", "p0")) == []
+    assert m.receive(1.0, "p1:1", Suspect(1, "me", "p0"), from_node="p1") == []
+    assert m.take_broadcasts() == [Alive(2, "me", "me:1")]
+    assert m.stats["refute_direct"] == 0
+
+
+def test_an_accuser_that_missed_our_refutation_is_answered_directly():
+    m = lone(3)
+    m.receive(1.0, "p1:1", Suspect(1, "me", "p1"), from_node="p1")
+    assert m.incarnation == 2
+    # later p0, which never heard the refutation, probes us with its stale
+    # suspicion: it is old news to us, but p0 gets our current incarnation
+    out = m.receive(5.0, "p0:1", Suspect(1, "me", "p0"), from_node="p0")
+    assert out == [Send("p0", "p0:1", Alive(2, "me", "me:1"))]
+    assert m.incarnation == 2  # nothing to out-bid
+    # a forged "direct" accusation (sender is not the accuser) is not answered
+    assert m.receive(5.0, "p1:1", Suspect(1, "me", "p0"), from_node="p1") == []
+    assert m.stats["refute_direct"] == 2
 
 
 def test_restarted_node_outbids_an_alive_about_itself():
@@ -672,8 +698,9 @@ def test_join_via_seed_makes_everyone_alive():
     assert not any(isinstance(ev, MemberSuspect) for n in c.nodes.values() for _, ev in n.events)
 
 
-def test_stopped_node_is_suspected_then_declared_dead_by_all_in_time():
-    c = Cluster(6)
+@pytest.mark.parametrize("quorum", [3, 0], ids=["quorum", "lifeguard-only"])
+def test_stopped_node_is_suspected_then_declared_dead_by_all_in_time(quorum):
+    c = Cluster(6, config=replace(GossipConfig.lan(), suspicion_quorum=quorum))
     cfg = c.config
     c.join_all()
     c.run_until(10.0)
@@ -694,12 +721,20 @@ def test_stopped_node_is_suspected_then_declared_dead_by_all_in_time():
         t_susp = c.first_event(i, MemberSuspect, "n5")
         if t_susp is not None:
             assert t_susp <= t_dead
-        # never faster than the nominal (fully confirmed) suspicion timeout
-        assert t_dead >= stop_at + cfg.suspicion_timeout(n)
+        # never faster than one failed probe plus the shortest timeout: the
+        # quorum's, or Lifeguard's nominal (fully confirmed) one without it
+        floor = cfg.suspicion_quorum_timeout if quorum else cfg.suspicion_timeout(n)
+        assert t_dead >= stop_at + cfg.probe_interval + floor
         assert c.nodes[i].m.alive_count() == n - 1
     # confirmations shortened detection below the unconfirmed maximum
     earliest = min(c.first_event(i, MemberDead, "n5") for i in others)
     assert earliest < stop_at + cfg.suspicion_max_timeout(n)
+    if quorum:
+        # the other members probed it themselves and confirmed: a quorum,
+        # so detection is faster than Lifeguard's nominal timeout allows
+        latest = max(c.first_event(i, MemberDead, "n5") for i in others)
+        assert latest < stop_at + cfg.probe_interval + cfg.suspicion_timeout(n)
+        assert sum(c.nodes[i].m.stats["witness_confirmed"] for i in others) >= quorum
     # nobody else was ever declared dead
     assert not any(
         isinstance(ev, MemberDead) and ev.node != "n5"
@@ -845,12 +880,212 @@ def test_gossiped_confirmations_shorten_the_suspicion_inside_membership():
     assert m.alive_count() == 5
 
 
-def test_unconfirmed_suspicion_waits_the_maximum():
+def test_a_quorum_of_confirmations_ends_the_suspicion_sooner():
+    m = lone(5)  # six members: quorum 3 is possible (3 besides me, p0, x)
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    m.receive(0.5, "y", Suspect(1, "p0", "p1"))
+    m.receive(0.6, "y", Suspect(1, "p0", "p2"))
+    # two confirmations: Lifeguard's minimum, 4 s
+    assert m._suspicions["p0"].deadline == pytest.approx(4.0)
+    m.receive(1.0, "y", Suspect(1, "p0", "p3"))
+    assert m._suspicions["p0"].deadline == pytest.approx(2.0)
+    # the third is a quorum: dead 2 s after the suspicion began
+    assert all(not isinstance(a, MemberDead) for a in m.tick(1.99))
+    assert MemberDead("p0", "p0:1", 1) in m.tick(2.0)
+
+
+def test_no_quorum_rule_when_the_clan_is_too_small_for_one():
+    m = lone(4)  # five members: only p1, p2 can confirm besides x
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    m.receive(0.5, "y", Suspect(1, "p0", "p1"))
+    m.receive(0.6, "y", Suspect(1, "p0", "p2"))
+    assert all(not isinstance(a, MemberDead) for a in m.tick(3.99))
+    assert MemberDead("p0", "p0:1", 1) in m.tick(4.0)
+
+
+def test_quorum_off_keeps_lifeguard_timer():
+    m = lone(8, GossipConfig(push_pull_interval=0.0, suspicion_witnesses=0, suspicion_quorum=0))
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    for i in (1, 2, 3, 4):
+        m.receive(0.1 * i, "y", Suspect(1, "p0", f"p{i}"))
+    # 9 members: Lifeguard's nominal timeout 4 s, however many confirm
+    assert all(not isinstance(a, MemberDead) for a in m.tick(3.99))
+    assert MemberDead("p0", "p0:1", 1) in m.tick(4.0)
+
+
+def witness_config(**kw):
+    return GossipConfig(push_pull_interval=0.0, **kw)
+
+
+def test_witness_probes_the_suspect_tells_it_and_confirms_when_it_is_silent():
+    m = lone(5, witness_config())  # 4 others than the suspect: all witness
+    out = m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    assert MemberSuspect("p0", "p0:1", 1) in out
+    pings = sends(out, Ping)
+    assert [(a.to, a.message.target) for a in pings] == [("p0", "p0")]
+    # it is told it is suspected, so a live member refutes at once
+    assert [(a.to, a.message) for a in sends(out, Suspect)] == [("p0", Suspect(1, "p0", "me"))]
+    assert m.stats["witness_probes"] == 1
+    m.take_broadcasts()
+    # no ack in probe_timeout: helpers are asked, as in our own probes
+    out = m.tick(0.5)
+    helpers = [a for a in sends(out, IndirectPing) if a.message.seq == pings[0].message.seq]
+    assert len(helpers) == 3 and all(a.message.target == "p0" for a in helpers)
+    # nobody reached it by the end of the probe: our own confirmation
+    m.tick(1.0)
+    assert m.stats["witness_confirmed"] == 1
+    assert Suspect(1, "p0", "me") in m.take_broadcasts()
+
+
+def test_witness_probe_answered_confirms_nothing():
+    m = lone(5, witness_config())
+    out = m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    (ping,) = sends(out, Ping)
+    m.take_broadcasts()
+    m.receive(0.01, "p0:1", Ack(ping.message.seq))
+    m.tick(2.0)
+    assert m.stats["witness_confirmed"] == 0
+    assert m.member("p0").rtt == pytest.approx(0.01)
+    assert not any(isinstance(b, Suspect) for b in m.take_broadcasts())
+
+
+def test_witness_probe_of_a_refuted_member_confirms_nothing():
+    m = lone(5, witness_config())
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    m.receive(0.2, "p0:1", Alive(2, "p0", "p0:1"))
+    m.take_broadcasts()
+    m.tick(2.0)
+    assert m.stats["witness_confirmed"] == 0
+    assert m.member("p0").state is MemberState.ALIVE
+
+
+def test_about_suspicion_witnesses_members_witness_in_a_large_clan():
+    cfg = witness_config(suspicion_witnesses=8)
+    probing = 0
+    for seed in range(40):
+        m = lone(101, cfg, seed=seed)
+        probing += len(sends(m.receive(0.0, "x", Suspect(1, "p0", "x")), Ping))
+    # each of 100 members (not the suspect) would probe with p = 8/100:
+    # 40 trials of one member, expected 3.2 -- far from all 40, and not none
+    # over more seeds
+    assert probing < 15
+    many = sum(
+        len(sends(lone(101, cfg, seed=s).receive(0.0, "x", Suspect(1, "p0", "x")), Ping))
+        for s in range(400)
+    )
+    assert 16 <= many <= 50  # binomial(400, 0.08): mean 32
+
+
+def test_our_own_suspicion_starts_no_witness_probe():
+    m = lone(5, witness_config())
+    m.receive(0.0, "p0:1", Alive(1, "p0", "p0:1"))
+    out = m.receive(0.0, "x", Suspect(1, "p0", "me"))
+    assert sends(out, Ping) == []
+    assert m.stats["witness_probes"] == 0
+
+
+def test_witness_probes_are_bounded_under_a_flood_of_suspicions():
+    m = lone(60, witness_config())  # p = 8/58 per suspicion; force all
+    m._rng.random = lambda: 0.0
+    for i in range(50):
+        m.receive(0.0, "x", Suspect(1, f"p{i}", "x"))
+    assert m.stats["witness_probes"] == MAX_WITNESS_PROBES
+    assert m.stats["witness_overflow"] == 50 - MAX_WITNESS_PROBES
+    assert len(m._witness) == MAX_WITNESS_PROBES
+    m.tick(5.0)
+    assert not m._witness
+
+
+def others_answer(now, send):
+    """Everyone but p0 acks (so our own health stays good)."""
+    return Ack(send.message.seq) if send.to != "p0" else None
+
+
+def everyone_answers(now, send):
+    return Ack(send.message.seq)
+
+
+def step(m, until, dt=0.01, answer=others_answer):
+    """Tick `m` in small steps up to `until`; (time, action) of everything.
+    `answer(now, send)` may return an Ack to feed back for a Ping."""
+    got = []
+    now = m._now
+    while now < until - 1e-9:
+        now = min(until, now + dt)
+        for a in m.tick(now):
+            got.append((now, a))
+            if answer is not None and isinstance(a, Send) and isinstance(a.message, Ping):
+                reply = answer(now, a)
+                if reply is not None:
+                    m.receive(now, a.addr, reply)
+            elif isinstance(a, Send) and isinstance(a.message, IndirectPing):
+                # helpers are alive: they nack, so our own health stays good
+                m.receive(now + 0.5, a.addr, Nack(a.message.seq))
+    return got
+
+
+def test_unconfirmed_suspicion_is_checked_at_the_nominal_timeout_and_before_death():
+    m = lone(5, GossipConfig(push_pull_interval=0.0, suspicion_witnesses=0))
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))  # 6 members: nominal 4 s, max 24 s
+    got = step(m, 30.0)
+    told = [t for t, a in got if isinstance(a, Send) and a.message == Suspect(1, "p0", "me")]
+    # at the nominal timeout we probe it ourselves and tell it; its silence is
+    # our confirmation (the Lifeguard timer shrinks); before acting on that
+    # under-confirmed timer we check once more, a whole probe
+    assert any(t == pytest.approx(4.0, abs=0.011) for t in told)
+    dead = [t for t, a in got if isinstance(a, MemberDead)]
+    assert len(dead) == 1 and dead[0] < 24.0
+    assert told[-1] == pytest.approx(dead[0] - 1.0, abs=0.011)
+    assert m.stats["suspicion_checks"] == 1 and m.stats["final_checks"] == 1
+
+
+def test_a_suspicion_that_missed_the_refutation_is_cleared_by_our_check():
+    m = lone(5, GossipConfig(push_pull_interval=0.0, suspicion_witnesses=0))
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+
+    got = step(m, 4.05, answer=everyone_answers)
+    # it answered our check, and (having refuted long ago) tells us directly
+    assert any(isinstance(a, Send) and a.message == Suspect(1, "p0", "me") for _, a in got)
+    m.receive(4.06, "p0:1", Alive(2, "p0", "p0:1"))
+    assert not any(isinstance(a, MemberDead) for _, a in step(m, 40.0, answer=everyone_answers))
+    assert m.member("p0").state is MemberState.ALIVE
+
+
+def test_a_final_check_that_reaches_the_member_waits_for_its_refutation():
+    m = lone(5, GossipConfig(push_pull_interval=0.0, suspicion_witnesses=0))
+    m.receive(0.0, "x", Suspect(1, "p0", "x"))
+    step(m, 6.0)  # the check at 4 s went unanswered: our confirmation
+    final = m._suspicions["p0"].deadline
+    assert 6.0 < final < 24.0
+    step(m, final - 0.01)
+    answered = []
+
+    def p0_answers(now, send):
+        if send.to == "p0":
+            answered.append(now)
+        return Ack(send.message.seq)
+
+    got = step(m, 14.0, answer=p0_answers)
+    # the final check reached it: no death; checked again each probe interval
+    assert not any(isinstance(a, MemberDead) for _, a in got)
+    assert answered[0] == pytest.approx(final, abs=0.011)
+    assert any(t == pytest.approx(answered[0] + 1.0, abs=0.011) for t in answered)
+    assert m.stats["final_checks"] >= 2
+    # its refutation arrives: the suspicion is over
+    m.receive(14.0, "p0:1", Alive(2, "p0", "p0:1"))
+    after = step(m, 40.0, dt=0.1, answer=everyone_answers)
+    assert not any(isinstance(a, MemberDead) for _, a in after)
+    assert m.member("p0").state is MemberState.ALIVE
+
+
+def test_a_confirmed_suspicion_is_not_checked_again():
     m = lone(5)
     m.receive(0.0, "x", Suspect(1, "p0", "x"))
-    assert all(not isinstance(a, MemberDead) for a in m.tick(23.99))
-    assert m.member("p0").state is MemberState.SUSPECT
-    assert any(isinstance(a, MemberDead) for a in m.tick(24.0))
+    m.receive(0.1, "y", Suspect(1, "p0", "p1"))
+    m.receive(0.2, "y", Suspect(1, "p0", "p2"))
+    out = m.tick(4.0)
+    assert MemberDead("p0", "p0:1", 1) in out
+    assert m.stats["final_checks"] == 0
 
 
 def test_refuting_alive_cancels_the_suspicion_timer():

@@ -23,6 +23,7 @@ from clanagent.gossip.events import (
     MemberState,
     MemberSuspect,
     MemberUpdated,
+    Send,
     Suspect,
 )
 from clanagent.gossip.membership import (
@@ -149,7 +150,11 @@ def expected_rule(view: View, msg: StateMsg, v: Variant):
 def membership_in(view: View) -> tuple[Membership, str]:
     """A Membership whose view of the member "x" (or of itself) is `view`,
     with incarnation OURS, address x:1 and meta b"m"; and that member's id."""
-    cfg = GossipConfig(push_pull_interval=0.0, dead_node_reclaim_time=RECLAIM)
+    # (No witness probes: they are a side effect of a new suspicion, tested
+    # in test_membership.py, not a transition.)
+    cfg = GossipConfig(
+        push_pull_interval=0.0, dead_node_reclaim_time=RECLAIM, suspicion_witnesses=0
+    )
     if view in (View.SELF, View.SELF_LEFT):
         m = Membership(cfg, "x", "x:1", random.Random(1), 0.0, b"m", incarnation=OURS)
     else:
@@ -204,8 +209,20 @@ def test_membership_does_what_the_table_says(view: View, msg: StateMsg, v: Varia
     after = m.member(x)
     gossiped = m.take_broadcasts()
 
+    # Besides the transition: a Suspect about us that its accuser sent us
+    # itself is answered directly with our (possibly new) incarnation.
+    direct = [a for a in out if isinstance(a, Send)]
+    out = [a for a in out if not isinstance(a, Send)]
+    if view is View.SELF and msg is StateMsg.SUSPECT and not v.from_x:
+        assert direct == [Send("p3", "x:1", Alive(m.incarnation, x, "x:1", b"m"))]
+    else:
+        assert direct == []
+
     # The rule's counter, and no other.
-    changed_stats = {k for k in m.stats if m.stats[k] != stats.get(k)} - {"refutes"}
+    changed_stats = {k for k in m.stats if m.stats[k] != stats.get(k)} - {
+        "refutes",
+        "refute_direct",
+    }
     assert changed_stats == ({rule.count} if rule.count else set())
     # The node's cheap pre-checks skip only what the table ignores (or a
     # confirmation that is no news).

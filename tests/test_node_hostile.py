@@ -57,6 +57,49 @@ def test_suspect_with_a_list_as_from_node_is_dropped_and_the_node_keeps_working(
     assert _acks(n0.receive(router.now, "n1", ping, from_node=n1.node_id))
 
 
+def test_a_flood_of_suspicions_makes_a_node_probe_a_bounded_number_of_members():
+    """A hostile member accuses every other member at once: each accusation
+    may make us a witness (we probe the suspect), but never more than
+    MAX_WITNESS_PROBES at a time, and nobody is declared dead for it."""
+    from clanagent.gossip.membership import MAX_WITNESS_PROBES
+    from clanagent.wire import unpack
+
+    router, nodes = make_nodes(40, config=GossipConfig.lan())
+    router.run_until(8.0)
+    n0, n1 = nodes["n0"], nodes["n1"]
+    n0.membership._rng.random = lambda: 0.0  # worst case: witness every time
+    items = [
+        _item(MsgType.SUSPECT, [node.incarnation, node.node_id, n1.node_id])
+        for name, node in nodes.items()
+        if name not in ("n0", "n1")
+    ]
+    out = n0.receive(router.now, "n1", compound(items), from_node=n1.node_id)
+    pinged = {
+        a.node_id for a in _acks(out) for mtype, _ in unpack(a.data)[1] if mtype == MsgType.PING
+    }
+    assert len(pinged) == MAX_WITNESS_PROBES
+    assert n0.membership.stats["witness_overflow"] == len(items) - MAX_WITNESS_PROBES
+    router.handle("n0", out)
+    router.run_until(router.now + 30.0)
+    assert all(n0.member_state(node.node_id) == "alive" for node in nodes.values())
+
+
+def test_forged_accusations_about_us_get_no_answers_and_real_ones_one_each():
+    """Suspects about us are answered directly only when the accuser itself
+    sent them: a member forging accusers cannot make us send for them."""
+    router, nodes = make_nodes(4)
+    router.run_until(3.0)
+    n0, n1 = nodes["n0"], nodes["n1"]
+    others = [nodes[f"n{i}"].node_id for i in (2, 3)]
+    forged = [_item(MsgType.SUSPECT, [1, n0.node_id, who]) for who in others * 20]
+    n0.receive(router.now, "n1", compound(forged), from_node=n1.node_id)
+    assert n0.membership.stats["refute_direct"] == 0
+    own = [_item(MsgType.SUSPECT, [1, n0.node_id, n1.node_id])] * 20
+    out = n0.receive(router.now, "n1", compound(own), from_node=n1.node_id)
+    assert n0.membership.stats["refute_direct"] == 20  # one answer per accusation sent
+    assert all(a.node_id == n1.node_id for a in _acks(out))
+
+
 def test_an_internal_fault_drops_the_rest_of_the_datagram_counts_and_logs_once(monkeypatch, caplog):
     router, nodes = make_nodes(2)
     router.run_until(2.0)

@@ -136,3 +136,46 @@ def test_awareness_of_one_never_scales():
 def test_awareness_rejects_bad_max():
     with pytest.raises(ValueError):
         Awareness(0)
+
+
+def test_a_quorum_ends_the_timer_quorum_timeout_after_it_began():
+    s = Suspicion("a", 2, 12.0, 72.0, now=100.0, quorum=3, quorum_timeout=2.0)
+    assert s.wanted == 3
+    s.confirm("b", now=100.5)
+    s.confirm("c", now=100.6)
+    assert s.deadline == pytest.approx(112.0)  # Lifeguard's minimum (k = 2 reached)
+    assert s.confirm("d", now=101.0) is True  # counted past k: the quorum wants it
+    assert s.deadline == pytest.approx(102.0)
+    assert s.confirm("e", now=101.1) is False  # nothing more to learn
+    assert s.n == 3
+
+
+def test_a_late_quorum_fires_at_once_and_never_later_than_lifeguard():
+    s = Suspicion("a", 2, 4.0, 24.0, now=0.0, quorum=3, quorum_timeout=2.0)
+    for who, t in (("b", 1.0), ("c", 2.0)):
+        s.confirm(who, now=t)
+    assert s.deadline == pytest.approx(4.0)
+    s.confirm("d", now=3.0)
+    assert s.deadline == pytest.approx(2.0)  # already past: fire now
+    # a quorum timeout longer than Lifeguard's never delays it
+    s = Suspicion("a", 2, 4.0, 24.0, now=0.0, quorum=3, quorum_timeout=30.0)
+    for who in "bcd":
+        s.confirm(who, now=1.0)
+    assert s.deadline == pytest.approx(4.0)
+
+
+def test_the_originator_and_repeats_do_not_make_a_quorum():
+    s = Suspicion("a", 2, 4.0, 24.0, now=0.0, quorum=2, quorum_timeout=1.0)
+    assert s.has_confirmed("a")
+    assert s.confirm("a", now=0.1) is False
+    assert s.confirm("b", now=0.2) is True
+    assert s.confirm("b", now=0.3) is False
+    assert s.n == 1
+    assert s.deadline > 1.0
+
+
+def test_quorum_rejects_negative_settings():
+    with pytest.raises(ValueError):
+        Suspicion("a", 1, 1.0, 2.0, 0.0, quorum=-1)
+    with pytest.raises(ValueError):
+        Suspicion("a", 1, 1.0, 2.0, 0.0, quorum=1, quorum_timeout=-1.0)

@@ -21,6 +21,8 @@ _INT_FIELDS = (
     "retransmit_mult",
     "suspicion_mult",
     "suspicion_max_timeout_mult",
+    "suspicion_quorum",
+    "suspicion_witnesses",
     "awareness_max_multiplier",
     "gossip_nodes",
     "packet_size",
@@ -51,6 +53,16 @@ class GossipConfig:
     # nobody does (Lifeguard).
     suspicion_mult: int = 4
     suspicion_max_timeout_mult: int = 6
+    # Ours, after Rapid's "alerts from several observers": once
+    # `suspicion_quorum` members besides the first have confirmed a suspicion
+    # (each failed to reach the member directly and through helpers), it ends
+    # `suspicion_quorum_timeout` after it began, if that is sooner than the
+    # Lifeguard timer (0 turns the rule off).  To gather those confirmations
+    # fast, about `suspicion_witnesses` members that hear of a suspicion probe
+    # the suspect themselves at once, and tell it, so a live one refutes.
+    suspicion_quorum: int = 3
+    suspicion_quorum_timeout: float = 2.0
+    suspicion_witnesses: int = 8
     # Lifeguard: the probe interval stretches up to this factor while we
     # believe we are the slow one.
     awareness_max_multiplier: int = 8
@@ -103,6 +115,9 @@ class GossipConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("suspicion_quorum", "suspicion_witnesses"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if self.packet_size < 512:
             raise ValueError("packet_size must be >= 512")
 
@@ -120,6 +135,7 @@ class GossipConfig:
             cls(),
             stream_timeout=30.0,
             suspicion_mult=6,
+            suspicion_quorum_timeout=10.0,
             push_pull_interval=60.0,
             probe_timeout=3.0,
             probe_interval=5.0,

@@ -72,6 +72,7 @@ __all__ = [
     "MemberState",
     "BroadcastSink",
     "MAX_RELAYS",
+    "MAX_WITNESS_PROBES",
     "View",
     "StateMsg",
     "Guard",
@@ -85,6 +86,9 @@ BroadcastSink = Callable[[str, Message], None]
 # Indirect probes we run for others at once; more are dropped, so a flood of
 # IndirectPing requests cannot grow our memory without bound.
 MAX_RELAYS = 1024
+# Witness probes (of members others suspect) we run at once; a flood of
+# suspicions about many members cannot make us probe more than this.
+MAX_WITNESS_PROBES = 16
 
 _ALIVE = MemberState.ALIVE
 _SUSPECT = MemberState.SUSPECT
@@ -243,6 +247,9 @@ _VIEW_OF_STATE = {
 _T_SUSPICION = 0
 _T_RELAY_NACK = 1
 _T_RELAY_EXPIRE = 2
+_T_SUSPICION_CHECK = 3
+_T_WITNESS_INDIRECT = 4
+_T_WITNESS_END = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +357,8 @@ class Membership:
         self._from_node: str | None = None  # authenticated sender of the message in hand
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
+        # Our probes of members someone else suspects, by sequence number.
+        self._witness: dict[int, _Probe] = {}
         self._suspicions: dict[str, Suspicion] = {}
         # (when, tie-breaker, kind, key, Suspicion or _Relay); see tick().
         self._timers: list[tuple[float, int, int, Any, Any]] = []
@@ -370,6 +379,12 @@ class Membership:
             "unrefutable": 0,
             "refutes": 0,
             "address_moved": 0,
+            "witness_probes": 0,
+            "witness_confirmed": 0,
+            "witness_overflow": 0,
+            "suspicion_checks": 0,
+            "final_checks": 0,
+            "refute_direct": 0,
         }
         self._handlers: dict[type, Callable[[Message, str, float, list[Action]], None]] = {
             Ping: self._on_ping,
@@ -438,6 +453,15 @@ class Membership:
             if kind == _T_SUSPICION:
                 if self._suspicions.get(key) is obj and obj.deadline <= now:
                     self._suspicion_expired(key, now, out)
+            elif kind == _T_SUSPICION_CHECK:
+                if self._suspicions.get(key) is obj:
+                    self._suspicion_check(key, obj, now, out)
+            elif kind >= _T_WITNESS_INDIRECT:
+                if self._witness.get(key) is obj:
+                    if kind == _T_WITNESS_INDIRECT:
+                        self._start_indirect(obj, out)
+                    else:
+                        self._witness_failed(obj, now, out)
             elif self._relays.get(key) is obj:
                 if kind == _T_RELAY_NACK:
                     if obj.want_nack:
@@ -477,6 +501,7 @@ class Membership:
             return out
         self._left = True
         self._probe = None
+        self._witness.clear()
         me = self._nodes[self.self_id]
         self._broadcast(self.self_id, Dead(me.incarnation, self.self_id, self.self_id))
         self._set_state(me, _LEFT, now)
@@ -535,12 +560,14 @@ class Membership:
         no longer need, or a member that is neither alive nor suspected."""
         if type(incarnation) is not int or type(node_id) is not str or type(from_node) is not str:
             return False
+        if node_id == self.self_id:
+            return False  # about us: we may owe the accuser an answer
         node = self._nodes.get(node_id)
         if node is None or incarnation < node.incarnation:
             return True
         timer = self._suspicions.get(node_id)
         if timer is not None:
-            return timer.n >= timer.k or from_node in timer._confirmed
+            return timer.n >= timer.wanted or timer.has_confirmed(from_node)
         return node.state is not _ALIVE
 
     def member(self, node_id: str) -> MemberInfo | None:
@@ -709,6 +736,21 @@ class Membership:
         if relay is not None:
             out.append(Send(relay.requester, relay.requester_addr, Ack(relay.requester_seq)))
             return
+        witness = self._witness.pop(msg.seq, None)
+        if witness is not None:
+            # It answered us: no confirmation from here (only the member
+            # itself can clear the suspicion, and we told it about it).
+            node = witness.node
+            if from_addr == node.addr:
+                node.rtt = now - witness.sent_at
+            timer = self._suspicions.get(node.id)
+            if timer is not None and timer.checked:
+                # Our final check reached it: give its refutation a probe
+                # interval, then check again rather than declare it dead.
+                timer.checked = False
+                timer.postpone(now + self.config.probe_interval)
+                self._push_timer(timer.deadline, _T_SUSPICION, node.id, timer)
+            return
         self.stats["unknown_ack"] += 1
 
     def _on_nack(self, msg: Nack, from_addr: str, now: float, out: list[Action]) -> None:
@@ -724,6 +766,22 @@ class Membership:
 
     def _on_suspect_msg(self, msg: Suspect, from_addr: str, now: float, out: list[Action]) -> None:
         self._on_suspect(msg, now, out)
+        if msg.node == self.self_id and not self._left:
+            # The accuser itself told us (not a gossiped copy): answer it
+            # directly too, so a member that missed our refutation learns it
+            # from us, whatever incarnation it suspected.
+            accuser = self._nodes.get(msg.from_node)
+            direct = (
+                self._from_node == msg.from_node
+                if self._from_node is not None
+                else accuser is not None and accuser.addr == from_addr
+            )
+            if direct and msg.from_node != self.self_id:
+                me = self._nodes[self.self_id]
+                self.stats["refute_direct"] += 1
+                out.append(
+                    Send(msg.from_node, from_addr, Alive(me.incarnation, me.id, me.addr, me.meta))
+                )
 
     def _on_dead_msg(self, msg: Dead, from_addr: str, now: float, out: list[Action]) -> None:
         self._on_dead(msg, now, out)
@@ -829,16 +887,102 @@ class Membership:
             k = 0
         low = cfg.suspicion_timeout(n)
         high = cfg.suspicion_max_timeout_mult * low
-        timer = Suspicion(s.from_node, k, low, high, now)
+        # The quorum needs that many members besides us, the suspect and the
+        # one who raised it.
+        quorum = cfg.suspicion_quorum if n - 3 >= cfg.suspicion_quorum else 0
+        timer = Suspicion(
+            s.from_node,
+            k,
+            low,
+            high,
+            now,
+            quorum=quorum,
+            quorum_timeout=cfg.suspicion_quorum_timeout,
+        )
         self._suspicions[s.node] = timer
         self._push_timer(timer.deadline, _T_SUSPICION, s.node, timer)
+        if now + low < timer.deadline:
+            self._push_timer(now + low, _T_SUSPICION_CHECK, s.node, timer)
         out.append(MemberSuspect(node.id, node.addr, node.incarnation))
+        if s.from_node != self.self_id and quorum:
+            self._maybe_witness(node, now, out)
+
+    def _maybe_witness(self, node: _Node, now: float, out: list[Action]) -> None:
+        """Probe a member someone else suspects, with a chance chosen so that
+        about `suspicion_witnesses` members do: a failure is our independent
+        confirmation; the Suspect we send it lets a live member refute."""
+        cfg = self.config
+        others = len(self._probe_list) - 2  # not us, not the suspect
+        if cfg.suspicion_witnesses <= 0 or others <= 0:
+            return
+        if others > cfg.suspicion_witnesses and (
+            self._rng.random() * others >= cfg.suspicion_witnesses
+        ):
+            return
+        probe = self._probe
+        if probe is not None and probe.node is node:
+            return  # our own round is probing it already
+        self._start_witness(node, now, out)
+
+    def _start_witness(self, node: _Node, now: float, out: list[Action]) -> _Probe | None:
+        """Probe `node` outside our round and tell it it is suspected."""
+        cfg = self.config
+        if len(self._witness) >= MAX_WITNESS_PROBES:
+            self.stats["witness_overflow"] += 1
+            return None
+        seq = self._next_seq()
+        end = now + self._awareness.scale_timeout(cfg.probe_interval)
+        witness = _Probe(seq, node, node.incarnation, now, now + cfg.probe_timeout, end)
+        self._witness[seq] = witness
+        self.stats["witness_probes"] += 1
+        self._push_timer(witness.timeout_at, _T_WITNESS_INDIRECT, seq, witness)
+        self._push_timer(end, _T_WITNESS_END, seq, witness)
+        out.append(Send(node.id, node.addr, Ping(seq, node.id, self.self_id, self.self_addr)))
+        out.append(Send(node.id, node.addr, Suspect(node.incarnation, node.id, self.self_id)))
+        return witness
+
+    def _witness_failed(self, probe: _Probe, now: float, out: list[Action]) -> None:
+        del self._witness[probe.seq]
+        node = probe.node
+        if (
+            self._nodes.get(node.id) is node
+            and node.state is _SUSPECT
+            and node.incarnation == probe.incarnation
+        ):
+            self.stats["witness_confirmed"] += 1
+            self._on_suspect(Suspect(probe.incarnation, node.id, self.self_id), now, out)
+
+    def _suspicion_check(
+        self, node_id: str, timer: Suspicion, now: float, out: list[Action]
+    ) -> None:
+        """Lifeguard's nominal timeout passed and too few confirmed: a live
+        member refutes within a second, so perhaps its refutation missed us.
+        Probe it and tell it; it answers us directly.  (Silence only adds our
+        confirmation; the timer still decides.)"""
+        node = self._nodes.get(node_id)
+        if node is None or node.state is not _SUSPECT or self._left:
+            return
+        if self._start_witness(node, now, out) is not None:
+            self.stats["suspicion_checks"] += 1
 
     def _suspicion_expired(self, node_id: str, now: float, out: list[Action]) -> None:
         node = self._nodes.get(node_id)
         if node is None or node.state is not _SUSPECT:
             self._suspicions.pop(node_id, None)
             return
+        timer = self._suspicions[node_id]
+        if not timer.confirmed_enough and not timer.checked and not self._left:
+            # Too few others confirmed: perhaps the member refuted long ago and
+            # the refutation missed us (an epidemic can miss a member, more so
+            # under loss).  Before declaring it dead, probe it ourselves and
+            # tell it; a live member refutes to us directly.
+            timer.checked = True
+            probe = self._start_witness(node, now, out)
+            if probe is not None:
+                self.stats["final_checks"] += 1
+                timer.postpone(probe.end_at)
+                self._push_timer(timer.deadline, _T_SUSPICION, node_id, timer)
+                return
         self._on_dead(Dead(node.incarnation, node_id, self.self_id), now, out)
 
     def _on_dead(self, d: Dead, now: float, out: list[Action]) -> None:
@@ -934,6 +1078,10 @@ class Membership:
         when, _, kind, key, obj = entry
         if kind == _T_SUSPICION:
             return self._suspicions.get(key) is obj and obj.deadline == when
+        if kind == _T_SUSPICION_CHECK:
+            return self._suspicions.get(key) is obj and not obj.confirmed_enough
+        if kind >= _T_WITNESS_INDIRECT:
+            return self._witness.get(key) is obj
         return self._relays.get(key) is obj
 
     def _not_alive_peer(self, n: _Node) -> bool:
