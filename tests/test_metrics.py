@@ -279,6 +279,9 @@ async def test_two_agents_report_every_part_over_the_socket_and_http(tmp_path):
             assert value(got, "clanagent_members", state="alive") == 2
             assert value(got, "clanagent_members", state="dead") == 0
             assert value(got, "clanagent_in_clan") == 1
+            assert value(got, "clanagent_membership_refutations_total") == 0
+            for why in ("witness", "check", "final"):
+                assert value(got, "clanagent_membership_suspect_probes_total", why=why) == 0
             assert value(got, "clanagent_gossip_messages_total", direction="in") > 0
             assert value(got, "clanagent_gossip_bytes_total", direction="out", type="all") > 0
             assert value(got, "clanagent_gossip_records_total", result="accepted") > 0

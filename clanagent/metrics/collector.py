@@ -220,13 +220,25 @@ class AgentCollector:
         for change, n in sorted(seen.items()):
             changes.add_metric([change], n)
         yield changes
-        membership = getattr(node, "_membership", None)  # no public view of its stats yet
-        mstats = getattr(membership, "stats", None) or {}
+        mstats = dict(node.membership.stats) if node is not None else {}
         yield _counter(
             "clanagent_membership_refutations",
             "Times this node refuted a suspicion or death of itself",
             value=mstats.get("refutes", 0),
         )
+        # Probes of suspected members outside the probe round: as a witness
+        # of another's suspicion, at the nominal timeout of an under-confirmed
+        # one, and before declaring one dead.
+        checks, finals = mstats.get("suspicion_checks", 0), mstats.get("final_checks", 0)
+        probes = _counter(
+            "clanagent_membership_suspect_probes",
+            "Probes of suspected members outside the probe round, by why",
+            labels=["why"],
+        )
+        probes.add_metric(["witness"], max(0, mstats.get("witness_probes", 0) - checks - finals))
+        probes.add_metric(["check"], checks)
+        probes.add_metric(["final"], finals)
+        yield probes
 
     # -- gossip ---------------------------------------------------------------------
 
