@@ -10,7 +10,8 @@ starts three real agents in network namespaces and checks, with the stock
 `ip`, `ping` and `wg`, that they build the mesh through pyroute2's WireGuard
 netlink API: backend choice, pings, `wg show` against the desired state,
 VM /128 routes, an endpoint change, a restart that adopts the interface
-without a flap, and a machine removed from the inventory.  The guest prints
+without a flap, a machine removed from the inventory, and a restart with
+WireGuard turned off that removes the interface the earlier run left.  The guest prints
 one JSON line on the serial console; each test below asserts one property
 of it.  The guest boots once per module (about 2 minutes under TCG).
 
@@ -98,6 +99,11 @@ def test_changed_endpoint_is_applied(guest) -> None:
 
 def test_removed_machine_leaves_every_peer_list(guest) -> None:
     ok, detail = _check(guest, "removed_machine_gone")
+    assert ok, detail
+
+
+def test_wireguard_turned_off_removes_the_interface_left_behind(guest) -> None:
+    ok, detail = _check(guest, "wireguard_off_removes_interface")
     assert ok, detail
 
 

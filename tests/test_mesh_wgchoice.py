@@ -321,3 +321,86 @@ async def test_mesh_reports_the_backend_and_why(tmp_path, monkeypatch) -> None:
     await svc._start_wireguard()
     (row,) = [c for c in svc.capabilities() if c.name == "mesh.wireguard"]
     assert not row.available and row.reason.startswith("no WireGuard: kernel module")
+
+
+# -- a start without a mesh removes what an earlier run left --------------------------------
+
+
+def _leftover(t: Netlink) -> bool:
+    from clanagent.mesh.wgchoice import remove_leftover
+
+    async def go():
+        return await remove_leftover("wg7", OURS, kernel=lambda n: KernelBackend(n, transport=t))
+
+    return trio.run(go)
+
+
+def test_leftover_interface_of_ours_is_removed() -> None:
+    dev = Device(OURS, 51820, {PEER: PeerConfig(PEER, "10.0.0.2:51820", ("fd00::2/128",), 25)})
+    t = Netlink("wireguard", dev)
+    assert _leftover(t) is True
+    assert t.calls == ["get", "del"] and t.kind is None
+    # an unkeyed empty link is ours too (we stopped before the first reconcile)
+    t = Netlink("wireguard", Device(None, 0, {}))
+    assert _leftover(t) is True and t.calls[-1] == "del"
+
+
+@pytest.mark.parametrize(
+    ("kind", "device"),
+    [
+        (None, None),  # nothing there
+        ("veth", None),
+        ("", None),  # a TUN (wireguard-go's, or anyone's)
+        ("wireguard", Device(THEIRS, 51820, {})),
+        ("wireguard", Device(None, 0, {PEER: PeerConfig(PEER, None, ("fd00::2/128",), None)})),
+    ],
+)
+def test_leftover_removal_leaves_what_is_not_ours(kind, device) -> None:
+    t = Netlink(kind, device)
+    assert _leftover(t) is False
+    assert "del" not in t.calls
+
+
+def test_leftover_removal_never_raises() -> None:
+    class Broken(Netlink):
+        def link_kind(self, ifname):
+            raise PermissionError("EPERM")
+
+    assert _leftover(Broken("wireguard")) is False
+
+
+def test_leftover_check_without_such_an_interface_loads_no_netlink() -> None:
+    from clanagent.mesh.wgchoice import remove_leftover
+
+    # no kernel factory given, no netns: the name is looked up with one ioctl
+    assert trio.run(remove_leftover, "clanw-none-zz", OURS) is False
+
+
+async def test_mesh_turned_off_removes_our_leftover_interface(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    import clanagent.mesh.wgchoice as wgchoice
+
+    from .test_mesh_service_ports import World
+
+    asked: list = []
+
+    async def fake_remove(name, private_key):
+        asked.append((name, private_key))
+        return True
+
+    async def never_open(name, private_key):
+        raise AssertionError("a mesh turned off opens no backend")
+
+    monkeypatch.setattr(wgchoice, "remove_leftover", fake_remove)
+    monkeypatch.setattr(wgchoice, "open_backend", never_open)
+    world = World()
+    svc = world.service(tmp_path)
+    svc.cfg = dataclasses.replace(svc.cfg, wireguard=False)
+    await svc._start_wireguard()
+    assert asked == [("clan0", world.ports.identity.wg_private)]
+    (row,) = [c for c in svc.capabilities() if c.name == "mesh.wireguard"]
+    assert not row.available
+    assert "disabled (mesh.wireguard = false)" in row.reason
+    assert "removed clan0 left by an earlier run" in row.reason
+    assert svc.backend is None

@@ -131,7 +131,7 @@ def test_mesh_paths_rtts_and_wireguard_per_peer():
     mesh = types.SimpleNamespace(
         stats={"paths_failed": 3, "probes_sent": 10, "probes_answered": 9, "probes_bad": 1},
         selector=sel,
-        _device=device,
+        device=device,
     )
     got = scrape(fake_sources(mesh=lambda: mesh))
     assert value(got, "clanagent_mesh_path", peer="m2", kind="lan") == 1
@@ -282,6 +282,8 @@ async def test_two_agents_report_every_part_over_the_socket_and_http(tmp_path):
             assert value(got, "clanagent_membership_refutations_total") == 0
             for why in ("witness", "check", "final"):
                 assert value(got, "clanagent_membership_suspect_probes_total", why=why) == 0
+            for q in ("membership", "records", "records_big"):
+                assert value(got, "clanagent_gossip_queue_depth", queue=q) >= 0
             assert value(got, "clanagent_gossip_messages_total", direction="in") > 0
             assert value(got, "clanagent_gossip_bytes_total", direction="out", type="all") > 0
             assert value(got, "clanagent_gossip_records_total", result="accepted") > 0

@@ -728,6 +728,15 @@ class GossipNode:
     def antientropy(self) -> ae.AntiEntropy:
         return self._ae
 
+    def queue_depths(self) -> dict[str, int]:
+        """Broadcasts waiting to be gossiped: membership updates, records
+        small enough to push often, and big ones."""
+        return {
+            "membership": len(self._bq),
+            "records": len(self._rq),
+            "records_big": len(self._rq_big),
+        }
+
     def member_state(self, node_id: str) -> str | None:
         info = self._membership.member(node_id)
         return None if info is None else _STATE_NAMES[info.state]

@@ -414,10 +414,10 @@ class MeshService:
     async def _start_wireguard(self) -> None:
         anchor = self.ports.inventory.anchor
         if not self.cfg.wireguard:
-            self.backend_reason = "disabled (mesh.wireguard = false)"
+            await self._remove_leftover_interface("disabled (mesh.wireguard = false)")
             return
         if anchor is None:
-            self.backend_reason = "not in a clan yet"
+            await self._remove_leftover_interface("not in a clan yet")
             return
         cap = next((c for c in self._capabilities if c.name == "wireguard"), None)
         if cap is not None and not cap.available:
@@ -452,6 +452,28 @@ class MeshService:
             "WireGuard interface up",
             extra=kv(interface=self.cfg.interface, backend=choice.reason, overlay=self.overlay6),
         )
+
+    @property
+    def device(self) -> Any:
+        """The WireGuard interface's state at the last reconcile (a
+        `wireguard.Device`), None before one or without WireGuard."""
+        return self._device
+
+    async def _remove_leftover_interface(self, reason: str) -> None:
+        """A kernel interface outlives the agent (the next start adopts it);
+        a start without a mesh removes it instead, so turning WireGuard off or
+        leaving the clan leaves no tunnels, address or clan route behind.
+        REASON (why there is no mesh) is what status shows, once done."""
+        from .wgchoice import remove_leftover
+
+        removed = await remove_leftover(self.cfg.interface, self.ports.identity.wg_private)
+        self.backend_reason = reason
+        if removed:
+            self.backend_reason += f"; removed {self.cfg.interface} left by an earlier run"
+            log.info(
+                "removed the WireGuard interface an earlier run left",
+                extra=kv(interface=self.cfg.interface, reason=self.backend_reason),
+            )
 
     async def _stop_wireguard(self) -> None:
         for sockets in self._relay_pairs.values():

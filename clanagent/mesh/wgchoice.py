@@ -4,8 +4,10 @@ Owns: `decide` (pure: what the kernel attempt gave, whether wireguard-go
 is there -> a `Choice` with the backend kind and the one-line reason that
 `clanctl status` shows), `open_backend` (the shell: try the kernel first by
 creating -- or adopting -- the interface through netlink, fall back to
-wireguard-go, never fail the agent) and `close_backend` (what the agent's
-stop does to each kind).
+wireguard-go, never fail the agent), `close_backend` (what the agent's
+stop does to each kind) and `remove_leftover` (a start without a mesh --
+WireGuard turned off, or not in a clan -- deletes the kernel interface a
+previous run left, when it is ours).
 
 The probe is the real thing: the kernel is used when it can create a
 WireGuard link (the kernel autoloads the module for that, as for `ip link
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
     "decide",
     "open_backend",
     "close_backend",
+    "remove_leftover",
 ]
 
 KERNEL = "kernel (netlink)"
@@ -139,6 +143,36 @@ async def open_backend(
     except WireGuardError as exc:
         return None, Choice(None, f"{choice.reason}; wireguard-go failed: {exc}")
     return ub, choice
+
+
+async def remove_leftover(
+    name: str,
+    private_key: bytes,
+    *,
+    netns: str | None = None,
+    kernel: Callable[[str], Any] | None = None,
+) -> bool:
+    """The agent runs without a mesh: delete the kernel interface NAME that a
+    previous run left (it outlives the agent on purpose), if it is ours.
+    Never raises: a machine without the module, or without the right to ask,
+    has nothing of ours to remove."""
+    if kernel is None:
+        if netns is None:
+            # Cheap first: most starts without a mesh have no such interface,
+            # and need not load pyroute2 to learn that.
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                return False
+        from .wgnetlink import KernelBackend
+
+        def kernel(n: str) -> Any:
+            return KernelBackend(n, netns=netns)
+
+    try:
+        return bool(await kernel(name).remove_leftover(private_key))
+    except Exception:
+        return False
 
 
 async def close_backend(backend: Any) -> None:

@@ -360,6 +360,23 @@ class KernelBackend:
         kernel keeps forwarding; the next start adopts it) and forget it."""
         self._owned = False
 
+    async def remove_leftover(self, private_key: bytes) -> bool:
+        """The agent starts without a mesh (WireGuard turned off, or not in a
+        clan): delete the interface a previous run left, if it is ours by the
+        same rule as `open` (our private key, or unkeyed and empty).  True
+        when one was deleted; anything else of that name is left alone."""
+        if self._owned:
+            raise WireGuardLocalError(f"{self.name}: in use by this backend")
+        kind = await self._thread(self.transport.link_kind, self.name)
+        if kind != "wireguard":
+            return False
+        dev = parse_device(await self._thread(self.transport.dump, build_get_message(self.name)))
+        unkeyed = dev.private_key in (None, bytes(32)) and not dev.peers
+        if dev.private_key != private_key and not unkeyed:
+            return False
+        await self._thread(self.transport.link_del, self.name)
+        return True
+
     async def destroy(self) -> None:
         if not self._owned:
             raise WireGuardLocalError(

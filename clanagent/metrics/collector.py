@@ -278,10 +278,8 @@ class AgentCollector:
             "Broadcasts waiting to be gossiped, by queue",
             labels=["queue"],
         )
-        for label, attr in (("membership", "_bq"), ("records", "_rq"), ("records_big", "_rq_big")):
-            q = getattr(node, attr, None)  # the node's queues have no public view yet
-            if q is not None:
-                queue.add_metric([label], len(q))
+        for label, depth in (node.queue_depths() if node is not None else {}).items():
+            queue.add_metric([label], depth)
         yield queue
         sessions = _gauge("clanagent_gossip_sessions", "Live peer sessions")
         sessions.add_metric([], gossip.counters().get("sessions", 0) if gossip else 0)
@@ -371,7 +369,7 @@ class AgentCollector:
         if inv is None or ident is None:
             return
         selector = getattr(mesh, "selector", None)
-        device = getattr(mesh, "_device", None)  # the WireGuard state at the last reconcile
+        device = getattr(mesh, "device", None)  # the WireGuard state at the last reconcile
         status = getattr(device, "status", None) or {}
         path = _gauge(
             "clanagent_mesh_path",

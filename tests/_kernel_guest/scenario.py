@@ -460,6 +460,34 @@ def run(c: Clan) -> None:
     notes["peers once without a desired endpoint"] = sorted(no_endpoint)
     notes["m2's paths to m1"] = ctl_json(c.socks[1], "path", "m1")["paths"]
 
+    # -- m2 restarted with WireGuard turned off: the interface it left goes ---------------
+    def has_link(i: int) -> bool:
+        return (
+            sh("ip", "-n", lan.hosts[i], "link", "show", c.ifaces[i], check=False).returncode == 0
+        )
+
+    had = has_link(1)
+    c.stop_agent(1)
+    kept = has_link(1)  # a stop keeps it (the next start would adopt it)
+    cfg = c.homes[1] / "agent.toml"
+    cfg.write_text(cfg.read_text().replace("mdns = true\n", "mdns = true\nwireguard = false\n"))
+    c.start_agent(1)
+    c.wait_socket(1)
+
+    def wg_reason() -> str:
+        caps = {x["name"]: x for x in ctl_json(c.socks[1], "status")["capabilities"]}
+        return caps.get("mesh.wireguard", {}).get("reason", "")
+
+    # (the mesh part reports once it ran its start, a moment after the socket)
+    poll(lambda: "disabled" in wg_reason(), 60, "m2's mesh to report WireGuard off")
+    reason = wg_reason()
+    check(
+        "wireguard_off_removes_interface",
+        had and kept and not has_link(1) and "removed" in reason,
+        {"before stop": had, "after stop": kept, "after start": has_link(1), "reason": reason},
+    )
+    mark("wireguard off")
+
 
 def main() -> None:
     error = None
