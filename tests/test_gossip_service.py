@@ -159,6 +159,31 @@ async def test_a_session_closed_under_the_writer_ends_only_that_link():
     assert scope.cancel_called and link.in_flight == 0
 
 
+def test_a_datagram_for_a_link_whose_writer_ended_is_dropped_not_raised():
+    """Regression (found by the full suite, 2026-12-07): the writer of a
+    link closes its receiving end as it ends, a moment before `_serve_link`
+    takes the link out of the table; a datagram sent in that moment raised
+    BrokenResourceError out of the timer loop and stopped the agent."""
+    from clanagent.gossip.messages import SendTo
+    from clanagent.gossip.service import GossipService, _Link
+
+    class Session:
+        peer_node_id = "y" * 52
+        closed = False
+
+    svc = GossipService.__new__(GossipService)
+    svc.stats = {"dropped": 0}
+    forgotten = []
+    svc._forget = forgotten.append
+    svc._by_addr = {}
+    link = _Link(Session())
+    svc._links = {Session.peer_node_id: link}
+    link.recv.close()  # the writer ended
+    svc._send(SendTo(Session.peer_node_id, "10.0.0.9:7946", b"ping"))
+    assert svc.stats["dropped"] == 1 and link.dropped == 1
+    assert forgotten == [link.session]
+
+
 # -- issue 12: a fault in one peer's connection never stops the agent ----------------
 
 

@@ -603,6 +603,13 @@ class GossipService:
             except trio.WouldBlock:
                 link.dropped += 1
                 self.stats["dropped"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The link's writer ended (its session is closing) a moment
+                # before `_serve_link` takes it out of the table: this one
+                # datagram is lost, like any datagram; the session ends alone.
+                link.dropped += 1
+                self.stats["dropped"] += 1
+                self._forget(link.session)
             return
         if action.addr.startswith("outbound-only:"):
             self.stats["dropped"] += 1
