@@ -976,6 +976,13 @@ def test_about_suspicion_witnesses_members_witness_in_a_large_clan():
     assert 16 <= many <= 50  # binomial(400, 0.08): mean 32
 
 
+def test_a_member_that_left_witnesses_nothing():
+    m = lone(5, witness_config())
+    m.leave(0.0)
+    out = m.receive(0.1, "x", Suspect(1, "p0", "x"))
+    assert sends(out, Ping) == [] and m.stats["witness_probes"] == 0
+
+
 def test_our_own_suspicion_starts_no_witness_probe():
     m = lone(5, witness_config())
     m.receive(0.0, "p0:1", Alive(1, "p0", "p0:1"))

@@ -913,7 +913,7 @@ class Membership:
         confirmation; the Suspect we send it lets a live member refute."""
         cfg = self.config
         others = len(self._probe_list) - 2  # not us, not the suspect
-        if cfg.suspicion_witnesses <= 0 or others <= 0:
+        if cfg.suspicion_witnesses <= 0 or others <= 0 or self._left:
             return
         if others > cfg.suspicion_witnesses and (
             self._rng.random() * others >= cfg.suspicion_witnesses
