@@ -748,6 +748,29 @@ def test_stopped_node_is_suspected_then_declared_dead_by_all_in_time(quorum):
         assert c.nodes[i].m.num_members() == n - 1
 
 
+def test_in_a_clan_of_three_a_stopped_member_is_dead_after_the_minimum_not_the_maximum():
+    # Nobody can confirm (k = 0): memberlist waits the minimum, 4 s (LAN),
+    # not 6 times that; we add one final probe of our own before acting.
+    c = Cluster(3)
+    cfg = c.config
+    c.join_all()
+    c.run_until(5.0)
+    assert all_alive(c)
+    stop_at = c.now
+    c.stop("n2")
+    c.run_until(stop_at + 30.0)
+    for i in ("n0", "n1"):
+        t_susp = c.first_event(i, MemberSuspect, "n2")
+        t_dead = c.first_event(i, MemberDead, "n2")
+        assert t_dead is not None, i
+        if t_susp is not None:
+            assert t_dead <= t_susp + cfg.suspicion_timeout(3) + cfg.probe_interval + 0.1
+    # both probe n2 within a round: 2 probe intervals, then the timer, the check
+    latest = max(c.first_event(i, MemberDead, "n2") for i in ("n0", "n1"))
+    assert latest < stop_at + 3 * cfg.probe_interval + cfg.suspicion_timeout(3) + 1.0
+    assert latest < stop_at + cfg.suspicion_max_timeout(3)
+
+
 def test_suspected_live_node_refutes_with_higher_incarnation():
     c = Cluster(5)
     c.join_all()

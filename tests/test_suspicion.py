@@ -85,11 +85,13 @@ def test_confirmations_beyond_k_are_refused():
     assert s.n == 2
 
 
-def test_k_zero_means_max_timeout_and_no_confirmations():
+def test_k_zero_means_min_timeout_and_no_confirmations():
+    # memberlist newSuspicion: "If there aren't any confirmations to be made
+    # then take the min time from the start."
     s = Suspicion("a", 0, 4.0, 24.0, now=5.0)
-    assert s.deadline == 29.0
+    assert s.deadline == 9.0
     assert s.confirm("b", 6.0) is False
-    assert s.deadline == 29.0
+    assert s.deadline == 9.0
 
 
 def test_suspicion_rejects_bad_bounds():

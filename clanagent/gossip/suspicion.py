@@ -87,7 +87,9 @@ class Suspicion:
         # too few confirmed (see Membership._suspicion_expired).
         self.checked = False
         self._confirmed = {from_node}
-        self._deadline = now + max_timeout
+        # With nobody to confirm (k = 0: too few members), waiting for
+        # confirmations is pointless: the minimum from the start, as memberlist.
+        self._deadline = now + (max_timeout if k >= 1 else min_timeout)
 
     @property
     def wanted(self) -> int:
@@ -132,7 +134,7 @@ class Suspicion:
                 min(self.n, self.k), self.k, elapsed, self.min_timeout, self.max_timeout
             )
         else:
-            remaining = self.max_timeout - elapsed
+            remaining = self.min_timeout - elapsed
         if self.quorum and self.n >= self.quorum:
             remaining = min(remaining, self.quorum_timeout - elapsed)
         # A negative remainder means "fire now": the deadline is already past.
