@@ -27,6 +27,7 @@ a machine).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -156,13 +157,23 @@ def min_interval_for(machines: int) -> float:
     return max(MIN_INTERVAL, PER_MACHINE * machines)
 
 
+def check_interval_for(machines: int) -> float:
+    """Seconds between two looks at our own links in a clan of `machines`:
+    a tenth of the shortest time between two publications (a look costs
+    O(machines), and a change could not go out sooner anyway); member
+    changes wake the publisher at once whatever this is."""
+    return max(CHECK_INTERVAL, min_interval_for(machines) / 10)
+
+
 def refresh_for(machines: int) -> float:
     """Seconds between two publications of an unchanged view in a clan of `machines`."""
     return min(MAX_REFRESH, max(REFRESH, REFRESH_PER_MACHINE * machines))
 
 
+@functools.lru_cache(maxsize=4096)
 def classify_addr(addr: str) -> str:
-    """lan / public / tor / other for a gossip HOST:PORT address."""
+    """lan / public / tor / other for a gossip HOST:PORT address (cached:
+    every look at our links classifies every member's address)."""
     host = addr.rpartition(":")[0].strip("[]") if ":" in addr else addr
     if host.endswith(".onion"):
         return "tor"
@@ -301,6 +312,7 @@ class TopologyService:
             min_interval=MIN_INTERVAL, refresh=REFRESH, rng=rng or random.Random()
         )
         self.stats = {"published": 0, "held": 0, "bad_records": 0}
+        self._check_every = CHECK_INTERVAL
         self._wakeup = trio.Event()
         # machine name -> node id for the inventory doc it was computed from
         # (a doc is never changed in place): hashed once per inventory
@@ -373,6 +385,7 @@ class TopologyService:
         if inv is None:
             return False
         n = len(inv.doc["machines"])
+        self._check_every = check_interval_for(n)
         self.policy.min_interval = min_interval_for(n)
         self.policy.refresh = refresh_for(n)
         body = self._body()
@@ -402,7 +415,7 @@ class TopologyService:
                 await self.publish_once()
             except Exception as exc:  # never fatal: the next round tries again
                 log.warning("could not publish the topology", extra=kv(error=exc))
-            wait = CHECK_INTERVAL
+            wait = self._check_every
             held = self.policy.hold_until
             if held is not None:
                 # a change waits for min_interval: publish it as soon as it may go

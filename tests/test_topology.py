@@ -20,6 +20,7 @@ from clanagent.topology import (
     STALE,
     TopologyService,
     _bucket,
+    check_interval_for,
     classify_addr,
     compact_links,
     expand_links,
@@ -363,6 +364,37 @@ def test_the_min_interval_grows_with_the_clan_so_its_total_rate_does_not():
         assert len(clan.published[0][1]["links"]) == 2 and clan.published[1][1]["links"] == []
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_big_clan_looks_at_its_links_less_often_than_a_small_one():
+    # a look costs O(machines); a change cannot go out sooner than the min
+    # interval anyway, so the looks are a tenth of it (3 s at least)
+    assert check_interval_for(4) == CHECK_INTERVAL
+    assert check_interval_for(100) == 5.0 and check_interval_for(1000) == 50.0
+    clan = FakeClan(peers=99)
+    service = clan.service(rng=random.Random(5))
+    looks = []
+    real = service.local_links
+
+    def counted():
+        looks.append(trio.current_time())
+        return real()
+
+    service.local_links = counted
+
+    async def main() -> None:
+        with trio.fail_after(500):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run)
+                await trio.sleep(100.0)
+                clan.set_state("m01", "dead")  # a member change wakes it at once
+                await trio.sleep(0.01)
+                assert looks[-1] >= 100.0
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # 100 s every 5 s, plus the first look and the wake: not every 3 s (35)
+    assert 20 <= len(looks) <= 23, len(looks)
 
 
 def test_publish_policy():
