@@ -225,6 +225,22 @@ class NodeMembership:
                 self._gone.pop(row["node_id"], None)
         return rows + [row for nid, row in self._gone.items() if nid not in seen]
 
+    def _note(self, node_id: str) -> None:
+        node = self._node()
+        if node is None:
+            return
+        if self._gone_of is not node:
+            self.rows()  # a new node: start the record afresh
+            return
+        row = node.member_row(node_id)
+        if row is None:
+            return
+        if row["state"] in ("dead", "left"):
+            if node_id in self._gone or len(self._gone) < MAX_GONE:
+                self._gone[node_id] = row
+        else:
+            self._gone.pop(node_id, None)
+
     def synced(self) -> bool:
         node = self._node()
         return node is not None and node.stats.get("ae_synced", 0) > 0
@@ -232,8 +248,15 @@ class NodeMembership:
     def subscribe(self, handler: Callable[[], None]) -> None:
         self._handlers.append(handler)
 
-    def changed(self) -> None:
-        self.rows()  # note who is dead or left now, before the node forgets them
+    def changed(self, node_id: str | None = None) -> None:
+        """A member changed state (`node_id`, when the caller knows which)."""
+        # Note who is dead or left now, before the node forgets them: that
+        # one member when we know which (listing all of them on every change
+        # made a 1000-machine join cost N^2 rows per agent), else everyone.
+        if node_id is None:
+            self.rows()
+        else:
+            self._note(node_id)
         for handler in list(self._handlers):
             try:
                 handler()

@@ -388,7 +388,7 @@ async def test_a_gossip_service_runs_on_explicit_hooks_without_an_agent(tmp_path
             admit_record=lambda rec: rec.origin in members,
             validate=lambda rec: h["checked"].append(rec.kind),
             on_record=lambda rec: h["stored"].append((rec.origin, rec.kind)),
-            on_member_changed=lambda: h["members"].append(1),
+            on_member_changed=lambda node_id: h["members"].append(node_id),
             events=Events(),
         )
 

@@ -93,3 +93,38 @@ def test_a_member_the_node_forgot_keeps_its_last_state_until_it_returns():
     del table["b"]
     node = fake_node()  # a clan change: a new node
     assert view.state("b") is None and [r["node_id"] for r in view.rows()] == ["a"]
+
+
+def test_a_change_of_one_member_notes_that_member_without_listing_all():
+    """A 1000-machine join is 1000 changes: listing every member on each made
+    it N^2 rows per agent. Told which member changed, the view looks at it alone."""
+    from types import SimpleNamespace
+
+    from clanagent.ports import NodeMembership
+
+    table = {f"m{i}": "alive" for i in range(1000)}
+    listed = []
+
+    def members():
+        listed.append(1)
+        return [{"node_id": n, "state": s} for n, s in table.items()]
+
+    def member_row(nid):
+        return None if nid not in table else {"node_id": nid, "state": table[nid]}
+
+    node = SimpleNamespace(member_state=table.get, members=members, member_row=member_row, stats={})
+    view = NodeMembership(lambda: node)
+    view.rows()  # the first look at this node
+    listed.clear()
+    for i in range(1, 1000):
+        view.changed(f"m{i}")
+    assert listed == []
+    table["m7"] = "left"
+    view.changed("m7")
+    del table["m7"]  # reaped
+    assert view.state("m7") == "left"
+    assert listed == []
+    table["m7"] = "alive"  # back
+    view.changed("m7")
+    assert view.state("m7") == "alive"
+    assert [r for r in view.rows() if r["node_id"] == "m7"] == [{"node_id": "m7", "state": "alive"}]

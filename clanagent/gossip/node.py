@@ -742,22 +742,25 @@ class GossipNode:
         return None if info is None else _STATE_NAMES[info.state]
 
     def members(self) -> list[dict[str, Any]]:
-        out = []
-        for info in self._membership.members():
-            out.append(
-                {
-                    "node_id": info.node,
-                    "name": decode_node_meta(info.meta),
-                    "addr": info.addr,
-                    "state": _STATE_NAMES[info.state],
-                    "incarnation": info.incarnation,
-                    "state_change": info.state_change,
-                    "rtt_ms": None if info.rtt is None else round(info.rtt * 1000, 3),
-                    "last_seen": self._last_seen.get(info.node),
-                    "self": info.node == self.node_id,
-                }
-            )
-        return out
+        return [self._row(info) for info in self._membership.members()]
+
+    def member_row(self, node_id: str) -> dict[str, Any] | None:
+        """One member as `members()` lists it (None when we hold nothing)."""
+        info = self._membership.member(node_id)
+        return None if info is None else self._row(info)
+
+    def _row(self, info: Any) -> dict[str, Any]:
+        return {
+            "node_id": info.node,
+            "name": decode_node_meta(info.meta),
+            "addr": info.addr,
+            "state": _STATE_NAMES[info.state],
+            "incarnation": info.incarnation,
+            "state_change": info.state_change,
+            "rtt_ms": None if info.rtt is None else round(info.rtt * 1000, 3),
+            "last_seen": self._last_seen.get(info.node),
+            "self": info.node == self.node_id,
+        }
 
     def counters(self) -> dict[str, int]:
         """The node's stats (a copy): traffic, drops by reason, internal errors."""

@@ -144,7 +144,7 @@ class GossipService:
     """`admit_peer(public_key)` and `admit_record(record)` answer True/False,
     or None to leave it to the configured admitted keys; `validate(record)`
     raises `records.Refusal` for a body we must not take; `on_record(record)`
-    hears every record stored (ours or a peer's); `on_member_changed()` hears
+    hears every record stored (ours or a peer's); `on_member_changed(node_id)` hears
     joins, leaves and failures; `tor()` is our running tor (for onion
     addresses) or None.  All run on the event loop and must not block."""
 
@@ -161,7 +161,7 @@ class GossipService:
         admit_record: Callable[[SignedRecord], bool | None] | None = None,
         validate: Callable[[SignedRecord], None] | None = None,
         on_record: Callable[[SignedRecord], None] | None = None,
-        on_member_changed: Callable[[], None] | None = None,
+        on_member_changed: Callable[[str], None] | None = None,
         events: EventSink | None = None,
         tor: Callable[[], Any] | None = None,
     ) -> None:
@@ -579,7 +579,7 @@ class GossipService:
             self._book_dirty = True
             self._book_changed.set()
         if self._on_member_changed is not None:
-            self._on_member_changed()
+            self._on_member_changed(ev.node_id)
 
     async def _persist(self, records: tuple) -> None:
         assert self.node is not None

@@ -497,7 +497,7 @@ class SimAgent:
                 self.events.publish(
                     f"member.{action.change}", node_id=action.node_id, state=action.state
                 )
-                self.membership.changed()
+                self.membership.changed(action.node_id)
             elif name == "PeerMisbehaved":
                 self.sim.log.misbehaved.append((now, self.addr, action.addr, action.reason))
         self._wakeup.set()
