@@ -385,13 +385,15 @@ def test_bytes_sent_are_split_by_what_they_were_for():
     assert nodes["n1"].stats["bytes_sent_gossip"] > 0
 
 
-def test_big_records_are_pushed_half_as_often_as_small_ones():
-    """A record over BIG_RECORD bytes costs its bytes every time it is pushed:
-    it gets memberlist's plain retransmit budget (anti-entropy brings it to
-    whoever the push missed), a small one twice that."""
+def test_big_soft_records_are_pushed_half_as_often_as_durable_and_small_ones():
+    """A soft record over BIG_RECORD bytes (a topology view) costs its bytes
+    every time it is pushed and is republished anyway: it gets memberlist's
+    plain retransmit budget (anti-entropy brings it to whoever the push
+    missed). A small record, and a big durable one (an inventory edit, which
+    the clan waits for), get twice that."""
     from clanagent.gossip.node import BIG_RECORD, RECORD_RETRANSMIT_FACTOR
 
-    router, nodes = make_nodes(6)
+    router, nodes = make_nodes(6, soft_ttl=lambda kind: 60.0 if kind == "status" else None)
     router.run_until(3.0)
     sent: list[bytes] = []
     handle = router.handle
@@ -403,20 +405,24 @@ def test_big_records_are_pushed_half_as_often_as_small_ones():
         handle(src, actions)
 
     router.handle = spy
-    small, acts = nodes["n1"].publish(router.now, "svc", "small", {"v": "s" * 100})
-    router.handle("n1", acts)
-    big, acts = nodes["n1"].publish(router.now, "svc", "big", {"v": "b" * (2 * BIG_RECORD)})
-    router.handle("n1", acts)
+    n1 = nodes["n1"]
+    recs = {}
+    for name, kind, size in (
+        ("small", "svc", 100),
+        ("big_durable", "svc", 2 * BIG_RECORD),
+        ("big_soft", "status", 2 * BIG_RECORD),
+    ):
+        recs[name], acts = n1.publish(router.now, kind, name, {"v": "b" * size})
+        router.handle("n1", acts)
     router.run_until(router.now + 20.0)
     for node in nodes.values():
-        assert node.store.get(big.origin, "svc", "big") is not None  # it still arrives
-    pushes = {
-        name: sum(rec.signature in data for data in sent)
-        for name, rec in (("small", small), ("big", big))
-    }
-    limit = nodes["n1"].config.retransmit_limit(6)
+        for rec in recs.values():
+            assert node.store.get(rec.origin, rec.kind, rec.key) is not None  # all arrive
+    pushes = {name: sum(rec.signature in data for data in sent) for name, rec in recs.items()}
+    limit = n1.config.retransmit_limit(6)
     assert pushes["small"] == limit * RECORD_RETRANSMIT_FACTOR, pushes
-    assert pushes["big"] == limit, pushes
+    assert pushes["big_durable"] == limit * RECORD_RETRANSMIT_FACTOR, pushes
+    assert pushes["big_soft"] == limit, pushes
 
 
 def test_an_unpushed_refresh_reaches_every_member_by_anti_entropy_about_once_each():

@@ -107,8 +107,8 @@ AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
 EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
-# Records bigger than this (encoded, in bytes) are pushed with the plain
-# membership budget instead (see GossipNode._rq_big).
+# Soft records bigger than this (encoded, in bytes) are pushed with the
+# plain membership budget instead (see GossipNode._rq_big).
 BIG_RECORD = 1024
 # Members we marked dead or left are tried again (a full state exchange, as
 # a join) on a per-member schedule (rejoin.RejoinSchedule): exponential
@@ -241,9 +241,13 @@ class GossipNode:
         self._rq = BroadcastQueue(
             config.retransmit_mult * RECORD_RETRANSMIT_FACTOR, self._num_nodes
         )
-        # Records over BIG_RECORD bytes (a topology view of many machines)
-        # get memberlist's plain budget: their bytes, not their count, are
-        # the cost, and anti-entropy brings them to whoever the push missed.
+        # Soft records over BIG_RECORD bytes (a topology view of many
+        # machines) get memberlist's plain budget: their bytes, not their
+        # count, are the cost, they are republished on their own, and
+        # anti-entropy brings them to whoever the push missed.  Durable ones
+        # (an inventory edit) keep the record budget: with the plain one,
+        # about 1 edit in 50 at N=90 missed a member, which waited for
+        # anti-entropy (up to 87 s; docs/decisions.md).
         self._rq_big = BroadcastQueue(config.retransmit_mult, self._num_nodes)
         # Members we marked dead or left: we keep trying to reach them, so
         # partitions heal (Serf's reconnect) and a restarted member that
@@ -275,6 +279,7 @@ class GossipNode:
             wall_clock=wall_clock,
             soft_ttl=soft_ttl,
         )
+        self._soft_ttl = soft_ttl
         self._scores: OrderedDict[str, _PeerScore] = OrderedDict()
         self._last_seen: dict[str, float] = {}
         self._next_gossip_at = now + rng.random() * config.gossip_interval
@@ -538,7 +543,11 @@ class GossipNode:
                 continue
             item = pack_plain([int(MsgType.RECORD), rec.encode()])
             if len(item) <= _PUSH_MAX:
-                queue = self._rq_big if len(item) > BIG_RECORD else self._rq
+                # Only a big *soft* record (a topology view: republished on
+                # its own) gets the plain budget; a durable one (an inventory
+                # edit: rare, and what the clan waits for) the record budget.
+                soft = self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None
+                queue = self._rq_big if soft and len(item) > BIG_RECORD else self._rq
                 queue.queue(("r", rec.origin, rec.kind, rec.key), item)
                 fresh = True
             else:

@@ -62,7 +62,7 @@ from clanagent.inventory import RECORD_KIND, Anchor, InventoryManager
 from clanagent.inventory.versions import InventoryVersion, OfferStatus
 from clanagent.ports import NodeMembership, Ports
 from clanagent.record_checks import RecordChecker
-from clanagent.records import is_durable
+from clanagent.records import is_durable, soft_ttl
 from clanagent.store import Store
 from clanagent.wire import RECORD_LIMITS, NodeInfo, SignedRecord
 from tests.sim.cluster import peak_rss_mb, seeded_identity
@@ -413,6 +413,7 @@ class SimAgent:
             admit=self.admit_record,
             validate=self.checks.validate,
             wall_clock=self.clock.wall if self.sim.version_floor else None,
+            soft_ttl=soft_ttl,
         )
 
     # -- hooks the gossip node asks (as Agent's) ------------------------------------
