@@ -100,10 +100,8 @@ def placed_on(inv: Any, vm: str) -> frozenset[bytes] | None:
     """Node keys of the machines `inv` places `vm` on; None without an inventory."""
     if inv is None:
         return None
-    from .inventory.select import placement
-
     machines = inv.doc["machines"]
-    return frozenset(machines[m]["node_key"] for m in placement(inv.doc, vm) if m in machines)
+    return frozenset(machines[m]["node_key"] for m in inv.placement(vm) if m in machines)
 
 
 # --------------------------------------------------------------- body schemas

@@ -105,6 +105,16 @@ def test_placement_is_pinned():
     assert placement(doc, "web") == ["m1", "m5"]
 
 
+def test_the_inventory_answers_placement_as_select_does_once_per_version():
+    doc = doc_with(fleet(6), vms__web__count=2)
+    inv = Inventory(doc)
+    assert inv.placement("web") == tuple(placement(doc, "web")) == ("m1", "m5")
+    for m in [*doc["machines"], "nobody"]:
+        assert inv.vms_on(m) == tuple(vms_for(doc, m))
+    assert inv.placement("nope") == () and inv.vms_on("nobody") == ()
+    assert inv.placement("web") is inv.placement("web")  # kept, not recomputed
+
+
 def test_placement_more_count_than_candidates_and_names():
     doc = doc_with(fleet(2), vms__web__count=5)
     assert placement(doc, "web") == ["m0", "m1"]

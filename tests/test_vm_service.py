@@ -203,6 +203,41 @@ def test_an_inventory_change_through_the_port_stops_a_vm_at_once(tmp_path):
     run(main)
 
 
+def test_placement_is_computed_once_per_inventory_version_not_every_tick(tmp_path, monkeypatch):
+    """Placement hashes every candidate machine of every VM (VMs x machines
+    in a clan of 1000): the service computes it when the inventory changes,
+    not on each tick."""
+    from clanagent.inventory import select
+
+    calls: list[str] = []
+    real = select.vms_for
+
+    def counting(doc, machine):
+        calls.append(machine)
+        return real(doc, machine)
+
+    monkeypatch.setattr(select, "vms_for", counting)
+    clan = Clan(tmp_path)
+    svc = clan.service()
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(svc.run)
+                await clan.until(lambda: (clan.status() or {}).get("state") == "running")
+                await trio.sleep(30.0)  # about 15 ticks
+                assert calls == ["m1"]
+                doc = {**clan.doc, "vms": {}}
+                v2 = make_version(doc, [clan.version.hash], int(time.time()), "-", [clan.admin])
+                clan.inventory.offer_version(v2)
+                await clan.until(lambda: clan.host.stopped != [])  # the new placement acted on
+                await trio.sleep(30.0)
+                assert calls == ["m1", "m1"]
+                nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_a_restarted_service_adopts_the_fake_vm(tmp_path):
     clan = Clan(tmp_path)
 

@@ -144,6 +144,9 @@ class Inventory:
         "vms",
         "networks",
         "_by_node_key",
+        "_node_keys",
+        "_placement",
+        "_vms_on",
     )
 
     def __init__(self, doc: dict[str, Any], *, checked: bool = False) -> None:
@@ -177,6 +180,13 @@ class Inventory:
             }
         )
         self._by_node_key = {m.node_key: m for m in self.machines.values()}
+        # Built once: admission asks it for every record that arrives.
+        self._node_keys = frozenset(self._by_node_key)
+        # Placement hashes every candidate machine of a VM (1000 for a VM
+        # placed by a tag every machine has): computed once per inventory,
+        # not on every VM tick and every vm-status record that arrives.
+        self._placement: dict[str, tuple[str, ...]] = {}
+        self._vms_on: dict[str, tuple[str, ...]] = {}
         self.services: Mapping[str, Service] = MappingProxyType(
             {name: _service(name, s) for name, s in sorted(doc["services"].items())}
         )
@@ -192,9 +202,27 @@ class Inventory:
     def machine_by_node_key(self, key: bytes) -> Machine | None:
         return self._by_node_key.get(key)
 
+    def placement(self, vm: str) -> tuple[str, ...]:
+        """The machines that run `vm` (`select.placement`, computed once)."""
+        got = self._placement.get(vm)
+        if got is None:
+            from clanagent.inventory import select
+
+            got = self._placement[vm] = tuple(select.placement(self.doc, vm))
+        return got
+
+    def vms_on(self, machine: str) -> tuple[str, ...]:
+        """The VMs placed on `machine` (`select.vms_for`, computed once)."""
+        got = self._vms_on.get(machine)
+        if got is None:
+            from clanagent.inventory import select
+
+            got = self._vms_on[machine] = tuple(select.vms_for(self.doc, machine))
+        return got
+
     def node_keys(self) -> frozenset[bytes]:
         """The node keys admitted to the clan (every machine of the inventory)."""
-        return frozenset(self._by_node_key)
+        return self._node_keys
 
     def is_admin(self, key: bytes) -> bool:
         return key in self.admins

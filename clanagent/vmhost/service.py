@@ -196,15 +196,11 @@ class VmService:
 
     def _placed_here(self) -> frozenset[str]:
         """The VMs the inventory places on this machine (running or not)."""
-        from ..inventory.select import vms_for
-
         inv = self.ports.inventory.inventory
         me = None if inv is None else inv.machine_by_node_key(self.ports.identity.public_key)
-        return frozenset() if me is None else frozenset(vms_for(inv.doc, me.name))
+        return frozenset() if me is None else frozenset(inv.vms_on(me.name))
 
     def _desired(self) -> tuple[dict[str, VmSpec], dict[str, str]]:
-        from ..inventory.select import vms_for
-
         inv = self.ports.inventory.inventory
         if inv is None:
             return {}, {}
@@ -214,7 +210,7 @@ class VmService:
         host = self._host_limits()
         specs: dict[str, VmSpec] = {}
         errors: dict[str, str] = {}
-        for name in vms_for(inv.doc, me.name):
+        for name in inv.vms_on(me.name):
             try:
                 spec = VmSpec.from_inventory(
                     name, inv.doc["vms"][name], overlay_ip6=_overlay_of(inv, name)
@@ -559,10 +555,8 @@ class VmService:
         inv = self.ports.inventory.inventory
         placed: dict[str, list[str]] = {}
         if inv is not None:
-            from ..inventory.select import placement
-
             for vm in inv.doc["vms"]:
-                placed[vm] = placement(inv.doc, vm)
+                placed[vm] = list(inv.placement(vm))
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for rec in self.ports.store.of_kind(VM_STATUS_KIND):
             if not isinstance(rec.body, dict):
