@@ -130,3 +130,44 @@ def test_an_installed_generation_is_not_written_again_each_round(tmp_path, monke
     monkeypatch.setattr(secrets_service, "REVERIFY", 0.0)
     trio.run(rounds, 1)
     assert len(installs) == 3 and psk.read_bytes() == b"s3cret"
+
+
+def test_member_churn_costs_a_round_per_settle_not_a_round_per_change(tmp_path):
+    """Who is online only decides who generates, after SETTLE of stillness: 100
+    member changes in 5 s make a handful of rounds (each lists every member),
+    not 100, and one round follows SETTLE after the last change."""
+    import trio.testing
+
+    from clanagent.secrets.service import SETTLE
+
+    keys = [bytes([i + 1]) * 32 for i in range(6)]
+    fp = fake_ports(keys)
+    svc = SecretsService(fp.ports, runtime_dir=tmp_path)
+    rounds: list[float] = []
+    real = svc.sync_once
+
+    async def counting() -> None:
+        rounds.append(trio.current_time())
+        await real()
+
+    svc.sync_once = counting
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            await trio.sleep(1.0)
+            start = trio.current_time()
+            del rounds[:]
+            for _ in range(100):
+                svc.member_changed()
+                await trio.sleep(0.05)
+            last = trio.current_time() - 0.05
+            await trio.sleep(2 * SETTLE)
+            churn = [t for t in rounds if t < last + 0.01]
+            assert len(churn) <= 5 * 2 + 2, rounds  # about one per 0.5 s at most
+            after = [t for t in rounds if t > last]
+            assert after and after[0] - last <= SETTLE + 0.6, (last, rounds)
+            assert start < rounds[0]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

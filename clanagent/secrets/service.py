@@ -77,6 +77,10 @@ class SecretsService:
         self._wakeup = trio.Event()
         self._soon = False
         self._membership_changed_at = ports.clock.now()
+        # A member change asks for one round when SETTLE has passed (trio
+        # time), not one at once: see member_changed.
+        self._member_due: float | None = None
+        self._wait: trio.CancelScope | None = None  # the run loop's wait between rounds
         self.errors: dict[str, str] = {}  # instance id -> last generator error
         self.stats = {"generated": 0, "installed": 0, "verified": 0, "removed": 0, "failed": 0}
         # machine name -> node id, for the inventory doc it was computed from
@@ -99,8 +103,20 @@ class SecretsService:
         self._soon = True
 
     def member_changed(self) -> None:
+        """Who is online decides only who generates, and that waits until the
+        membership has been still for SETTLE: so a change asks for one round
+        SETTLE from now, not one at once. (A round lists every member: under
+        churn in a clan of 1000, a round per change was O(N) many times a
+        second on every machine.)"""
         self._membership_changed_at = self.ports.clock.now()
-        self.wake()
+        try:
+            due = trio.current_time() + SETTLE
+        except RuntimeError:  # outside trio (a test's setup): the next round sees it
+            return
+        if self._member_due is None or due < self._member_due:
+            self._member_due = due
+        if self._wait is not None:
+            self._wait.deadline = min(self._wait.deadline, self._member_due)
 
     def _on_record(self, _rec: SignedRecord) -> None:
         self.wake()
@@ -217,13 +233,18 @@ class SecretsService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(self)
         while True:
+            self._member_due = None  # this round sees every change so far
             try:
                 await self.sync_once()
             except Exception as exc:  # never fatal; the next round retries
                 log.warning("secrets round failed", extra=kv(error=exc))
-            with trio.move_on_after(0.5 if self._soon else TICK):
-                self._soon = False
+            deadline = trio.current_time() + (0.5 if self._soon else TICK)
+            self._soon = False
+            if self._member_due is not None:
+                deadline = min(deadline, self._member_due)
+            with trio.CancelScope(deadline=deadline) as self._wait:
                 await self._wakeup.wait()
+            self._wait = None
             self._wakeup = trio.Event()
             await trio.sleep(0.05)
 
