@@ -69,11 +69,20 @@ class BroadcastQueue:
     (sent enough times, replaced, pruned, reset).
     """
 
-    def __init__(self, retransmit_mult: int, num_nodes: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        retransmit_mult: int,
+        num_nodes: Callable[[], int],
+        *,
+        limit: Callable[[int], int] | None = None,
+    ) -> None:
+        """`limit(n)`, when given, is the transmits per broadcast in a clan of
+        `n` instead of `retransmit_limit(retransmit_mult, n)`."""
         if retransmit_mult < 1:
             raise ValueError("retransmit_mult must be at least 1")
         self._mult = retransmit_mult
         self._num_nodes = num_nodes
+        self._limit = limit
         self._by_key: dict[Hashable, _Item] = {}
         # transmit count -> heap of (-id, item): the top is the newest.  Ids are
         # unique, so tuple comparison never reaches the item.
@@ -86,6 +95,8 @@ class BroadcastQueue:
 
     def transmit_limit(self) -> int:
         """The current number of transmits per broadcast (it follows `num_nodes`)."""
+        if self._limit is not None:
+            return max(1, self._limit(self._num_nodes()))
         return retransmit_limit(self._mult, self._num_nodes())
 
     def queue(

@@ -30,7 +30,7 @@ from typing import Any
 from .. import limits as sizes
 from ..wire import SignedRecord, WireError, pack, pack_plain, unpack_shallow
 from . import antientropy as ae
-from .broadcast_queue import BroadcastQueue
+from .broadcast_queue import BroadcastQueue, retransmit_limit
 from .config import GossipConfig, push_pull_scale
 from .events import (
     AeReply,
@@ -107,9 +107,26 @@ AE_BUDGET = sizes.AE_BUDGET  # leaves room for our digest in the same reply
 EAGER_PULL_ROUNDS = 3
 # Records are sent this many times more often than membership updates.
 RECORD_RETRANSMIT_FACTOR = 2
-# Soft records bigger than this (encoded, in bytes) are pushed with the
-# plain membership budget instead (see GossipNode._rq_big).
+# Records bigger than this (encoded, in bytes) are pushed with a smaller
+# budget: memberlist's plain one when soft, DURABLE_MISS's when durable (see
+# GossipNode._rq_big).
 BIG_RECORD = 1024
+# A big durable record (an inventory edit) is pushed often enough that a
+# member misses a version with this chance at most, clan-wide (an epidemic
+# where every member sends a record t times to random members misses a given
+# member with chance about e**-t); anti-entropy brings it to one that did.
+DURABLE_MISS = 1e-3
+
+
+def durable_push_limit(retransmit_mult: int, n: int) -> int:
+    """Transmits of a big durable record in a clan of `n`: memberlist's plain
+    `retransmit_limit`, raised to `ln(n / DURABLE_MISS)` where that is more
+    (clans of 10 to 99, where memberlist's budget is 8 and about 1 edit in
+    50 at N=90 missed a member for up to 87 s)."""
+    aimed = math.ceil(math.log(max(1, n) / DURABLE_MISS))
+    return max(retransmit_limit(retransmit_mult, n), aimed)
+
+
 # Members we marked dead or left are tried again (a full state exchange, as
 # a join) on a per-member schedule (rejoin.RejoinSchedule): exponential
 # backoff with jitter from the push-pull interval (RECONNECT_INTERVAL when
@@ -241,14 +258,17 @@ class GossipNode:
         self._rq = BroadcastQueue(
             config.retransmit_mult * RECORD_RETRANSMIT_FACTOR, self._num_nodes
         )
-        # Soft records over BIG_RECORD bytes (a topology view of many
-        # machines) get memberlist's plain budget: their bytes, not their
-        # count, are the cost, they are republished on their own, and
-        # anti-entropy brings them to whoever the push missed.  Durable ones
-        # (an inventory edit) keep the record budget: with the plain one,
-        # about 1 edit in 50 at N=90 missed a member, which waited for
-        # anti-entropy (up to 87 s; docs/decisions.md).
+        # Records over BIG_RECORD bytes cost their bytes on every push, and
+        # anti-entropy brings them to whoever the push missed.  Soft ones (a
+        # topology view of many machines, republished on their own) get
+        # memberlist's plain budget; durable ones (an inventory edit: what
+        # the clan waits for) enough to miss nobody with odds DURABLE_MISS.
         self._rq_big = BroadcastQueue(config.retransmit_mult, self._num_nodes)
+        self._rq_durable = BroadcastQueue(
+            config.retransmit_mult,
+            self._num_nodes,
+            limit=lambda n: durable_push_limit(config.retransmit_mult, n),
+        )
         # Members we marked dead or left: we keep trying to reach them, so
         # partitions heal (Serf's reconnect) and a restarted member that
         # remembers nobody is found again (see REJOIN_FANOUT).
@@ -543,11 +563,12 @@ class GossipNode:
                 continue
             item = pack_plain([int(MsgType.RECORD), rec.encode()])
             if len(item) <= _PUSH_MAX:
-                # Only a big *soft* record (a topology view: republished on
-                # its own) gets the plain budget; a durable one (an inventory
-                # edit: rare, and what the clan waits for) the record budget.
-                soft = self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None
-                queue = self._rq_big if soft and len(item) > BIG_RECORD else self._rq
+                if len(item) <= BIG_RECORD:
+                    queue = self._rq
+                elif self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None:
+                    queue = self._rq_big
+                else:
+                    queue = self._rq_durable
                 queue.queue(("r", rec.origin, rec.kind, rec.key), item)
                 fresh = True
             else:
@@ -666,13 +687,13 @@ class GossipNode:
         return self._rejoin.pending()
 
     def _queued(self) -> bool:
-        return bool(len(self._bq) or len(self._rq) or len(self._rq_big))
+        return bool(len(self._bq) or len(self._rq) or len(self._rq_big) or len(self._rq_durable))
 
     def _take_broadcasts(self, room: int) -> list[bytes]:
         items = self._bq.get_broadcasts(2, room)
         if items:
             room -= sum(len(i) + 2 for i in items)
-        for queue in (self._rq, self._rq_big):
+        for queue in (self._rq, self._rq_durable, self._rq_big):
             if room > 0 and len(queue):
                 recs = queue.get_broadcasts(2, room)
                 size = sum(len(i) for i in recs)
@@ -743,7 +764,7 @@ class GossipNode:
         return {
             "membership": len(self._bq),
             "records": len(self._rq),
-            "records_big": len(self._rq_big),
+            "records_big": len(self._rq_big) + len(self._rq_durable),
         }
 
     def member_state(self, node_id: str) -> str | None:

@@ -142,13 +142,14 @@ def test_a_holder_counts_only_once_its_record_arrived() -> None:
     assert c.time_to_fraction(rec, 0.75) is not None
 
 
-def test_every_inventory_sized_edit_reaches_everyone_by_the_push() -> None:
-    """A durable record over 1 KiB (an inventory edit) keeps the record
-    retransmit budget. With memberlist's plain budget (8 transmissions per
-    member in clans of 10-99), about 2 % of edits at N=90 missed one member,
-    which then waited for anti-entropy (14-87 s, median 40 s, over 600 edits);
-    with the record budget none of 600 did. 150 edits here: with the old
-    budget at least one misses with probability about 96 %."""
+def test_inventory_sized_edits_reach_everyone_by_the_push() -> None:
+    """A durable record over 1 KiB (an inventory edit) is pushed often enough
+    that a member misses a version with odds of about DURABLE_MISS (1e-3).
+    With memberlist's plain budget (8 transmissions per member in clans of
+    10-99), 13 of 600 edits at N=90 (2.2 %) missed one member, which then
+    waited for anti-entropy (14-87 s, median 40 s); with 12, 1 of 600 did.
+    250 edits here (this seed: 3 late with the plain budget, none now): at
+    the old rate 5.5 are expected late, and at most 1 with chance about 3 %."""
     import random
 
     from tests.sim.cluster import Cluster
@@ -159,9 +160,9 @@ def test_every_inventory_sized_edit_reaches_everyone_by_the_push() -> None:
     c.run_for(5.0)
     rng = random.Random(3)
     late = []
-    for e in range(150):
+    for e in range(250):
         rec = c.publish(rng.randrange(n), "svc", "inventory", {"v": "x" * 10_000, "e": e})
-        c.run_for(5.0)
+        c.run_for(4.0)
         if len(c.spread_times(rec)) < len(c.live()):
             late.append(e)
-    assert late == [], f"edits not at every member within 5 s: {late}"
+    assert len(late) <= 1, f"edits not at every member within 4 s: {late}"
