@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clanagent.gossip.config import GossipConfig
+from clanagent.gossip.config import GossipConfig, push_pull_scale
 from tests.sim.cluster import Cluster, peak_rss_mb
 from tests.sim.network import Latency
 
@@ -130,7 +130,11 @@ def run_size(
     global _MTU
     _MTU = mtu
     rows: list[dict[str, Any]] = []
-    window = 10.0 if quick else 30.0
+    # The steady window spans one whole push/pull interval (180 s at 1000
+    # nodes): shorter, it can miss the full-state exchanges, which are most
+    # of a big clan's steady bytes (they grow with N).
+    lan = GossipConfig.lan()
+    window = 10.0 if quick else max(30.0, push_pull_scale(lan.push_pull_interval, n))
     # The alive messages of the join are retransmitted for a while; steady
     # state starts when that tail is over.
     settle = 5.0 if quick else 30.0
