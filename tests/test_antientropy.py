@@ -251,6 +251,38 @@ def test_most_lagging_origin_goes_first() -> None:
     ]
 
 
+def test_a_durable_record_goes_ahead_of_soft_ones_that_lag_more() -> None:
+    """A founding puts fresh soft records of every machine in flight; the
+    inventory (durable, big) must not be cut from a delta behind them and
+    wait for the next exchange (minutes at 1000 machines)."""
+    admin = Identity.generate()
+    store = Store.open(None)
+    me = Identity.generate()
+    ae = AntiEntropy(store, me.public_key, durable=lambda kind: kind == "inventory")
+    plain = AntiEntropy(store, me.public_key)
+    peers = [Identity.generate() for _ in range(30)]
+    for ident in peers:  # 3 soft records each: lag 3
+        for v in range(1, 4):
+            rec = SignedRecord.create(ident, "topology", f"k{v}", v, "t" * 2000)
+            assert store.put(rec)
+            ae.note_stored(rec)
+            plain.note_stored(rec)
+    inv = SignedRecord.create(admin, "inventory", "doc", 1, "i" * 50_000)  # lag 1
+    assert store.put(inv)
+    ae.note_stored(inv)
+    plain.note_stored(inv)
+    budget = 100_000  # room for the inventory and some soft records, not all
+    delta = ae.deltas_for({}, budget)
+    assert delta.records[0] == inv
+    assert len(delta.records) > 1 and delta.size <= budget
+    assert delta.complete_through[admin.public_key] == 1
+    # the order it replaces: most lagging first, and the inventory is cut
+    assert inv not in plain.deltas_for({}, budget).records
+    # a soft-only peer digest that already has the inventory: plain order
+    rest = ae.deltas_for({admin.public_key: 1}, budget)
+    assert inv not in rest.records and rest.records
+
+
 def test_oversized_first_record_does_not_block_other_origins() -> None:
     a, b = Node.new(), Node.new()
     for i in range(3):

@@ -285,7 +285,11 @@ class GossipNode:
             incarnation=incarnation,
             regossip_push_pull_replies=regossip_push_pull_replies,
         )
-        self._ae = ae.AntiEntropy(store, self.origin)
+        self._ae = ae.AntiEntropy(
+            store,
+            self.origin,
+            durable=None if soft_ttl is None else (lambda kind: soft_ttl(kind) is None),
+        )
         self._records = RecordPipeline(
             identity,
             clan=clan,
