@@ -156,8 +156,14 @@ def _ports_with(tmp_path, records):
             "plain": {"machines": ["m1"], "tags": [], "count": 1, "networks": []},
         },
     }
+    from clanagent.inventory import select
+
     inv = SimpleNamespace(
-        doc=doc, clan_id=CLAN, machine_by_node_key=lambda k: SimpleNamespace(name="m1")
+        doc=doc,
+        clan_id=CLAN,
+        machine_by_node_key=lambda k: SimpleNamespace(name="m1"),
+        placement=lambda vm: tuple(select.placement(doc, vm)),
+        vms_on=lambda machine: tuple(select.vms_for(doc, machine)),
     )
     from dataclasses import replace
 
