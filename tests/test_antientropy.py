@@ -251,19 +251,24 @@ def test_most_lagging_origin_goes_first() -> None:
     ]
 
 
-def test_a_durable_record_goes_ahead_of_soft_ones_that_lag_more() -> None:
-    """A founding puts fresh soft records of every machine in flight; the
-    inventory (durable, big) must not be cut from a delta behind them and
-    wait for the next exchange (minutes at 1000 machines)."""
+def test_origins_go_by_priority_then_lag() -> None:
+    """A founding puts fresh records of every machine in flight; the
+    inventory, too big to push (a delta is its only way), must not be cut
+    from a delta behind them and wait for the next exchange (minutes at 1000
+    machines). The node's order: too big to push, durable, soft."""
     admin = Identity.generate()
     store = Store.open(None)
     me = Identity.generate()
-    ae = AntiEntropy(store, me.public_key, durable=lambda kind: kind == "inventory")
+
+    def prio(rec: SignedRecord) -> int:
+        return 0 if rec.size > 40_000 else (2 if rec.kind == "topology" else 1)
+
+    ae = AntiEntropy(store, me.public_key, priority=prio)
     plain = AntiEntropy(store, me.public_key)
     peers = [Identity.generate() for _ in range(30)]
-    for ident in peers:  # 3 soft records each: lag 3
-        for v in range(1, 4):
-            rec = SignedRecord.create(ident, "topology", f"k{v}", v, "t" * 2000)
+    for ident in peers:  # a durable record and 2 soft ones each: lag 3
+        for v, kind in ((1, "node-info"), (2, "topology"), (3, "topology")):
+            rec = SignedRecord.create(ident, kind, f"k{v}", v, "t" * 1000)
             assert store.put(rec)
             ae.note_stored(rec)
             plain.note_stored(rec)
@@ -271,16 +276,22 @@ def test_a_durable_record_goes_ahead_of_soft_ones_that_lag_more() -> None:
     assert store.put(inv)
     ae.note_stored(inv)
     plain.note_stored(inv)
-    budget = 100_000  # room for the inventory and some soft records, not all
+    budget = 80_000  # room for the inventory and some others, not all
     delta = ae.deltas_for({}, budget)
     assert delta.records[0] == inv
     assert len(delta.records) > 1 and delta.size <= budget
     assert delta.complete_through[admin.public_key] == 1
-    # the order it replaces: most lagging first, and the inventory is cut
+    # the order it replaces (most lagging first) cuts the inventory
     assert inv not in plain.deltas_for({}, budget).records
-    # a soft-only peer digest that already has the inventory: plain order
+    # once the peer has it: durable before soft, whole origins, no gaps
     rest = ae.deltas_for({admin.public_key: 1}, budget)
     assert inv not in rest.records and rest.records
+    assert [r.kind for r in rest.records[:3]] == ["node-info", "topology", "topology"]
+    # a peer that holds every node-info: the soft rest, most lagging first
+    have = {ident.public_key: 1 for ident in peers}
+    have[admin.public_key] = 1
+    soft = ae.deltas_for(have, budget)
+    assert soft.records and {r.kind for r in soft.records} == {"topology"}
 
 
 def test_oversized_first_record_does_not_block_other_origins() -> None:

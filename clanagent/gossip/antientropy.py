@@ -178,14 +178,15 @@ class AntiEntropy:
         self_origin: bytes,
         watermarks: Mapping[bytes, int] | None = None,
         *,
-        durable: Callable[[str], bool] | None = None,
+        priority: Callable[[SignedRecord], int] | None = None,
     ) -> None:
-        """`durable(kind)`, when given, puts origins with a durable record
-        the peer lacks ahead of the rest in a delta (see `deltas_for`)."""
+        """`priority(record)`, when given, orders origins in a delta: those
+        with a record of a lower priority the peer lacks go first (see
+        `deltas_for`)."""
         if type(self_origin) is not bytes or len(self_origin) != ORIGIN_LEN:
             raise ValueError("self_origin must be 32 bytes")
         self._store = store
-        self._durable = durable
+        self._priority = priority
         self._self = self_origin
         self._wm: dict[bytes, int] = {}
         self._pending: dict[bytes, set[int]] = {}
@@ -253,30 +254,29 @@ class AntiEntropy:
     def deltas_for(self, peer_digest: Mapping[bytes, int], budget_bytes: int) -> Delta:
         """The records a peer with `peer_digest` lacks, most-lagging origin first.
 
-        With `durable` given, origins with a durable record the peer lacks
-        come first (most lagging first among them): when a founding puts
-        fresh soft records of every machine in flight, the inventory must
-        not wait behind them for the next exchange (a delta is cut at the
-        budget). Stops at the first record that would take the encoded
+        With `priority` given, an origin ranks by the lowest priority of the
+        records the peer lacks from it, then most lagging first: the node
+        puts records too big to push first (a delta is their only way; at a
+        founding, fresh records of every machine filled the budget ahead of
+        the inventory), then durable ones, then soft ones. Stops at the first record that would take the encoded
         message over `budget_bytes` (so no origin has a gap), except that an
         origin whose first record alone does not fit is skipped while
         nothing has been added yet -- one oversized record must not block
         every other origin.
         """
-        durable = self._durable
+        priority = self._priority
         lagging: list[tuple[int, int, bytes, int]] = []
         for origin in self._store.origins():
             base = peer_digest.get(origin, 0)
             top = self._store.max_version(origin)
             if top > base:
                 tier = 0
-                if durable is not None and not any(
-                    rec.version > base and durable(rec.kind)
-                    for rec in self._store.by_origin(origin)
-                ):
-                    tier = 1
+                if priority is not None:
+                    tier = min(
+                        priority(rec) for rec in self._store.by_origin(origin) if rec.version > base
+                    )
                 lagging.append((tier, top - base, origin, base))
-        # Durable first, then most behind; origin bytes break ties so the
+        # By priority, then most behind; origin bytes break ties so the
         # order is stable.
         lagging.sort(key=lambda t: (t[0], -t[1], t[2]))
 

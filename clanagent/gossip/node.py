@@ -151,6 +151,8 @@ MAX_SCORES = 4096
 _COMPOUND_OVERHEAD = 16
 # The largest record item a gossip round can carry (get_broadcasts' 2-byte overhead).
 _PUSH_MAX = GOSSIP_BUDGET - 2
+# A RECORD item's bytes beyond the record's: [type, bin] headers (at most).
+_RECORD_ITEM_OVERHEAD = 8
 
 _STATE_NAMES = {
     MemberState.ALIVE: "alive",
@@ -285,11 +287,7 @@ class GossipNode:
             incarnation=incarnation,
             regossip_push_pull_replies=regossip_push_pull_replies,
         )
-        self._ae = ae.AntiEntropy(
-            store,
-            self.origin,
-            durable=None if soft_ttl is None else (lambda kind: soft_ttl(kind) is None),
-        )
+        self._ae = ae.AntiEntropy(store, self.origin, priority=self._delta_priority)
         self._records = RecordPipeline(
             identity,
             clan=clan,
@@ -594,6 +592,15 @@ class GossipNode:
             self._eager_rounds = EAGER_PULL_ROUNDS
             if now >= self._next_eager_pull_at:
                 self._eager_pull(now, from_addr, out)
+
+    def _delta_priority(self, rec: SignedRecord) -> int:
+        """Where a record's origin goes in an anti-entropy delta: records too
+        big to push first (a delta is their only way), then durable ones,
+        then soft ones (refreshed on their own)."""
+        if rec.size + _RECORD_ITEM_OVERHEAD > _PUSH_MAX:
+            return 0
+        soft = self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None
+        return 2 if soft else 1
 
     def publish(
         self, now: float, kind: str, key: str, body: Any, *, push: bool = True
