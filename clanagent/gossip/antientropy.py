@@ -258,11 +258,12 @@ class AntiEntropy:
         records the peer lacks from it, then most lagging first: the node
         puts records too big to push first (a delta is their only way; at a
         founding, fresh records of every machine filled the budget ahead of
-        the inventory), then durable ones, then soft ones. Stops at the first record that would take the encoded
-        message over `budget_bytes` (so no origin has a gap), except that an
-        origin whose first record alone does not fit is skipped while
-        nothing has been added yet -- one oversized record must not block
-        every other origin.
+        the inventory), then durable ones, then soft ones.
+
+        Stops at the first record that would take the encoded message over
+        `budget_bytes` (so no origin has a gap), except that an origin whose
+        first record alone does not fit is skipped while nothing has been
+        added yet -- one oversized record must not block every other origin.
         """
         priority = self._priority
         lagging: list[tuple[int, int, bytes, int]] = []
