@@ -11,6 +11,7 @@ from clanagent.secrets import service as secrets_service
 from clanagent.secrets.service import SecretsService
 
 from ._fake_ports import FakePorts
+from ._fake_vm_backend import inline
 
 
 def doc_of(keys: list[bytes]) -> dict:
@@ -142,7 +143,9 @@ def test_member_churn_costs_a_round_per_settle_not_a_round_per_change(tmp_path):
 
     keys = [bytes([i + 1]) * 32 for i in range(6)]
     fp = fake_ports(keys)
-    svc = SecretsService(fp.ports, runtime_dir=tmp_path)
+    # the file work inline: a worker thread would let the MockClock jump
+    # through the whole churn while the first round waits for it
+    svc = SecretsService(fp.ports, runtime_dir=tmp_path, run_sync=inline)
     rounds: list[float] = []
     real = svc.sync_once
 
