@@ -614,6 +614,19 @@ class Membership:
 
         return [(n.id, n.addr) for n in self._k_random(k, skip)]
 
+    def gossip_targets(self, k: int) -> list[tuple[str, str, bool]]:
+        """Up to `k` distinct random members other than us that are alive or
+        suspect, as (node id, addr, alive).  Suspects are drawn like alive
+        members, as memberlist's gossip draws them: under heavy loss a member
+        many of us suspect would otherwise hear a rumor far less often than
+        the rest (the caller decides what a copy to a suspect costs)."""
+        me = self.self_id
+
+        def skip(n: _Node) -> bool:
+            return (n.state is not _ALIVE and n.state is not _SUSPECT) or n.id == me
+
+        return [(n.id, n.addr, n.state is _ALIVE) for n in self._k_random(k, skip)]
+
     def take_broadcasts(self) -> list[Message]:
         """Drain the default broadcast queue (used when no sink was injected)."""
         msgs = list(self._pending.values())
