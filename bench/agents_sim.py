@@ -18,7 +18,7 @@ N`) so that `peak_rss_mb` is that size's peak. Phases, in this order:
 | found | `found_s`: the admin's genesis (every machine, one service with a shared secret, one VM on n5) from n0 until it arrived in every store |
 | secret | `secret_s`: from the genesis until the generated secret's record arrived in every store |
 | early | right after the secret arrived everywhere: `early_bytes_per_node_per_s` (mean, p50, max over agents) sent over 30 virtual seconds, and `early_published_per_s` by record kind |
-| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (`topology.refresh_for(N)`: 300 s up to 30 machines, 10 s per machine beyond, at most 10 000 s; every machine republishes its view once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s`. With `--amortized` (the default from N=500, where a whole period is hours of simulation): a 300 s `base` window with no refresh in it, then one refresh `wave` (every machine's view refreshed at a random moment within min(10 % of the period, 100 s), the window running 5 push-pull intervals past it, and checked complete: every agent holds every refreshed view), and `steady` = base + (wave - base) x wave window / refresh period (`steady_method`) |
+| steady | the same, `settle_s` later (3 anti-entropy intervals, `push_pull_scale`), over one whole topology refresh period (`topology.refresh_for(N)`: 300 s up to 30 machines, 10 s per machine beyond, at most 10 000 s; every machine republishes its view once in it): `steady_bytes_per_node_per_s`, `steady_published_per_s`. With `--amortized` (the default from N=500, where a whole period is hours of simulation): a `base` window of 300 s rounded up to whole push-pull intervals (360 s at 1000) with no refresh in it, then one refresh `wave` (every machine's view refreshed at a random moment within min(10 % of the period, 100 s), the window running 5 push-pull intervals past it, rounded up to whole intervals, and checked complete: every agent holds every refreshed view), and `steady` = base + (wave - base) x wave window / refresh period (`steady_method`) |
 | (both) | `*_bytes_by_message`: the same bytes split by gossip message type (ping, ack, push_pull, record, ae_request, ae_reply, ...) |
 | edit | `edit_s`: an inventory edit from n1 until it arrived in every store |
 | detect | `detect_s`: a crashed agent until every other agent marked it dead |
@@ -35,6 +35,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import random
 import subprocess
@@ -170,7 +171,13 @@ async def _measure(
             await window_of("steady", steady_window)
             row["steady_method"] = "one whole refresh period"
         else:
-            await window_of("base", min(300.0, steady_window))
+            # Both windows span whole push-pull intervals: each agent starts
+            # one exchange per interval, and the clan's exchanges run in step
+            # (a clan started at one instant starts them within one unscaled
+            # interval), so a 300 s window holds one exchange per agent or
+            # two (at 1000: 479 or 957 B/s of push-pull in two runs).
+            interval = push_pull_scale(sim.config.push_pull_interval, n)
+            await window_of("base", _whole(min(300.0, steady_window), interval))
             period = refresh_for(n)
             spread = min(0.1 * period, 100.0)
             t = trio.current_time()
@@ -178,8 +185,7 @@ async def _measure(
             for a in sim.live():
                 a.parts["topology"].policy.next_refresh = t + rng.uniform(0.0, spread)
             before = {a.addr: _view_version(a) for a in sim.live()}
-            interval = push_pull_scale(sim.config.push_pull_interval, n)
-            wave = spread + 5 * interval
+            wave = _whole(spread + 5 * interval, interval)
             await window_of("wave", wave)
             row["wave_refreshed"] = sum(1 for a in sim.live() if _view_version(a) > before[a.addr])
 
@@ -246,6 +252,11 @@ async def _measure(
 
 
 AMORTIZE_FROM = 500  # machines: a whole refresh period is then hours of simulation
+
+
+def _whole(seconds: float, interval: float) -> float:
+    """`seconds` rounded up to a whole number of `interval`s (at least one)."""
+    return interval * max(1, math.ceil(seconds / interval - 1e-9))
 
 
 def run_size(
