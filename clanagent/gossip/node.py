@@ -154,6 +154,14 @@ _PUSH_MAX = GOSSIP_BUDGET - 2
 # A RECORD item's bytes beyond the record's: [type, bin] headers (at most).
 _RECORD_ITEM_OVERHEAD = 8
 
+
+def _too_big_to_push(rec: SignedRecord) -> bool:
+    """Can the record's RECORD item not fit a gossip round (without encoding
+    it: at most _RECORD_ITEM_OVERHEAD bytes of headers)?  Such a record
+    spreads by anti-entropy only."""
+    return rec.size + _RECORD_ITEM_OVERHEAD > _PUSH_MAX
+
+
 _STATE_NAMES = {
     MemberState.ALIVE: "alive",
     MemberState.SUSPECT: "suspect",
@@ -561,13 +569,13 @@ class GossipNode:
         by anti-entropy from everyone, else left to anti-entropy."""
         fresh = big = False
         for rec in records:
-            if not (rebroadcast or rec.size > _PUSH_MAX):
+            if not (rebroadcast or _too_big_to_push(rec)):
                 continue
             item = pack_plain([int(MsgType.RECORD), rec.encode()])
             if len(item) <= _PUSH_MAX:
                 if len(item) <= BIG_RECORD:
                     queue = self._rq
-                elif self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None:
+                elif self._is_soft(rec.kind):
                     queue = self._rq_big
                 else:
                     queue = self._rq_durable
@@ -597,10 +605,13 @@ class GossipNode:
         """Where a record's origin goes in an anti-entropy delta: records too
         big to push first (a delta is their only way), then durable ones,
         then soft ones (refreshed on their own)."""
-        if rec.size + _RECORD_ITEM_OVERHEAD > _PUSH_MAX:
+        if _too_big_to_push(rec):
             return 0
-        soft = self._soft_ttl is not None and self._soft_ttl(rec.kind) is not None
-        return 2 if soft else 1
+        return 2 if self._is_soft(rec.kind) else 1
+
+    def _is_soft(self, kind: str) -> bool:
+        """A kind held in memory with a TTL and republished by its owner."""
+        return self._soft_ttl is not None and self._soft_ttl(kind) is not None
 
     def publish(
         self, now: float, kind: str, key: str, body: Any, *, push: bool = True
