@@ -188,7 +188,13 @@ def test_every_command_prints_json_against_real_agents(tmp_path, vm_kernel):
                 text=True,
             )  # fmt: skip
             tested.add("events")
-            wait_for(lambda: _connections(alpha) >= 2, 10, "the events subscriber")
+            # It may have printed its one event (a VM state change, say) and
+            # exited before this looks: then its connection is already gone.
+            wait_for(
+                lambda: p.poll() is not None or _connections(alpha) >= 2,
+                30,
+                "the events subscriber",
+            )
             # Its subscription may lag its connection: change the inventory until
             # the event it reports has arrived (each change publishes one).
             for n in range(20):
