@@ -91,7 +91,13 @@ def make_nodes(
 
 def test_join_publish_and_converge():
     router, nodes = make_nodes(5)
-    router.run_until(3.0)
+    # Four join through n0 at once: each learns the others from n0's alive
+    # broadcasts (2 transmissions each in the local config) or else from its
+    # first push/pull (within one 15 s interval): 8.25 s with these seeds.
+    while router.now < 20.0:
+        router.run_until(router.now + 0.25)
+        if all(sum(m["state"] == "alive" for m in n.members()) == 5 for n in nodes.values()):
+            break
     for node in nodes.values():
         assert sum(m["state"] == "alive" for m in node.members()) == 5
     rec, actions = nodes["n3"].publish(router.now, "svc", "k", {"v": 1})

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clanagent.gossip.config import GossipConfig, push_pull_scale
+from clanagent.gossip.config import GossipConfig, next_push_pull, push_pull_scale
 from clanagent.gossip.events import (
     MAX_INCARNATION,
     MESSAGE_CLASSES,
@@ -265,6 +265,16 @@ def test_push_pull_scale():
     assert push_pull_scale(30.0, 64) == 60.0
     assert push_pull_scale(30.0, 65) == 90.0
     assert push_pull_scale(30.0, 1000) == 180.0
+
+
+def test_next_push_pull_is_the_scaled_interval_within_a_quarter_and_keeps_its_mean():
+    import random
+
+    rng = random.Random(7)
+    draws = [next_push_pull(30.0, 1000, rng.random()) for _ in range(4000)]
+    assert 135.0 <= min(draws) < 140.0 and 220.0 < max(draws) <= 225.0
+    assert sum(draws) / len(draws) == pytest.approx(180.0, rel=0.01)
+    assert next_push_pull(30.0, 10, 0.0) == 22.5 and next_push_pull(30.0, 10, 0.5) == 30.0
 
 
 # -- wire codecs ----------------------------------------------------------------

@@ -190,6 +190,19 @@ def push_pull_scale(interval: float, n: int) -> float:
     return multiplier * interval
 
 
+# Each push/pull deadline is the scaled interval times a factor drawn from
+# 1 +- PUSH_PULL_JITTER: the mean (and so the bytes) stay those of the plain
+# interval, and members started at one instant drift out of step within a
+# few intervals (memberlist staggers only the first one, so a clan started
+# at once exchanges full state in one burst per interval for ever).
+PUSH_PULL_JITTER = 0.25
+
+
+def next_push_pull(interval: float, n: int, draw: float) -> float:
+    """Seconds to the next push/pull of a clan of `n`; `draw` uniform in [0, 1)."""
+    return push_pull_scale(interval, n) * (1.0 - PUSH_PULL_JITTER + 2 * PUSH_PULL_JITTER * draw)
+
+
 @dataclass(frozen=True, slots=True)
 class RecordLimits:
     """Quotas of the record store, per origin and in total.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clanagent.gossip.awareness import Awareness
-from clanagent.gossip.config import GossipConfig, push_pull_scale
+from clanagent.gossip.config import GossipConfig, next_push_pull
 from clanagent.gossip.errors import LocalProtocolError
 from clanagent.gossip.events import (
     MAX_ADDR_LEN,
@@ -480,8 +480,8 @@ class Membership:
             self._next_probe_at = now + self.config.probe_interval
             self._probe_next(now, out)
         if now >= self._next_push_pull_at:
-            self._next_push_pull_at = now + push_pull_scale(
-                self.config.push_pull_interval, len(self._probe_list)
+            self._next_push_pull_at = now + next_push_pull(
+                self.config.push_pull_interval, len(self._probe_list), self._rng.random()
             )
             peers = self._k_random(1, self._not_alive_peer)
             if peers:

@@ -31,7 +31,7 @@ from .. import limits as sizes
 from ..wire import SignedRecord, WireError, pack, pack_plain, unpack_shallow
 from . import antientropy as ae
 from .broadcast_queue import BroadcastQueue, retransmit_limit
-from .config import GossipConfig, push_pull_scale
+from .config import GossipConfig, next_push_pull, push_pull_scale
 from .events import (
     AeReply,
     AeRequest,
@@ -330,8 +330,10 @@ class GossipNode:
         interval = self.config.push_pull_interval
         if interval <= 0:
             return math.inf
-        scaled = push_pull_scale(interval, self._membership.num_members())
-        return now + (self._rng.random() * scaled if first else scaled)
+        n = self._membership.num_members()
+        if first:
+            return now + self._rng.random() * push_pull_scale(interval, n)
+        return now + next_push_pull(interval, n, self._rng.random())
 
     def _send(
         self,

@@ -217,3 +217,50 @@ def test_a_member_the_others_suspect_is_gossiped_to_as_often_as_the_rest(monkeyp
     typical = statistics.median(copies[a] for a in others if a != "n1")
     assert typical >= 8
     assert copies[victim] >= 0.6 * typical, (copies[victim], typical)
+
+
+def test_a_clan_started_at_once_does_not_exchange_full_state_in_step(monkeypatch) -> None:
+    """Each push/pull (membership and record anti-entropy) is rescheduled
+    after the scaled interval times 1 +- 25 %, so members started at one
+    instant drift apart.  memberlist staggers only the first exchange, within
+    the unscaled interval: above 32 members every exchange then came in the
+    first part of each scaled interval for ever (at 1000, a 30 s burst every
+    180 s).  Here (40 members, 5 s unscaled, 10 s scaled) the old schedule
+    put every exchange of the last 30 intervals into one half of the
+    interval; now the busiest half holds near half of them."""
+    from dataclasses import replace
+
+    from clanagent.gossip.membership import Membership
+    from clanagent.gossip.node import GossipNode
+    from tests.sim.cluster import Cluster
+
+    times: list[float] = []
+    c: Cluster | None = None
+    ae, pp = GossipNode._send_ae_request, Membership._push_pull_message
+
+    def tap_ae(self, out, node_id, addr):
+        times.append(c.driver.now)
+        return ae(self, out, node_id, addr)
+
+    def tap_pp(self, reply):
+        if not reply:
+            times.append(c.driver.now)
+        return pp(self, reply)
+
+    c = Cluster(40, replace(LAN, push_pull_interval=5.0), seed=3)
+    assert c.wait_converged(60)
+    c.run_for(100.0)  # ten scaled intervals to drift
+    monkeypatch.setattr(GossipNode, "_send_ae_request", tap_ae)
+    monkeypatch.setattr(Membership, "_push_pull_message", tap_pp)
+    start = c.driver.now
+    c.run_for(300.0)
+    scaled = push_pull_scale(5.0, 40)
+    assert scaled == 10.0
+    # Two exchanges per member per interval (membership and records), ~2400:
+    # per phase of the interval (0.5 s bins), then the busiest half interval.
+    bins = [0] * 20
+    for t in times:
+        bins[int(((t - start) % scaled) / scaled * 20)] += 1
+    assert 0.9 * 2 * 40 * 30 <= len(times) <= 1.1 * 2 * 40 * 30, len(times)
+    busiest = max(sum(bins[(i + j) % 20] for j in range(10)) for i in range(20))
+    assert busiest < 0.65 * len(times), bins
