@@ -130,14 +130,18 @@ def run_size(
     global _MTU
     _MTU = mtu
     rows: list[dict[str, Any]] = []
-    # The steady window spans one whole push/pull interval (180 s at 1000
-    # nodes): shorter, it can miss the full-state exchanges, which are most
-    # of a big clan's steady bytes (they grow with N).
+    # The steady window spans two whole push/pull intervals (180 s each at
+    # 1000 nodes): shorter, it can miss the full-state exchanges, which are
+    # most of a big clan's steady bytes (they grow with N).  It starts after
+    # three intervals: the clan joined at one instant, and its exchanges,
+    # first staggered within the plain 30 s, take a few jittered intervals to
+    # spread over the stretched one; measured earlier, a window holds one
+    # exchange per node or two, or part of one, depending on the phase.
     lan = GossipConfig.lan()
-    window = 10.0 if quick else max(30.0, push_pull_scale(lan.push_pull_interval, n))
-    # The alive messages of the join are retransmitted for a while; steady
-    # state starts when that tail is over.
-    settle = 5.0 if quick else 30.0
+    interval = push_pull_scale(lan.push_pull_interval, n)
+    window = 10.0 if quick else max(30.0, 2 * interval)
+    # (The alive messages of the join are retransmitted for a while too.)
+    settle = 5.0 if quick else max(30.0, 3 * interval)
     fp_duration = 20.0 if quick else 60.0
     c0 = time.perf_counter()
     c = Cluster(
