@@ -191,7 +191,7 @@ def push_pull_scale(interval: float, n: int) -> float:
 
 
 # Each push/pull deadline is the scaled interval times a factor drawn from
-# 1 +- PUSH_PULL_JITTER: the mean (and so the bytes) stay those of the plain
+# 1 +- PUSH_PULL_JITTER: the mean (and so the bytes) stay those of the scaled
 # interval, and members started at one instant drift out of step within a
 # few intervals (memberlist staggers only the first one, so a clan started
 # at once exchanges full state in one burst per interval for ever).
