@@ -172,10 +172,10 @@ async def _measure(
             row["steady_method"] = "one whole refresh period"
         else:
             # Both windows span whole push-pull intervals: each agent starts
-            # one exchange per interval, and the clan's exchanges run in step
-            # (a clan started at one instant starts them within one unscaled
-            # interval), so a 300 s window holds one exchange per agent or
-            # two (at 1000: 479 or 957 B/s of push-pull in two runs).
+            # one exchange per interval on average.  (Before the intervals
+            # were jittered the clan's exchanges ran in step, and a 300 s
+            # window held one exchange per agent or two: at 1000, 479 or 957
+            # B/s of push-pull in two runs.)
             interval = push_pull_scale(sim.config.push_pull_interval, n)
             await window_of("base", _whole(min(300.0, steady_window), interval))
             period = refresh_for(n)

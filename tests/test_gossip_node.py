@@ -464,3 +464,24 @@ def test_an_unpushed_refresh_reaches_every_member_by_anti_entropy_about_once_eac
     assert sends["pushed"] >= 5 * n1.config.retransmit_limit(6), sends
     assert sends["quiet"] <= 2 * 5, sends  # five members lacked it
     assert n1.stats["published_unpushed"] == 1
+
+
+def test_the_record_item_size_is_exact_across_msgpack_headers_and_the_push_limit():
+    """`_too_big_to_push` reckons a RECORD item's size without encoding it;
+    it must agree with the encoded item byte for byte, at the bin-header
+    steps (256 and 65536 bytes) and at the gossip budget itself."""
+    from clanagent.gossip import node as gnode
+    from clanagent.wire import pack_plain
+
+    ident = Identity.generate()
+    base = SignedRecord.create(ident, "k", "x", 1, "", clan=CLAN).size
+    seen_fit = seen_over = False
+    for target in (255, 256, 65535, 65536, gnode._PUSH_MAX - 4):
+        for size in range(target - 6, target + 7):
+            rec = SignedRecord.create(ident, "k", "x", 1, "y" * max(0, size - base), clan=CLAN)
+            item = pack_plain([int(MsgType.RECORD), rec.encode()])
+            assert gnode._record_item_size(rec.size) == len(item), rec.size
+            assert gnode._too_big_to_push(rec) == (len(item) > gnode._PUSH_MAX)
+            seen_fit |= len(item) == gnode._PUSH_MAX
+            seen_over |= len(item) == gnode._PUSH_MAX + 1
+    assert seen_fit and seen_over

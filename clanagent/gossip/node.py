@@ -151,15 +151,19 @@ MAX_SCORES = 4096
 _COMPOUND_OVERHEAD = 16
 # The largest record item a gossip round can carry (get_broadcasts' 2-byte overhead).
 _PUSH_MAX = GOSSIP_BUDGET - 2
-# A RECORD item's bytes beyond the record's: [type, bin] headers (at most).
-_RECORD_ITEM_OVERHEAD = 8
+
+
+def _record_item_size(size: int) -> int:
+    """Bytes of the RECORD item `[9, bin]` around an envelope of `size` bytes,
+    without encoding it: msgpack's fixarray and fixint take one byte each,
+    the bin header 2, 3 or 5."""
+    return 2 + (2 if size < 0x100 else 3 if size < 0x10000 else 5) + size
 
 
 def _too_big_to_push(rec: SignedRecord) -> bool:
-    """Can the record's RECORD item not fit a gossip round (without encoding
-    it: at most _RECORD_ITEM_OVERHEAD bytes of headers)?  Such a record
+    """Can the record's RECORD item not fit a gossip round?  Such a record
     spreads by anti-entropy only."""
-    return rec.size + _RECORD_ITEM_OVERHEAD > _PUSH_MAX
+    return _record_item_size(rec.size) > _PUSH_MAX
 
 
 _STATE_NAMES = {
@@ -571,22 +575,22 @@ class GossipNode:
         by anti-entropy from everyone, else left to anti-entropy."""
         fresh = big = False
         for rec in records:
-            if not (rebroadcast or _too_big_to_push(rec)):
-                continue
-            item = pack_plain([int(MsgType.RECORD), rec.encode()])
-            if len(item) <= _PUSH_MAX:
-                if len(item) <= BIG_RECORD:
-                    queue = self._rq
-                elif self._is_soft(rec.kind):
-                    queue = self._rq_big
-                else:
-                    queue = self._rq_durable
-                queue.queue(("r", rec.origin, rec.kind, rec.key), item)
-                fresh = True
-            else:
+            if _too_big_to_push(rec):
                 # Too big for a gossip datagram: it would wait in the
                 # queue forever.  Spread it by pull instead, at once.
                 big = True
+                continue
+            if not rebroadcast:
+                continue
+            item = pack_plain([int(MsgType.RECORD), rec.encode()])
+            if len(item) <= BIG_RECORD:
+                queue = self._rq
+            elif self._is_soft(rec.kind):
+                queue = self._rq_big
+            else:
+                queue = self._rq_durable
+            queue.queue(("r", rec.origin, rec.kind, rec.key), item)
+            fresh = True
         if fresh and self._eager:
             # Start spreading at once instead of waiting for the next tick.
             self._next_gossip_at = min(self._next_gossip_at, now)

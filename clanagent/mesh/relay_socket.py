@@ -1,10 +1,12 @@
 """The relay's trio shell: two UDP ports per served pair, moving WireGuard's
 encrypted datagrams between them.
 
-This module does I/O (it imports trio) and decides nothing: every decision
-(is it WireGuard-shaped, from the side's authenticated host, within the
-pair's and the relay's rate limits, where does it go) is the sans-IO core
-`relay.RelayPair` / `relay.RelayLimiter`, tested without sockets.
+This module is a shell, not sans-IO: it imports trio and does the I/O,
+and it decides nothing.  Every decision (is it WireGuard-shaped, from the
+side's authenticated host, within the pair's and the relay's rate limits,
+where does it go) is made by the I/O-free core in `relay.py`
+(`RelayPair`, `RelayLimiter`), which tests/test_layout.py keeps free of
+trio and which is tested without sockets.
 
 Owns: binding the pair's two ports, one reader task per port, and sending
 what the core says to forward.
